@@ -1,0 +1,326 @@
+"""Management operations (orgs, users, memberships, projects, keys).
+
+Every write that changes access records its audit event and its cache invalidation (a NOTIFY) in the
+same transaction as the change: the invalidation is delivered exactly when the change commits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from gateway import constants as C
+from gateway.audit import write_event
+from gateway.config import RolesConfig
+from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.keys import ENVS, KeyFormat, SecretHasher, random_b62
+
+_DURATION_RE = re.compile(r"([0-9]{1,9})(s|m|h|d|w)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_RATE_RE = re.compile(r"([1-9][0-9]{0,8})/([0-9]{0,6})(s|m|h|d)")
+_PERMISSION_RE = re.compile(r"\*|[a-z0-9_*.-]{1,64}(:[a-z0-9_*.-]{1,64}){1,3}")
+_EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
+MAX_NAME = 200
+MAX_LIST = 100
+
+
+def parse_duration(text: str, what: str = "duration") -> timedelta:
+    m = _DURATION_RE.fullmatch(text.strip())
+    if m is None:
+        raise InvalidRequest(f"{what}: expected a number and a unit s, m, h, d or w, such as 30d", field=what)
+    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_rate_limit(text: str) -> str:
+    m = _RATE_RE.fullmatch(text.strip())
+    if m is None:
+        raise InvalidRequest("rate limit: expected N/PERIOD such as 100/1m or 10/s", field="rate_limit")
+    return text.strip()
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}_{random_b62(16)}"
+
+
+def _name(value: str, what: str = "name") -> str:
+    value = value.strip()
+    if not value or len(value) > MAX_NAME or any(ord(c) < 0x20 for c in value):
+        raise InvalidRequest(f"{what} must be 1-{MAX_NAME} printable characters", field=what)
+    return value
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def key_status(row: asyncpg.Record, now: datetime) -> str:
+    if row["revoked_at"] is not None:
+        return "revoked"
+    if row["expires_at"] is not None and row["expires_at"] <= now:
+        return "expired"
+    return "active"
+
+
+def key_view(row: asyncpg.Record) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {
+        "id": row["id"], "name": row["name"], "user_id": row["user_id"], "role": row["role"],
+        "env": row["env"], "start": row["start"],
+        "scopes": row["scopes"],
+        "orgs": "all" if row["all_orgs"] else list(row["org_ids"]),
+        "projects": "all" if row["all_projects"] else list(row["project_ids"]),
+        "allowed_ips": [str(c) for c in row["allowed_cidrs"]] if row["allowed_cidrs"] is not None else None,
+        "rate_limit": row["rate_limit"], "status": key_status(row, now),
+        "expires_at": _iso(row["expires_at"]), "created_at": _iso(row["created_at"]),
+        "last_used_at": _iso(row["last_used_at"]), "revoked_at": _iso(row["revoked_at"]),
+        "rotated_to": row["rotated_to"],
+    }
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    user_id: str
+    name: str
+    role: str
+    orgs: list[str]  # empty: all the owner's orgs
+    projects: list[str]  # empty: all projects
+    scopes: list[str] | None
+    env: str = "live"
+    expires_in: str | None = None
+    expires_at: str | None = None
+    allow_ips: list[str] | None = None
+    rate_limit: str | None = None
+
+
+async def notify_keys(conn: asyncpg.Connection, key_ids: list[str]) -> None:
+    for i in range(0, len(key_ids), C.PG_NOTIFY_BATCH):
+        payload = json.dumps({"k": key_ids[i : i + C.PG_NOTIFY_BATCH]})
+        await conn.execute("SELECT pg_notify($1, $2)", C.PG_INVALIDATION_CHANNEL, payload)
+
+
+class Admin:
+    def __init__(self, pool: asyncpg.Pool, fmt: KeyFormat, hasher: SecretHasher, roles: RolesConfig) -> None:
+        self.pool = pool
+        self.fmt = fmt
+        self.hasher = hasher
+        self.roles = roles
+        self.invalidated: list[str] = []  # key ids invalidated by the last call, for the Redis tier
+
+    def _role(self, role: str) -> str:
+        if role not in self.roles.order:
+            raise InvalidRequest(f"role must be one of {', '.join(self.roles.order)}", field="role")
+        return role
+
+    # --- orgs, users, members, projects ---------------------------------------------------------
+
+    async def create_org(self, name: str) -> dict[str, Any]:
+        org_id = new_id("org")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO orgs (id, name) VALUES ($1, $2)", org_id, _name(name))
+            await write_event(conn, "org.created", actor="cli", org_id=org_id, detail={"name": name})
+        return {"id": org_id, "name": name.strip()}
+
+    async def create_user(self, email: str) -> dict[str, Any]:
+        email = email.strip().lower()
+        if not _EMAIL_RE.fullmatch(email):
+            raise InvalidRequest("email is not a valid address", field="email")
+        user_id = new_id("usr")
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                await conn.execute("INSERT INTO users (id, email) VALUES ($1, $2)", user_id, email)
+            except asyncpg.UniqueViolationError:
+                raise Conflict(f"a user with email {email} exists") from None
+            await write_event(conn, "user.created", actor="cli", user_id=user_id)
+        return {"id": user_id, "email": email}
+
+    async def _must_exist(self, conn: asyncpg.Connection, table: str, id_: str) -> None:
+        queries = {
+            "orgs": "SELECT 1 FROM orgs WHERE id = $1",
+            "users": "SELECT 1 FROM users WHERE id = $1",
+        }
+        if await conn.fetchval(queries[table], id_) is None:
+            raise NotFound(f"no {table[:-1]} {id_}")
+
+    async def _user_keys(self, conn: asyncpg.Connection, user_id: str) -> list[str]:
+        return [r["id"] for r in await conn.fetch("SELECT id FROM api_keys WHERE user_id = $1", user_id)]
+
+    async def set_member(self, org_id: str, user_id: str, role: str) -> dict[str, Any]:
+        role = self._role(role)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._must_exist(conn, "orgs", org_id)
+            await self._must_exist(conn, "users", user_id)
+            old = await conn.fetchval(
+                "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2 FOR UPDATE", org_id, user_id)
+            await conn.execute(
+                "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)"
+                " ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role, updated_at = now()",
+                org_id, user_id, role,
+            )
+            await write_event(conn, "membership.changed", actor="cli", org_id=org_id, user_id=user_id,
+                              detail={"from": old, "to": role})
+            self.invalidated = await self._user_keys(conn, user_id)
+            await notify_keys(conn, self.invalidated)
+        return {"org_id": org_id, "user_id": user_id, "role": role}
+
+    async def remove_member(self, org_id: str, user_id: str) -> dict[str, Any]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchval(
+                "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2 RETURNING role", org_id, user_id)
+            if old is None:
+                raise NotFound(f"user {user_id} is not a member of org {org_id}")
+            await write_event(conn, "membership.changed", actor="cli", org_id=org_id, user_id=user_id,
+                              detail={"from": old, "to": None})
+            self.invalidated = await self._user_keys(conn, user_id)
+            await notify_keys(conn, self.invalidated)
+        return {"org_id": org_id, "user_id": user_id, "removed": True}
+
+    async def create_project(self, org_id: str, name: str) -> dict[str, Any]:
+        project_id = new_id("prj")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._must_exist(conn, "orgs", org_id)
+            try:
+                await conn.execute("INSERT INTO projects (id, org_id, name) VALUES ($1, $2, $3)",
+                                   project_id, org_id, _name(name))
+            except asyncpg.UniqueViolationError:
+                raise Conflict(f"org {org_id} already has a project named {name}") from None
+            await write_event(conn, "project.created", actor="cli", org_id=org_id, detail={"project": project_id})
+        return {"id": project_id, "org_id": org_id, "name": name.strip()}
+
+    # --- keys -------------------------------------------------------------------------------------
+
+    def _validate_spec(self, spec: KeySpec) -> tuple[datetime | None, list[str] | None]:
+        _name(spec.name)
+        self._role(spec.role)
+        if spec.env not in ENVS:
+            raise InvalidRequest("env must be live or test", field="env")
+        if spec.expires_in and spec.expires_at:
+            raise InvalidRequest("give --expires-in or --expires-at, not both", field="expires_at")
+        expires: datetime | None = None
+        if spec.expires_in:
+            expires = datetime.now(UTC) + parse_duration(spec.expires_in, "expires_in")
+        elif spec.expires_at:
+            try:
+                expires = datetime.fromisoformat(spec.expires_at.replace("Z", "+00:00"))
+            except ValueError:
+                raise InvalidRequest("expires_at must be an ISO 8601 time", field="expires_at") from None
+            if expires.tzinfo is None:
+                expires = expires.replace(tzinfo=UTC)
+            if expires <= datetime.now(UTC):
+                raise InvalidRequest("expires_at must be in the future", field="expires_at")
+        for scope in spec.scopes or []:
+            if not _PERMISSION_RE.fullmatch(scope):
+                raise InvalidRequest(f"scope {scope!r} is not a resource:action pattern", field="scopes")
+        cidrs = None
+        if spec.allow_ips is not None:
+            try:
+                cidrs = [str(ipaddress.ip_network(c, strict=False)) for c in spec.allow_ips]
+            except ValueError:
+                raise InvalidRequest("allowed IPs must be addresses or CIDR networks", field="allow_ips") from None
+        for what, items in (("orgs", spec.orgs), ("projects", spec.projects), ("scopes", spec.scopes or []),
+                            ("allow_ips", spec.allow_ips or [])):
+            if len(items) > MAX_LIST:
+                raise InvalidRequest(f"at most {MAX_LIST} {what}", field=what)
+        if spec.rate_limit is not None:
+            parse_rate_limit(spec.rate_limit)
+        return expires, cidrs
+
+    async def _check_scope(self, conn: asyncpg.Connection, spec: KeySpec) -> None:
+        await self._must_exist(conn, "users", spec.user_id)
+        member_of = {r["org_id"] for r in await conn.fetch(
+            "SELECT org_id FROM memberships WHERE user_id = $1", spec.user_id)}
+        for org in spec.orgs:
+            if org not in member_of:
+                raise InvalidRequest(f"user {spec.user_id} is not a member of org {org}", field="orgs")
+        allowed_orgs = set(spec.orgs) if spec.orgs else member_of
+        for project in spec.projects:
+            owner = await conn.fetchval("SELECT org_id FROM projects WHERE id = $1", project)
+            if owner is None or owner not in allowed_orgs:
+                raise InvalidRequest(f"project {project} is not in the key's orgs", field="projects")
+
+    async def _insert_key(
+        self, conn: asyncpg.Connection, spec: KeySpec, expires: datetime | None, cidrs: list[str] | None
+    ) -> tuple[str, str]:
+        raw, parsed = self.fmt.generate(spec.env)
+        secret_hash = await self.hasher.hash(parsed.secret)
+        await conn.execute(
+            "INSERT INTO api_keys (id, user_id, name, role, env, secret_hash, start, scopes, all_orgs, org_ids,"
+            " all_projects, project_ids, allowed_cidrs, rate_limit, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::cidr[], $14, $15)",
+            parsed.key_id, spec.user_id, spec.name.strip(), spec.role, spec.env, secret_hash,
+            self.fmt.display_start(spec.env, parsed.key_id), spec.scopes, not spec.orgs, spec.orgs,
+            not spec.projects, spec.projects, cidrs, spec.rate_limit, expires,
+        )
+        return parsed.key_id, raw
+
+    async def create_key(self, spec: KeySpec) -> dict[str, Any]:
+        expires, cidrs = self._validate_spec(spec)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._check_scope(conn, spec)
+            key_id, raw = await self._insert_key(conn, spec, expires, cidrs)
+            await write_event(conn, "api_key.created", actor="cli", user_id=spec.user_id, key_id=key_id,
+                              detail={"role": spec.role, "env": spec.env})
+            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+        return {**key_view(row), "key": raw}
+
+    async def list_keys(self, user_id: str | None, org_id: str | None) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT k.* FROM api_keys k WHERE ($1::text IS NULL OR k.user_id = $1)"
+                " AND ($2::text IS NULL OR (k.all_orgs AND EXISTS (SELECT 1 FROM memberships m"
+                "      WHERE m.user_id = k.user_id AND m.org_id = $2)) OR $2 = ANY(k.org_ids))"
+                " ORDER BY k.created_at, k.id",
+                user_id, org_id,
+            )
+        return [key_view(r) for r in rows]
+
+    async def show_key(self, key_id: str) -> dict[str, Any]:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+        if row is None:
+            raise NotFound(f"no key {key_id}")
+        return key_view(row)
+
+    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING *", key_id)
+            if row is None:
+                raise NotFound(f"no key {key_id}")
+            await write_event(conn, "api_key.revoked", actor="cli", user_id=row["user_id"], key_id=key_id)
+            self.invalidated = [key_id]
+            await notify_keys(conn, self.invalidated)
+        return key_view(row)
+
+    async def rotate_key(self, key_id: str, grace: str | None) -> dict[str, Any]:
+        grace_td = parse_duration(grace, "grace") if grace else timedelta(0)
+        async with self.pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1 FOR UPDATE", key_id)
+            if old is None:
+                raise NotFound(f"no key {key_id}")
+            if key_status(old, datetime.now(UTC)) != "active":
+                raise Conflict(f"key {key_id} is {key_status(old, datetime.now(UTC))} and cannot be rotated")
+            spec = KeySpec(
+                user_id=old["user_id"], name=old["name"], role=old["role"],
+                orgs=[] if old["all_orgs"] else list(old["org_ids"]),
+                projects=[] if old["all_projects"] else list(old["project_ids"]),
+                scopes=old["scopes"], env=old["env"], rate_limit=old["rate_limit"],
+            )
+            cidrs = [str(c) for c in old["allowed_cidrs"]] if old["allowed_cidrs"] is not None else None
+            new_id_, raw = await self._insert_key(conn, spec, old["expires_at"], cidrs)
+            await conn.execute(
+                "UPDATE api_keys SET rotated_to = $2,"
+                " expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + $3::interval) WHERE id = $1",
+                key_id, new_id_, grace_td,
+            )
+            await write_event(conn, "api_key.rotated", actor="cli", user_id=old["user_id"], key_id=key_id,
+                              detail={"new_key_id": new_id_, "grace_s": int(grace_td.total_seconds())})
+            self.invalidated = [key_id]
+            await notify_keys(conn, self.invalidated)
+            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", new_id_)
+        return {**key_view(row), "key": raw, "rotated_from": key_id}

@@ -1,0 +1,232 @@
+"""The application factory: builds every object explicitly and ties their lifetimes to the app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.audit import FailureAuditor
+from gateway.authz import KeyResolver, authorize, granted
+from gateway.cache import REDIS_ERRORS, LocalCache, RedisCache
+from gateway.config import Config
+from gateway.errors import GatewayError, InsufficientPermissions, InvalidApiKey, InvalidRequest
+from gateway.forward import error_response, forward_handler
+from gateway.keys import KeyFormat, SecretHasher
+from gateway.metrics import Metrics
+from gateway.policy import HeaderOrgPolicy, Policy, RouteDecision, checked_id
+from gateway.store import Store, StoreUnavailable, connect_pool, listen_invalidations
+from gateway.typedefs import (
+    AUDITOR,
+    CONFIG,
+    HASHER,
+    KEY_FORMAT,
+    METRICS,
+    POLICY,
+    REDIS,
+    RESOLVER,
+    STORE,
+    TRUSTED,
+)
+
+log = logging.getLogger("gateway.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def redis_client(cfg: Config) -> aioredis.Redis:
+    timeout = cfg.redis.timeout_ms / 1000
+    # No retries: a slow or absent Redis must cost one short timeout, then we fall back to Postgres.
+    return aioredis.Redis.from_url(
+        cfg.redis.url.get(), socket_timeout=timeout, socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    app[HASHER] = SecretHasher(cfg.keys.argon2, cfg.keys.verify_threads)
+    yield
+    app[HASHER].close()
+
+
+async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    pool = await connect_pool(cfg.database)
+    app[STORE] = Store(pool, cfg.database.timeout_ms / 1000)
+    app[REDIS] = redis_client(cfg)
+    yield
+    await app[REDIS].aclose()
+    await pool.close()
+
+
+async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg, metrics = app[CONFIG], app[METRICS]
+    local = LocalCache(cfg.cache.local_max_entries, cfg.cache.local_ttl_s, cfg.cache.negative_ttl_s)
+    shared = RedisCache(app[REDIS], cfg.cache.redis_ttl_s, cfg.cache.negative_ttl_s, cfg.cache.stale_if_error_s)
+    resolver = KeyResolver(
+        cfg.pepper.get().encode(), app[HASHER], app[STORE], local, shared,
+        cfg.cache.redis_ttl_s, cfg.cache.stale_if_error_s, metrics,
+    )
+    app[RESOLVER] = resolver
+    app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
+
+    async def on_keys(key_ids: list[str]) -> None:
+        metrics.invalidations.inc(len(key_ids))
+        await resolver.invalidate(key_ids)
+
+    listener = asyncio.create_task(listen_invalidations(cfg.database.url.get(), on_keys, local.clear))
+    flusher = asyncio.create_task(_flush_forever(app))
+    yield
+    for task in (listener, flusher):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await _flush_once(app)
+
+
+async def _flush_once(app: web.Application) -> None:
+    await app[RESOLVER].flush_last_used()
+    await app[AUDITOR].flush()
+    app[METRICS].local_entries.set(len(app[RESOLVER].local))
+
+
+async def _flush_forever(app: web.Application) -> None:
+    cfg = app[CONFIG]
+    interval = min(cfg.last_used_flush_s, cfg.audit.flush_interval_s)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await _flush_once(app)
+        except Exception:  # a background flusher must never die
+            log.exception("background flush failed")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map errors to the contract's JSON; anything unexpected is a 503, never a 500 or a traceback."""
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            code = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request"}.get(
+                exc.status, "invalid_request")
+            return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status,
+                                     headers={"X-Auth-Error": code})
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(_Unavailable())
+
+
+class _Unavailable(GatewayError):
+    code = "auth_unavailable"
+    status = 503
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+    try:
+        await request.app[STORE].ping()
+        checks["postgres"] = "ok"
+    except StoreUnavailable:
+        checks["postgres"] = "unavailable"
+    try:
+        await request.app[REDIS].ping()
+        checks["redis"] = "ok"
+    except REDIS_ERRORS:
+        checks["redis"] = "unavailable"
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response({"status": "ok" if ready else "unavailable", "checks": checks},
+                             status=200 if ready else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_VERIFY_FIELDS = {"key", "org", "permission", "method", "path"}
+
+
+async def keys_verify(request: web.Request) -> web.Response:
+    """In-process verification for services: always 200, the verdict is in the body."""
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - _VERIFY_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]}", field=unknown[0])
+    for name in _VERIFY_FIELDS:
+        if name in body and not isinstance(body[name], str):
+            raise InvalidRequest(f"{name} must be a string", field=name)
+    if "key" not in body:
+        raise InvalidRequest("key is required", field="key")
+    app = request.app
+    org = checked_id(body["org"], "org") if "org" in body else None
+    result: dict[str, object] = {
+        "valid": False, "code": "", "key_id": None, "org": None, "role": None, "scopes": [],
+        "env": None, "expires_at": None, "ratelimit": None,
+    }
+    try:
+        parsed = app[KEY_FORMAT].parse(body["key"])
+        if parsed is None:
+            raise InvalidApiKey()
+        record = await app[RESOLVER].resolve(parsed)
+        result["key_id"] = record.id
+        identity = authorize(record, RouteDecision(org=org), None, app[CONFIG].roles, time.time())
+        if "permission" in body and not granted(identity.scopes, body["permission"]):
+            raise InsufficientPermissions(f"requires {body['permission']}")
+    except GatewayError as err:
+        if err.status == 503:
+            raise
+        result["code"] = err.code.upper()
+        return web.json_response(result)
+    result.update(
+        valid=True, code="VALID", org=identity.org, role=identity.role, scopes=list(identity.scopes),
+        env=identity.env, expires_at=_iso(identity.expires_at),
+    )
+    return web.json_response(result)
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
+    app[CONFIG] = cfg
+    app[KEY_FORMAT] = KeyFormat(cfg.keys.prefix)
+    app[METRICS] = Metrics()
+    app[POLICY] = policy or HeaderOrgPolicy()
+    app[TRUSTED] = cfg.trusted_networks()
+    app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    for proxy in ("nginx", "ingress-nginx", "traefik", "caddy", "verify"):
+        handler = forward_handler(proxy)
+        app.router.add_route("*", f"/auth/{proxy}", handler)  # type: ignore[arg-type]
+    app.router.add_post("/v1/keys/verify", keys_verify)
+    return app

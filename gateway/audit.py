@@ -1,0 +1,84 @@
+"""Audit events.
+
+Management writes insert their event in the same transaction as the change (`write_event`). Denials
+(`auth.failed`) arrive at request rate, so they are aggregated per (code, key, address, org) and flushed
+in batches, at most `failed_max_per_flush` rows a flush: a flood can neither fill the disk nor slow the
+hot path, and whatever is dropped is counted in a row of its own and in a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from gateway.metrics import Metrics
+from gateway.store import Store, StoreUnavailable
+
+log = logging.getLogger("gateway.audit")
+
+FailureKey = tuple[str, str | None, str | None, str | None, str]  # code, key id, ip, org, endpoint
+
+
+async def write_event(
+    conn: asyncpg.Connection,
+    type_: str,
+    *,
+    actor: str | None = None,
+    org_id: str | None = None,
+    user_id: str | None = None,
+    key_id: str | None = None,
+    ip: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_events (type, actor, org_id, user_id, key_id, ip, detail)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+        type_, actor, org_id, user_id, key_id, ip, json.dumps(detail or {}),
+    )
+
+
+class FailureAuditor:
+    def __init__(self, store: Store, max_rows_per_flush: int, metrics: Metrics) -> None:
+        self.store = store
+        self.max_rows = max_rows_per_flush
+        self.metrics = metrics
+        self._pending: Counter[FailureKey] = Counter()
+        self._max_groups = max(1000, max_rows_per_flush * 10)
+        self._dropped = 0
+
+    def record(self, code: str, key_id: str | None, ip: str | None, org: str | None, endpoint: str) -> None:
+        group = (code, key_id, ip, org, endpoint)
+        if group in self._pending or len(self._pending) < self._max_groups:
+            self._pending[group] += 1
+        else:
+            self._dropped += 1
+            self.metrics.audit_dropped.inc()
+
+    async def flush(self) -> None:
+        if not self._pending and not self._dropped:
+            return
+        groups = self._pending.most_common()
+        self._pending = Counter()
+        kept, rest = groups[: self.max_rows], groups[self.max_rows :]
+        dropped = self._dropped + sum(n for _, n in rest)
+        self._dropped = 0
+        if rest:
+            self.metrics.audit_dropped.inc(sum(n for _, n in rest))
+        now = datetime.now(UTC)
+        rows: list[tuple[Any, ...]] = [
+            (now, "auth.failed", None, org, None, key_id, ip, n, json.dumps({"code": code, "endpoint": endpoint}))
+            for (code, key_id, ip, org, endpoint), n in kept
+        ]
+        if dropped:
+            rows.append((now, "auth.failed.dropped", None, None, None, None, None, dropped, "{}"))
+        try:
+            await self.store.insert_audit_rows(rows)
+        except StoreUnavailable:
+            total = sum(r[7] for r in rows)
+            self.metrics.audit_dropped.inc(total)
+            log.warning("audit store unreachable: %d auth.failed events not written", total)

@@ -1,0 +1,283 @@
+"""From a parsed key to an identity: find the key through the cache tiers, then decide what it may do."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gateway.cache import REDIS_ERRORS, Entry, KeyRecord, LocalCache, RedisCache
+from gateway.config import RolesConfig
+from gateway.errors import (
+    AuthUnavailable,
+    ExpiredApiKey,
+    InsufficientPermissions,
+    InvalidApiKey,
+    IpNotAllowed,
+    OrgNotAllowed,
+    OrgRequired,
+    ProjectNotAllowed,
+    RevokedApiKey,
+)
+from gateway.keys import ParsedKey, SecretHasher, digest
+from gateway.metrics import Metrics
+from gateway.policy import RouteDecision
+from gateway.store import Store, StoreUnavailable
+
+log = logging.getLogger("gateway.authz")
+
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# --- permissions -------------------------------------------------------------------------------
+
+
+def pattern_matches(pattern: str, permission: str) -> bool:
+    """`*` alone matches everything; otherwise `*` matches one whole segment."""
+    if pattern == "*":
+        return True
+    p, q = pattern.split(":"), permission.split(":")
+    return len(p) == len(q) and all(a in ("*", b) for a, b in zip(p, q, strict=True))
+
+
+def _meet(a: str, b: str) -> str | None:
+    """The pattern granting exactly what both grant, if any."""
+    if a == "*":
+        return b
+    if b == "*":
+        return a
+    p, q = a.split(":"), b.split(":")
+    if len(p) != len(q):
+        return None
+    out = []
+    for x, y in zip(p, q, strict=True):
+        if x == "*":
+            out.append(y)
+        elif y in ("*", x):
+            out.append(x)
+        else:
+            return None
+    return ":".join(out)
+
+
+def effective_permissions(role_patterns: tuple[str, ...], scopes: tuple[str, ...] | None) -> tuple[str, ...]:
+    if scopes is None:
+        return tuple(sorted(set(role_patterns)))
+    met = {m for r in role_patterns for s in scopes if (m := _meet(r, s)) is not None}
+    # Drop patterns another one already covers, so X-Scopes stays short and exact.
+    kept = {m for m in met if not any(o != m and pattern_matches(o, m) for o in met)}
+    return tuple(sorted(kept))
+
+
+def granted(patterns: tuple[str, ...], permission: str) -> bool:
+    return any(pattern_matches(p, permission) for p in patterns)
+
+
+# --- identity ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    key_id: str
+    user_id: str
+    org: str
+    role: str
+    scopes: tuple[str, ...]
+    env: str
+    project: str | None
+    expires_at: float | None
+    rate_limit: str | None
+
+
+def active_org(record: KeyRecord, requested: str | None) -> str:
+    in_scope = (lambda org: record.all_orgs or org in record.org_ids)
+    if requested is not None:
+        if not in_scope(requested) or requested not in record.memberships:
+            raise OrgNotAllowed("the key may not act in this org")
+        return requested
+    if not record.all_orgs and len(record.org_ids) == 1:
+        org = record.org_ids[0]
+    elif len(record.memberships) == 1:
+        org = next(iter(record.memberships))
+        if not in_scope(org):
+            raise OrgNotAllowed("the key may not act in this org")
+    else:
+        raise OrgRequired("this key can act in several orgs: name one with X-Org-Id")
+    if org not in record.memberships:
+        raise OrgNotAllowed("the key's owner is not a member of this org")
+    return org
+
+
+def authorize(
+    record: KeyRecord, decision: RouteDecision, client_ip: IP | None, roles: RolesConfig, now: float
+) -> Identity:
+    """Check the key's state and what the route requires. Raises the contract's errors."""
+    if record.revoked_at is not None and record.revoked_at <= now:
+        raise RevokedApiKey("this key was revoked")
+    if record.expires_at is not None and record.expires_at <= now:
+        raise ExpiredApiKey("this key has expired")
+    networks = record.networks()
+    if networks is not None and (client_ip is None or not any(client_ip in n for n in networks)):
+        raise IpNotAllowed("the client address is not in this key's allowlist")
+    org = active_org(record, decision.org)
+    member_role = record.memberships[org]
+    if record.role not in roles.order or member_role not in roles.order:
+        raise InsufficientPermissions("a role this gateway does not know grants nothing")
+    role = roles.lower(record.role, member_role)
+    scopes = effective_permissions(roles.permissions[role], record.scopes)
+    if decision.project is not None and not (record.all_projects or decision.project in record.project_ids):
+        raise ProjectNotAllowed("the key may not act in this project")
+    if decision.permission is not None and not granted(scopes, decision.permission):
+        raise InsufficientPermissions(f"requires {decision.permission}")
+    if decision.role is not None and roles.rank(role) < roles.rank(decision.role):
+        raise InsufficientPermissions(f"requires role {decision.role}")
+    return Identity(
+        key_id=record.id, user_id=record.user_id, org=org, role=role, scopes=scopes, env=record.env,
+        project=decision.project, expires_at=record.expires_at, rate_limit=record.rate_limit,
+    )
+
+
+# --- key resolution ----------------------------------------------------------------------------
+
+
+class KeyResolver:
+    """Finds a key's record: in-process cache, then Redis, then Postgres plus argon2.
+
+    Concurrent misses for the same key share one load (and so one argon2 computation).
+    """
+
+    def __init__(
+        self,
+        pepper: bytes,
+        hasher: SecretHasher,
+        store: Store,
+        local: LocalCache,
+        redis: RedisCache | None,
+        redis_ttl_s: float,
+        stale_if_error_s: float,
+        metrics: Metrics,
+    ) -> None:
+        self.pepper = pepper
+        self.hasher = hasher
+        self.store = store
+        self.local = local
+        self.redis = redis
+        self.redis_ttl_s = redis_ttl_s
+        self.stale_if_error_s = stale_if_error_s
+        self.metrics = metrics
+        self._inflight: dict[str, asyncio.Future[KeyRecord]] = {}
+        self._pg_down_until = 0.0  # monotonic; skip Postgres briefly after it failed
+        self.last_used: dict[str, float] = {}
+
+    async def resolve(self, key: ParsedKey) -> KeyRecord:
+        d = digest(self.pepper, key.raw)
+        if self.local.get_negative(d) is not None:
+            self.metrics.cache.labels("local_negative").inc()
+            raise InvalidApiKey()
+        entry = self.local.get(d)
+        if entry is not None and time.monotonic() < entry.local_fresh_until:
+            self.metrics.cache.labels("local").inc()
+            record = entry.record
+        else:
+            record = await self._single_flight(d, lambda: self._load(key, d, entry))
+        self.last_used[record.id] = time.time()
+        return record
+
+    async def _single_flight(self, d: str, load: Callable[[], Awaitable[KeyRecord]]) -> KeyRecord:
+        fut = self._inflight.get(d)
+        if fut is None:
+            fut = asyncio.ensure_future(load())
+            self._inflight[d] = fut
+            fut.add_done_callback(lambda _f: self._inflight.pop(d, None))
+        return await asyncio.shield(fut)
+
+    async def _redis_lookup(self, key: ParsedKey, d: str, epoch: int) -> tuple[Entry | None, str | None]:
+        """(usable Redis entry, generation to fill with); raises InvalidApiKey on a negative hit."""
+        if self.redis is None:
+            return None, None
+        try:
+            found = await self.redis.lookup(key.key_id, d)
+        except REDIS_ERRORS as exc:
+            self.metrics.backend_errors.labels("redis").inc()
+            log.debug("redis lookup failed: %s", exc.__class__.__name__)
+            return None, None
+        if found.negative is not None:
+            self.metrics.cache.labels("redis_negative").inc()
+            self.local.put_negative(d, found.negative, epoch)
+            raise InvalidApiKey()
+        return found.entry, found.generation
+
+    async def _load(self, key: ParsedKey, d: str, local_entry: Entry | None) -> KeyRecord:
+        epoch = self.local.epoch
+        redis_entry, generation = await self._redis_lookup(key, d, epoch)
+        if redis_entry is not None and time.time() - redis_entry.loaded_at < self.redis_ttl_s:
+            self.metrics.cache.labels("redis").inc()
+            self.local.put(d, redis_entry, epoch)
+            return redis_entry.record
+        self.metrics.cache.labels("miss").inc()
+        try:
+            if time.monotonic() < self._pg_down_until:
+                raise StoreUnavailable("recently failed")
+            loaded = await self.store.load_key(key.key_id)
+        except StoreUnavailable:
+            self._pg_down_until = time.monotonic() + 1.0
+            self.metrics.backend_errors.labels("postgres").inc()
+            return self._stale(local_entry, redis_entry)
+        if loaded is None:
+            await self._remember_invalid(key, d, generation, epoch)
+            raise InvalidApiKey()
+        record, secret_hash = loaded
+        known = [e for e in (local_entry, redis_entry) if e is not None]
+        # A digest already verified against this very hash needs no new argon2 run.
+        if not any(e.record.hash_fingerprint == record.hash_fingerprint for e in known):
+            self.metrics.argon2.inc()
+            if not await self.hasher.verify(secret_hash, key.secret, d):
+                await self._remember_invalid(key, d, generation, epoch)
+                raise InvalidApiKey()
+        entry = Entry(record, time.time())
+        self.local.put(d, entry, epoch)
+        if self.redis is not None and generation is not None:
+            try:
+                await self.redis.put(d, entry, generation)
+            except REDIS_ERRORS:
+                self.metrics.backend_errors.labels("redis").inc()
+        return record
+
+    def _stale(self, *entries: Entry | None) -> KeyRecord:
+        limit = self.redis_ttl_s + self.stale_if_error_s
+        usable = [e for e in entries if e is not None and time.time() - e.loaded_at < limit]
+        if not usable:
+            raise AuthUnavailable("the key store is unreachable")
+        self.metrics.cache.labels("stale").inc()
+        return max(usable, key=lambda e: e.loaded_at).record
+
+    async def _remember_invalid(self, key: ParsedKey, d: str, generation: str | None, epoch: int) -> None:
+        self.local.put_negative(d, "invalid_api_key", epoch)
+        if self.redis is not None and generation is not None:
+            try:
+                await self.redis.put_negative(key.key_id, d, "invalid_api_key")
+            except REDIS_ERRORS:
+                self.metrics.backend_errors.labels("redis").inc()
+
+    async def invalidate(self, key_ids: list[str]) -> None:
+        """Drop the keys here and in Redis (every process does the Redis part too: it is idempotent,
+        and covers an admin that could not reach Redis)."""
+        self.local.invalidate(key_ids)
+        if self.redis is not None:
+            try:
+                await self.redis.invalidate(key_ids)
+            except REDIS_ERRORS:
+                self.metrics.backend_errors.labels("redis").inc()
+
+    async def flush_last_used(self) -> None:
+        if not self.last_used:
+            return
+        batch, self.last_used = self.last_used, {}
+        try:
+            await self.store.touch_last_used(batch)
+        except StoreUnavailable:
+            for k, t in batch.items():  # keep them for the next flush
+                self.last_used[k] = max(t, self.last_used.get(k, 0.0))

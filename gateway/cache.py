@@ -1,0 +1,230 @@
+"""The two cache tiers in front of Postgres: in-process and Redis.
+
+Both are keyed by the HMAC digest of the whole key. Positive entries (a key whose secret verified, with
+its state and its owner's memberships) and negative entries (unknown key id, wrong secret) are kept
+apart. Redis entries carry the key's generation at fill time; invalidation bumps the generation, so an
+entry written by a fill that raced a revocation is never read back as valid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway import constants as C
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What verification needs to know of a key, without its hash."""
+
+    id: str
+    user_id: str
+    name: str
+    role: str
+    env: str
+    scopes: tuple[str, ...] | None
+    all_orgs: bool
+    org_ids: tuple[str, ...]
+    all_projects: bool
+    project_ids: tuple[str, ...]
+    allowed_cidrs: tuple[str, ...] | None
+    rate_limit: str | None
+    expires_at: float | None
+    revoked_at: float | None
+    memberships: dict[str, str] = field(hash=False)  # owner's org id -> role, read with the key
+    hash_fingerprint: str = ""  # identifies the argon2 hash the digest was verified against
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+        if self.allowed_cidrs is None:
+            return None
+        return tuple(ipaddress.ip_network(c, strict=False) for c in self.allowed_cidrs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "user_id": self.user_id, "name": self.name, "role": self.role, "env": self.env,
+            "scopes": list(self.scopes) if self.scopes is not None else None,
+            "all_orgs": self.all_orgs, "org_ids": list(self.org_ids),
+            "all_projects": self.all_projects, "project_ids": list(self.project_ids),
+            "allowed_cidrs": list(self.allowed_cidrs) if self.allowed_cidrs is not None else None,
+            "rate_limit": self.rate_limit, "expires_at": self.expires_at, "revoked_at": self.revoked_at,
+            "memberships": self.memberships, "hash_fingerprint": self.hash_fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KeyRecord:
+        return cls(
+            id=d["id"], user_id=d["user_id"], name=d["name"], role=d["role"], env=d["env"],
+            scopes=tuple(d["scopes"]) if d["scopes"] is not None else None,
+            all_orgs=d["all_orgs"], org_ids=tuple(d["org_ids"]),
+            all_projects=d["all_projects"], project_ids=tuple(d["project_ids"]),
+            allowed_cidrs=tuple(d["allowed_cidrs"]) if d["allowed_cidrs"] is not None else None,
+            rate_limit=d["rate_limit"], expires_at=d["expires_at"], revoked_at=d["revoked_at"],
+            memberships=dict(d["memberships"]), hash_fingerprint=d["hash_fingerprint"],
+        )
+
+
+@dataclass(slots=True)
+class Entry:
+    record: KeyRecord
+    loaded_at: float  # wall-clock time the record was read from Postgres
+    local_fresh_until: float = 0.0  # monotonic
+
+
+@dataclass(slots=True)
+class _Negative:
+    code: str
+    until: float  # monotonic
+
+
+class LocalCache:
+    """Bounded in-process LRU of positive and negative entries, with a key-id index for invalidation."""
+
+    def __init__(self, max_entries: int, ttl_s: float, negative_ttl_s: float) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self.negative_ttl_s = negative_ttl_s
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._negative: OrderedDict[str, _Negative] = OrderedDict()
+        self._by_key: dict[str, set[str]] = {}
+        # Bumped by every invalidation: a fill that started under an older epoch is not stored.
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: str) -> Entry | None:
+        entry = self._entries.get(digest)
+        if entry is not None:
+            self._entries.move_to_end(digest)
+        return entry
+
+    def put(self, digest: str, entry: Entry, epoch: int) -> bool:
+        if epoch != self.epoch:
+            return False
+        entry.local_fresh_until = time.monotonic() + self.ttl_s
+        self._entries[digest] = entry
+        self._entries.move_to_end(digest)
+        self._by_key.setdefault(entry.record.id, set()).add(digest)
+        while len(self._entries) > self.max_entries:
+            old_digest, old = self._entries.popitem(last=False)
+            self._unindex(old.record.id, old_digest)
+        return True
+
+    def get_negative(self, digest: str) -> str | None:
+        neg = self._negative.get(digest)
+        if neg is None:
+            return None
+        if neg.until <= time.monotonic():
+            del self._negative[digest]
+            return None
+        return neg.code
+
+    def put_negative(self, digest: str, code: str, epoch: int) -> None:
+        if epoch != self.epoch or self.negative_ttl_s <= 0:
+            return
+        self._negative[digest] = _Negative(code, time.monotonic() + self.negative_ttl_s)
+        self._negative.move_to_end(digest)
+        while len(self._negative) > self.max_entries:
+            self._negative.popitem(last=False)
+
+    def _unindex(self, key_id: str, digest: str) -> None:
+        digests = self._by_key.get(key_id)
+        if digests is not None:
+            digests.discard(digest)
+            if not digests:
+                del self._by_key[key_id]
+
+    def invalidate(self, key_ids: list[str]) -> int:
+        self.epoch += 1
+        dropped = 0
+        for key_id in key_ids:
+            for digest in self._by_key.pop(key_id, ()):
+                if self._entries.pop(digest, None) is not None:
+                    dropped += 1
+        return dropped
+
+    def clear(self) -> None:
+        self.epoch += 1
+        self._entries.clear()
+        self._negative.clear()
+        self._by_key.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisLookup:
+    entry: Entry | None
+    negative: str | None
+    generation: str  # to embed in a later fill
+
+
+class RedisCache:
+    """The shared tier. Every call raises RedisError/OSError/TimeoutError on trouble; callers fall back."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: float, negative_ttl_s: float, stale_s: float) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self.negative_ttl_s = negative_ttl_s
+        self.stale_s = stale_s
+
+    async def lookup(self, key_id: str, digest: str) -> RedisLookup:
+        entry_key = C.REDIS_KEY_ENTRY.format(key_id=key_id, digest=digest)
+        gen_key = C.REDIS_KEY_GENERATION.format(key_id=key_id)
+        neg_key = C.REDIS_NEGATIVE_ENTRY.format(key_id=key_id, digest=digest)
+        raw_entry, raw_gen, raw_neg = await self.client.mget(entry_key, gen_key, neg_key)
+        gen = _text(raw_gen) or "0"
+        entry = None
+        if raw_entry is not None:
+            payload = json.loads(raw_entry)
+            if payload.get("gen") == gen:
+                entry = Entry(KeyRecord.from_json(payload["record"]), float(payload["loaded_at"]))
+        return RedisLookup(entry, _text(raw_neg) if raw_neg is not None else None, gen)
+
+    async def put(self, digest: str, entry: Entry, generation: str) -> None:
+        key_id = entry.record.id
+        payload = json.dumps({"gen": generation, "loaded_at": entry.loaded_at, "record": entry.record.to_json()})
+        # Kept past its freshness so it can serve while Postgres is down.
+        ttl_ms = int((self.ttl_s + self.stale_s) * 1000) or 1
+        index = C.REDIS_KEY_INDEX.format(key_id=key_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(C.REDIS_KEY_ENTRY.format(key_id=key_id, digest=digest), payload, px=ttl_ms)
+            pipe.sadd(index, digest)
+            pipe.pexpire(index, ttl_ms)
+            await pipe.execute()
+
+    async def put_negative(self, key_id: str, digest: str, code: str) -> None:
+        if self.negative_ttl_s <= 0:
+            return
+        key = C.REDIS_NEGATIVE_ENTRY.format(key_id=key_id, digest=digest)
+        await self.client.set(key, code, px=int(self.negative_ttl_s * 1000))
+
+    async def invalidate(self, key_ids: list[str]) -> None:
+        # The generation bump alone makes old entries unreadable; deleting them too keeps a revoked
+        # key's entry from resurfacing should the generation counter ever be evicted.
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key_id in key_ids:
+                pipe.incr(C.REDIS_KEY_GENERATION.format(key_id=key_id))
+                pipe.smembers(C.REDIS_KEY_INDEX.format(key_id=key_id))
+            results = await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key_id, members in zip(key_ids, results[1::2], strict=True):
+                # One DEL per key id: its keys share a hash slot, as Redis Cluster requires.
+                doomed = [C.REDIS_KEY_ENTRY.format(key_id=key_id, digest=_text(d)) for d in members]
+                pipe.delete(C.REDIS_KEY_INDEX.format(key_id=key_id), *doomed)
+            await pipe.execute()
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)

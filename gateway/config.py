@@ -1,0 +1,314 @@
+"""Typed configuration loaded from YAML, validated once at start-up.
+
+Every error names the offending field (`cache.local_ttl_s: expected a number`). Secrets (the pepper,
+passwords inside URLs) are wrapped in `Secret` so they never show up in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from gateway import constants as C
+from gateway.errors import ConfigError
+
+PROXIES = ("nginx", "ingress-nginx", "traefik", "caddy", "envoy")
+DEFAULT_CONFIG_PATH = "config/gateway.yaml"
+
+
+class Secret:
+    """A string that does not print itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: Secret = field(default_factory=lambda: Secret(""))
+    pool_min: int = 1
+    pool_max: int = 10
+    timeout_ms: int = C.DEFAULT_DB_TIMEOUT_MS
+    connect_retries: int = 5
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: Secret = field(default_factory=lambda: Secret(""))
+    timeout_ms: int = C.DEFAULT_REDIS_TIMEOUT_MS
+
+
+@dataclass(frozen=True)
+class Argon2Config:
+    memory_kib: int = 19456
+    time_cost: int = 2
+    parallelism: int = 1
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    prefix: str = "gw"
+    argon2: Argon2Config = field(default_factory=Argon2Config)
+    verify_threads: int = 4
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    local_max_entries: int = C.DEFAULT_LOCAL_MAX_ENTRIES
+    local_ttl_s: float = C.DEFAULT_LOCAL_TTL_S
+    redis_ttl_s: float = C.DEFAULT_REDIS_TTL_S
+    negative_ttl_s: float = C.DEFAULT_NEGATIVE_TTL_S
+    # How long a cached key keeps working past its TTL while Postgres is unreachable.
+    stale_if_error_s: float = C.DEFAULT_STALE_IF_ERROR_S
+
+
+@dataclass(frozen=True)
+class ForwardAuthConfig:
+    # The proxy `/auth/verify` reads its headers for.
+    proxy: str = "nginx"
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    # Query parameters that carry credentials; any of them in the original URI is refused.
+    query_credential_params: tuple[str, ...] = (
+        "api_key", "apikey", "api-key", "key", "access_token", "token", "x-api-key", "auth",
+    )
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    flush_interval_s: float = C.DEFAULT_AUDIT_FLUSH_S
+    # auth.failed rows written per flush; the rest are counted as dropped, never queued without bound.
+    failed_max_per_flush: int = C.DEFAULT_AUDIT_FAILED_MAX_PER_FLUSH
+
+
+@dataclass(frozen=True)
+class RolesConfig:
+    order: tuple[str, ...] = ("viewer", "member", "admin", "owner")
+    permissions: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "viewer": ("*:read",),
+            "member": ("*:read", "*:write"),
+            "admin": ("*",),
+            "owner": ("*",),
+        }
+    )
+
+    def rank(self, role: str) -> int:
+        return self.order.index(role)
+
+    def lower(self, a: str, b: str) -> str:
+        return a if self.rank(a) <= self.rank(b) else b
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    pepper: Secret = field(default_factory=lambda: Secret(""))
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    forward_auth: ForwardAuthConfig = field(default_factory=ForwardAuthConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    last_used_flush_s: float = C.DEFAULT_LAST_USED_FLUSH_S
+    log_level: str = "INFO"
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.forward_auth.trusted_proxies)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, value, where)
+    if tp is Secret:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string")
+        return Secret(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        k_tp, v_tp = typing.get_args(tp)
+        return {_convert(k, k_tp, where): _convert(v, v_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin is types.UnionType:
+        raise ConfigError(f"{where}: unsupported type")  # pragma: no cover - no such fields
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type[Any], data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, data)) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    def check(ok: bool, where: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {why}")
+
+    check(0 < cfg.server.port < 65536, "server.port", "must be between 1 and 65535")
+    check(cfg.server.workers >= 1, "server.workers", "must be at least 1")
+    check(bool(cfg.database.url.get()), "database.url", "is required (or set GATEWAY_DATABASE_URL)")
+    check(
+        cfg.database.url.get().startswith(("postgres://", "postgresql://")),
+        "database.url", "must be a postgresql:// URL",
+    )
+    check(1 <= cfg.database.pool_min <= cfg.database.pool_max, "database.pool_min", "must be 1..pool_max")
+    check(cfg.database.timeout_ms > 0, "database.timeout_ms", "must be positive")
+    check(bool(cfg.redis.url.get()), "redis.url", "is required (or set GATEWAY_REDIS_URL)")
+    check(
+        cfg.redis.url.get().startswith(("redis://", "rediss://", "unix://")),
+        "redis.url", "must be a redis://, rediss:// or unix:// URL",
+    )
+    check(cfg.redis.timeout_ms > 0, "redis.timeout_ms", "must be positive")
+    check(len(cfg.pepper.get()) >= 32, "pepper", "must be at least 32 characters (or set GATEWAY_PEPPER)")
+    prefix = cfg.keys.prefix
+    check(prefix.isascii() and prefix.isalnum() and 1 <= len(prefix) <= 16,
+          "keys.prefix", "must be 1-16 ASCII letters or digits")
+    a = cfg.keys.argon2
+    check(a.memory_kib >= 8 * a.parallelism, "keys.argon2.memory_kib", "too small for the parallelism")
+    check(a.time_cost >= 1, "keys.argon2.time_cost", "must be at least 1")
+    check(a.parallelism >= 1, "keys.argon2.parallelism", "must be at least 1")
+    check(cfg.keys.verify_threads >= 1, "keys.verify_threads", "must be at least 1")
+    for name in ("local_ttl_s", "redis_ttl_s", "negative_ttl_s", "stale_if_error_s"):
+        check(getattr(cfg.cache, name) >= 0, f"cache.{name}", "must not be negative")
+    check(cfg.cache.local_max_entries >= 1, "cache.local_max_entries", "must be at least 1")
+    check(cfg.forward_auth.proxy in PROXIES, "forward_auth.proxy", f"must be one of {', '.join(PROXIES)}")
+    for i, net in enumerate(cfg.forward_auth.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"forward_auth.trusted_proxies[{i}]: not an IP network: {net!r}") from None
+    check(cfg.audit.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
+    check(cfg.audit.failed_max_per_flush >= 0, "audit.failed_max_per_flush", "must not be negative")
+    roles = cfg.roles
+    check(len(roles.order) >= 1 and len(set(roles.order)) == len(roles.order),
+          "roles.order", "must list distinct role names")
+    for role in roles.permissions:
+        check(role in roles.order, f"roles.permissions.{role}", "is not a role in roles.order")
+    for role in roles.order:
+        check(role in roles.permissions, f"roles.permissions.{role}", "is missing")
+    check(cfg.last_used_flush_s > 0, "last_used_flush_s", "must be positive")
+    check(cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+          "must be DEBUG, INFO, WARNING or ERROR")
+
+
+def config_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Build and validate a Config from parsed YAML, applying environment overrides."""
+    env = os.environ if env is None else env
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config: the file must hold a mapping at the top level")
+    cfg: Config = _build(Config, data, "")
+    if env.get("GATEWAY_DATABASE_URL"):
+        cfg = dataclasses.replace(
+            cfg, database=dataclasses.replace(cfg.database, url=Secret(env["GATEWAY_DATABASE_URL"]))
+        )
+    if env.get("GATEWAY_REDIS_URL"):
+        cfg = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, url=Secret(env["GATEWAY_REDIS_URL"])))
+    if env.get("GATEWAY_PEPPER"):
+        cfg = dataclasses.replace(cfg, pepper=Secret(env["GATEWAY_PEPPER"]))
+    _validate(cfg)
+    return cfg
+
+
+def resolve_path(path: str | None, env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(path or env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the YAML file (`--config`, else $GATEWAY_CONFIG, else config/gateway.yaml)."""
+    file = resolve_path(path, env)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {file}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.__class__.__name__}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{file}: not valid YAML{where}") from None
+    return config_from_mapping(data, env)

@@ -1,0 +1,37 @@
+"""Every Redis key name, channel and default duration, in one place.
+
+Key templates put the key id in a Cluster hash tag (`{...}`) so that a key's cache entry and its
+generation counter live in one slot: a conditional cache fill is then one Lua call on Redis Cluster.
+"""
+
+from typing import Final
+
+REDIS_PREFIX: Final = "gw"
+
+# Positive cache entry of a verified key, by key id (hash tag) and HMAC digest of the whole key.
+REDIS_KEY_ENTRY: Final = REDIS_PREFIX + ":key:{{{key_id}}}:{digest}"
+# Bumped on every invalidation of a key; a cache fill only lands when it is unchanged.
+REDIS_KEY_GENERATION: Final = REDIS_PREFIX + ":gen:{{{key_id}}}"
+# The digests cached for a key id, so invalidation can delete them.
+REDIS_KEY_INDEX: Final = REDIS_PREFIX + ":idx:{{{key_id}}}"
+# Negative entries (unknown key id, wrong secret): apart from positive ones, short-lived.
+REDIS_NEGATIVE_ENTRY: Final = REDIS_PREFIX + ":neg:{{{key_id}}}:{digest}"
+
+# Postgres LISTEN/NOTIFY channel: sent inside the transaction that changes access, so an
+# invalidation is delivered exactly when (and only if) the change commits.
+PG_INVALIDATION_CHANNEL: Final = "gateway_invalidate"
+# pg_notify payloads are limited to 8000 bytes; key ids are batched below that.
+PG_NOTIFY_BATCH: Final = 200
+# pg_advisory_lock id that serialises `gateway migrate` across replicas.
+MIGRATION_LOCK_ID: Final = 0x6761_7465_7761_79
+
+DEFAULT_LOCAL_TTL_S: Final = 30.0
+DEFAULT_REDIS_TTL_S: Final = 300.0
+DEFAULT_NEGATIVE_TTL_S: Final = 10.0
+DEFAULT_STALE_IF_ERROR_S: Final = 300.0
+DEFAULT_LOCAL_MAX_ENTRIES: Final = 100_000
+DEFAULT_REDIS_TIMEOUT_MS: Final = 50
+DEFAULT_DB_TIMEOUT_MS: Final = 2000
+DEFAULT_LAST_USED_FLUSH_S: Final = 5.0
+DEFAULT_AUDIT_FLUSH_S: Final = 1.0
+DEFAULT_AUDIT_FAILED_MAX_PER_FLUSH: Final = 50

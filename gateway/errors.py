@@ -1,0 +1,96 @@
+"""One exception hierarchy carrying the contract's error code and HTTP status."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    """Base error: `code` and `status` are what clients see; the message is for humans."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message or self.code.replace("_", " "))
+        self.message = message or self.code.replace("_", " ")
+        self.field = field
+
+
+class InvalidRequest(GatewayError):
+    code = "invalid_request"
+    status = 400
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+
+
+class MissingCredentials(Unauthenticated):
+    code = "missing_credentials"
+
+
+class InvalidApiKey(Unauthenticated):
+    code = "invalid_api_key"
+
+
+class ExpiredApiKey(Unauthenticated):
+    code = "expired_api_key"
+
+
+class RevokedApiKey(Unauthenticated):
+    code = "revoked_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+
+
+class InsufficientPermissions(Forbidden):
+    code = "insufficient_permissions"
+
+
+class OrgRequired(Forbidden):
+    code = "org_required"
+
+
+class OrgNotAllowed(Forbidden):
+    code = "org_not_allowed"
+
+
+class ProjectNotAllowed(Forbidden):
+    code = "project_not_allowed"
+
+
+class IpNotAllowed(Forbidden):
+    code = "ip_not_allowed"
+
+
+class RouteNotAllowed(Forbidden):
+    code = "route_not_allowed"
+
+
+class RateLimited(GatewayError):
+    code = "rate_limited"
+    status = 429
+
+
+class AuthUnavailable(GatewayError):
+    """A backing store is down and nothing usable is cached: never reported as a bad key."""
+
+    code = "auth_unavailable"
+    status = 503
+
+
+class NotFound(GatewayError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(GatewayError):
+    code = "conflict"
+    status = 409
+
+
+class ConfigError(Exception):
+    """A bad configuration file or value; the message names the field."""

@@ -1,0 +1,257 @@
+"""Forward-auth endpoints: one per proxy, each reading only the headers that proxy sets.
+
+A header one proxy sets is a header a client can forge behind another proxy, so `/auth/traefik` never
+looks at `X-Original-URI` and `/auth/nginx` never looks at `X-Forwarded-Uri`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qsl, urlsplit
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from gateway.authz import IP, Identity, authorize
+from gateway.errors import (
+    GatewayError,
+    InvalidApiKey,
+    InvalidRequest,
+    MissingCredentials,
+)
+from gateway.keys import KeyFormat
+from gateway.policy import OriginalRequest, RouteDecision
+from gateway.typedefs import AUDITOR, CONFIG, KEY_FORMAT, KEY_ID, METRICS, POLICY, RESOLVER, TRUSTED
+
+Headers = CIMultiDictProxy[str]
+
+METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+IDENTITY_HEADERS = (
+    "X-Org", "X-Role", "X-User", "X-Key-Id", "X-Scopes", "X-Project", "X-Key-Env", "X-Auth-Method",
+)
+# Headers that may not be named in `Connection:` (a hop-by-hop trick to strip them before us).
+PROTECTED_HEADERS = frozenset(
+    h.lower() for h in (*CREDENTIAL_HEADERS, *IDENTITY_HEADERS, "X-Org-Id", "X-Forwarded-For",
+                        "X-Original-Method", "X-Original-URI", "X-Original-URL", "X-Forwarded-Method",
+                        "X-Forwarded-Uri", "X-Forwarded-Host", "X-Forwarded-Proto", "Host")
+)
+_METHOD_RE = re.compile(r"[A-Z]{1,20}")
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+
+Proxy = Literal["nginx", "ingress-nginx", "traefik", "caddy", "verify"]
+
+
+def one(headers: Headers, name: str) -> str:
+    """The single value of a header the proxy must set: missing or repeated is invalid_request."""
+    values = headers.getall(name, [])
+    if len(values) != 1:
+        raise InvalidRequest(f"{name} must be sent exactly once")
+    value = values[0]
+    if not value or any(ord(c) < 0x21 or ord(c) > 0x7E for c in value):
+        raise InvalidRequest(f"{name} is not valid")
+    return value
+
+
+def _method(value: str) -> str:
+    if not _METHOD_RE.fullmatch(value):
+        raise InvalidRequest("the original method is not valid")
+    return value
+
+
+def _host(value: str) -> str:
+    if not _HOST_RE.fullmatch(value):
+        raise InvalidRequest("the original host is not valid")
+    return value.lower()
+
+
+def _uri(value: str) -> tuple[str, str]:
+    if not value.startswith("/") or value.startswith("//"):
+        raise InvalidRequest("the original URI must be an absolute path")
+    path, _, query = value.partition("?")
+    return path, query.partition("#")[0]
+
+
+def original_nginx(h: Headers) -> OriginalRequest:
+    path, query = _uri(one(h, "X-Original-URI"))
+    return OriginalRequest(_method(one(h, "X-Original-Method")), _host(one(h, "Host")), path, query)
+
+
+def original_ingress_nginx(h: Headers) -> OriginalRequest:
+    url = one(h, "X-Original-URL")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise InvalidRequest("X-Original-URL is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidRequest("X-Original-URL must be an absolute http(s) URL")
+    path = parts.path or "/"
+    _uri(path)
+    return OriginalRequest(_method(one(h, "X-Original-Method")), _host(parts.netloc), path, parts.query)
+
+
+def original_traefik(h: Headers) -> OriginalRequest:
+    if one(h, "X-Forwarded-Proto") not in ("http", "https"):
+        raise InvalidRequest("X-Forwarded-Proto must be http or https")
+    path, query = _uri(one(h, "X-Forwarded-Uri"))
+    return OriginalRequest(_method(one(h, "X-Forwarded-Method")), _host(one(h, "X-Forwarded-Host")), path, query)
+
+
+def original_caddy(h: Headers) -> OriginalRequest:
+    path, query = _uri(one(h, "X-Forwarded-Uri"))
+    return OriginalRequest(_method(one(h, "X-Forwarded-Method")), _host(one(h, "Host")), path, query)
+
+
+READERS: dict[str, Callable[[Headers], OriginalRequest]] = {
+    "nginx": original_nginx,
+    "ingress-nginx": original_ingress_nginx,
+    "traefik": original_traefik,
+    "caddy": original_caddy,
+}
+
+
+def refuse_tricks(h: Headers) -> None:
+    """Headers that only serve to confuse a proxy or the upstream are refused outright."""
+    for name in METHOD_OVERRIDE_HEADERS:
+        if name in h:
+            raise InvalidRequest(f"{name} is not accepted")
+    for name in h:
+        folded = name.lower().replace("_", "-").replace(".", "-")
+        if folded in CREDENTIAL_HEADERS and folded != name.lower():
+            raise InvalidRequest("credential header aliases are not accepted")
+    for value in h.getall("Connection", []):
+        named = {t.strip().lower() for t in value.split(",")}
+        if named & PROTECTED_HEADERS:
+            raise InvalidRequest("Connection may not name credential or identity headers")
+
+
+def credential(h: Headers) -> str | None:
+    """The API key sent by the client, or None. Two credentials or a repeated header are refused."""
+    bearer = [v for v in h.getall("Authorization", [])]
+    keys = h.getall("X-API-Key", [])
+    if len(bearer) > 1 or len(keys) > 1 or (bearer and keys):
+        raise InvalidRequest("send exactly one credential")
+    if keys:
+        return keys[0].strip()
+    if bearer:
+        scheme, _, token = bearer[0].strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise InvalidRequest("Authorization must use the Bearer scheme")
+        return token.strip()
+    return None
+
+
+def refuse_query_keys(query: str, fmt: KeyFormat, names: Sequence[str]) -> None:
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name.lower() in names or fmt.looks_like_key(value):
+            raise InvalidRequest("API keys are not accepted in the query string")
+
+
+def client_address(
+    peer: str | None, h: Headers, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> IP | None:
+    """The peer, or, when the peer is a trusted proxy, the right-most untrusted X-Forwarded-For hop."""
+    try:
+        addr: IP | None = ipaddress.ip_address(peer) if peer else None
+    except ValueError:
+        addr = None
+    if addr is None or not any(addr in n for n in trusted):
+        return addr
+    hops = [x.strip() for v in h.getall("X-Forwarded-For", []) for x in v.split(",")]
+    for hop in reversed(hops):
+        try:
+            hop_addr = ipaddress.ip_address(hop)
+        except ValueError:
+            raise InvalidRequest("X-Forwarded-For is not a list of addresses") from None
+        addr = hop_addr
+        if not any(hop_addr in n for n in trusted):
+            break
+    return addr
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    identity: Identity | None  # None: anonymous on a public route
+    decision: RouteDecision
+
+
+async def check(request: web.Request, original: OriginalRequest, client_ip: IP | None) -> Outcome:
+    """Everything a forward-auth answer depends on. Raises a GatewayError on denial."""
+    app = request.app
+    cfg = app[CONFIG]
+    fmt = app[KEY_FORMAT]
+    h = request.headers
+    refuse_tricks(h)
+    refuse_query_keys(original.query, fmt, cfg.forward_auth.query_credential_params)
+    refuse_query_keys(request.query_string, fmt, cfg.forward_auth.query_credential_params)
+    decision = app[POLICY].decide(original, h)
+    raw = credential(h)
+    if raw is None:
+        if decision.auth == "public":
+            return Outcome(None, decision)
+        raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
+    parsed = fmt.parse(raw)
+    if parsed is None:
+        raise InvalidApiKey()
+    record = await app[RESOLVER].resolve(parsed)
+    request[KEY_ID] = record.id
+    return Outcome(authorize(record, decision, client_ip, cfg.roles, time.time()), decision)
+
+
+def identity_headers(outcome: Outcome) -> dict[str, str]:
+    i = outcome.identity
+    if i is None:
+        return {
+            "X-Org": "", "X-Role": "", "X-User": "", "X-Key-Id": "", "X-Scopes": "",
+            "X-Project": outcome.decision.project or "", "X-Key-Env": "", "X-Auth-Method": "anonymous",
+        }
+    return {
+        "X-Org": i.org, "X-Role": i.role, "X-User": i.user_id, "X-Key-Id": i.key_id,
+        "X-Scopes": ",".join(i.scopes), "X-Project": i.project or "", "X-Key-Env": i.env,
+        "X-Auth-Method": "api_key",
+    }
+
+
+def error_response(err: GatewayError) -> web.Response:
+    headers = {"X-Auth-Error": err.code, "Cache-Control": "no-store"}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = f'Bearer error="{err.code}"'
+    body: dict[str, str] = {"code": err.code, "message": err.message}
+    if err.field is not None:
+        body["field"] = err.field
+    return web.json_response({"error": body}, status=err.status, headers=headers)
+
+
+def forward_handler(proxy: str) -> Callable[[web.Request], object]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        name = app[CONFIG].forward_auth.proxy if proxy == "verify" else proxy
+        endpoint = proxy
+        started = time.perf_counter()
+        client_ip: IP | None = None
+        try:
+            client_ip = client_address(request.remote, request.headers, app[TRUSTED])
+            original = READERS[name](request.headers)
+            outcome = await check(request, original, client_ip)
+        except GatewayError as err:
+            code = err.code
+            # Only a caller whose secret verified learns that its key expired or was revoked:
+            # those errors are raised after verification, so nothing to hide here.
+            app[AUDITOR].record(code, request.get(KEY_ID), str(client_ip) if client_ip else None,
+                                None, endpoint)
+            response = error_response(err)
+        else:
+            code = "ok"
+            response = web.Response(status=200, headers={**identity_headers(outcome), "Cache-Control": "no-store"})
+        metrics = app[METRICS]
+        metrics.decisions.labels(endpoint, code).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    return handle

@@ -1,0 +1,153 @@
+"""API key format, generation, parsing and hashing.
+
+Format: `<prefix>_<env>_<key id>_<secret><checksum>`, base62 only so that a double-click selects the
+whole key. The checksum is CRC32 over everything before it, as 6 base62 characters, so a mistyped or
+truncated key is refused with no database or Redis access.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Final
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from gateway.config import Argon2Config
+
+ALPHABET: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+ENVS: Final = ("live", "test")
+KEY_ID_LEN: Final = 16  # ~95 bits: public, unique, not guessable
+SECRET_LEN: Final = 43  # 43 base62 chars carry 256 bits
+CHECKSUM_LEN: Final = 6
+MAX_KEY_LEN: Final = 128  # anything longer is not one of ours: refuse before any work
+
+_B62 = f"[{ALPHABET}]"
+
+
+def b62encode(data: bytes | int, width: int = 0) -> str:
+    n = int.from_bytes(data, "big") if isinstance(data, bytes) else data
+    out = []
+    while n:
+        n, r = divmod(n, 62)
+        out.append(ALPHABET[r])
+    return "".join(reversed(out)).rjust(width, "0")
+
+
+def random_b62(length: int) -> str:
+    return "".join(secrets.choice(ALPHABET) for _ in range(length))
+
+
+def new_secret() -> str:
+    # 32 bytes from `secrets` = 256 bits; encoded in exactly SECRET_LEN characters.
+    return b62encode(secrets.token_bytes(32), SECRET_LEN)
+
+
+def checksum(body: str) -> str:
+    return b62encode(zlib.crc32(body.encode("ascii")), CHECKSUM_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    raw: str
+    prefix: str
+    env: str
+    key_id: str
+    secret: str
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ParsedKey(key_id={self.key_id!r}, env={self.env!r})"
+
+
+class KeyFormat:
+    """Builds and parses keys for one configured prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._re = re.compile(
+            rf"{re.escape(prefix)}_(live|test)_({_B62}{{{KEY_ID_LEN}}})_({_B62}{{{SECRET_LEN}}})({_B62}{{{CHECKSUM_LEN}}})"
+        )
+
+    def build(self, env: str, key_id: str, secret: str) -> str:
+        body = f"{self.prefix}_{env}_{key_id}_{secret}"
+        return body + checksum(body)
+
+    def generate(self, env: str) -> tuple[str, ParsedKey]:
+        key_id, secret = random_b62(KEY_ID_LEN), new_secret()
+        raw = self.build(env, key_id, secret)
+        return raw, ParsedKey(raw, self.prefix, env, key_id, secret)
+
+    def display_start(self, env: str, key_id: str) -> str:
+        """What listings show: enough to recognise a key, nothing secret."""
+        return f"{self.prefix}_{env}_{key_id[:4]}"
+
+    def parse(self, raw: str) -> ParsedKey | None:
+        """The parsed key, or None for a bad shape or checksum (no I/O is ever done for those)."""
+        if len(raw) > MAX_KEY_LEN:
+            return None
+        m = self._re.fullmatch(raw)
+        if m is None:
+            return None
+        env, key_id, secret, check = m.groups()
+        body = raw[: -CHECKSUM_LEN]
+        if not hmac.compare_digest(checksum(body), check):
+            return None
+        return ParsedKey(raw, self.prefix, env, key_id, secret)
+
+    def looks_like_key(self, value: str) -> bool:
+        return value.startswith((f"{self.prefix}_live_", f"{self.prefix}_test_"))
+
+
+def digest(pepper: bytes, raw: str) -> str:
+    """HMAC-SHA256 of the whole key under the server's pepper: what caches are keyed by."""
+    return hmac.new(pepper, raw.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+
+
+class SecretHasher:
+    """argon2id hashing and verification, always off the event loop.
+
+    Concurrent verifications of the same (hash, secret) pair share one computation.
+    """
+
+    def __init__(self, params: Argon2Config, threads: int) -> None:
+        self._ph = PasswordHasher(
+            time_cost=params.time_cost,
+            memory_cost=params.memory_kib,
+            parallelism=params.parallelism,
+            type=Type.ID,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
+        self._inflight: dict[tuple[str, str], asyncio.Future[bool]] = {}
+
+    def hash_sync(self, secret: str) -> str:
+        return self._ph.hash(secret)
+
+    def verify_sync(self, encoded: str, secret: str) -> bool:
+        try:
+            return self._ph.verify(encoded, secret)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    async def hash(self, secret: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.hash_sync, secret)
+
+    async def verify(self, encoded: str, secret: str, flight_key: str) -> bool:
+        """Verify `secret` against `encoded`; callers with the same flight_key share one hash."""
+        key = (encoded, flight_key)
+        fut = self._inflight.get(key)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = asyncio.ensure_future(loop.run_in_executor(self._pool, self.verify_sync, encoded, secret))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        return await asyncio.shield(fut)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,29 @@
+"""Prometheus collectors, registered on a registry owned by the app (no module-level state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "gateway_auth_decisions", "Verify answers by endpoint and outcome code",
+            ["endpoint", "code"], registry=r,
+        )
+        self.latency = Histogram(
+            "gateway_auth_seconds", "Time to answer a verify request", ["endpoint"], registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        self.cache = Counter("gateway_key_cache", "Key lookups by where they were answered", ["tier"], registry=r)
+        self.argon2 = Counter("gateway_argon2_verifications", "argon2id verifications run", registry=r)
+        self.backend_errors = Counter(
+            "gateway_backend_errors", "Failed calls to a backing store", ["backend"], registry=r
+        )
+        self.invalidations = Counter("gateway_invalidations", "Keys invalidated by notification", registry=r)
+        self.audit_dropped = Counter(
+            "gateway_audit_failed_dropped", "auth.failed events not written because of the flood cap", registry=r
+        )
+        self.local_entries = Gauge("gateway_local_cache_entries", "Entries in the in-process cache", registry=r)

@@ -1,0 +1,224 @@
+"""Postgres access: the pool, migrations, the verification query and the invalidation listener."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from gateway import constants as C
+from gateway.cache import KeyRecord
+from gateway.config import DatabaseConfig, redact_url
+
+log = logging.getLogger("gateway.store")
+
+# What a connection problem looks like from asyncpg: refused, reset, timed out, server shutting down.
+PG_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+class StoreUnavailable(Exception):
+    """Postgres could not be reached in time."""
+
+
+def ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def fingerprint(secret_hash: str) -> str:
+    return hashlib.sha256(secret_hash.encode()).hexdigest()[:16]
+
+
+async def connect_pool(cfg: DatabaseConfig) -> asyncpg.Pool:
+    """Create the pool, retrying a bounded number of times, then failing loudly."""
+    delay = 0.2
+    for attempt in range(1, cfg.connect_retries + 1):
+        try:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                cfg.url.get(), min_size=cfg.pool_min, max_size=cfg.pool_max,
+                timeout=cfg.timeout_ms / 1000, command_timeout=cfg.timeout_ms / 1000,
+            )
+            return pool
+        except (*PG_ERRORS, asyncpg.PostgresError) as exc:
+            if attempt == cfg.connect_retries:
+                raise StoreUnavailable(
+                    f"cannot connect to Postgres at {redact_url(cfg.url.get())}: {exc.__class__.__name__}: {exc}"
+                ) from None
+            log.warning("postgres not reachable (attempt %d/%d): %s", attempt, cfg.connect_retries,
+                        exc.__class__.__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    out = []
+    for item in resources.files("gateway.migrations").iterdir():
+        if item.name.endswith(".sql"):
+            version = int(item.name.split("_", 1)[0])
+            out.append((version, item.name, item.read_text(encoding="utf-8")))
+    return sorted(out)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply pending migrations; an advisory lock makes concurrent runs from several replicas safe."""
+    applied_now = []
+    await conn.execute("SELECT pg_advisory_lock($1)", C.MIGRATION_LOCK_ID)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in migration_files():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+            applied_now.append(name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", C.MIGRATION_LOCK_ID)
+    return applied_now
+
+
+_LOAD_KEY = """
+SELECT k.id, k.user_id, k.name, k.role, k.env, k.secret_hash, k.scopes, k.all_orgs, k.org_ids,
+       k.all_projects, k.project_ids, k.allowed_cidrs::text[] AS allowed_cidrs, k.rate_limit,
+       k.expires_at, k.revoked_at,
+       COALESCE((SELECT json_object_agg(m.org_id, m.role) FROM memberships m WHERE m.user_id = k.user_id),
+                '{}'::json) AS memberships
+FROM api_keys k WHERE k.id = $1
+"""
+
+
+def _optional_tuple(value: list[str] | None) -> tuple[str, ...] | None:
+    return tuple(value) if value is not None else None
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
+        self.pool = pool
+        self.timeout_s = timeout_s
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                conn = await self.pool.acquire()
+        except PG_ERRORS as exc:
+            raise StoreUnavailable(exc.__class__.__name__) from None
+        try:
+            yield conn
+        finally:
+            try:
+                await self.pool.release(conn)
+            except PG_ERRORS:  # pragma: no cover - a dead connection is dropped by the pool
+                pass
+
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        async with self._conn() as conn:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await fn(conn)
+            except PG_ERRORS as exc:
+                raise StoreUnavailable(exc.__class__.__name__) from None
+
+    async def load_key(self, key_id: str) -> tuple[KeyRecord, str] | None:
+        """The key and its owner's memberships, with the argon2 hash; None if there is no such key."""
+        row = await self._run(lambda c: c.fetchrow(_LOAD_KEY, key_id))
+        if row is None:
+            return None
+        memberships = row["memberships"]
+        if isinstance(memberships, str):
+            memberships = json.loads(memberships)
+        record = KeyRecord(
+            id=row["id"], user_id=row["user_id"], name=row["name"], role=row["role"], env=row["env"],
+            scopes=_optional_tuple(row["scopes"]), all_orgs=row["all_orgs"], org_ids=tuple(row["org_ids"]),
+            all_projects=row["all_projects"], project_ids=tuple(row["project_ids"]),
+            allowed_cidrs=_optional_tuple(row["allowed_cidrs"]), rate_limit=row["rate_limit"],
+            expires_at=ts(row["expires_at"]), revoked_at=ts(row["revoked_at"]),
+            memberships=dict(memberships), hash_fingerprint=fingerprint(row["secret_hash"]),
+        )
+        return record, row["secret_hash"]
+
+    async def ping(self) -> None:
+        await self._run(lambda c: c.fetchval("SELECT 1"))
+
+    async def touch_last_used(self, used: dict[str, float]) -> None:
+        ids = list(used)
+        times = [datetime.fromtimestamp(used[i]).astimezone() for i in ids]
+        await self._run(lambda c: c.execute(
+            "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, v.t)"
+            " FROM unnest($1::text[], $2::timestamptz[]) AS v(id, t) WHERE k.id = v.id",
+            ids, times,
+        ))
+
+    async def insert_audit_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        await self._run(lambda c: c.executemany(
+            "INSERT INTO audit_events (at, type, actor, org_id, user_id, key_id, ip, count, detail)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
+            rows,
+        ))
+
+
+async def listen_invalidations(
+    dsn: str,
+    on_keys: Callable[[list[str]], Awaitable[None]],
+    on_reconnect: Callable[[], None],
+    ping_interval_s: float = 0.5,
+) -> None:
+    """LISTEN for invalidations forever, reconnecting. Notifications sent while disconnected are lost,
+    so after a gap `on_reconnect` flushes the in-process cache. It is not flushed while Postgres is
+    down: nothing can change then, and cached keys must keep working."""
+    first = True
+    while True:
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(dsn, timeout=2)
+            queue: asyncio.Queue[str] = asyncio.Queue()
+
+            def _cb(_c: Any, _pid: int, _channel: str, payload: str) -> None:
+                queue.put_nowait(payload)
+
+            await conn.add_listener(C.PG_INVALIDATION_CHANNEL, _cb)
+            if not first:
+                log.warning("invalidation listener reconnected: flushing in-process cache")
+                on_reconnect()
+            first = False
+            while True:
+                try:
+                    payload = await asyncio.wait_for(queue.get(), ping_interval_s)
+                except TimeoutError:
+                    await conn.fetchval("SELECT 1", timeout=2)
+                    continue
+                try:
+                    key_ids = [str(k) for k in json.loads(payload)["k"]]
+                except (ValueError, KeyError, TypeError):
+                    log.error("ignoring malformed invalidation payload")
+                    continue
+                await on_keys(key_ids)
+        except asyncio.CancelledError:
+            raise
+        except (*PG_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("invalidation listener lost Postgres (%s); retrying", exc.__class__.__name__)
+            first = False
+            await asyncio.sleep(0.5)
+        finally:
+            if conn is not None and not conn.is_closed():
+                conn.terminate()

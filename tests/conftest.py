@@ -1,0 +1,234 @@
+"""Real Postgres and Redis for the whole session, on free ports in a temporary directory; every test
+starts from empty tables and an empty Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway._services import Postgres, Redis, free_port
+from gateway.admin import Admin, KeySpec
+from gateway.app import create_app
+from gateway.config import Config, config_from_mapping
+from gateway.keys import KeyFormat, SecretHasher
+from gateway.store import migrate
+
+PEPPER = "test-pepper-0123456789-abcdefghijklmnop"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Services:
+    root: Path
+    pg: Postgres
+    redis: Redis
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    root = Path(tempfile.mkdtemp(prefix="gateway-tests-"))
+    root.chmod(0o755)  # the postgres user must reach its data directory
+    pg = Postgres(root / "pg", free_port())
+    rd = Redis(root / "redis", free_port())
+    pg.init()
+    pg.start()
+    rd.start()
+    import asyncio
+
+    async def _migrate() -> None:
+        conn = await asyncpg.connect(pg.url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(_migrate())
+    try:
+        yield Services(root, pg, rd)
+    finally:
+        rd.stop()
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def make_config(services: Services, **overrides: Any) -> Config:
+    data: dict[str, Any] = {
+        "database": {"url": services.pg.url, "timeout_ms": 1000, "connect_retries": 2},
+        "redis": {"url": services.redis.url, "timeout_ms": 200},
+        "pepper": PEPPER,
+        # Small argon2 parameters keep the suite fast; the OWASP defaults are tested on their own.
+        "keys": {"argon2": {"memory_kib": 1024, "time_cost": 1, "parallelism": 1}},
+        "audit": {"flush_interval_s": 0.1},
+        "last_used_flush_s": 0.1,
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return config_from_mapping(data, env={})
+
+
+@pytest.fixture
+async def clean(services: Services) -> AsyncIterator[None]:
+    conn = await asyncpg.connect(services.pg.url)
+    try:
+        await conn.execute("TRUNCATE audit_events, api_keys, projects, memberships, users, orgs CASCADE")
+    finally:
+        await conn.close()
+    client = aioredis.Redis.from_url(services.redis.url)
+    await client.flushall()
+    await client.aclose()
+    yield
+
+
+@pytest.fixture
+def cfg(services: Services, clean: None) -> Config:
+    return make_config(services)
+
+
+@pytest.fixture
+async def pool(services: Services, clean: None) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(services.pg.url, min_size=1, max_size=4)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def admin(cfg: Config, pool: asyncpg.Pool) -> AsyncIterator[Admin]:
+    hasher = SecretHasher(cfg.keys.argon2, 2)
+    yield Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles)
+    hasher.close()
+
+
+@pytest.fixture
+async def rclient(services: Services) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(services.redis.url)
+    yield client
+    await client.aclose()
+
+
+@dataclass
+class World:
+    """A small tenant set-up: org A and B, a user who is admin of A and viewer of B."""
+
+    admin: Admin
+    org_a: str = ""
+    org_b: str = ""
+    user: str = ""
+    keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    async def key(self, name: str = "k", role: str = "admin", **kw: Any) -> dict[str, Any]:
+        spec = KeySpec(user_id=kw.pop("user", self.user), name=name, role=role, orgs=kw.pop("orgs", []),
+                       projects=kw.pop("projects", []), scopes=kw.pop("scopes", None), **kw)
+        created = await self.admin.create_key(spec)
+        self.keys[name] = created
+        return created
+
+
+@pytest.fixture
+async def world(admin: Admin) -> World:
+    w = World(admin)
+    w.org_a = (await admin.create_org("A"))["id"]
+    w.org_b = (await admin.create_org("B"))["id"]
+    w.user = (await admin.create_user("owner@example.com"))["id"]
+    await admin.set_member(w.org_a, w.user, "admin")
+    await admin.set_member(w.org_b, w.user, "viewer")
+    return w
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, cfg: Config) -> TestClient[web.Request, web.Application]:
+    c: TestClient[web.Request, web.Application] = await aiohttp_client(create_app(cfg))
+    return c
+
+
+def nginx_headers(key: str | None = None, uri: str = "/v1/things", method: str = "GET",
+                  **extra: str) -> dict[str, str]:
+    h = {"X-Original-Method": method, "X-Original-URI": uri}
+    if key is not None:
+        h["Authorization"] = f"Bearer {key}"
+    h.update(extra)
+    return h
+
+
+@dataclass
+class GatewayProcess:
+    """A `gateway serve` subprocess, as in production."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def gateway_env(services: Services, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(GATEWAY_DATABASE_URL=services.pg.url, GATEWAY_REDIS_URL=services.redis.url,
+               GATEWAY_PEPPER=PEPPER, **extra)
+    return env
+
+
+def write_test_config(path: Path, **yaml_sections: str) -> Path:
+    body = "keys:\n  argon2: {memory_kib: 1024, time_cost: 1, parallelism: 1}\nlog_level: DEBUG\n"
+    body += "".join(yaml_sections.values())
+    path.write_text(body)
+    return path
+
+
+async def start_gateway(services: Services, tmp: Path, name: str = "gw") -> GatewayProcess:
+    port = free_port()
+    config = write_test_config(tmp / f"{name}.yaml")
+    log_path = tmp / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--port", str(port)],
+        env=gateway_env(services), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    gp = GatewayProcess(port, proc, log_path)
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {gp.logs()}")
+            try:
+                async with session.get(f"{gp.url}/healthz") as r:
+                    if r.status == 200:
+                        return gp
+            except aiohttp.ClientError:
+                pass
+            import asyncio
+
+            await asyncio.sleep(0.05)
+    gp.stop()
+    raise RuntimeError(f"gateway did not start: {gp.logs()}")

@@ -1,0 +1,320 @@
+"""One test per outcome of each verify endpoint (contract section 3)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from gateway.keys import KeyFormat
+from tests.conftest import World, nginx_headers
+
+Client = Any
+
+IDENTITY = ("X-Org", "X-Role", "X-User", "X-Key-Id", "X-Scopes", "X-Project", "X-Key-Env", "X-Auth-Method")
+
+
+async def test_valid_key_answers_200_with_every_identity_header(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert r.status == 200
+    for h in IDENTITY:
+        assert h in r.headers
+    assert r.headers["X-Org"] == world.org_a
+    assert r.headers["X-Role"] == "admin"
+    assert r.headers["X-User"] == world.user
+    assert r.headers["X-Key-Id"] == k["id"]
+    assert r.headers["X-Scopes"] == "*"
+    assert r.headers["X-Project"] == ""
+    assert r.headers["X-Key-Env"] == "live"
+    assert r.headers["X-Auth-Method"] == "api_key"
+
+
+async def test_x_api_key_header_works_too(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    h = nginx_headers()
+    h["X-API-Key"] = k["key"]
+    r = await client.get("/auth/nginx", headers=h)
+    assert r.status == 200
+
+
+async def test_missing_credentials(client: Client, world: World) -> None:
+    r = await client.get("/auth/nginx", headers=nginx_headers())
+    assert r.status == 401
+    assert r.headers["X-Auth-Error"] == "missing_credentials"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    body = await r.json()
+    assert body["error"]["code"] == "missing_credentials"
+
+
+async def test_bad_checksum_is_invalid(client: Client, world: World) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    bad = k[:-1] + ("A" if k[-1] != "A" else "B")
+    r = await client.get("/auth/nginx", headers=nginx_headers(bad))
+    assert r.status == 401
+    assert r.headers["X-Auth-Error"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("junk", ["nope", "gw_live_x", "Bearer", "gw_prod_" + "a" * 70, "ü" * 10, "a" * 5000])
+async def test_malformed_keys_are_invalid(client: Client, world: World, junk: str) -> None:
+    r = await client.get("/auth/nginx", headers={**nginx_headers(), "X-API-Key": junk})
+    assert r.status == 401
+    assert r.headers["X-Auth-Error"] == "invalid_api_key"
+
+
+async def test_unknown_key_id_is_invalid(client: Client, world: World) -> None:
+    raw, _ = KeyFormat("gw").generate("live")
+    r = await client.get("/auth/nginx", headers=nginx_headers(raw))
+    assert r.status == 401
+    assert r.headers["X-Auth-Error"] == "invalid_api_key"
+
+
+async def test_wrong_secret_for_existing_key_id_leaks_nothing(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    await world.admin.revoke_key(k["id"])
+    fmt = KeyFormat("gw")
+    other, _ = fmt.generate("live")
+    forged = fmt.build("live", k["id"], other.split("_")[3][:43])
+    r = await client.get("/auth/nginx", headers=nginx_headers(forged))
+    assert r.status == 401
+    assert r.headers["X-Auth-Error"] == "invalid_api_key"  # not revoked_api_key
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert r.headers["X-Auth-Error"] == "revoked_api_key"
+
+
+async def test_revoked_key(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    await world.admin.revoke_key(k["id"])
+    # Same process: the NOTIFY reaches this app's listener; poll briefly.
+    for _ in range(40):
+        r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+        if r.status == 401:
+            break
+        await asyncio.sleep(0.05)
+    assert r.status == 401
+    assert r.headers["X-Auth-Error"] == "revoked_api_key"
+
+
+async def test_expired_key_while_cached(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a], expires_in="2s")
+    assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    await asyncio.sleep(2.1)
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert r.status == 401
+    assert r.headers["X-Auth-Error"] == "expired_api_key"
+
+
+async def test_role_capped_by_membership(client: Client, world: World) -> None:
+    k = await world.key(role="owner", orgs=[world.org_b])  # user is only viewer of B
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert r.status == 200
+    assert r.headers["X-Role"] == "viewer"
+    assert r.headers["X-Scopes"] == "*:read"
+
+
+async def test_key_scoped_to_org_a_used_for_org_b(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_b}))
+    assert r.status == 403
+    assert r.headers["X-Auth-Error"] == "org_not_allowed"
+
+
+async def test_unscoped_key_across_two_orgs(client: Client, world: World) -> None:
+    k = await world.key()
+    ra = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_a}))
+    rb = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_b}))
+    assert (ra.status, ra.headers["X-Org"], ra.headers["X-Role"]) == (200, world.org_a, "admin")
+    assert (rb.status, rb.headers["X-Org"], rb.headers["X-Role"]) == (200, world.org_b, "viewer")
+
+
+async def test_org_required_when_ambiguous(client: Client, world: World) -> None:
+    k = await world.key()
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert r.status == 403
+    assert r.headers["X-Auth-Error"] == "org_required"
+
+
+async def test_owner_with_one_org_needs_no_org_header(client: Client, world: World) -> None:
+    solo = (await world.admin.create_user("solo@example.com"))["id"]
+    await world.admin.set_member(world.org_a, solo, "member")
+    k = await world.key(user=solo, role="admin")
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert (r.status, r.headers["X-Org"], r.headers["X-Role"]) == (200, world.org_a, "member")
+
+
+async def test_org_outside_membership(client: Client, world: World) -> None:
+    other = (await world.admin.create_org("C"))["id"]
+    k = await world.key()
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": other}))
+    assert r.headers["X-Auth-Error"] == "org_not_allowed"
+
+
+async def test_membership_removed(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    await world.admin.remove_member(world.org_a, world.user)
+    for _ in range(40):
+        r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+        if r.status != 200:
+            break
+        await asyncio.sleep(0.05)
+    assert r.status == 403
+    assert r.headers["X-Auth-Error"] == "org_not_allowed"
+
+
+async def test_membership_downgrade_caps_role_at_once(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).headers["X-Role"] == "admin"
+    await world.admin.set_member(world.org_a, world.user, "viewer")
+    for _ in range(40):
+        r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+        if r.headers.get("X-Role") != "admin":
+            break
+        await asyncio.sleep(0.05)
+    assert r.headers["X-Role"] == "viewer"
+
+
+async def test_ip_allowlist(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a], allow_ips=["203.0.113.0/24"])
+    # The test client's peer (127.0.0.1) is a trusted proxy, so X-Forwarded-For is honoured.
+    ok = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Forwarded-For": "203.0.113.7"}))
+    no = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Forwarded-For": "198.51.100.1"}))
+    assert ok.status == 200
+    assert (no.status, no.headers["X-Auth-Error"]) == (403, "ip_not_allowed")
+
+
+async def test_scopes_intersect_role(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a], scopes=["calls:read", "projects:*"])
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert r.headers["X-Scopes"] == "calls:read,projects:*"
+    k2 = await world.key(name="k2", orgs=[world.org_b], scopes=["calls:*", "billing:write"])
+    r2 = await client.get("/auth/nginx", headers=nginx_headers(k2["key"]))
+    assert r2.headers["X-Scopes"] == "calls:read"  # viewer in B: *:read met with calls:*
+
+
+async def test_rotation_with_grace(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    new = await world.admin.rotate_key(k["id"], "2s")
+    assert new["id"] != k["id"]
+    assert new["orgs"] == [world.org_a]
+    r_old = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    r_new = await client.get("/auth/nginx", headers=nginx_headers(new["key"]))
+    assert (r_old.status, r_new.status) == (200, 200)
+    await asyncio.sleep(2.1)
+    r_old = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert r_old.headers["X-Auth-Error"] == "expired_api_key"
+    assert (await client.get("/auth/nginx", headers=nginx_headers(new["key"]))).status == 200
+
+
+async def test_duplicated_credential_headers(client: Client, world: World) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    both = {**nginx_headers(k), "X-API-Key": k}
+    r = await client.get("/auth/nginx", headers=both)
+    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+    twice = [("X-Original-Method", "GET"), ("X-Original-URI", "/"), ("X-API-Key", k), ("X-API-Key", k)]
+    r = await client.get("/auth/nginx", headers=twice)
+    assert r.headers["X-Auth-Error"] == "invalid_request"
+    r = await client.get("/auth/nginx", headers=[*twice[:2], ("Authorization", f"Bearer {k}"),
+                                                  ("Authorization", f"Bearer {k}")])
+    assert r.headers["X-Auth-Error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("uri", ["/v1/things?api_key={k}", "/v1/x?foo=1&token={k}", "/v1/x?q={k}"])
+async def test_key_in_query_string_refused(client: Client, world: World, uri: str) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    r = await client.get("/auth/nginx", headers=nginx_headers(k, uri=uri.format(k=k)))
+    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+    r = await client.get(f"/auth/nginx?api_key={k}", headers=nginx_headers(k))
+    assert r.headers["X-Auth-Error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("extra", [
+    {"X-HTTP-Method-Override": "DELETE"}, {"X-Method-Override": "PUT"}, {"X-HTTP-Method": "PUT"},
+    {"X_API_Key": "x"}, {"X.Api.Key": "x"}, {"Connection": "keep-alive, X-Org"},
+    {"Connection": "Authorization"},
+])
+async def test_header_tricks_refused(client: Client, world: World, extra: dict[str, str]) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    r = await client.get("/auth/nginx", headers={**nginx_headers(k), **extra})
+    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+
+
+# --- each proxy's own headers ----------------------------------------------------------------
+
+PROXY_HEADERS = {
+    "nginx": {"X-Original-Method": "GET", "X-Original-URI": "/v1/things"},
+    "ingress-nginx": {"X-Original-Method": "GET", "X-Original-URL": "https://api.example.com/v1/things"},
+    "traefik": {"X-Forwarded-Method": "GET", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com",
+                "X-Forwarded-Uri": "/v1/things"},
+    "caddy": {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/v1/things"},
+}
+
+
+@pytest.mark.parametrize("proxy", sorted(PROXY_HEADERS))
+async def test_each_endpoint_allows_with_its_headers(client: Client, world: World, proxy: str) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    r = await client.get(f"/auth/{proxy}", headers={**PROXY_HEADERS[proxy], "Authorization": f"Bearer {k}"})
+    assert r.status == 200, await r.text()
+    assert r.headers["X-Org"] == world.org_a
+
+
+@pytest.mark.parametrize("proxy", sorted(PROXY_HEADERS))
+async def test_each_endpoint_ignores_other_proxies_headers(client: Client, world: World, proxy: str) -> None:
+    """A forged original-request header of another proxy's shape is ignored: without the endpoint's
+    own headers the request is invalid, whatever the others say."""
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    others: dict[str, str] = {}
+    for name, hs in PROXY_HEADERS.items():
+        if name != proxy:
+            others.update({h: v for h, v in hs.items() if h not in PROXY_HEADERS[proxy]})
+    own_required = [h for h in PROXY_HEADERS[proxy] if h not in others]
+    assert own_required
+    r = await client.get(f"/auth/{proxy}", headers={**others, "Authorization": f"Bearer {k}"})
+    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize("proxy", sorted(PROXY_HEADERS))
+async def test_each_endpoint_missing_credentials(client: Client, world: World, proxy: str) -> None:
+    r = await client.get(f"/auth/{proxy}", headers=PROXY_HEADERS[proxy])
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "missing_credentials")
+
+
+@pytest.mark.parametrize(("proxy", "bad"), [
+    ("nginx", {"X-Original-URI": "not-a-path"}),
+    ("nginx", {"X-Original-Method": "get me"}),
+    ("ingress-nginx", {"X-Original-URL": "/relative"}),
+    ("traefik", {"X-Forwarded-Proto": "gopher"}),
+    ("caddy", {"X-Forwarded-Uri": "//evil.example/x"}),
+])
+async def test_unparsable_original_request(client: Client, world: World, proxy: str, bad: dict[str, str]) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    r = await client.get(f"/auth/{proxy}", headers={**PROXY_HEADERS[proxy], **bad, "Authorization": f"Bearer {k}"})
+    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+
+
+async def test_duplicated_original_header_is_invalid(client: Client, world: World) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    r = await client.get("/auth/nginx", headers=[("X-Original-Method", "GET"), ("X-Original-URI", "/a"),
+                                                  ("X-Original-URI", "/b"), ("Authorization", f"Bearer {k}")])
+    assert r.headers["X-Auth-Error"] == "invalid_request"
+
+
+async def test_verify_endpoint_reads_configured_proxy(client: Client, world: World) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    r = await client.get("/auth/verify", headers=nginx_headers(k))  # config default proxy: nginx
+    assert r.status == 200
+    r = await client.get("/auth/verify", headers={**PROXY_HEADERS["traefik"], "Authorization": f"Bearer {k}"})
+    assert r.headers["X-Auth-Error"] == "invalid_request"
+
+
+async def test_untrusted_peer_cannot_spoof_forwarded_for(aiohttp_client: Any, services: Any, world: World) -> None:
+    from gateway.app import create_app
+    from tests.conftest import make_config
+
+    cfg = make_config(services, forward_auth={"trusted_proxies": ["10.99.0.0/16"]})
+    c = await aiohttp_client(create_app(cfg))
+    k = await world.key(orgs=[world.org_a], allow_ips=["203.0.113.7/32"])
+    r = await c.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Forwarded-For": "203.0.113.7"}))
+    assert (r.status, r.headers["X-Auth-Error"]) == (403, "ip_not_allowed")

@@ -16,7 +16,6 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 PG_BIN_DIRS = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin")
 
@@ -79,17 +78,11 @@ def _kill_pidfile(
     os.kill(pid, signal.SIGKILL)
 
 
-def _close(f: BinaryIO | None) -> None:
-    if f is not None:
-        f.close()
-
-
 @dataclass
 class Postgres:
     datadir: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
-    _log: BinaryIO | None = None
 
     @property
     def url(self) -> str:
@@ -111,14 +104,14 @@ class Postgres:
                                    " (every parent directory must be searchable by the postgres user)")
 
     def start(self) -> None:
-        self._log = log = open(self.datadir / "server.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            _as_postgres([_pg_bin("postgres"), "-D", str(self.datadir), "-p", str(self.port),
-                          "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.datadir}",
-                          "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                          "-c", "max_connections=200"]),
-            stdout=log, stderr=log, start_new_session=True,
-        )
+        with open(self.datadir / "server.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                _as_postgres([_pg_bin("postgres"), "-D", str(self.datadir), "-p", str(self.port),
+                              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.datadir}",
+                              "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                              "-c", "max_connections=200"]),
+                stdout=log, stderr=log, start_new_session=True,
+            )
         _wait_port(self.port, 30, self.proc, "postgres")
         # Accepting TCP is not the same as accepting queries: wait for the startup to finish.
         deadline = time.monotonic() + 30
@@ -135,8 +128,6 @@ class Postgres:
         if self.proc is not None:
             self.proc.wait(timeout=15)
             self.proc = None
-        _close(self._log)
-        self._log = None
 
 
 @dataclass
@@ -144,7 +135,6 @@ class Redis:
     workdir: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
-    _log: BinaryIO | None = None
 
     @property
     def url(self) -> str:
@@ -157,13 +147,13 @@ class Redis:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         server = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self._log = log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--pidfile", str(self.pidfile), "--daemonize", "no",
-             "--maxmemory-policy", "volatile-lru"],
-            stdout=log, stderr=log, start_new_session=True,
-        )
+        with open(self.workdir / "redis.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir), "--pidfile", str(self.pidfile), "--daemonize", "no",
+                 "--maxmemory-policy", "volatile-lru"],
+                stdout=log, stderr=log, start_new_session=True,
+            )
         _wait_port(self.port, 15, self.proc, "redis-server")
 
     def stop(self) -> None:
@@ -173,5 +163,3 @@ class Redis:
                 self.proc.terminate()  # no pid file yet: redis-server is this very process
             self.proc.wait(timeout=15)
             self.proc = None
-        _close(self._log)
-        self._log = None

@@ -210,11 +210,11 @@ async def start_gateway(services: Services, tmp: Path, name: str = "gw") -> Gate
     port = free_port()
     config = write_test_config(tmp / f"{name}.yaml")
     log_path = tmp / f"{name}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--port", str(port)],
-        env=gateway_env(services), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--port", str(port)],
+            env=gateway_env(services), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
     gp = GatewayProcess(port, proc, log_path)
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:

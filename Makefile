@@ -1,0 +1,33 @@
+# The two commands that matter: `make run` and `make test`. Everything installs itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+run: $(STAMP) system-deps
+	$(BIN)/python -m gateway._dev
+
+test: $(STAMP) system-deps
+	$(BIN)/pytest --cov=gateway --cov-branch --cov-report=term:skip-covered
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests scripts
+	$(BIN)/ruff format --check gateway tests scripts
+	$(BIN)/mypy
+
+bench: $(STAMP) system-deps
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache .coverage

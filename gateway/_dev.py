@@ -52,8 +52,9 @@ async def _demo(config_path: str | None) -> None:
         org = await admin.create_org("Demo")
         user = await admin.create_user(f"demo-{secrets.token_hex(3)}@example.com")
         await admin.set_member(org["id"], user["id"], "owner")
-        key = await admin.create_key(KeySpec(user_id=user["id"], name="demo", role="admin", orgs=[], projects=[],
-                                             scopes=None))
+        key = await admin.create_key(
+            KeySpec(user_id=user["id"], name="demo", role="admin", orgs=[], projects=[], scopes=None)
+        )
         return org, user, key
 
     org, user, key = await _with_admin(cfg, setup)
@@ -62,8 +63,10 @@ async def _demo(config_path: str | None) -> None:
     print("\n  Demo API key (shown this once, keep it):\n")
     print(f"    {key['key']}\n")
     print("  Try it:\n")
-    print(f"    curl -i -H 'Authorization: Bearer {key['key']}' -H 'X-Original-Method: GET' "
-          f"-H 'X-Original-URI: /v1/things' http://127.0.0.1:{port}/auth/nginx\n")
+    print(
+        f"    curl -i -H 'Authorization: Bearer {key['key']}' -H 'X-Original-Method: GET' "
+        f"-H 'X-Original-URI: /v1/things' http://127.0.0.1:{port}/auth/nginx\n"
+    )
 
 
 def main() -> int:

@@ -53,9 +53,7 @@ def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None
     raise RuntimeError(f"{what} did not start listening on port {port}")
 
 
-def _kill_pidfile(
-    pidfile: Path, sig: int, proc: subprocess.Popen[bytes] | None, timeout_s: float = 15
-) -> None:
+def _kill_pidfile(pidfile: Path, sig: int, proc: subprocess.Popen[bytes] | None, timeout_s: float = 15) -> None:
     """Signal the server named in its pid file and wait until it is gone. When the process we
     started has exited (the server itself, or the runuser wrapper that reaps it), it is gone."""
     try:
@@ -95,29 +93,66 @@ class Postgres:
             os.chown(self.datadir, pw.pw_uid, pw.pw_gid)
         if not (self.datadir / "PG_VERSION").exists():
             r = subprocess.run(
-                _as_postgres([_pg_bin("initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
-                              "-E", "UTF8", "--no-sync", "--no-instructions"]),
-                check=False, capture_output=True,
+                _as_postgres(
+                    [
+                        _pg_bin("initdb"),
+                        "-D",
+                        str(self.datadir),
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "-E",
+                        "UTF8",
+                        "--no-sync",
+                        "--no-instructions",
+                    ]
+                ),
+                check=False,
+                capture_output=True,
             )
             if r.returncode != 0:
-                raise RuntimeError(f"initdb failed: {r.stderr.decode(errors='replace').strip()}"
-                                   " (every parent directory must be searchable by the postgres user)")
+                raise RuntimeError(
+                    f"initdb failed: {r.stderr.decode(errors='replace').strip()}"
+                    " (every parent directory must be searchable by the postgres user)"
+                )
 
     def start(self) -> None:
         with open(self.datadir / "server.log", "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                _as_postgres([_pg_bin("postgres"), "-D", str(self.datadir), "-p", str(self.port),
-                              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.datadir}",
-                              "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                              "-c", "max_connections=200"]),
-                stdout=log, stderr=log, start_new_session=True,
+                _as_postgres(
+                    [
+                        _pg_bin("postgres"),
+                        "-D",
+                        str(self.datadir),
+                        "-p",
+                        str(self.port),
+                        "-c",
+                        "listen_addresses=127.0.0.1",
+                        "-c",
+                        f"unix_socket_directories={self.datadir}",
+                        "-c",
+                        "fsync=off",
+                        "-c",
+                        "synchronous_commit=off",
+                        "-c",
+                        "full_page_writes=off",
+                        "-c",
+                        "max_connections=200",
+                    ]
+                ),
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         _wait_port(self.port, 30, self.proc, "postgres")
         # Accepting TCP is not the same as accepting queries: wait for the startup to finish.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            r = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
-                               capture_output=True, check=False)
+            r = subprocess.run(
+                ["pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                capture_output=True,
+                check=False,
+            )
             if r.returncode == 0:
                 return
             time.sleep(0.05)
@@ -149,10 +184,28 @@ class Redis:
         server = shutil.which("redis-server") or "/usr/bin/redis-server"
         with open(self.workdir / "redis.log", "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir), "--pidfile", str(self.pidfile), "--daemonize", "no",
-                 "--maxmemory-policy", "volatile-lru"],
-                stdout=log, stderr=log, start_new_session=True,
+                [
+                    server,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                    "--pidfile",
+                    str(self.pidfile),
+                    "--daemonize",
+                    "no",
+                    "--maxmemory-policy",
+                    "volatile-lru",
+                ],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         _wait_port(self.port, 15, self.proc, "redis-server")
 

@@ -70,17 +70,42 @@ def key_status(row: asyncpg.Record, now: datetime) -> str:
 def key_view(row: asyncpg.Record) -> dict[str, Any]:
     now = datetime.now(UTC)
     return {
-        "id": row["id"], "name": row["name"], "user_id": row["user_id"], "role": row["role"],
-        "env": row["env"], "start": row["start"],
+        "id": row["id"],
+        "name": row["name"],
+        "user_id": row["user_id"],
+        "role": row["role"],
+        "env": row["env"],
+        "start": row["start"],
         "scopes": row["scopes"],
         "orgs": "all" if row["all_orgs"] else list(row["org_ids"]),
         "projects": "all" if row["all_projects"] else list(row["project_ids"]),
         "allowed_ips": [str(c) for c in row["allowed_cidrs"]] if row["allowed_cidrs"] is not None else None,
-        "rate_limit": row["rate_limit"], "status": key_status(row, now),
-        "expires_at": _iso(row["expires_at"]), "created_at": _iso(row["created_at"]),
-        "last_used_at": _iso(row["last_used_at"]), "revoked_at": _iso(row["revoked_at"]),
+        "rate_limit": row["rate_limit"],
+        "status": key_status(row, now),
+        "expires_at": _iso(row["expires_at"]),
+        "created_at": _iso(row["created_at"]),
+        "last_used_at": _iso(row["last_used_at"]),
+        "revoked_at": _iso(row["revoked_at"]),
         "rotated_to": row["rotated_to"],
     }
+
+
+def _expiry(spec: KeySpec) -> datetime | None:
+    if spec.expires_in and spec.expires_at:
+        raise InvalidRequest("give --expires-in or --expires-at, not both", field="expires_at")
+    if spec.expires_in:
+        return datetime.now(UTC) + parse_duration(spec.expires_in, "expires_in")
+    if not spec.expires_at:
+        return None
+    try:
+        expires = datetime.fromisoformat(spec.expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest("expires_at must be an ISO 8601 time", field="expires_at") from None
+    if expires.tzinfo is None:
+        expires = expires.replace(tzinfo=UTC)
+    if expires <= datetime.now(UTC):
+        raise InvalidRequest("expires_at must be in the future", field="expires_at")
+    return expires
 
 
 @dataclass(frozen=True)
@@ -156,14 +181,23 @@ class Admin:
             await self._must_exist(conn, "orgs", org_id)
             await self._must_exist(conn, "users", user_id)
             old = await conn.fetchval(
-                "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2 FOR UPDATE", org_id, user_id)
+                "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2 FOR UPDATE", org_id, user_id
+            )
             await conn.execute(
                 "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)"
                 " ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role, updated_at = now()",
-                org_id, user_id, role,
+                org_id,
+                user_id,
+                role,
             )
-            await write_event(conn, "membership.changed", actor="cli", org_id=org_id, user_id=user_id,
-                              detail={"from": old, "to": role})
+            await write_event(
+                conn,
+                "membership.changed",
+                actor="cli",
+                org_id=org_id,
+                user_id=user_id,
+                detail={"from": old, "to": role},
+            )
             self.invalidated = await self._user_keys(conn, user_id)
             await notify_keys(conn, self.invalidated)
         return {"org_id": org_id, "user_id": user_id, "role": role}
@@ -171,11 +205,18 @@ class Admin:
     async def remove_member(self, org_id: str, user_id: str) -> dict[str, Any]:
         async with self.pool.acquire() as conn, conn.transaction():
             old = await conn.fetchval(
-                "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2 RETURNING role", org_id, user_id)
+                "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2 RETURNING role", org_id, user_id
+            )
             if old is None:
                 raise NotFound(f"user {user_id} is not a member of org {org_id}")
-            await write_event(conn, "membership.changed", actor="cli", org_id=org_id, user_id=user_id,
-                              detail={"from": old, "to": None})
+            await write_event(
+                conn,
+                "membership.changed",
+                actor="cli",
+                org_id=org_id,
+                user_id=user_id,
+                detail={"from": old, "to": None},
+            )
             self.invalidated = await self._user_keys(conn, user_id)
             await notify_keys(conn, self.invalidated)
         return {"org_id": org_id, "user_id": user_id, "removed": True}
@@ -185,8 +226,9 @@ class Admin:
         async with self.pool.acquire() as conn, conn.transaction():
             await self._must_exist(conn, "orgs", org_id)
             try:
-                await conn.execute("INSERT INTO projects (id, org_id, name) VALUES ($1, $2, $3)",
-                                   project_id, org_id, _name(name))
+                await conn.execute(
+                    "INSERT INTO projects (id, org_id, name) VALUES ($1, $2, $3)", project_id, org_id, _name(name)
+                )
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"org {org_id} already has a project named {name}") from None
             await write_event(conn, "project.created", actor="cli", org_id=org_id, detail={"project": project_id})
@@ -199,20 +241,7 @@ class Admin:
         self._role(spec.role)
         if spec.env not in ENVS:
             raise InvalidRequest("env must be live or test", field="env")
-        if spec.expires_in and spec.expires_at:
-            raise InvalidRequest("give --expires-in or --expires-at, not both", field="expires_at")
-        expires: datetime | None = None
-        if spec.expires_in:
-            expires = datetime.now(UTC) + parse_duration(spec.expires_in, "expires_in")
-        elif spec.expires_at:
-            try:
-                expires = datetime.fromisoformat(spec.expires_at.replace("Z", "+00:00"))
-            except ValueError:
-                raise InvalidRequest("expires_at must be an ISO 8601 time", field="expires_at") from None
-            if expires.tzinfo is None:
-                expires = expires.replace(tzinfo=UTC)
-            if expires <= datetime.now(UTC):
-                raise InvalidRequest("expires_at must be in the future", field="expires_at")
+        expires = _expiry(spec)
         for scope in spec.scopes or []:
             if not _PERMISSION_RE.fullmatch(scope):
                 raise InvalidRequest(f"scope {scope!r} is not a resource:action pattern", field="scopes")
@@ -222,8 +251,12 @@ class Admin:
                 cidrs = [str(ipaddress.ip_network(c, strict=False)) for c in spec.allow_ips]
             except ValueError:
                 raise InvalidRequest("allowed IPs must be addresses or CIDR networks", field="allow_ips") from None
-        for what, items in (("orgs", spec.orgs), ("projects", spec.projects), ("scopes", spec.scopes or []),
-                            ("allow_ips", spec.allow_ips or [])):
+        for what, items in (
+            ("orgs", spec.orgs),
+            ("projects", spec.projects),
+            ("scopes", spec.scopes or []),
+            ("allow_ips", spec.allow_ips or []),
+        ):
             if len(items) > MAX_LIST:
                 raise InvalidRequest(f"at most {MAX_LIST} {what}", field=what)
         if spec.rate_limit is not None:
@@ -232,8 +265,9 @@ class Admin:
 
     async def _check_scope(self, conn: asyncpg.Connection, spec: KeySpec) -> None:
         await self._must_exist(conn, "users", spec.user_id)
-        member_of = {r["org_id"] for r in await conn.fetch(
-            "SELECT org_id FROM memberships WHERE user_id = $1", spec.user_id)}
+        member_of = {
+            r["org_id"] for r in await conn.fetch("SELECT org_id FROM memberships WHERE user_id = $1", spec.user_id)
+        }
         for org in spec.orgs:
             if org not in member_of:
                 raise InvalidRequest(f"user {spec.user_id} is not a member of org {org}", field="orgs")
@@ -252,9 +286,21 @@ class Admin:
             "INSERT INTO api_keys (id, user_id, name, role, env, secret_hash, start, scopes, all_orgs, org_ids,"
             " all_projects, project_ids, allowed_cidrs, rate_limit, expires_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::cidr[], $14, $15)",
-            parsed.key_id, spec.user_id, spec.name.strip(), spec.role, spec.env, secret_hash,
-            self.fmt.display_start(spec.env, parsed.key_id), spec.scopes, not spec.orgs, spec.orgs,
-            not spec.projects, spec.projects, cidrs, spec.rate_limit, expires,
+            parsed.key_id,
+            spec.user_id,
+            spec.name.strip(),
+            spec.role,
+            spec.env,
+            secret_hash,
+            self.fmt.display_start(spec.env, parsed.key_id),
+            spec.scopes,
+            not spec.orgs,
+            spec.orgs,
+            not spec.projects,
+            spec.projects,
+            cidrs,
+            spec.rate_limit,
+            expires,
         )
         return parsed.key_id, raw
 
@@ -263,8 +309,14 @@ class Admin:
         async with self.pool.acquire() as conn, conn.transaction():
             await self._check_scope(conn, spec)
             key_id, raw = await self._insert_key(conn, spec, expires, cidrs)
-            await write_event(conn, "api_key.created", actor="cli", user_id=spec.user_id, key_id=key_id,
-                              detail={"role": spec.role, "env": spec.env})
+            await write_event(
+                conn,
+                "api_key.created",
+                actor="cli",
+                user_id=spec.user_id,
+                key_id=key_id,
+                detail={"role": spec.role, "env": spec.env},
+            )
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
         return {**key_view(row), "key": raw}
 
@@ -275,7 +327,8 @@ class Admin:
                 " AND ($2::text IS NULL OR (k.all_orgs AND EXISTS (SELECT 1 FROM memberships m"
                 "      WHERE m.user_id = k.user_id AND m.org_id = $2)) OR $2 = ANY(k.org_ids))"
                 " ORDER BY k.created_at, k.id",
-                user_id, org_id,
+                user_id,
+                org_id,
             )
         return [key_view(r) for r in rows]
 
@@ -289,7 +342,8 @@ class Admin:
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING *", key_id)
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING *", key_id
+            )
             if row is None:
                 raise NotFound(f"no key {key_id}")
             await write_event(conn, "api_key.revoked", actor="cli", user_id=row["user_id"], key_id=key_id)
@@ -306,20 +360,32 @@ class Admin:
             if key_status(old, datetime.now(UTC)) != "active":
                 raise Conflict(f"key {key_id} is {key_status(old, datetime.now(UTC))} and cannot be rotated")
             spec = KeySpec(
-                user_id=old["user_id"], name=old["name"], role=old["role"],
+                user_id=old["user_id"],
+                name=old["name"],
+                role=old["role"],
                 orgs=[] if old["all_orgs"] else list(old["org_ids"]),
                 projects=[] if old["all_projects"] else list(old["project_ids"]),
-                scopes=old["scopes"], env=old["env"], rate_limit=old["rate_limit"],
+                scopes=old["scopes"],
+                env=old["env"],
+                rate_limit=old["rate_limit"],
             )
             cidrs = [str(c) for c in old["allowed_cidrs"]] if old["allowed_cidrs"] is not None else None
             new_id_, raw = await self._insert_key(conn, spec, old["expires_at"], cidrs)
             await conn.execute(
                 "UPDATE api_keys SET rotated_to = $2,"
                 " expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + $3::interval) WHERE id = $1",
-                key_id, new_id_, grace_td,
+                key_id,
+                new_id_,
+                grace_td,
             )
-            await write_event(conn, "api_key.rotated", actor="cli", user_id=old["user_id"], key_id=key_id,
-                              detail={"new_key_id": new_id_, "grace_s": int(grace_td.total_seconds())})
+            await write_event(
+                conn,
+                "api_key.rotated",
+                actor="cli",
+                user_id=old["user_id"],
+                key_id=key_id,
+                detail={"new_key_id": new_id_, "grace_s": int(grace_td.total_seconds())},
+            )
             self.invalidated = [key_id]
             await notify_keys(conn, self.invalidated)
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", new_id_)

@@ -48,7 +48,9 @@ def redis_client(cfg: Config) -> aioredis.Redis:
     timeout = cfg.redis.timeout_ms / 1000
     # No retries: a slow or absent Redis must cost one short timeout, then we fall back to Postgres.
     return aioredis.Redis.from_url(
-        cfg.redis.url.get(), socket_timeout=timeout, socket_connect_timeout=timeout,
+        cfg.redis.url.get(),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
     )
 
@@ -75,8 +77,14 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     local = LocalCache(cfg.cache.local_max_entries, cfg.cache.local_ttl_s, cfg.cache.negative_ttl_s)
     shared = RedisCache(app[REDIS], cfg.cache.redis_ttl_s, cfg.cache.negative_ttl_s, cfg.cache.stale_if_error_s)
     resolver = KeyResolver(
-        cfg.pepper.get().encode(), app[HASHER], app[STORE], local, shared,
-        cfg.cache.redis_ttl_s, cfg.cache.stale_if_error_s, metrics,
+        cfg.pepper.get().encode(),
+        app[HASHER],
+        app[STORE],
+        local,
+        shared,
+        cfg.cache.redis_ttl_s,
+        cfg.cache.stale_if_error_s,
+        metrics,
     )
     app[RESOLVER] = resolver
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
@@ -122,9 +130,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status >= 400:
             code = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request"}.get(
-                exc.status, "invalid_request")
-            return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status,
-                                     headers={"X-Auth-Error": code})
+                exc.status, "invalid_request"
+            )
+            return web.json_response(
+                {"error": {"code": code, "message": exc.reason}}, status=exc.status, headers={"X-Auth-Error": code}
+            )
         raise
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
@@ -153,8 +163,9 @@ async def readyz(request: web.Request) -> web.Response:
     except REDIS_ERRORS:
         checks["redis"] = "unavailable"
     ready = all(v == "ok" for v in checks.values())
-    return web.json_response({"status": "ok" if ready else "unavailable", "checks": checks},
-                             status=200 if ready else 503)
+    return web.json_response(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
+    )
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -184,8 +195,15 @@ async def keys_verify(request: web.Request) -> web.Response:
     app = request.app
     org = checked_id(body["org"], "org") if "org" in body else None
     result: dict[str, object] = {
-        "valid": False, "code": "", "key_id": None, "org": None, "role": None, "scopes": [],
-        "env": None, "expires_at": None, "ratelimit": None,
+        "valid": False,
+        "code": "",
+        "key_id": None,
+        "org": None,
+        "role": None,
+        "scopes": [],
+        "env": None,
+        "expires_at": None,
+        "ratelimit": None,
     }
     try:
         parsed = app[KEY_FORMAT].parse(body["key"])
@@ -202,8 +220,13 @@ async def keys_verify(request: web.Request) -> web.Response:
         result["code"] = err.code.upper()
         return web.json_response(result)
     result.update(
-        valid=True, code="VALID", org=identity.org, role=identity.role, scopes=list(identity.scopes),
-        env=identity.env, expires_at=_iso(identity.expires_at),
+        valid=True,
+        code="VALID",
+        org=identity.org,
+        role=identity.role,
+        scopes=list(identity.scopes),
+        env=identity.env,
+        expires_at=_iso(identity.expires_at),
     )
     return web.json_response(result)
 

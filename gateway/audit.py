@@ -38,7 +38,13 @@ async def write_event(
     await conn.execute(
         "INSERT INTO audit_events (type, actor, org_id, user_id, key_id, ip, detail)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
-        type_, actor, org_id, user_id, key_id, ip, json.dumps(detail or {}),
+        type_,
+        actor,
+        org_id,
+        user_id,
+        key_id,
+        ip,
+        json.dumps(detail or {}),
     )
 
 

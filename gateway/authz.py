@@ -93,7 +93,9 @@ class Identity:
 
 
 def active_org(record: KeyRecord, requested: str | None) -> str:
-    in_scope = (lambda org: record.all_orgs or org in record.org_ids)
+    def in_scope(org: str) -> bool:
+        return record.all_orgs or org in record.org_ids
+
     if requested is not None:
         if not in_scope(requested) or requested not in record.memberships:
             raise OrgNotAllowed("the key may not act in this org")
@@ -135,8 +137,15 @@ def authorize(
     if decision.role is not None and roles.rank(role) < roles.rank(decision.role):
         raise InsufficientPermissions(f"requires role {decision.role}")
     return Identity(
-        key_id=record.id, user_id=record.user_id, org=org, role=role, scopes=scopes, env=record.env,
-        project=decision.project, expires_at=record.expires_at, rate_limit=record.rate_limit,
+        key_id=record.id,
+        user_id=record.user_id,
+        org=org,
+        role=role,
+        scopes=scopes,
+        env=record.env,
+        project=decision.project,
+        expires_at=record.expires_at,
+        rate_limit=record.rate_limit,
     )
 
 
@@ -234,7 +243,7 @@ class KeyResolver:
         # A digest already verified against this very hash needs no new argon2 run.
         if not any(e.record.hash_fingerprint == record.hash_fingerprint for e in known):
             self.metrics.argon2.inc()
-            if not await self.hasher.verify(secret_hash, key.secret, d):
+            if not await self.hasher.verify(secret_hash, key.secret):
                 await self._remember_invalid(key, d, generation, epoch)
                 raise InvalidApiKey()
         entry = Entry(record, time.time())

@@ -49,25 +49,43 @@ class KeyRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.id, "user_id": self.user_id, "name": self.name, "role": self.role, "env": self.env,
+            "id": self.id,
+            "user_id": self.user_id,
+            "name": self.name,
+            "role": self.role,
+            "env": self.env,
             "scopes": list(self.scopes) if self.scopes is not None else None,
-            "all_orgs": self.all_orgs, "org_ids": list(self.org_ids),
-            "all_projects": self.all_projects, "project_ids": list(self.project_ids),
+            "all_orgs": self.all_orgs,
+            "org_ids": list(self.org_ids),
+            "all_projects": self.all_projects,
+            "project_ids": list(self.project_ids),
             "allowed_cidrs": list(self.allowed_cidrs) if self.allowed_cidrs is not None else None,
-            "rate_limit": self.rate_limit, "expires_at": self.expires_at, "revoked_at": self.revoked_at,
-            "memberships": self.memberships, "hash_fingerprint": self.hash_fingerprint,
+            "rate_limit": self.rate_limit,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+            "memberships": self.memberships,
+            "hash_fingerprint": self.hash_fingerprint,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> KeyRecord:
         return cls(
-            id=d["id"], user_id=d["user_id"], name=d["name"], role=d["role"], env=d["env"],
+            id=d["id"],
+            user_id=d["user_id"],
+            name=d["name"],
+            role=d["role"],
+            env=d["env"],
             scopes=tuple(d["scopes"]) if d["scopes"] is not None else None,
-            all_orgs=d["all_orgs"], org_ids=tuple(d["org_ids"]),
-            all_projects=d["all_projects"], project_ids=tuple(d["project_ids"]),
+            all_orgs=d["all_orgs"],
+            org_ids=tuple(d["org_ids"]),
+            all_projects=d["all_projects"],
+            project_ids=tuple(d["project_ids"]),
             allowed_cidrs=tuple(d["allowed_cidrs"]) if d["allowed_cidrs"] is not None else None,
-            rate_limit=d["rate_limit"], expires_at=d["expires_at"], revoked_at=d["revoked_at"],
-            memberships=dict(d["memberships"]), hash_fingerprint=d["hash_fingerprint"],
+            rate_limit=d["rate_limit"],
+            expires_at=d["expires_at"],
+            revoked_at=d["revoked_at"],
+            memberships=dict(d["memberships"]),
+            hash_fingerprint=d["hash_fingerprint"],
         )
 
 

@@ -40,8 +40,9 @@ class AccessLogger(AbstractAccessLogger):
     """Method, path (never the query string: it may carry a key), status and time."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info('%s "%s %s" %s %.1fms', request.remote, request.method, request.path,
-                         response.status, time * 1000)
+        self.logger.info(
+            '%s "%s %s" %s %.1fms', request.remote, request.method, request.path, response.status, time * 1000
+        )
 
     @property
     def enabled(self) -> bool:
@@ -153,8 +154,7 @@ async def _invalidate_redis(cfg: Config, key_ids: list[str]) -> None:
     try:
         await RedisCache(client, 0, 0, 0).invalidate(key_ids)
     except REDIS_ERRORS:
-        print("warning: Redis unreachable; running gateways will invalidate their caches themselves",
-              file=sys.stderr)
+        print("warning: Redis unreachable; running gateways will invalidate their caches themselves", file=sys.stderr)
     finally:
         await client.aclose()
 
@@ -174,9 +174,17 @@ def _admin_call(args: argparse.Namespace) -> Callable[[Admin], Awaitable[Any]]:
     }
     if (cmd, action) == ("keys", "create"):
         spec = KeySpec(
-            user_id=args.user, name=args.name, role=args.role, orgs=args.org, projects=args.project,
-            scopes=args.scope, env=args.env, expires_in=args.expires_in, expires_at=args.expires_at,
-            allow_ips=args.allow_ip, rate_limit=args.rate_limit,
+            user_id=args.user,
+            name=args.name,
+            role=args.role,
+            orgs=args.org,
+            projects=args.project,
+            scopes=args.scope,
+            env=args.env,
+            expires_in=args.expires_in,
+            expires_at=args.expires_at,
+            allow_ips=args.allow_ip,
+            rate_limit=args.rate_limit,
         )
         return lambda a: a.create_key(spec)
     return calls[(cmd, action)]
@@ -200,8 +208,15 @@ def _serve_one(cfg: Config, host: str, port: int, reuse_port: bool) -> None:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvloop.install()
     log.info("gateway serving on %s:%d (database %s)", host, port, redact_url(cfg.database.url.get()))
-    web.run_app(create_app(cfg), host=host, port=port, reuse_port=reuse_port, print=None,
-                access_log_class=AccessLogger, handle_signals=True)
+    web.run_app(
+        create_app(cfg),
+        host=host,
+        port=port,
+        reuse_port=reuse_port,
+        print=None,
+        access_log_class=AccessLogger,
+        handle_signals=True,
+    )
 
 
 def serve(cfg: Config, args: argparse.Namespace) -> None:

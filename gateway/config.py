@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -112,7 +111,14 @@ class ForwardAuthConfig:
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     # Query parameters that carry credentials; any of them in the original URI is refused.
     query_credential_params: tuple[str, ...] = (
-        "api_key", "apikey", "api-key", "key", "access_token", "token", "x-api-key", "auth",
+        "api_key",
+        "apikey",
+        "api-key",
+        "key",
+        "access_token",
+        "token",
+        "x-api-key",
+        "auth",
     )
 
 
@@ -163,30 +169,25 @@ class Config:
 # --- loading -------------------------------------------------------------------------------------
 
 
+# Scalar field types: (accepts, what the error calls it, converter).
+_SCALARS: dict[Any, tuple[Any, str, Any]] = {
+    Secret: (lambda v: isinstance(v, str), "a string", Secret),
+    bool: (lambda v: isinstance(v, bool), "true or false", bool),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number", int),
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number", float),
+    str: (lambda v: isinstance(v, str), "a string", str),
+}
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return _build(tp, value, where)
-    if tp is Secret:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string")
-        return Secret(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string")
-        return value
+    if tp in _SCALARS:
+        accepts, what, conv = _SCALARS[tp]
+        if not accepts(value):
+            raise ConfigError(f"{where}: expected {what}")
+        return conv(value)
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list")
@@ -197,9 +198,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping")
         k_tp, v_tp = typing.get_args(tp)
         return {_convert(k, k_tp, where): _convert(v, v_tp, f"{where}.{k}") for k, v in value.items()}
-    if origin is types.UnionType:
-        raise ConfigError(f"{where}: unsupported type")  # pragma: no cover - no such fields
-    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - no such fields
 
 
 def _build(cls: type[Any], data: Any, where: str) -> Any:
@@ -229,20 +228,25 @@ def _validate(cfg: Config) -> None:
     check(bool(cfg.database.url.get()), "database.url", "is required (or set GATEWAY_DATABASE_URL)")
     check(
         cfg.database.url.get().startswith(("postgres://", "postgresql://")),
-        "database.url", "must be a postgresql:// URL",
+        "database.url",
+        "must be a postgresql:// URL",
     )
     check(1 <= cfg.database.pool_min <= cfg.database.pool_max, "database.pool_min", "must be 1..pool_max")
     check(cfg.database.timeout_ms > 0, "database.timeout_ms", "must be positive")
     check(bool(cfg.redis.url.get()), "redis.url", "is required (or set GATEWAY_REDIS_URL)")
     check(
         cfg.redis.url.get().startswith(("redis://", "rediss://", "unix://")),
-        "redis.url", "must be a redis://, rediss:// or unix:// URL",
+        "redis.url",
+        "must be a redis://, rediss:// or unix:// URL",
     )
     check(cfg.redis.timeout_ms > 0, "redis.timeout_ms", "must be positive")
     check(len(cfg.pepper.get()) >= 32, "pepper", "must be at least 32 characters (or set GATEWAY_PEPPER)")
     prefix = cfg.keys.prefix
-    check(prefix.isascii() and prefix.isalnum() and 1 <= len(prefix) <= 16,
-          "keys.prefix", "must be 1-16 ASCII letters or digits")
+    check(
+        prefix.isascii() and prefix.isalnum() and 1 <= len(prefix) <= 16,
+        "keys.prefix",
+        "must be 1-16 ASCII letters or digits",
+    )
     a = cfg.keys.argon2
     check(a.memory_kib >= 8 * a.parallelism, "keys.argon2.memory_kib", "too small for the parallelism")
     check(a.time_cost >= 1, "keys.argon2.time_cost", "must be at least 1")
@@ -260,15 +264,21 @@ def _validate(cfg: Config) -> None:
     check(cfg.audit.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
     check(cfg.audit.failed_max_per_flush >= 0, "audit.failed_max_per_flush", "must not be negative")
     roles = cfg.roles
-    check(len(roles.order) >= 1 and len(set(roles.order)) == len(roles.order),
-          "roles.order", "must list distinct role names")
+    check(
+        len(roles.order) >= 1 and len(set(roles.order)) == len(roles.order),
+        "roles.order",
+        "must list distinct role names",
+    )
     for role in roles.permissions:
         check(role in roles.order, f"roles.permissions.{role}", "is not a role in roles.order")
     for role in roles.order:
         check(role in roles.permissions, f"roles.permissions.{role}", "is missing")
     check(cfg.last_used_flush_s > 0, "last_used_flush_s", "must be positive")
-    check(cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
-          "must be DEBUG, INFO, WARNING or ERROR")
+    check(
+        cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+        "log_level",
+        "must be DEBUG, INFO, WARNING or ERROR",
+    )
 
 
 def config_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Config:

@@ -33,13 +33,32 @@ Headers = CIMultiDictProxy[str]
 METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 IDENTITY_HEADERS = (
-    "X-Org", "X-Role", "X-User", "X-Key-Id", "X-Scopes", "X-Project", "X-Key-Env", "X-Auth-Method",
+    "X-Org",
+    "X-Role",
+    "X-User",
+    "X-Key-Id",
+    "X-Scopes",
+    "X-Project",
+    "X-Key-Env",
+    "X-Auth-Method",
 )
 # Headers that may not be named in `Connection:` (a hop-by-hop trick to strip them before us).
 PROTECTED_HEADERS = frozenset(
-    h.lower() for h in (*CREDENTIAL_HEADERS, *IDENTITY_HEADERS, "X-Org-Id", "X-Forwarded-For",
-                        "X-Original-Method", "X-Original-URI", "X-Original-URL", "X-Forwarded-Method",
-                        "X-Forwarded-Uri", "X-Forwarded-Host", "X-Forwarded-Proto", "Host")
+    h.lower()
+    for h in (
+        *CREDENTIAL_HEADERS,
+        *IDENTITY_HEADERS,
+        "X-Org-Id",
+        "X-Forwarded-For",
+        "X-Original-Method",
+        "X-Original-URI",
+        "X-Original-URL",
+        "X-Forwarded-Method",
+        "X-Forwarded-Uri",
+        "X-Forwarded-Host",
+        "X-Forwarded-Proto",
+        "Host",
+    )
 )
 _METHOD_RE = re.compile(r"[A-Z]{1,20}")
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
@@ -154,7 +173,7 @@ def refuse_query_keys(query: str, fmt: KeyFormat, names: Sequence[str]) -> None:
 
 
 def client_address(
-    peer: str | None, h: Headers, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    peer: str | None, h: Headers, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 ) -> IP | None:
     """The peer, or, when the peer is a trusted proxy, the right-most untrusted X-Forwarded-For hop."""
     try:
@@ -208,12 +227,23 @@ def identity_headers(outcome: Outcome) -> dict[str, str]:
     i = outcome.identity
     if i is None:
         return {
-            "X-Org": "", "X-Role": "", "X-User": "", "X-Key-Id": "", "X-Scopes": "",
-            "X-Project": outcome.decision.project or "", "X-Key-Env": "", "X-Auth-Method": "anonymous",
+            "X-Org": "",
+            "X-Role": "",
+            "X-User": "",
+            "X-Key-Id": "",
+            "X-Scopes": "",
+            "X-Project": outcome.decision.project or "",
+            "X-Key-Env": "",
+            "X-Auth-Method": "anonymous",
         }
     return {
-        "X-Org": i.org, "X-Role": i.role, "X-User": i.user_id, "X-Key-Id": i.key_id,
-        "X-Scopes": ",".join(i.scopes), "X-Project": i.project or "", "X-Key-Env": i.env,
+        "X-Org": i.org,
+        "X-Role": i.role,
+        "X-User": i.user_id,
+        "X-Key-Id": i.key_id,
+        "X-Scopes": ",".join(i.scopes),
+        "X-Project": i.project or "",
+        "X-Key-Env": i.env,
         "X-Auth-Method": "api_key",
     }
 
@@ -243,8 +273,7 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
             code = err.code
             # Only a caller whose secret verified learns that its key expired or was revoked:
             # those errors are raised after verification, so nothing to hide here.
-            app[AUDITOR].record(code, request.get(KEY_ID), str(client_ip) if client_ip else None,
-                                None, endpoint)
+            app[AUDITOR].record(code, request.get(KEY_ID), str(client_ip) if client_ip else None, None, endpoint)
             response = error_response(err)
         else:
             code = "ok"

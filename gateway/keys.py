@@ -96,7 +96,7 @@ class KeyFormat:
         if m is None:
             return None
         env, key_id, secret, check = m.groups()
-        body = raw[: -CHECKSUM_LEN]
+        body = raw[:-CHECKSUM_LEN]
         if not hmac.compare_digest(checksum(body), check):
             return None
         return ParsedKey(raw, self.prefix, env, key_id, secret)
@@ -111,10 +111,7 @@ def digest(pepper: bytes, raw: str) -> str:
 
 
 class SecretHasher:
-    """argon2id hashing and verification, always off the event loop.
-
-    Concurrent verifications of the same (hash, secret) pair share one computation.
-    """
+    """argon2id hashing and verification, always off the event loop, on a bounded thread pool."""
 
     def __init__(self, params: Argon2Config, threads: int) -> None:
         self._ph = PasswordHasher(
@@ -124,7 +121,6 @@ class SecretHasher:
             type=Type.ID,
         )
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
-        self._inflight: dict[tuple[str, str], asyncio.Future[bool]] = {}
 
     def hash_sync(self, secret: str) -> str:
         return self._ph.hash(secret)
@@ -138,16 +134,9 @@ class SecretHasher:
     async def hash(self, secret: str) -> str:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.hash_sync, secret)
 
-    async def verify(self, encoded: str, secret: str, flight_key: str) -> bool:
-        """Verify `secret` against `encoded`; callers with the same flight_key share one hash."""
-        key = (encoded, flight_key)
-        fut = self._inflight.get(key)
-        if fut is None:
-            loop = asyncio.get_running_loop()
-            fut = asyncio.ensure_future(loop.run_in_executor(self._pool, self.verify_sync, encoded, secret))
-            self._inflight[key] = fut
-            fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
-        return await asyncio.shield(fut)
+    async def verify(self, encoded: str, secret: str) -> bool:
+        # Callers collapse concurrent verifications of one key (KeyResolver's single flight).
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.verify_sync, encoded, secret)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -10,11 +10,16 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.decisions = Counter(
-            "gateway_auth_decisions", "Verify answers by endpoint and outcome code",
-            ["endpoint", "code"], registry=r,
+            "gateway_auth_decisions",
+            "Verify answers by endpoint and outcome code",
+            ["endpoint", "code"],
+            registry=r,
         )
         self.latency = Histogram(
-            "gateway_auth_seconds", "Time to answer a verify request", ["endpoint"], registry=r,
+            "gateway_auth_seconds",
+            "Time to answer a verify request",
+            ["endpoint"],
+            registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
         self.cache = Counter("gateway_key_cache", "Key lookups by where they were answered", ["tier"], registry=r)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,8 +51,11 @@ async def connect_pool(cfg: DatabaseConfig) -> asyncpg.Pool:
     for attempt in range(1, cfg.connect_retries + 1):
         try:
             pool: asyncpg.Pool = await asyncpg.create_pool(
-                cfg.url.get(), min_size=cfg.pool_min, max_size=cfg.pool_max,
-                timeout=cfg.timeout_ms / 1000, command_timeout=cfg.timeout_ms / 1000,
+                cfg.url.get(),
+                min_size=cfg.pool_min,
+                max_size=cfg.pool_max,
+                timeout=cfg.timeout_ms / 1000,
+                command_timeout=cfg.timeout_ms / 1000,
             )
             return pool
         except (*PG_ERRORS, asyncpg.PostgresError) as exc:
@@ -59,8 +63,9 @@ async def connect_pool(cfg: DatabaseConfig) -> asyncpg.Pool:
                 raise StoreUnavailable(
                     f"cannot connect to Postgres at {redact_url(cfg.url.get())}: {exc.__class__.__name__}: {exc}"
                 ) from None
-            log.warning("postgres not reachable (attempt %d/%d): %s", attempt, cfg.connect_retries,
-                        exc.__class__.__name__)
+            log.warning(
+                "postgres not reachable (attempt %d/%d): %s", attempt, cfg.connect_retries, exc.__class__.__name__
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -126,10 +131,8 @@ class Store:
         try:
             yield conn
         finally:
-            try:
+            with contextlib.suppress(*PG_ERRORS):  # a dead connection is dropped by the pool
                 await self.pool.release(conn)
-            except PG_ERRORS:  # pragma: no cover - a dead connection is dropped by the pool
-                pass
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         async with self._conn() as conn:
@@ -148,12 +151,22 @@ class Store:
         if isinstance(memberships, str):
             memberships = json.loads(memberships)
         record = KeyRecord(
-            id=row["id"], user_id=row["user_id"], name=row["name"], role=row["role"], env=row["env"],
-            scopes=_optional_tuple(row["scopes"]), all_orgs=row["all_orgs"], org_ids=tuple(row["org_ids"]),
-            all_projects=row["all_projects"], project_ids=tuple(row["project_ids"]),
-            allowed_cidrs=_optional_tuple(row["allowed_cidrs"]), rate_limit=row["rate_limit"],
-            expires_at=ts(row["expires_at"]), revoked_at=ts(row["revoked_at"]),
-            memberships=dict(memberships), hash_fingerprint=fingerprint(row["secret_hash"]),
+            id=row["id"],
+            user_id=row["user_id"],
+            name=row["name"],
+            role=row["role"],
+            env=row["env"],
+            scopes=_optional_tuple(row["scopes"]),
+            all_orgs=row["all_orgs"],
+            org_ids=tuple(row["org_ids"]),
+            all_projects=row["all_projects"],
+            project_ids=tuple(row["project_ids"]),
+            allowed_cidrs=_optional_tuple(row["allowed_cidrs"]),
+            rate_limit=row["rate_limit"],
+            expires_at=ts(row["expires_at"]),
+            revoked_at=ts(row["revoked_at"]),
+            memberships=dict(memberships),
+            hash_fingerprint=fingerprint(row["secret_hash"]),
         )
         return record, row["secret_hash"]
 
@@ -163,18 +176,23 @@ class Store:
     async def touch_last_used(self, used: dict[str, float]) -> None:
         ids = list(used)
         times = [datetime.fromtimestamp(used[i]).astimezone() for i in ids]
-        await self._run(lambda c: c.execute(
-            "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, v.t)"
-            " FROM unnest($1::text[], $2::timestamptz[]) AS v(id, t) WHERE k.id = v.id",
-            ids, times,
-        ))
+        await self._run(
+            lambda c: c.execute(
+                "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, v.t)"
+                " FROM unnest($1::text[], $2::timestamptz[]) AS v(id, t) WHERE k.id = v.id",
+                ids,
+                times,
+            )
+        )
 
     async def insert_audit_rows(self, rows: list[tuple[Any, ...]]) -> None:
-        await self._run(lambda c: c.executemany(
-            "INSERT INTO audit_events (at, type, actor, org_id, user_id, key_id, ip, count, detail)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
-            rows,
-        ))
+        await self._run(
+            lambda c: c.executemany(
+                "INSERT INTO audit_events (at, type, actor, org_id, user_id, key_id, ip, count, detail)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
+                rows,
+            )
+        )
 
 
 async def listen_invalidations(
@@ -187,15 +205,15 @@ async def listen_invalidations(
     so after a gap `on_reconnect` flushes the in-process cache. It is not flushed while Postgres is
     down: nothing can change then, and cached keys must keep working."""
     first = True
+    queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def _cb(_c: Any, _pid: int, _channel: str, payload: str) -> None:
+        queue.put_nowait(payload)
+
     while True:
         conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(dsn, timeout=2)
-            queue: asyncio.Queue[str] = asyncio.Queue()
-
-            def _cb(_c: Any, _pid: int, _channel: str, payload: str) -> None:
-                queue.put_nowait(payload)
-
             await conn.add_listener(C.PG_INVALIDATION_CHANNEL, _cb)
             if not first:
                 log.warning("invalidation listener reconnected: flushing in-process cache")

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import ipaddress
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
-if TYPE_CHECKING:
-    pass
+from gateway.audit import FailureAuditor
+from gateway.authz import KeyResolver
+from gateway.config import Config
+from gateway.keys import KeyFormat, SecretHasher
+from gateway.metrics import Metrics
+from gateway.policy import Policy
+from gateway.store import Store
 
-CONFIG = web.AppKey["Config"]("config")
-KEY_FORMAT = web.AppKey["KeyFormat"]("key_format")
-HASHER = web.AppKey["SecretHasher"]("hasher")
-METRICS = web.AppKey["Metrics"]("metrics")
-POLICY = web.AppKey["Policy"]("policy")
-TRUSTED = web.AppKey["tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]"]("trusted_proxies")
-STORE = web.AppKey["Store"]("store")
-REDIS = web.AppKey["aioredis.Redis"]("redis")
-RESOLVER = web.AppKey["KeyResolver"]("resolver")
-AUDITOR = web.AppKey["FailureAuditor"]("auditor")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+CONFIG = web.AppKey("config", Config)
+KEY_FORMAT = web.AppKey("key_format", KeyFormat)
+HASHER = web.AppKey("hasher", SecretHasher)
+METRICS = web.AppKey("metrics", Metrics)
+POLICY = web.AppKey[Policy]("policy")
+TRUSTED = web.AppKey[tuple[Network, ...]]("trusted_proxies")
+STORE = web.AppKey("store", Store)
+REDIS = web.AppKey[aioredis.Redis]("redis")
+RESOLVER = web.AppKey("resolver", KeyResolver)
+AUDITOR = web.AppKey("auditor", FailureAuditor)
 
 # Per-request: the key id once the key is known, for the audit of a denial.
-KEY_ID = web.RequestKey[str]("key_id")
+KEY_ID = web.RequestKey("key_id", str)

@@ -134,8 +134,15 @@ class World:
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def key(self, name: str = "k", role: str = "admin", **kw: Any) -> dict[str, Any]:
-        spec = KeySpec(user_id=kw.pop("user", self.user), name=name, role=role, orgs=kw.pop("orgs", []),
-                       projects=kw.pop("projects", []), scopes=kw.pop("scopes", None), **kw)
+        spec = KeySpec(
+            user_id=kw.pop("user", self.user),
+            name=name,
+            role=role,
+            orgs=kw.pop("orgs", []),
+            projects=kw.pop("projects", []),
+            scopes=kw.pop("scopes", None),
+            **kw,
+        )
         created = await self.admin.create_key(spec)
         self.keys[name] = created
         return created
@@ -158,8 +165,7 @@ async def client(aiohttp_client: Any, cfg: Config) -> TestClient[web.Request, we
     return c
 
 
-def nginx_headers(key: str | None = None, uri: str = "/v1/things", method: str = "GET",
-                  **extra: str) -> dict[str, str]:
+def nginx_headers(key: str | None = None, uri: str = "/v1/things", method: str = "GET", **extra: str) -> dict[str, str]:
     h = {"X-Original-Method": method, "X-Original-URI": uri}
     if key is not None:
         h["Authorization"] = f"Bearer {key}"
@@ -194,8 +200,9 @@ class GatewayProcess:
 
 def gateway_env(services: Services, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(GATEWAY_DATABASE_URL=services.pg.url, GATEWAY_REDIS_URL=services.redis.url,
-               GATEWAY_PEPPER=PEPPER, **extra)
+    env.update(
+        GATEWAY_DATABASE_URL=services.pg.url, GATEWAY_REDIS_URL=services.redis.url, GATEWAY_PEPPER=PEPPER, **extra
+    )
     return env
 
 
@@ -206,16 +213,24 @@ def write_test_config(path: Path, **yaml_sections: str) -> Path:
     return path
 
 
-async def start_gateway(services: Services, tmp: Path, name: str = "gw") -> GatewayProcess:
+def spawn_gateway(services: Services, tmp: Path, name: str, *extra: str) -> GatewayProcess:
     port = free_port()
     config = write_test_config(tmp / f"{name}.yaml")
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--port", str(port)],
-            env=gateway_env(services), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--port", str(port), *extra],
+            env=gateway_env(services),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
-    gp = GatewayProcess(port, proc, log_path)
+    return GatewayProcess(port, proc, log_path)
+
+
+async def start_gateway(services: Services, tmp: Path, name: str = "gw", *extra: str) -> GatewayProcess:
+    gp = spawn_gateway(services, tmp, name, *extra)
+    proc = gp.proc
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:

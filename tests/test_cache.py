@@ -117,7 +117,7 @@ async def test_negative_entries_are_kept_apart(client: Client, world: World, rcl
     wrong = fmt.build("live", k["id"], fmt.generate("live")[0].split("_")[3][:43])
     assert (await client.get("/auth/nginx", headers=nginx_headers(wrong))).status == 401
     assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
-    names = sorted(n.decode() for n in await rclient.keys("gw:*"))
+    names = sorted(n.decode() if isinstance(n, bytes) else n for n in await rclient.keys("gw:*"))
     assert any(n.startswith("gw:neg:{" + k["id"] + "}:") for n in names)
     assert any(n.startswith("gw:key:{" + k["id"] + "}:") for n in names)
     # Digests, never the key itself, in any Redis key name or value.

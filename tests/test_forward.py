@@ -216,8 +216,9 @@ async def test_duplicated_credential_headers(client: Client, world: World) -> No
     twice = [("X-Original-Method", "GET"), ("X-Original-URI", "/"), ("X-API-Key", k), ("X-API-Key", k)]
     r = await client.get("/auth/nginx", headers=twice)
     assert r.headers["X-Auth-Error"] == "invalid_request"
-    r = await client.get("/auth/nginx", headers=[*twice[:2], ("Authorization", f"Bearer {k}"),
-                                                  ("Authorization", f"Bearer {k}")])
+    r = await client.get(
+        "/auth/nginx", headers=[*twice[:2], ("Authorization", f"Bearer {k}"), ("Authorization", f"Bearer {k}")]
+    )
     assert r.headers["X-Auth-Error"] == "invalid_request"
 
 
@@ -230,11 +231,18 @@ async def test_key_in_query_string_refused(client: Client, world: World, uri: st
     assert r.headers["X-Auth-Error"] == "invalid_request"
 
 
-@pytest.mark.parametrize("extra", [
-    {"X-HTTP-Method-Override": "DELETE"}, {"X-Method-Override": "PUT"}, {"X-HTTP-Method": "PUT"},
-    {"X_API_Key": "x"}, {"X.Api.Key": "x"}, {"Connection": "keep-alive, X-Org"},
-    {"Connection": "Authorization"},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"X-HTTP-Method-Override": "DELETE"},
+        {"X-Method-Override": "PUT"},
+        {"X-HTTP-Method": "PUT"},
+        {"X_API_Key": "x"},
+        {"X.Api.Key": "x"},
+        {"Connection": "keep-alive, X-Org"},
+        {"Connection": "Authorization"},
+    ],
+)
 async def test_header_tricks_refused(client: Client, world: World, extra: dict[str, str]) -> None:
     k = (await world.key(orgs=[world.org_a]))["key"]
     r = await client.get("/auth/nginx", headers={**nginx_headers(k), **extra})
@@ -246,8 +254,12 @@ async def test_header_tricks_refused(client: Client, world: World, extra: dict[s
 PROXY_HEADERS = {
     "nginx": {"X-Original-Method": "GET", "X-Original-URI": "/v1/things"},
     "ingress-nginx": {"X-Original-Method": "GET", "X-Original-URL": "https://api.example.com/v1/things"},
-    "traefik": {"X-Forwarded-Method": "GET", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com",
-                "X-Forwarded-Uri": "/v1/things"},
+    "traefik": {
+        "X-Forwarded-Method": "GET",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "api.example.com",
+        "X-Forwarded-Uri": "/v1/things",
+    },
     "caddy": {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/v1/things"},
 }
 
@@ -281,13 +293,16 @@ async def test_each_endpoint_missing_credentials(client: Client, world: World, p
     assert (r.status, r.headers["X-Auth-Error"]) == (401, "missing_credentials")
 
 
-@pytest.mark.parametrize(("proxy", "bad"), [
-    ("nginx", {"X-Original-URI": "not-a-path"}),
-    ("nginx", {"X-Original-Method": "get me"}),
-    ("ingress-nginx", {"X-Original-URL": "/relative"}),
-    ("traefik", {"X-Forwarded-Proto": "gopher"}),
-    ("caddy", {"X-Forwarded-Uri": "//evil.example/x"}),
-])
+@pytest.mark.parametrize(
+    ("proxy", "bad"),
+    [
+        ("nginx", {"X-Original-URI": "not-a-path"}),
+        ("nginx", {"X-Original-Method": "get me"}),
+        ("ingress-nginx", {"X-Original-URL": "/relative"}),
+        ("traefik", {"X-Forwarded-Proto": "gopher"}),
+        ("caddy", {"X-Forwarded-Uri": "//evil.example/x"}),
+    ],
+)
 async def test_unparsable_original_request(client: Client, world: World, proxy: str, bad: dict[str, str]) -> None:
     k = (await world.key(orgs=[world.org_a]))["key"]
     r = await client.get(f"/auth/{proxy}", headers={**PROXY_HEADERS[proxy], **bad, "Authorization": f"Bearer {k}"})
@@ -296,8 +311,15 @@ async def test_unparsable_original_request(client: Client, world: World, proxy: 
 
 async def test_duplicated_original_header_is_invalid(client: Client, world: World) -> None:
     k = (await world.key(orgs=[world.org_a]))["key"]
-    r = await client.get("/auth/nginx", headers=[("X-Original-Method", "GET"), ("X-Original-URI", "/a"),
-                                                  ("X-Original-URI", "/b"), ("Authorization", f"Bearer {k}")])
+    r = await client.get(
+        "/auth/nginx",
+        headers=[
+            ("X-Original-Method", "GET"),
+            ("X-Original-URI", "/a"),
+            ("X-Original-URI", "/b"),
+            ("Authorization", f"Bearer {k}"),
+        ],
+    )
     assert r.headers["X-Auth-Error"] == "invalid_request"
 
 

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Services, World, nginx_headers, start_gateway
+
+Client = Any
+
+
+async def test_healthz_readyz_metrics(client: Client, world: World) -> None:
+    assert (await client.get("/healthz")).status == 200
+    r = await client.get("/readyz")
+    assert r.status == 200 and (await r.json())["checks"] == {"postgres": "ok", "redis": "ok"}
+    k = await world.key(orgs=[world.org_a])
+    await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    text = await (await client.get("/metrics")).text()
+    assert 'gateway_auth_decisions_total{code="ok",endpoint="nginx"} 1.0' in text
+    assert "gateway_auth_seconds_bucket" in text
+    assert k["key"] not in text
+
+
+async def test_readyz_reports_redis_down(client: Client, services: Services) -> None:
+    services.redis.stop()
+    try:
+        r = await client.get("/readyz")
+        assert r.status == 503
+        assert (await r.json())["checks"]["redis"] == "unavailable"
+    finally:
+        services.redis.start()
+
+
+async def test_keys_verify_endpoint(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a], scopes=["calls:read"], expires_in="1d")
+    r = await client.post("/v1/keys/verify", json={"key": k["key"]})
+    body = await r.json()
+    assert r.status == 200
+    assert body["valid"] is True and body["code"] == "VALID"
+    assert body["key_id"] == k["id"] and body["org"] == world.org_a and body["role"] == "admin"
+    assert body["scopes"] == ["calls:read"] and body["env"] == "live" and body["expires_at"].endswith("Z")
+    assert set(body) == {"valid", "code", "key_id", "org", "role", "scopes", "env", "expires_at", "ratelimit"}
+    r = await client.post("/v1/keys/verify", json={"key": k["key"], "permission": "calls:write"})
+    assert (await r.json())["code"] == "INSUFFICIENT_PERMISSIONS"
+    r = await client.post("/v1/keys/verify", json={"key": k["key"], "org": world.org_b})
+    assert (await r.json())["code"] == "ORG_NOT_ALLOWED"
+    r = await client.post("/v1/keys/verify", json={"key": "junk"})
+    body = await r.json()
+    assert (body["valid"], body["code"], body["key_id"]) == (False, "INVALID_API_KEY", None)
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"[1]", b'{"key": 1}', b'{"key": "x", "extra": 1}', b"{}", b'{"key": "x", "org": "bad org!"}']
+)
+async def test_keys_verify_bad_input(client: Client, world: World, body: bytes) -> None:
+    r = await client.post("/v1/keys/verify", data=body, headers={"Content-Type": "application/json"})
+    assert r.status == 400
+    assert (await r.json())["error"]["code"] == "invalid_request"
+
+
+async def test_unknown_routes_and_oversized_bodies(client: Client, world: World) -> None:
+    r = await client.get("/nope")
+    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+    r = await client.get("/v1/keys/verify")
+    assert r.status == 405
+    r = await client.post("/v1/keys/verify", data=b"x" * 200_000)
+    assert r.status == 413 and (await r.json())["error"]["code"] == "invalid_request"
+
+
+async def test_no_raw_key_ever_appears_in_logs(services: Services, clean: None, world: World, tmp_path: Path) -> None:
+    gw = await start_gateway(services, tmp_path, "logs")
+    try:
+        k = await world.key(orgs=[world.org_a])
+        secret = k["key"].split("_")[3][:43]
+        bad = k["key"][:-1] + ("A" if k["key"][-1] != "A" else "B")
+        async with aiohttp.ClientSession() as s:
+            for key in (k["key"], bad):
+                for path in ("/auth/nginx", f"/auth/nginx?api_key={key}", "/auth/verify"):
+                    async with s.get(gw.url + path, headers=nginx_headers(key, uri=f"/x?token={key}")):
+                        pass
+                    async with s.get(gw.url + path, headers=nginx_headers(key)):
+                        pass
+                async with s.post(gw.url + "/v1/keys/verify", json={"key": key}):
+                    pass
+                async with s.get(gw.url + "/auth/nginx", headers={"X-API-Key": key}):
+                    pass
+            await world.admin.revoke_key(k["id"])
+            await asyncio.sleep(0.3)
+            async with s.get(gw.url + "/auth/nginx", headers=nginx_headers(k["key"])) as r:
+                assert r.status == 401
+    finally:
+        gw.stop()
+    logs = gw.logs()
+    assert "/auth/nginx" in logs  # the access log was captured
+    for needle in (k["key"], bad, secret):
+        assert needle not in logs

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+
+from gateway.audit import FailureAuditor
+from gateway.metrics import Metrics
+from gateway.store import Store
+from tests.conftest import World, nginx_headers
+
+Client = Any
+
+
+async def _rows(pool: asyncpg.Pool, type_: str) -> list[asyncpg.Record]:
+    return list(await pool.fetch("SELECT * FROM audit_events WHERE type = $1 ORDER BY id", type_))
+
+
+async def test_management_writes_audit_events(world: World) -> None:
+    pool = world.admin.pool
+    k = await world.key(orgs=[world.org_a])
+    await world.admin.rotate_key(k["id"], "1h")
+    await world.admin.revoke_key(k["id"])
+    created = await _rows(pool, "api_key.created")
+    assert [r["key_id"] for r in created] == [k["id"]]
+    assert len(await _rows(pool, "api_key.rotated")) == 1
+    assert [r["key_id"] for r in await _rows(pool, "api_key.revoked")] == [k["id"]]
+    changed = await _rows(pool, "membership.changed")
+    assert len(changed) == 2  # the world fixture's two memberships
+    text = " ".join(str(dict(r)) for r in await pool.fetch("SELECT * FROM audit_events"))
+    assert k["key"] not in text and k["key"].split("_")[3][:43] not in text
+
+
+async def test_denials_are_audited_in_aggregate(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    for _ in range(30):
+        await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_b}))
+    await client.get("/auth/nginx", headers=nginx_headers())
+    rows: list[asyncpg.Record] = []
+    for _ in range(50):
+        rows = await _rows(world.admin.pool, "auth.failed")
+        if sum(r["count"] for r in rows) >= 31:
+            break
+        await asyncio.sleep(0.05)
+    by_code: dict[str, int] = {}
+    for r in rows:
+        code = json.loads(r["detail"])["code"]
+        by_code[code] = by_code.get(code, 0) + r["count"]
+    assert by_code == {"org_not_allowed": 30, "missing_credentials": 1}
+    assert len(rows) <= 4  # aggregated, not one row per request
+    assert any(r["key_id"] == k["id"] for r in rows)
+
+
+async def test_a_flood_is_capped_and_the_drop_counted(world: World) -> None:
+    metrics = Metrics()
+    auditor = FailureAuditor(Store(world.admin.pool, 2), max_rows_per_flush=5, metrics=metrics)
+    for i in range(2000):
+        auditor.record("invalid_api_key", None, f"198.51.{i // 256}.{i % 256}", None, "nginx")
+    await auditor.flush()
+    rows = await world.admin.pool.fetch("SELECT type, count FROM audit_events WHERE type LIKE 'auth.failed%'")
+    written = [r for r in rows if r["type"] == "auth.failed"]
+    dropped = [r for r in rows if r["type"] == "auth.failed.dropped"]
+    assert len(written) == 5
+    assert sum(r["count"] for r in rows) == 2000
+    assert dropped and dropped[0]["count"] == 1995
+    assert metrics.audit_dropped._value.get() == 1995

@@ -1,0 +1,209 @@
+"""Every CLI command, through the real entry point, including bad arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, Services, gateway_env, write_test_config
+
+
+class Cli:
+    def __init__(self, services: Services, config: str) -> None:
+        self.services = services
+        self.config = config
+
+    def run(self, *args: str, json_out: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "gateway", "--config", self.config, *(["--json"] if json_out else []), *args]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60, env=gateway_env(self.services), cwd=ROOT, check=False
+        )
+
+    def ok(self, *args: str) -> Any:
+        r = self.run(*args)
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+        return json.loads(r.stdout)
+
+    def fails(self, *args: str, code: int = 1) -> str:
+        r = self.run(*args)
+        assert r.returncode == code, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert r.stdout == ""
+        return r.stderr
+
+
+@pytest.fixture
+def cli(services: Services, clean: None, tmp_path: Any) -> Cli:
+    return Cli(services, str(write_test_config(tmp_path / "cli.yaml")))
+
+
+def test_full_lifecycle(cli: Cli) -> None:
+    assert cli.ok("migrate") == {"applied": []}  # idempotent: the session already migrated
+    org = cli.ok("orgs", "create", "Acme")
+    assert set(org) == {"id", "name"} and org["name"] == "Acme"
+    user = cli.ok("users", "create", "Dev@Example.com")
+    assert user["email"] == "dev@example.com"
+    assert cli.ok("members", "set", org["id"], user["id"], "admin")["role"] == "admin"
+    project = cli.ok("projects", "create", org["id"], "web")
+    assert project["org_id"] == org["id"] and project["name"] == "web"
+    key = cli.ok(
+        "keys",
+        "create",
+        "--user",
+        user["id"],
+        "--name",
+        "ci",
+        "--role",
+        "member",
+        "--org",
+        org["id"],
+        "--project",
+        project["id"],
+        "--scope",
+        "calls:read",
+        "--expires-in",
+        "30d",
+        "--env",
+        "test",
+        "--allow-ip",
+        "10.0.0.0/8",
+        "--rate-limit",
+        "100/1m",
+    )
+    assert key["key"].startswith("gw_test_" + key["id"] + "_")
+    assert key["orgs"] == [org["id"]] and key["projects"] == [project["id"]]
+    assert key["scopes"] == ["calls:read"] and key["allowed_ips"] == ["10.0.0.0/8"]
+    assert key["rate_limit"] == "100/1m" and key["status"] == "active" and key["expires_at"]
+    listed = cli.ok("keys", "list", "--user", user["id"])
+    assert [k["id"] for k in listed] == [key["id"]]
+    assert "key" not in listed[0]  # the raw key is shown once only
+    assert [k["id"] for k in cli.ok("keys", "list", "--org", org["id"])] == [key["id"]]
+    shown = cli.ok("keys", "show", key["id"])
+    assert shown["id"] == key["id"] and "key" not in shown
+    rotated = cli.ok("keys", "rotate", key["id"], "--grace", "1h")
+    assert rotated["id"] != key["id"] and rotated["key"] and rotated["rotated_from"] == key["id"]
+    assert rotated["scopes"] == ["calls:read"] and rotated["allowed_ips"] == ["10.0.0.0/8"]
+    assert cli.ok("keys", "show", key["id"])["rotated_to"] == rotated["id"]
+    revoked = cli.ok("keys", "revoke", rotated["id"])
+    assert revoked["status"] == "revoked" and revoked["revoked_at"]
+    assert cli.ok("members", "remove", org["id"], user["id"])["removed"] is True
+    all_keys = cli.ok("keys", "list")
+    assert len(all_keys) == 2  # revoked and rotated keys stay for audit
+
+
+def test_table_output_is_readable(cli: Cli) -> None:
+    org = cli.ok("orgs", "create", "Acme")
+    r = cli.run("keys", "list", json_out=False)
+    assert r.returncode == 0 and r.stdout.strip() == "(none)"
+    r = cli.run("keys", "show", "nope", json_out=False)
+    assert r.returncode == 1 and "not_found" in r.stderr
+    r = cli.run("orgs", "create", "Other", json_out=False)
+    assert r.returncode == 0 and "name" in r.stdout and "Other" in r.stdout
+    assert org["id"] not in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("bogus",), 2, "invalid choice"),
+        (("keys",), 2, "required"),
+        (("keys", "create", "--name", "x", "--role", "admin"), 2, "--user"),
+        (("keys", "create", "--user", "u", "--name", "x", "--role", "admin", "--env", "prod"), 2, "invalid choice"),
+        (
+            (
+                "keys",
+                "create",
+                "--user",
+                "u",
+                "--name",
+                "x",
+                "--role",
+                "admin",
+                "--expires-in",
+                "1d",
+                "--expires-at",
+                "2030-01-01",
+            ),
+            2,
+            "not allowed with",
+        ),
+        (("serve", "--port", "http"), 2, "invalid int"),
+        (("--frobnicate", "migrate"), 2, "unrecognized"),
+    ],
+)
+def test_bad_arguments(cli: Cli, args: tuple[str, ...], code: int, needle: str) -> None:
+    assert needle in cli.fails(*args, code=code)
+
+
+def test_bad_values_are_clear_errors(cli: Cli) -> None:
+    org = cli.ok("orgs", "create", "Acme")
+    user = cli.ok("users", "create", "a@example.com")
+    assert "invalid_request" in cli.fails("users", "create", "not-an-email")
+    assert "conflict" in cli.fails("users", "create", "a@example.com")
+    assert "role must be one of" in cli.fails("members", "set", org["id"], user["id"], "god")
+    assert "not_found" in cli.fails("members", "set", "org_nope", user["id"], "admin")
+    assert "not_found" in cli.fails("members", "remove", org["id"], user["id"])
+    assert "not_found" in cli.fails("projects", "create", "org_nope", "web")
+    base = ("keys", "create", "--user", user["id"], "--name", "k", "--role", "admin")
+    assert "not a member" in cli.fails(*base, "--org", org["id"])
+    cli.ok("members", "set", org["id"], user["id"], "admin")
+    assert "expires_in" in cli.fails(*base, "--expires-in", "soon")
+    assert "expires_at" in cli.fails(*base, "--expires-at", "yesterday")
+    assert "future" in cli.fails(*base, "--expires-at", "2001-01-01T00:00:00Z")
+    assert "scope" in cli.fails(*base, "--scope", "not a pattern")
+    assert "allow" in cli.fails(*base, "--allow-ip", "300.1.1.1")
+    assert "rate limit" in cli.fails(*base, "--rate-limit", "lots")
+    assert "project" in cli.fails(*base, "--project", "prj_nope")
+    assert "not_found" in cli.fails("keys", "create", "--user", "usr_nope", "--name", "k", "--role", "admin")
+    assert "not_found" in cli.fails("keys", "revoke", "nope")
+    assert "not_found" in cli.fails("keys", "rotate", "nope")
+    key = cli.ok(*base)
+    cli.ok("keys", "revoke", key["id"])
+    assert "conflict" in cli.fails("keys", "rotate", key["id"])
+    assert "grace" in cli.fails("keys", "rotate", key["id"], "--grace", "forever")
+
+
+def test_database_down_is_a_clear_error(services: Services, tmp_path: Any) -> None:
+    config = write_test_config(tmp_path / "c.yaml", db="database: {connect_retries: 1}\n")
+    env = gateway_env(services)
+    env["GATEWAY_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/postgres"
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(config), "orgs", "create", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert r.returncode == 1
+    assert "cannot connect to Postgres" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_migrate_from_several_replicas_at_once(services: Services, tmp_path: Any) -> None:
+    """Concurrent `gateway migrate` runs are serialised by an advisory lock."""
+    config = write_test_config(tmp_path / "m.yaml")
+    env = gateway_env(services)
+    env["GATEWAY_DATABASE_URL"] = services.pg.url.rsplit("/", 1)[0] + "/fresh"
+    subprocess.run(["psql", services.pg.url, "-qc", "DROP DATABASE IF EXISTS fresh"], check=True, capture_output=True)
+    subprocess.run(["psql", services.pg.url, "-qc", "CREATE DATABASE fresh"], check=True, capture_output=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(config), "--json", "migrate"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    applied = [json.loads(o)["applied"] for o, _ in outs]
+    assert sorted(map(len, applied)) == [0, 0, 0, 1]

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Secret, config_from_mapping, load_config, redact_url
+from gateway.errors import ConfigError
+
+BASE = {"database": {"url": "postgresql://u:pw@db/x"}, "redis": {"url": "redis://r:6379/0"}, "pepper": "p" * 32}
+
+
+def _with(**over: object) -> dict[str, object]:
+    data: dict[str, object] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    for path, value in over.items():
+        section, _, name = path.partition("__")
+        if name:
+            sub = data.setdefault(section, {})
+            assert isinstance(sub, dict)
+            sub[name] = value
+        else:
+            data[section] = value
+    return data
+
+
+def test_minimal_config_is_valid() -> None:
+    cfg = config_from_mapping(BASE, env={})
+    assert cfg.keys.prefix == "gw"
+    assert cfg.roles.order == ("viewer", "member", "admin", "owner")
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (_with(server__port=0), "server.port"),
+        (_with(server__port="80"), "server.port"),
+        (_with(server__bogus=1), "server.bogus"),
+        (_with(bogus=1), "bogus"),
+        (_with(database__url="mysql://x"), "database.url"),
+        (_with(redis__url=""), "redis.url"),
+        (_with(pepper="short"), "pepper"),
+        (_with(keys__prefix="g_w"), "keys.prefix"),
+        (_with(cache__local_ttl_s=-1), "cache.local_ttl_s"),
+        (_with(cache__local_ttl_s=True), "cache.local_ttl_s"),
+        (_with(forward_auth__proxy="haproxy"), "forward_auth.proxy"),
+        (_with(forward_auth__trusted_proxies=["not-a-net"]), "forward_auth.trusted_proxies[0]"),
+        (_with(roles={"order": ["a", "b"], "permissions": {"a": ["*"]}}), "roles.permissions.b"),
+        (_with(keys={"argon2": {"time_cost": 0}}), "keys.argon2.time_cost"),
+        (_with(server=[1, 2]), "server"),
+        (_with(log_level="LOUD"), "log_level"),
+    ],
+)
+def test_bad_values_name_the_field(data: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config_from_mapping(data, env={})
+    assert str(exc.value).startswith(field)
+
+
+def test_env_overrides_urls_and_pepper() -> None:
+    cfg = config_from_mapping(
+        {},
+        env={"GATEWAY_DATABASE_URL": "postgresql://a/b", "GATEWAY_REDIS_URL": "redis://c", "GATEWAY_PEPPER": "q" * 40},
+    )
+    assert cfg.database.url.get() == "postgresql://a/b"
+    assert cfg.redis.url.get() == "redis://c"
+    assert cfg.pepper.get() == "q" * 40
+
+
+def test_secrets_never_in_repr() -> None:
+    cfg = config_from_mapping(BASE, env={})
+    text = repr(cfg)
+    assert "pw" not in text.replace("pwd", "")
+    assert "p" * 32 not in text
+    assert str(Secret("hunter2")) == repr(Secret("hunter2")) == "Secret('**********')"
+    assert redact_url("postgresql://u:pw@db/x") == "postgresql://u:***@db/x"
+
+
+def test_broken_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {port: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(str(bad), env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"), env={})
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(scalar), env={})
+
+
+def test_gateway_env_var_selects_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("server: {port: 9999}\n")
+    cfg = load_config(
+        None,
+        env={
+            "GATEWAY_CONFIG": str(f),
+            **{
+                k.upper(): v
+                for k, v in {
+                    "gateway_database_url": "postgresql://a/b",
+                    "gateway_redis_url": "redis://c",
+                    "gateway_pepper": "z" * 32,
+                }.items()
+            },
+        },
+    )
+    assert cfg.server.port == 9999
+
+
+def test_shipped_config_is_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(str(root / "config/gateway.yaml"), env={"GATEWAY_PEPPER": "x" * 32})
+    assert cfg.keys.argon2.memory_kib == 19456
+
+
+def test_bad_config_fails_at_start_with_a_clear_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache: {local_ttl_s: soon}\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(bad), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", "GATEWAY_PEPPER": "x" * 32},
+    )
+    assert r.returncode == 2
+    assert "cache.local_ttl_s: expected a number" in r.stderr
+    assert "Traceback" not in r.stderr

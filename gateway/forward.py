@@ -248,14 +248,17 @@ def identity_headers(outcome: Outcome) -> dict[str, str]:
     }
 
 
-def error_response(err: GatewayError) -> web.Response:
+def error_response(err: GatewayError, *, to_proxy: bool = False) -> web.Response:
+    """The contract's JSON denial. To a proxy a 400 is a 401: nginx's auth_request and Traefik only
+    deny on 401/403, and would turn a 400 into a 500 or pass it through as if it were the upstream's."""
+    status = 401 if to_proxy and err.status == 400 else err.status
     headers = {"X-Auth-Error": err.code, "Cache-Control": "no-store"}
-    if err.status == 401:
+    if status == 401:
         headers["WWW-Authenticate"] = f'Bearer error="{err.code}"'
     body: dict[str, str] = {"code": err.code, "message": err.message}
     if err.field is not None:
         body["field"] = err.field
-    return web.json_response({"error": body}, status=err.status, headers=headers)
+    return web.json_response({"error": body}, status=status, headers=headers)
 
 
 def forward_handler(proxy: str) -> Callable[[web.Request], object]:
@@ -274,7 +277,7 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
             # Only a caller whose secret verified learns that its key expired or was revoked:
             # those errors are raised after verification, so nothing to hide here.
             app[AUDITOR].record(code, request.get(KEY_ID), str(client_ip) if client_ip else None, None, endpoint)
-            response = error_response(err)
+            response = error_response(err, to_proxy=True)
         else:
             code = "ok"
             response = web.Response(status=200, headers={**identity_headers(outcome), "Cache-Control": "no-store"})

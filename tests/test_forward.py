@@ -212,7 +212,7 @@ async def test_duplicated_credential_headers(client: Client, world: World) -> No
     k = (await world.key(orgs=[world.org_a]))["key"]
     both = {**nginx_headers(k), "X-API-Key": k}
     r = await client.get("/auth/nginx", headers=both)
-    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
     twice = [("X-Original-Method", "GET"), ("X-Original-URI", "/"), ("X-API-Key", k), ("X-API-Key", k)]
     r = await client.get("/auth/nginx", headers=twice)
     assert r.headers["X-Auth-Error"] == "invalid_request"
@@ -226,7 +226,7 @@ async def test_duplicated_credential_headers(client: Client, world: World) -> No
 async def test_key_in_query_string_refused(client: Client, world: World, uri: str) -> None:
     k = (await world.key(orgs=[world.org_a]))["key"]
     r = await client.get("/auth/nginx", headers=nginx_headers(k, uri=uri.format(k=k)))
-    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
     r = await client.get(f"/auth/nginx?api_key={k}", headers=nginx_headers(k))
     assert r.headers["X-Auth-Error"] == "invalid_request"
 
@@ -246,7 +246,7 @@ async def test_key_in_query_string_refused(client: Client, world: World, uri: st
 async def test_header_tricks_refused(client: Client, world: World, extra: dict[str, str]) -> None:
     k = (await world.key(orgs=[world.org_a]))["key"]
     r = await client.get("/auth/nginx", headers={**nginx_headers(k), **extra})
-    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
 
 
 # --- each proxy's own headers ----------------------------------------------------------------
@@ -284,7 +284,7 @@ async def test_each_endpoint_ignores_other_proxies_headers(client: Client, world
     own_required = [h for h in PROXY_HEADERS[proxy] if h not in others]
     assert own_required
     r = await client.get(f"/auth/{proxy}", headers={**others, "Authorization": f"Bearer {k}"})
-    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
 
 
 @pytest.mark.parametrize("proxy", sorted(PROXY_HEADERS))
@@ -306,7 +306,7 @@ async def test_each_endpoint_missing_credentials(client: Client, world: World, p
 async def test_unparsable_original_request(client: Client, world: World, proxy: str, bad: dict[str, str]) -> None:
     k = (await world.key(orgs=[world.org_a]))["key"]
     r = await client.get(f"/auth/{proxy}", headers={**PROXY_HEADERS[proxy], **bad, "Authorization": f"Bearer {k}"})
-    assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request")
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
 
 
 async def test_duplicated_original_header_is_invalid(client: Client, world: World) -> None:

@@ -1,0 +1,195 @@
+"""deploy/nginx/gateway.conf, run in real nginx in front of an echo upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway._services import free_port
+from gateway.app import create_app
+from gateway.config import Config
+from tests.conftest import ROOT, Services, World
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+pytestmark = pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is installed by `make test`")
+
+
+async def echo(request: web.Request) -> web.Response:
+    return web.json_response({"path": request.path_qs, "headers": [[k, v] for k, v in request.headers.items()]})
+
+
+@dataclass
+class Nginx:
+    port: int
+    root: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        pid = (self.root / "nginx.pid").read_text().strip()
+        subprocess.run(["kill", "-QUIT", pid], check=False)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+def run_nginx(root: Path, gateway_port: int, upstream_port: int) -> Nginx:
+    port = free_port()
+    site = (ROOT / "deploy/nginx/gateway.conf").read_text()
+    site = site.replace("127.0.0.1:8080", f"127.0.0.1:{gateway_port}")
+    site = site.replace("127.0.0.1:9000", f"127.0.0.1:{upstream_port}")
+    site = site.replace("listen 8000;", f"listen 127.0.0.1:{port};")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "site.conf").write_text(site)
+    temp = "".join(f"{d}_temp_path {root}/{d};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (root / "nginx.conf").write_text(
+        f"worker_processes 1;\ndaemon off;\npid {root}/nginx.pid;\nerror_log {root}/error.log warn;\n"
+        f"events {{ worker_connections 256; }}\n"
+        f"http {{\naccess_log off;\n{temp}include {root}/site.conf;\n}}\n"
+    )
+    check = subprocess.run(
+        [NGINX, "-t", "-p", str(root), "-c", str(root / "nginx.conf"), "-e", str(root / "e.log")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([NGINX, "-p", str(root), "-c", str(root / "nginx.conf"), "-e", str(root / "e.log")])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return Nginx(port, root, proc)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError((root / "error.log").read_text())
+
+
+@pytest.fixture
+async def stack(aiohttp_server: Any, cfg: Config, tmp_path: Path) -> AsyncIterator[Nginx]:
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", echo)
+    up = await aiohttp_server(upstream)
+    gw = await aiohttp_server(create_app(cfg))
+    nginx = await asyncio.to_thread(run_nginx, tmp_path / "nginx", gw.port, up.port)
+    yield nginx
+    await asyncio.to_thread(nginx.stop)
+
+
+async def _get(nginx: Nginx, path: str = "/v1/things", headers: Any = None) -> tuple[int, Any, Any]:
+    async with aiohttp.ClientSession() as s, s.get(nginx.url + path, headers=headers or {}) as r:
+        return r.status, r.headers, await r.json(content_type=None)
+
+
+def _seen(body: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in body["headers"] if k.lower() == name.lower()]
+
+
+async def test_valid_key_reaches_upstream_with_gateway_identity(stack: Nginx, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    status, _, body = await _get(stack, headers={"Authorization": f"Bearer {k['key']}"})
+    assert status == 200
+    assert _seen(body, "X-Org") == [world.org_a]
+    assert _seen(body, "X-Role") == ["admin"]
+    assert _seen(body, "X-User") == [world.user]
+    assert _seen(body, "X-Key-Id") == [k["id"]]
+    assert _seen(body, "X-Scopes") == ["*"]
+    assert _seen(body, "X-Auth-Method") == ["api_key"]
+    assert _seen(body, "Authorization") == []  # the key stops at nginx
+
+
+async def test_client_identity_headers_never_reach_upstream(stack: Nginx, world: World) -> None:
+    k = await world.key(role="viewer", orgs=[world.org_a])
+    forged = [
+        ("Authorization", f"Bearer {k['key']}"),
+        ("X-Org", "org_evil"),
+        ("x-role", "owner"),
+        ("X-ROLE", "owner"),
+        ("X-User", "usr_root"),
+        ("X-Scopes", "*"),
+        ("X-Scopes", "admin:*"),
+        ("X_Org", "org_evil"),
+        ("X_Role", "owner"),
+        ("x-project", "prj_evil"),
+        ("Connection", "keep-alive, X-Org, X-Role"),
+    ]
+    status, _, body = await _get(stack, headers=forged)
+    assert status == 200
+    assert _seen(body, "X-Org") == [world.org_a]
+    assert _seen(body, "X-Role") == ["viewer"]
+    assert _seen(body, "X-User") == [world.user]
+    assert _seen(body, "X-Scopes") == ["*:read"]
+    assert _seen(body, "X-Project") == []  # empty from the gateway: nothing sent, the client's dropped
+    for k_, _v in body["headers"]:
+        assert k_.lower() not in ("x_org", "x_role")
+
+
+async def test_denials_are_rebuilt_as_json(stack: Nginx, world: World) -> None:
+    status, headers, body = await _get(stack)
+    assert status == 401
+    assert body["error"]["code"] == "missing_credentials"
+    assert headers["X-Auth-Error"] == "missing_credentials"
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert headers["Content-Type"].startswith("application/json")
+
+    status, headers, body = await _get(stack, headers={"X-API-Key": "gw_live_nope"})
+    assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+
+    k = await world.key(orgs=[world.org_a])
+    status, headers, body = await _get(stack, headers={"X-API-Key": k["key"], "X-Org-Id": world.org_b})
+    assert (status, body["error"]["code"], headers["X-Auth-Error"]) == (403, "org_not_allowed", "org_not_allowed")
+    assert "WWW-Authenticate" not in headers
+
+    status, _, body = await _get(stack, path=f"/v1/things?api_key={k['key']}", headers={"X-API-Key": k["key"]})
+    assert (status, body["error"]["code"]) == (401, "invalid_request")
+
+
+async def test_gateway_outage_is_503_not_401(stack: Nginx, world: World, services: Services) -> None:
+    k = await world.key(orgs=[world.org_a])
+    services.pg.stop()
+    try:
+        status, headers, body = await _get(stack, headers={"X-API-Key": k["key"]})
+    finally:
+        services.pg.start()
+    assert (status, body["error"]["code"], headers["X-Auth-Error"]) == (503, "auth_unavailable", "auth_unavailable")
+
+
+async def test_gateway_unreachable_is_503(cfg: Config, aiohttp_server: Any, tmp_path: Path) -> None:
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", echo)
+    up = await aiohttp_server(upstream)
+    nginx = await asyncio.to_thread(run_nginx, tmp_path / "nginx", free_port(), up.port)
+    try:
+        status, headers, body = await _get(nginx, headers={"X-API-Key": "gw_live_x"})
+    finally:
+        await asyncio.to_thread(nginx.stop)
+    assert (status, body["error"]["code"], headers["X-Auth-Error"]) == (503, "auth_unavailable", "auth_unavailable")
+
+
+async def test_spoofed_forwarded_for_changes_nothing(stack: Nginx, world: World) -> None:
+    only_doc = await world.key(name="doc", orgs=[world.org_a], allow_ips=["203.0.113.7/32"])
+    local = await world.key(name="local", orgs=[world.org_a], allow_ips=["127.0.0.1/32"])
+    spoof = {"X-Forwarded-For": "203.0.113.7"}
+    status, _, body = await _get(stack, headers={"X-API-Key": only_doc["key"], **spoof})
+    assert (status, body["error"]["code"]) == (403, "ip_not_allowed")
+    status, _, body = await _get(stack, headers={"X-API-Key": local["key"], **spoof})
+    assert status == 200
+    assert _seen(body, "X-Forwarded-For") == ["127.0.0.1"]

@@ -44,7 +44,7 @@ async def _demo(config_path: str | None) -> None:
     if marker.exists():
         ids = json.loads(marker.read_text())
         print(f"demo data exists (org {ids['org']}, key {ids['key_id']}); its key was printed when created.")
-        print("create another with: .venv/bin/gateway keys create --user", ids["user"], "--name demo --role admin")
+        print(f"another one: .venv/bin/gateway keys create --user {ids['user']} --name demo --role admin")
         return
     cfg = load_config(config_path)
 
@@ -92,6 +92,11 @@ def main() -> int:
         applied = asyncio.run(_migrate(cfg))
         print(f"migrations applied: {applied or 'none pending'}")
         asyncio.run(_demo(config_path))
+        print("to use the CLI against this instance, in another shell:")
+        print(
+            f"  export GATEWAY_DATABASE_URL={os.environ['GATEWAY_DATABASE_URL']}"
+            f" GATEWAY_REDIS_URL={os.environ['GATEWAY_REDIS_URL']} GATEWAY_PEPPER=$(cat .local/pepper)"
+        )
         print(f"gateway listening on http://{cfg.server.host}:{cfg.server.port} (Ctrl-C to stop)")
         sys.stdout.flush()
         _serve_one(cfg, cfg.server.host, cfg.server.port, False)

@@ -149,7 +149,7 @@ class Postgres:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             r = subprocess.run(
-                ["pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                [_pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
                 capture_output=True,
                 check=False,
             )

@@ -104,6 +104,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _flush_once(app: web.Application) -> None:
+    await app[RESOLVER].retry_invalidations()
     await app[RESOLVER].flush_last_used()
     await app[AUDITOR].flush()
     app[METRICS].local_entries.set(len(app[RESOLVER].local))

@@ -152,6 +152,20 @@ def authorize(
 # --- key resolution ----------------------------------------------------------------------------
 
 
+class Breaker:
+    """After a backend fails, skip it for a moment instead of paying its timeout on every request."""
+
+    def __init__(self, cooldown_s: float = 1.0) -> None:
+        self.cooldown_s = cooldown_s
+        self._until = 0.0
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self._until
+
+    def trip(self) -> None:
+        self._until = time.monotonic() + self.cooldown_s
+
+
 class KeyResolver:
     """Finds a key's record: in-process cache, then Redis, then Postgres plus argon2.
 
@@ -178,7 +192,10 @@ class KeyResolver:
         self.stale_if_error_s = stale_if_error_s
         self.metrics = metrics
         self._inflight: dict[str, asyncio.Future[KeyRecord]] = {}
-        self._pg_down_until = 0.0  # monotonic; skip Postgres briefly after it failed
+        self._pg_breaker = Breaker()
+        self._redis_breaker = Breaker()
+        # Keys whose Redis invalidation failed: retried until it lands, never read from Redis meanwhile.
+        self.pending_invalidations: set[str] = set()
         self.last_used: dict[str, float] = {}
 
     async def resolve(self, key: ParsedKey) -> KeyRecord:
@@ -205,13 +222,12 @@ class KeyResolver:
 
     async def _redis_lookup(self, key: ParsedKey, d: str, epoch: int) -> tuple[Entry | None, str | None]:
         """(usable Redis entry, generation to fill with); raises InvalidApiKey on a negative hit."""
-        if self.redis is None:
+        if self.redis is None or self._redis_breaker.is_open() or key.key_id in self.pending_invalidations:
             return None, None
         try:
             found = await self.redis.lookup(key.key_id, d)
         except REDIS_ERRORS as exc:
-            self.metrics.backend_errors.labels("redis").inc()
-            log.debug("redis lookup failed: %s", exc.__class__.__name__)
+            self._redis_failed(exc)
             return None, None
         if found.negative is not None:
             self.metrics.cache.labels("redis_negative").inc()
@@ -228,11 +244,11 @@ class KeyResolver:
             return redis_entry.record
         self.metrics.cache.labels("miss").inc()
         try:
-            if time.monotonic() < self._pg_down_until:
+            if self._pg_breaker.is_open():
                 raise StoreUnavailable("recently failed")
             loaded = await self.store.load_key(key.key_id)
         except StoreUnavailable:
-            self._pg_down_until = time.monotonic() + 1.0
+            self._pg_breaker.trip()
             self.metrics.backend_errors.labels("postgres").inc()
             return self._stale(local_entry, redis_entry)
         if loaded is None:
@@ -251,9 +267,14 @@ class KeyResolver:
         if self.redis is not None and generation is not None:
             try:
                 await self.redis.put(d, entry, generation)
-            except REDIS_ERRORS:
-                self.metrics.backend_errors.labels("redis").inc()
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
         return record
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self._redis_breaker.trip()
+        self.metrics.backend_errors.labels("redis").inc()
+        log.debug("redis call failed: %s", exc.__class__.__name__)
 
     def _stale(self, *entries: Entry | None) -> KeyRecord:
         limit = self.redis_ttl_s + self.stale_if_error_s
@@ -268,18 +289,26 @@ class KeyResolver:
         if self.redis is not None and generation is not None:
             try:
                 await self.redis.put_negative(key.key_id, d, "invalid_api_key")
-            except REDIS_ERRORS:
-                self.metrics.backend_errors.labels("redis").inc()
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
 
     async def invalidate(self, key_ids: list[str]) -> None:
         """Drop the keys here and in Redis (every process does the Redis part too: it is idempotent,
         and covers an admin that could not reach Redis)."""
         self.local.invalidate(key_ids)
-        if self.redis is not None:
-            try:
-                await self.redis.invalidate(key_ids)
-            except REDIS_ERRORS:
-                self.metrics.backend_errors.labels("redis").inc()
+        self.pending_invalidations.update(key_ids)
+        await self.retry_invalidations()
+
+    async def retry_invalidations(self) -> None:
+        if self.redis is None or not self.pending_invalidations:
+            return
+        batch = sorted(self.pending_invalidations)
+        try:
+            await self.redis.invalidate(batch)
+        except REDIS_ERRORS as exc:
+            self._redis_failed(exc)
+            return
+        self.pending_invalidations.difference_update(batch)
 
     async def flush_last_used(self) -> None:
         if not self.last_used:

@@ -7,7 +7,9 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
@@ -228,16 +230,38 @@ def serve(cfg: Config, args: argparse.Namespace) -> None:
     if workers == 1:
         _serve_one(cfg, host, port, False)
         return
+    _serve_workers(cfg, host, port, workers)
+
+
+def _serve_workers(cfg: Config, host: str, port: int, workers: int) -> None:
+    """N processes on one port (SO_REUSEPORT). A signal to the parent stops them all; when one worker
+    dies the others are stopped too, so the supervisor (systemd, Kubernetes) restarts the whole unit."""
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_serve_one, args=(cfg, host, port, True)) for _ in range(workers)]
+
+    stopping = False
+
+    def stop_all() -> None:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        stop_all()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     for proc in procs:
         proc.start()
-    try:
-        for proc in procs:
-            proc.join()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
+    multiprocessing.connection.wait([p.sentinel for p in procs])
+    died_alone = not stopping
+    stop_all()
+    for proc in procs:
+        proc.join()
+    if died_alone:
+        raise CliError(f"a worker exited unexpectedly (exit codes {[p.exitcode for p in procs]})")
 
 
 def _print(data: Any, as_json: bool) -> None:

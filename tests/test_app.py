@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,51 @@ async def test_no_raw_key_ever_appears_in_logs(services: Services, clean: None, 
     assert "/auth/nginx" in logs  # the access log was captured
     for needle in (k["key"], bad, secret):
         assert needle not in logs
+
+
+async def test_last_used_is_recorded(client: Client, world: World) -> None:
+    k = await world.key(orgs=[world.org_a])
+    assert (await world.admin.show_key(k["id"]))["last_used_at"] is None
+    assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    for _ in range(50):
+        if (await world.admin.show_key(k["id"]))["last_used_at"] is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert (await world.admin.show_key(k["id"]))["last_used_at"] is not None
+
+
+async def test_serve_with_several_workers(services: Services, clean: None, world: World, tmp_path: Path) -> None:
+    gw = await start_gateway(services, tmp_path, "workers", "--workers", "2")
+    worker_pids = _children(gw.proc.pid)
+    assert len(worker_pids) >= 2  # two workers (and multiprocessing's resource tracker)
+    try:
+        for _ in range(100):  # both workers up
+            if gw.logs().count("gateway serving on") == 2:
+                break
+            await asyncio.sleep(0.05)
+        k = await world.key(orgs=[world.org_a])
+        async with aiohttp.ClientSession() as s:
+            for _ in range(10):
+                async with s.get(gw.url + "/auth/nginx", headers=nginx_headers(k["key"])) as r:
+                    assert r.status == 200
+    finally:
+        gw.stop()
+    assert gw.logs().count("gateway serving on") == 2
+    assert gw.proc.returncode == 0
+    for _ in range(100):  # no orphan is left behind (multiprocessing's tracker exits just after)
+        if not any(_alive(pid) for pid in worker_pids):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(_alive(pid) for pid in worker_pids)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

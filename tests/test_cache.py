@@ -219,3 +219,25 @@ def test_constants_use_cluster_hash_tags() -> None:
     assert C.REDIS_KEY_ENTRY.format(key_id="abc", digest="d") == "gw:key:{abc}:d"
     assert C.REDIS_KEY_GENERATION.format(key_id="abc") == "gw:gen:{abc}"
     assert C.REDIS_NEGATIVE_ENTRY.format(key_id="abc", digest="d") == "gw:neg:{abc}:d"
+
+
+async def test_revocation_while_redis_is_unreachable_is_not_undone(
+    aiohttp_client: Any, services: Services, world: World, rclient: aioredis.Redis
+) -> None:
+    """Redis keeps its data but does not answer while the revocation is broadcast: the gateways retry
+    the Redis invalidation until it lands, so a process with a cold cache never reads the key back."""
+    from gateway.app import create_app
+    from tests.conftest import make_config
+
+    cfg = make_config(services)
+    first = await aiohttp_client(create_app(cfg))
+    k = await world.key(orgs=[world.org_a])
+    assert (await first.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200  # fills Redis
+    assert await rclient.keys(f"gw:key:{{{k['id']}}}:*")
+    await rclient.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    await world.admin.revoke_key(k["id"])  # the NOTIFY arrives; the Redis part times out
+    await asyncio.sleep(1.8)  # Redis answers again; the flusher retries
+    fresh = await aiohttp_client(create_app(cfg))
+    r = await fresh.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "revoked_api_key")
+    assert int(await rclient.get(f"gw:gen:{{{k['id']}}}")) >= 1

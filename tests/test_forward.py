@@ -340,3 +340,39 @@ async def test_untrusted_peer_cannot_spoof_forwarded_for(aiohttp_client: Any, se
     k = await world.key(orgs=[world.org_a], allow_ips=["203.0.113.7/32"])
     r = await c.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Forwarded-For": "203.0.113.7"}))
     assert (r.status, r.headers["X-Auth-Error"]) == (403, "ip_not_allowed")
+
+
+# --- every outcome on every endpoint ---------------------------------------------------------
+
+ALL_ENDPOINTS = {**PROXY_HEADERS, "verify": PROXY_HEADERS["nginx"]}
+
+
+@pytest.mark.parametrize("endpoint", sorted(ALL_ENDPOINTS))
+async def test_outcome_matrix(client: Client, world: World, endpoint: str) -> None:
+    base = ALL_ENDPOINTS[endpoint]
+    path = f"/auth/{endpoint}"
+
+    async def ask(key: str | None, **extra: str) -> tuple[int, str]:
+        h = {**base, **extra}
+        if key is not None:
+            h["X-API-Key"] = key
+        r = await client.get(path, headers=h)
+        return r.status, r.headers.get("X-Auth-Error", "")
+
+    good = await world.key(name="good", orgs=[world.org_a])
+    multi = await world.key(name="multi")
+    expired = await world.key(name="expired", orgs=[world.org_a], expires_in="1s")
+    revoked = await world.key(name="revoked", orgs=[world.org_a])
+    await world.admin.revoke_key(revoked["id"])
+    fenced = await world.key(name="fenced", orgs=[world.org_a], allow_ips=["192.0.2.0/24"])
+    await asyncio.sleep(1.05)
+    assert await ask(good["key"]) == (200, "")
+    assert await ask(None) == (401, "missing_credentials")
+    assert await ask("gw_live_garbage") == (401, "invalid_api_key")
+    assert await ask(expired["key"]) == (401, "expired_api_key")
+    assert await ask(revoked["key"]) == (401, "revoked_api_key")
+    assert await ask(multi["key"]) == (403, "org_required")
+    assert await ask(good["key"], **{"X-Org-Id": world.org_b}) == (403, "org_not_allowed")
+    assert await ask(fenced["key"]) == (403, "ip_not_allowed")
+    assert await ask(good["key"], **{"X-HTTP-Method-Override": "DELETE"}) == (401, "invalid_request")
+    assert await ask(good["key"], **{"X-Org-Id": "not a valid id!"}) == (401, "invalid_request")

@@ -234,10 +234,10 @@ async def test_revocation_while_redis_is_unreachable_is_not_undone(
     k = await world.key(orgs=[world.org_a])
     assert (await first.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200  # fills Redis
     assert await rclient.keys(f"gw:key:{{{k['id']}}}:*")
-    await rclient.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    await rclient.client_pause(1500)
     await world.admin.revoke_key(k["id"])  # the NOTIFY arrives; the Redis part times out
     await asyncio.sleep(1.8)  # Redis answers again; the flusher retries
     fresh = await aiohttp_client(create_app(cfg))
     r = await fresh.get("/auth/nginx", headers=nginx_headers(k["key"]))
     assert (r.status, r.headers["X-Auth-Error"]) == (401, "revoked_api_key")
-    assert int(await rclient.get(f"gw:gen:{{{k['id']}}}")) >= 1
+    assert int(await rclient.get(f"gw:gen:{{{k['id']}}}") or 0) >= 1

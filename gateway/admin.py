@@ -175,6 +175,16 @@ class Admin:
     async def _user_keys(self, conn: asyncpg.Connection, user_id: str) -> list[str]:
         return [r["id"] for r in await conn.fetch("SELECT id FROM api_keys WHERE user_id = $1", user_id)]
 
+    async def _membership_changed(
+        self, conn: asyncpg.Connection, org_id: str, user_id: str, old: str | None, new: str | None
+    ) -> None:
+        """Audit the change and invalidate every key of the user, inside the caller's transaction."""
+        await write_event(
+            conn, "membership.changed", actor="cli", org_id=org_id, user_id=user_id, detail={"from": old, "to": new}
+        )
+        self.invalidated = await self._user_keys(conn, user_id)
+        await notify_keys(conn, self.invalidated)
+
     async def set_member(self, org_id: str, user_id: str, role: str) -> dict[str, Any]:
         role = self._role(role)
         async with self.pool.acquire() as conn, conn.transaction():
@@ -190,16 +200,7 @@ class Admin:
                 user_id,
                 role,
             )
-            await write_event(
-                conn,
-                "membership.changed",
-                actor="cli",
-                org_id=org_id,
-                user_id=user_id,
-                detail={"from": old, "to": role},
-            )
-            self.invalidated = await self._user_keys(conn, user_id)
-            await notify_keys(conn, self.invalidated)
+            await self._membership_changed(conn, org_id, user_id, old, role)
         return {"org_id": org_id, "user_id": user_id, "role": role}
 
     async def remove_member(self, org_id: str, user_id: str) -> dict[str, Any]:
@@ -209,16 +210,7 @@ class Admin:
             )
             if old is None:
                 raise NotFound(f"user {user_id} is not a member of org {org_id}")
-            await write_event(
-                conn,
-                "membership.changed",
-                actor="cli",
-                org_id=org_id,
-                user_id=user_id,
-                detail={"from": old, "to": None},
-            )
-            self.invalidated = await self._user_keys(conn, user_id)
-            await notify_keys(conn, self.invalidated)
+            await self._membership_changed(conn, org_id, user_id, old, None)
         return {"org_id": org_id, "user_id": user_id, "removed": True}
 
     async def create_project(self, org_id: str, name: str) -> dict[str, Any]:

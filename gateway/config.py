@@ -109,17 +109,9 @@ class ForwardAuthConfig:
     # The proxy `/auth/verify` reads its headers for.
     proxy: str = "nginx"
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
-    # Query parameters that carry credentials; any of them in the original URI is refused.
-    query_credential_params: tuple[str, ...] = (
-        "api_key",
-        "apikey",
-        "api-key",
-        "key",
-        "access_token",
-        "token",
-        "x-api-key",
-        "auth",
-    )
+    # Query parameters that carry credentials: refused in the original URI, as is any parameter whose
+    # value looks like one of our keys. Generic names (`key`, `token`) are left to the upstream.
+    query_credential_params: tuple[str, ...] = ("api_key", "apikey", "api-key", "x-api-key", "access_token")
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ def refuse_tricks(h: Headers) -> None:
 
 def credential(h: Headers) -> str | None:
     """The API key sent by the client, or None. Two credentials or a repeated header are refused."""
-    bearer = [v for v in h.getall("Authorization", [])]
+    bearer = h.getall("Authorization", [])
     keys = h.getall("X-API-Key", [])
     if len(bearer) > 1 or len(keys) > 1 or (bearer and keys):
         raise InvalidRequest("send exactly one credential")

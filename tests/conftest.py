@@ -3,13 +3,14 @@ starts from empty tables and an empty Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,6 @@ def services() -> Iterator[Services]:
     pg.init()
     pg.start()
     rd.start()
-    import asyncio
 
     async def _migrate() -> None:
         conn = await asyncpg.connect(pg.url)
@@ -173,6 +173,25 @@ def nginx_headers(key: str | None = None, uri: str = "/v1/things", method: str =
     return h
 
 
+def corrupt(key: str) -> str:
+    """The key with its last checksum character changed."""
+    return key[:-1] + ("A" if key[-1] != "A" else "B")
+
+
+async def poll(
+    ask: Callable[[], Awaitable[aiohttp.ClientResponse]],
+    done: Callable[[aiohttp.ClientResponse], bool],
+    timeout_s: float = 2.0,
+) -> aiohttp.ClientResponse:
+    """Ask until the answer is `done` (a change propagating through NOTIFY), or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = await ask()
+        if done(r) or time.monotonic() > deadline:
+            return r
+        await asyncio.sleep(0.02)
+
+
 @dataclass
 class GatewayProcess:
     """A `gateway serve` subprocess, as in production."""
@@ -242,8 +261,6 @@ async def start_gateway(services: Services, tmp: Path, name: str = "gw", *extra:
                         return gp
             except aiohttp.ClientError:
                 pass
-            import asyncio
-
             await asyncio.sleep(0.05)
     gp.stop()
     raise RuntimeError(f"gateway did not start: {gp.logs()}")

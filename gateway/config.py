@@ -21,7 +21,8 @@ import yaml
 from gateway import constants as C
 from gateway.errors import ConfigError
 
-PROXIES = ("nginx", "ingress-nginx", "traefik", "caddy", "envoy")
+# Proxies whose headers /auth/verify can read (Envoy has its own path-based endpoint).
+PROXIES = ("nginx", "ingress-nginx", "traefik", "caddy")
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from multidict import CIMultiDictProxy
 
 from gateway.errors import InvalidRequest
 
@@ -33,7 +34,7 @@ class RouteDecision:
 
 
 class Policy(Protocol):
-    def decide(self, request: OriginalRequest, headers: Mapping[str, str]) -> RouteDecision: ...
+    def decide(self, request: OriginalRequest, headers: CIMultiDictProxy[str]) -> RouteDecision: ...
 
 
 def checked_id(value: str, what: str) -> str:
@@ -45,6 +46,8 @@ def checked_id(value: str, what: str) -> str:
 class HeaderOrgPolicy:
     """Every route requires a valid key; the org comes from `X-Org-Id` when the request names one."""
 
-    def decide(self, request: OriginalRequest, headers: Mapping[str, str]) -> RouteDecision:
-        org = headers.get(ORG_HEADER)
-        return RouteDecision(org=checked_id(org, ORG_HEADER) if org is not None else None)
+    def decide(self, request: OriginalRequest, headers: CIMultiDictProxy[str]) -> RouteDecision:
+        orgs = headers.getall(ORG_HEADER, [])
+        if len(orgs) > 1:
+            raise InvalidRequest(f"{ORG_HEADER} must be sent at most once")
+        return RouteDecision(org=checked_id(orgs[0], ORG_HEADER) if orgs else None)

@@ -366,6 +366,9 @@ async def test_outcome_matrix(client: Client, world: World, endpoint: str) -> No
     assert await ask(fenced["key"]) == (403, "ip_not_allowed")
     assert await ask(good["key"], **{"X-HTTP-Method-Override": "DELETE"}) == (401, "invalid_request")
     assert await ask(good["key"], **{"X-Org-Id": "not a valid id!"}) == (401, "invalid_request")
+    h = [*base.items(), ("X-API-Key", good["key"]), ("X-Org-Id", world.org_a), ("X-Org-Id", world.org_b)]
+    r = await client.get(path, headers=h)
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
 
 
 async def test_query_params_by_name_and_by_shape(client: Client, world: World) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -17,14 +19,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.audit import FailureAuditor
-from gateway.authz import KeyResolver, authorize, granted
+from gateway.authz import KeyResolver, ProjectDirectory, authorize, granted
 from gateway.cache import REDIS_ERRORS, LocalCache, RedisCache
 from gateway.config import Config
 from gateway.errors import GatewayError, InsufficientPermissions, InvalidApiKey, InvalidRequest
 from gateway.forward import error_response, forward_handler
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
-from gateway.policy import HeaderOrgPolicy, Policy, RouteDecision, checked_id
+from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy, RouteDecision, checked_id
 from gateway.store import Store, StoreUnavailable, connect_pool, listen_invalidations
 from gateway.typedefs import (
     AUDITOR,
@@ -33,6 +35,7 @@ from gateway.typedefs import (
     KEY_FORMAT,
     METRICS,
     POLICY,
+    PROJECTS,
     REDIS,
     RESOLVER,
     STORE,
@@ -87,6 +90,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics,
     )
     app[RESOLVER] = resolver
+    app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
 
     async def on_keys(key_ids: list[str]) -> None:
@@ -238,14 +242,32 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
+    """SIGHUP reloads the route policy; a bad new policy is logged and the old one kept."""
+    policy = app[POLICY]
+    loop = asyncio.get_running_loop()
+    installed = False
+    if isinstance(policy, ReloadablePolicy) and threading.current_thread() is threading.main_thread():
+        loop.add_signal_handler(signal.SIGHUP, policy.reload)
+        installed = True
+    yield
+    if installed:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+def make_policy(cfg: Config) -> Policy:
+    """The configured route policy (raises ConfigError naming the bad rule)."""
+    return ReloadablePolicy(cfg.policy_file, cfg.roles) if cfg.policy_file else HeaderOrgPolicy()
+
+
 def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
     app[CONFIG] = cfg
     app[KEY_FORMAT] = KeyFormat(cfg.keys.prefix)
     app[METRICS] = Metrics()
-    app[POLICY] = policy or HeaderOrgPolicy()
+    app[POLICY] = policy or make_policy(cfg)
     app[TRUSTED] = cfg.trusted_networks()
-    app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx])
+    app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx, _sighup_ctx])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -147,6 +148,44 @@ def authorize(
         expires_at=record.expires_at,
         rate_limit=record.rate_limit,
     )
+
+
+# --- projects ----------------------------------------------------------------------------------
+
+
+class ProjectDirectory:
+    """Which org a project belongs to. A project never moves, so answers are kept (bounded LRU);
+    an unknown project is not remembered, so a project created later is found."""
+
+    def __init__(self, store: Store, max_entries: int) -> None:
+        self.store = store
+        self.max_entries = max_entries
+        self._orgs: OrderedDict[str, str] = OrderedDict()
+
+    async def org_of(self, project_id: str) -> str | None:
+        org = self._orgs.get(project_id)
+        if org is not None:
+            self._orgs.move_to_end(project_id)
+            return org
+        try:
+            org = await self.store.project_org(project_id)
+        except StoreUnavailable:
+            raise AuthUnavailable("the key store is unreachable") from None
+        if org is not None:
+            self._orgs[project_id] = org
+            if len(self._orgs) > self.max_entries:
+                self._orgs.popitem(last=False)
+        return org
+
+    def forget(self, project_ids: list[str]) -> None:
+        for project_id in project_ids:
+            self._orgs.pop(project_id, None)
+
+
+async def check_project(identity: Identity, projects: ProjectDirectory) -> None:
+    """A project named by the route must belong to the active org."""
+    if identity.project is not None and await projects.org_of(identity.project) != identity.org:
+        raise ProjectNotAllowed("the project is not in the active org")
 
 
 # --- key resolution ----------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from aiohttp.abc import AbstractAccessLogger
 from gateway.admin import Admin, KeySpec
 from gateway.app import create_app, redis_client
 from gateway.cache import REDIS_ERRORS, RedisCache
-from gateway.config import Config, load_config, redact_url
+from gateway.config import Config, load_config, load_roles, redact_url
 from gateway.errors import ConfigError, GatewayError
 from gateway.keys import KeyFormat, SecretHasher
+from gateway.policy import describe, load_policy
 from gateway.store import PG_ERRORS, StoreUnavailable, connect_pool, migrate
 
 log = logging.getLogger("gateway")
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
+
+    policy = sub.add_parser("policy").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    policy.add_parser("check", help="validate a route policy file without serving").add_argument("file")
 
     orgs = sub.add_parser("orgs").add_subparsers(dest="action", required=True, parser_class=_Parser)
     orgs.add_parser("create").add_argument("name")
@@ -251,8 +255,14 @@ def _serve_workers(cfg: Config, host: str, port: int, workers: int) -> None:
         stopping = True
         stop_all()
 
+    def forward_hup(_signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, forward_hup)
     for proc in procs:
         proc.start()
     multiprocessing.connection.wait([p.sentinel for p in procs])
@@ -271,6 +281,10 @@ def _print(data: Any, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "policy":
+            policy = load_policy(args.file, load_roles(args.config, os.environ))
+            _print(describe(policy), args.json)
+            return 0
         cfg = load_config(args.config, os.environ)
         if args.command == "serve":
             serve(cfg, args)

@@ -152,6 +152,8 @@ class Config:
     forward_auth: ForwardAuthConfig = field(default_factory=ForwardAuthConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
+    # Route policy YAML; relative to the config file. Empty: every route needs a valid key, org from X-Org-Id.
+    policy_file: str = ""
     last_used_flush_s: float = C.DEFAULT_LAST_USED_FLUSH_S
     log_level: str = "INFO"
 
@@ -256,22 +258,24 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"forward_auth.trusted_proxies[{i}]: not an IP network: {net!r}") from None
     check(cfg.audit.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
     check(cfg.audit.failed_max_per_flush >= 0, "audit.failed_max_per_flush", "must not be negative")
-    roles = cfg.roles
-    check(
-        len(roles.order) >= 1 and len(set(roles.order)) == len(roles.order),
-        "roles.order",
-        "must list distinct role names",
-    )
-    for role in roles.permissions:
-        check(role in roles.order, f"roles.permissions.{role}", "is not a role in roles.order")
-    for role in roles.order:
-        check(role in roles.permissions, f"roles.permissions.{role}", "is missing")
+    _validate_roles(cfg.roles)
     check(cfg.last_used_flush_s > 0, "last_used_flush_s", "must be positive")
     check(
         cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "log_level",
         "must be DEBUG, INFO, WARNING or ERROR",
     )
+
+
+def _validate_roles(roles: RolesConfig) -> None:
+    if not roles.order or len(set(roles.order)) != len(roles.order):
+        raise ConfigError("roles.order: must list distinct role names")
+    for role in roles.permissions:
+        if role not in roles.order:
+            raise ConfigError(f"roles.permissions.{role}: is not a role in roles.order")
+    for role in roles.order:
+        if role not in roles.permissions:
+            raise ConfigError(f"roles.permissions.{role}: is missing")
 
 
 def config_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Config:
@@ -299,6 +303,20 @@ def resolve_path(path: str | None, env: Mapping[str, str] | None = None) -> Path
     return Path(path or env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
+def load_roles(path: str | None = None, env: Mapping[str, str] | None = None) -> RolesConfig:
+    """Only the roles of the config file (defaults if there is none): enough to check a policy offline."""
+    file = resolve_path(path, env)
+    if not file.exists():
+        return RolesConfig()
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"cannot read config file {file}") from None
+    roles: RolesConfig = _build(RolesConfig, data.get("roles") if isinstance(data, dict) else None, "roles")
+    _validate_roles(roles)
+    return roles
+
+
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Load the YAML file (`--config`, else $GATEWAY_CONFIG, else config/gateway.yaml)."""
     file = resolve_path(path, env)
@@ -314,4 +332,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{file}: not valid YAML{where}") from None
-    return config_from_mapping(data, env)
+    cfg = config_from_mapping(data, env)
+    if cfg.policy_file and not Path(cfg.policy_file).is_absolute():
+        cfg = dataclasses.replace(cfg, policy_file=str(file.parent / cfg.policy_file))
+    return cfg

@@ -6,6 +6,7 @@ looks at `X-Original-URI` and `/auth/nginx` never looks at `X-Forwarded-Uri`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import time
@@ -17,16 +18,18 @@ from urllib.parse import parse_qsl, urlsplit
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from gateway.authz import IP, Identity, authorize
+from gateway._paths import normalise
+from gateway.authz import IP, Identity, authorize, check_project
 from gateway.errors import (
     GatewayError,
     InvalidApiKey,
     InvalidRequest,
     MissingCredentials,
+    RouteNotAllowed,
 )
 from gateway.keys import KeyFormat
 from gateway.policy import OriginalRequest, RouteDecision
-from gateway.typedefs import AUDITOR, CONFIG, KEY_FORMAT, KEY_ID, METRICS, POLICY, RESOLVER, TRUSTED
+from gateway.typedefs import AUDITOR, CONFIG, KEY_FORMAT, KEY_ID, METRICS, POLICY, PROJECTS, RESOLVER, TRUSTED
 
 Headers = CIMultiDictProxy[str]
 
@@ -209,7 +212,11 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     refuse_tricks(h)
     refuse_query_keys(original.query, fmt, cfg.forward_auth.query_credential_params)
     refuse_query_keys(request.query_string, fmt, cfg.forward_auth.query_credential_params)
+    # Match the path the upstream's router will see, never the raw one.
+    original = dataclasses.replace(original, path=normalise(original.path))
     decision = app[POLICY].decide(original, h)
+    if decision.auth == "deny":
+        raise RouteNotAllowed("no rule allows this route")
     raw = credential(h)
     if raw is None:
         if decision.auth == "public":
@@ -220,7 +227,9 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
         raise InvalidApiKey()
     record = await app[RESOLVER].resolve(parsed)
     request[KEY_ID] = record.id
-    return Outcome(authorize(record, decision, client_ip, cfg.roles, time.time()), decision)
+    identity = authorize(record, decision, client_ip, cfg.roles, time.time())
+    await check_project(identity, app[PROJECTS])
+    return Outcome(identity, decision)
 
 
 def identity_headers(outcome: Outcome) -> dict[str, str]:

@@ -1,22 +1,43 @@
-"""What a route requires. The full YAML route policy plugs in here through the `Policy` protocol."""
+"""Route policy: what a route requires, decided from the original request.
+
+A YAML file of ordered rules, first match wins; unmatched requests get the policy's `default`. Rules are
+compiled once into a trie of path segments, so a decision costs a walk down the request's own path
+instead of a test of every rule.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
+import yaml
 from multidict import CIMultiDictProxy
 
-from gateway.errors import InvalidRequest
+from gateway._paths import segments
+from gateway.config import RolesConfig
+from gateway.errors import ConfigError, InvalidRequest
+
+log = logging.getLogger("gateway.policy")
 
 ORG_HEADER = "X-Org-Id"
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,31})\}")
+_LITERAL_SEG_RE = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%-]+")
+_HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_PERMISSION_RE = re.compile(r"[a-z0-9_.*-]{1,64}(:[a-z0-9_.*-]{1,64}){1,3}")
+_HEADER_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+_METHOD_RE = re.compile(r"[A-Z]{1,20}")
+
+Headers = CIMultiDictProxy[str]
+Auth = Literal["public", "required", "deny"]
 
 
 @dataclass(frozen=True, slots=True)
 class OriginalRequest:
-    """The client's request as the proxy describes it."""
+    """The client's request as the proxy describes it; `path` is normalised before any policy sees it."""
 
     method: str
     host: str
@@ -26,15 +47,16 @@ class OriginalRequest:
 
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
-    auth: Literal["public", "required"] = "required"
+    auth: Auth = "required"
     permission: str | None = None
     role: str | None = None
-    org: str | None = None  # the org the route names, if any
+    org: str | None = None  # the org the request names, if any
     project: str | None = None
+    rule: str = ""
 
 
 class Policy(Protocol):
-    def decide(self, request: OriginalRequest, headers: CIMultiDictProxy[str]) -> RouteDecision: ...
+    def decide(self, request: OriginalRequest, headers: Headers) -> RouteDecision: ...
 
 
 def checked_id(value: str, what: str) -> str:
@@ -43,11 +65,376 @@ def checked_id(value: str, what: str) -> str:
     return value
 
 
-class HeaderOrgPolicy:
-    """Every route requires a valid key; the org comes from `X-Org-Id` when the request names one."""
+def header_org(headers: Headers, name: str = ORG_HEADER) -> str | None:
+    values = headers.getall(name, [])
+    if len(values) > 1:
+        raise InvalidRequest(f"{name} must be sent at most once")
+    return checked_id(values[0], name) if values else None
 
-    def decide(self, request: OriginalRequest, headers: CIMultiDictProxy[str]) -> RouteDecision:
-        orgs = headers.getall(ORG_HEADER, [])
-        if len(orgs) > 1:
-            raise InvalidRequest(f"{ORG_HEADER} must be sent at most once")
-        return RouteDecision(org=checked_id(orgs[0], ORG_HEADER) if orgs else None)
+
+class HeaderOrgPolicy:
+    """Without a policy file: every route requires a valid key; the org comes from `X-Org-Id`."""
+
+    def decide(self, request: OriginalRequest, headers: Headers) -> RouteDecision:
+        return RouteDecision(org=header_org(headers), rule="(no policy file)")
+
+
+# --- rules -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a rule takes the org or project from."""
+
+    kind: Literal["path", "host", "header"]
+    name: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int
+    name: str
+    host: tuple[str, ...] | None  # labels; `{param}` labels match any one label
+    path: tuple[str, ...]  # segments; `{param}` one non-empty segment, trailing `**` the rest
+    methods: frozenset[str] | None
+    auth: Auth
+    permission: str | None = None
+    role: str | None = None
+    org: Source | None = None
+    project: Source | None = None
+
+    @property
+    def label(self) -> str:
+        if self.index < 0:
+            return "default"
+        return f"rules[{self.index}] ({self.name})" if self.name else f"rules[{self.index}]"
+
+
+def _is_param(seg: str) -> bool:
+    return seg.startswith("{")
+
+
+def _param(seg: str) -> str:
+    return seg[1:-1]
+
+
+def _path_covers(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Does every path matching pattern `b` also match pattern `a`?"""
+    for i, seg in enumerate(a):
+        if seg == "**":
+            return True
+        if i >= len(b) or b[i] == "**":
+            return False
+        if _is_param(seg):
+            if b[i] == "":
+                return False
+        elif seg != b[i]:
+            return False
+    return len(a) == len(b)
+
+
+def _host_covers(a: tuple[str, ...] | None, b: tuple[str, ...] | None) -> bool:
+    if a is None:
+        return True
+    if b is None or len(a) != len(b):
+        return False
+    return all(_is_param(x) or x == y for x, y in zip(a, b, strict=True))
+
+
+def shadows(a: Rule, b: Rule) -> bool:
+    methods_cover = a.methods is None or (b.methods is not None and b.methods <= a.methods)
+    return methods_cover and _host_covers(a.host, b.host) and _path_covers(a.path, b.path)
+
+
+# --- parsing and validation --------------------------------------------------------------------
+
+_RULE_KEYS = {"name", "host", "path", "methods", "auth", "require", "org", "project"}
+
+
+class _RuleParser:
+    def __init__(self, roles: RolesConfig) -> None:
+        self.roles = roles
+
+    def parse(self, index: int, raw: Any, *, default: bool = False) -> Rule:
+        where = "default" if default else f"rules[{index}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        name = raw.get("name", "")
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: name must be a string")
+        if name:
+            where = f"{where} ({name})"
+        allowed = {"auth", "require", "org", "name"} if default else _RULE_KEYS
+        unknown = sorted(set(map(str, raw)) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+        path = ("**",) if default else self._path(raw.get("path"), where)
+        host = None if default else self._host(raw.get("host"), where)
+        auth = raw.get("auth", "required")
+        if auth not in ("public", "required", "deny"):
+            raise ConfigError(f"{where}: auth must be public, required or deny")
+        permission, role = self._require(raw.get("require"), where)
+        if auth != "required" and (permission or role):
+            raise ConfigError(f"{where}: require only applies to auth: required")
+        org = self._source(raw.get("org"), where, "org", path, host)
+        project = self._source(raw.get("project"), where, "project", path, host)
+        if project is not None and project.kind != "path":
+            raise ConfigError(f"{where}: project can only come from a path parameter")
+        return Rule(
+            index=-1 if default else index,
+            name=name,
+            host=host,
+            path=path,
+            methods=None if default else self._methods(raw.get("methods"), where),
+            auth=auth,
+            permission=permission,
+            role=role,
+            org=org,
+            project=project,
+        )
+
+    def _path(self, raw: Any, where: str) -> tuple[str, ...]:
+        if not isinstance(raw, str) or not raw.startswith("/"):
+            raise ConfigError(f"{where}: path must be a string starting with /")
+        segs = tuple(raw[1:].split("/"))
+        names: set[str] = set()
+        for i, seg in enumerate(segs):
+            if seg == "**":
+                if i != len(segs) - 1:
+                    raise ConfigError(f"{where}: ** may only end a path pattern")
+            elif "{" in seg or "}" in seg:
+                m = _PARAM_RE.fullmatch(seg)
+                if m is None:
+                    raise ConfigError(f"{where}: bad path parameter {seg!r}: use a whole segment like {{name}}")
+                if m.group(1) in names:
+                    raise ConfigError(f"{where}: path parameter {seg} appears twice")
+                names.add(m.group(1))
+            elif (
+                seg in (".", "..") or (seg and not _LITERAL_SEG_RE.fullmatch(seg)) or (seg == "" and i < len(segs) - 1)
+            ):
+                raise ConfigError(f"{where}: bad path segment {seg!r} (patterns match normalised paths)")
+        return segs
+
+    def _host(self, raw: Any, where: str) -> tuple[str, ...] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(f"{where}: host must be a host name or pattern")
+        labels = tuple(raw.lower().split("."))
+        for label in labels:
+            if not (_PARAM_RE.fullmatch(label) or _HOST_LABEL_RE.fullmatch(label)):
+                raise ConfigError(f"{where}: bad host label {label!r}")
+        return labels
+
+    def _methods(self, raw: Any, where: str) -> frozenset[str] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or not raw or not all(isinstance(m, str) for m in raw):
+            raise ConfigError(f"{where}: methods must be a non-empty list of method names")
+        methods = frozenset(m.upper() for m in raw)
+        bad = sorted(m for m in methods if not _METHOD_RE.fullmatch(m))
+        if bad:
+            raise ConfigError(f"{where}: bad method {bad[0]!r}")
+        return methods
+
+    def _require(self, raw: Any, where: str) -> tuple[str | None, str | None]:
+        if raw is None:
+            return None, None
+        if not isinstance(raw, dict) or set(map(str, raw)) - {"permission", "role"}:
+            raise ConfigError(f"{where}: require takes permission and/or role")
+        permission, role = raw.get("permission"), raw.get("role")
+        if permission is not None and not (isinstance(permission, str) and _PERMISSION_RE.fullmatch(permission)):
+            raise ConfigError(f"{where}: require.permission must be resource:action, such as projects:read")
+        if role is not None and role not in self.roles.order:
+            raise ConfigError(f"{where}: require.role {role!r} is not a role ({', '.join(self.roles.order)})")
+        return permission, role
+
+    def _source(
+        self, raw: Any, where: str, what: str, path: tuple[str, ...], host: tuple[str, ...] | None
+    ) -> Source | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise ConfigError(f"{where}: {what} must be one of {{path: NAME}}, {{host: NAME}}, {{header: NAME}}")
+        ((kind, name),) = raw.items()
+        if kind not in ("path", "host", "header") or not isinstance(name, str):
+            raise ConfigError(f"{where}: {what} must be one of {{path: NAME}}, {{host: NAME}}, {{header: NAME}}")
+        if kind == "path" and f"{{{name}}}" not in path:
+            raise ConfigError(f"{where}: {what} names path parameter {{{name}}}, which the path does not have")
+        if kind == "host" and (host is None or f"{{{name}}}" not in host):
+            raise ConfigError(f"{where}: {what} names host parameter {{{name}}}, which the host does not have")
+        if kind == "header" and not _HEADER_RE.fullmatch(name):
+            raise ConfigError(f"{where}: {what} header name {name!r} is not valid")
+        return Source(kind, name)
+
+
+# --- compiled matcher --------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    literal: dict[str, _Node] = field(default_factory=dict)
+    param: _Node | None = None
+    ends: list[int] = field(default_factory=list)  # rules whose pattern ends here
+    rest: list[int] = field(default_factory=list)  # rules with `**` here
+
+
+def _insert(root: _Node, rule: Rule) -> None:
+    node = root
+    for seg in rule.path:
+        if seg == "**":
+            node.rest.append(rule.index)
+            return
+        if _is_param(seg):
+            node.param = node.param or _Node()
+            node = node.param
+        else:
+            node = node.literal.setdefault(seg, _Node())
+    node.ends.append(rule.index)
+
+
+def _collect(node: _Node, segs: list[str], i: int, out: list[int]) -> None:
+    out.extend(node.rest)
+    if i == len(segs):
+        out.extend(node.ends)
+        return
+    child = node.literal.get(segs[i])
+    if child is not None:
+        _collect(child, segs, i + 1, out)
+    if node.param is not None and segs[i] != "":
+        _collect(node.param, segs, i + 1, out)
+
+
+def _host_params(pattern: tuple[str, ...], host: str) -> dict[str, str] | None:
+    labels = host.split(".")
+    if len(labels) != len(pattern):
+        return None
+    params = {}
+    for p, label in zip(pattern, labels, strict=True):
+        if _is_param(p):
+            if not label:
+                return None
+            params[_param(p)] = label
+        elif p != label:
+            return None
+    return params
+
+
+class RoutePolicy:
+    def __init__(self, rules: list[Rule], default: Rule, source: str = "") -> None:
+        self.rules = rules
+        self.default = default
+        self.source = source
+        self._root = _Node()
+        for rule in rules:
+            _insert(self._root, rule)
+
+    def match(self, request: OriginalRequest) -> tuple[Rule, dict[str, str], dict[str, str]]:
+        segs = segments(request.path)
+        candidates: list[int] = []
+        _collect(self._root, segs, 0, candidates)
+        host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+        for index in sorted(candidates):
+            rule = self.rules[index]
+            if rule.methods is not None and request.method not in rule.methods:
+                continue
+            host_params: dict[str, str] | None = {}
+            if rule.host is not None:
+                host_params = _host_params(rule.host, host)
+                if host_params is None:
+                    continue
+            path_params = {_param(p): s for p, s in zip(rule.path, segs, strict=False) if _is_param(p)}
+            return rule, path_params, host_params or {}
+        return self.default, {}, {}
+
+    def decide(self, request: OriginalRequest, headers: Headers) -> RouteDecision:
+        rule, path_params, host_params = self.match(request)
+
+        def resolve(src: Source | None, what: str) -> str | None:
+            if src is None:
+                return None
+            if src.kind == "header":
+                return header_org(headers, src.name)
+            value = (path_params if src.kind == "path" else host_params)[src.name]
+            return checked_id(value, f"the {what} in the {src.kind}")
+
+        return RouteDecision(
+            auth=rule.auth,
+            permission=rule.permission,
+            role=rule.role,
+            org=resolve(rule.org, "org"),
+            project=resolve(rule.project, "project"),
+            rule=rule.label,
+        )
+
+
+def compile_policy(data: Any, roles: RolesConfig, source: str = "") -> RoutePolicy:
+    if not isinstance(data, dict):
+        raise ConfigError("policy: the file must hold a mapping with rules and default")
+    unknown = sorted(set(map(str, data)) - {"rules", "default"})
+    if unknown:
+        raise ConfigError(f"policy: unknown key {unknown[0]!r}")
+    raw_rules = data.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise ConfigError("policy: rules must be a list")
+    parser = _RuleParser(roles)
+    rules = [parser.parse(i, r) for i, r in enumerate(raw_rules)]
+    default = parser.parse(-1, data.get("default", {"auth": "deny"}), default=True)
+    for later in rules:
+        for earlier in rules[: later.index]:
+            if shadows(earlier, later):
+                raise ConfigError(f"{later.label}: can never match: {earlier.label} matches everything it does")
+    return RoutePolicy(rules, default, source)
+
+
+def load_policy(path: str, roles: RolesConfig) -> RoutePolicy:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"policy file {path}: cannot read it ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"policy file {path}: not valid YAML{at}") from None
+    return compile_policy(data, roles, path)
+
+
+class ReloadablePolicy:
+    """The policy in force; `reload()` swaps in a new one only if it compiles, else keeps the old."""
+
+    def __init__(self, path: str, roles: RolesConfig) -> None:
+        self.path = path
+        self.roles = roles
+        self.current = load_policy(path, roles)
+
+    def decide(self, request: OriginalRequest, headers: Headers) -> RouteDecision:
+        return self.current.decide(request, headers)
+
+    def reload(self) -> bool:
+        try:
+            new = load_policy(self.path, self.roles)
+        except ConfigError as exc:
+            log.error("policy reload refused, keeping the running policy: %s", exc)
+            return False
+        self.current = new
+        log.info("policy reloaded from %s: %d rules", self.path, len(new.rules))
+        return True
+
+
+def describe(policy: RoutePolicy) -> list[dict[str, Any]]:
+    """A readable summary for `gateway policy check`."""
+
+    def row(r: Rule) -> dict[str, Any]:
+        return {
+            "rule": r.label,
+            "host": ".".join(r.host) if r.host else "*",
+            "path": "/" + "/".join(r.path),
+            "methods": ",".join(sorted(r.methods)) if r.methods else "*",
+            "auth": r.auth,
+            "permission": r.permission,
+            "role": r.role,
+        }
+
+    return [row(r) for r in [*policy.rules, policy.default]]

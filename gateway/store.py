@@ -170,6 +170,10 @@ class Store:
         )
         return record, row["secret_hash"]
 
+    async def project_org(self, project_id: str) -> str | None:
+        org: str | None = await self._run(lambda c: c.fetchval("SELECT org_id FROM projects WHERE id = $1", project_id))
+        return org
+
     async def ping(self) -> None:
         await self._run(lambda c: c.fetchval("SELECT 1"))
 

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.audit import FailureAuditor
-from gateway.authz import KeyResolver
+from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.config import Config
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
@@ -27,6 +27,7 @@ STORE = web.AppKey("store", Store)
 REDIS = web.AppKey[aioredis.Redis]("redis")
 RESOLVER = web.AppKey("resolver", KeyResolver)
 AUDITOR = web.AppKey("auditor", FailureAuditor)
+PROJECTS = web.AppKey("projects", ProjectDirectory)
 
 # Per-request: the key id once the key is known, for the audit of a denial.
 KEY_ID = web.RequestKey("key_id", str)

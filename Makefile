@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP) system-deps
+	$(BIN)/python scripts/bench_policy.py
 	$(BIN)/python scripts/bench.py
 
 clean:

@@ -2,7 +2,8 @@
 
 Percent-encoded unreserved characters are decoded (`%7E` -> `~`, `%2e` -> `.`), other escapes are kept
 with upper-case hex, repeated `/` are folded, `.` and `..` segments resolved. Refused: an encoded `/` or
-`\\`, a raw `\\`, NUL or control character, invalid percent-encoding, and `..` above the root.
+`\\`, a raw `\\`, NUL or control character, invalid percent-encoding, `..` above the root, and `..`
+after a repeated `/` (servers disagree on what that means).
 """
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ def normalise(path: str) -> str:
         raise InvalidRequest("the path has a backslash, space or control character")
     out: list[str] = []
     segments = path[1:].split("/")
+    folded = False
     for i, raw in enumerate(segments):
         seg = _decode_segment(raw)
         last = i == len(segments) - 1
         if seg == "" and not last:
-            continue  # repeated slash
+            folded = True  # repeated slash
+            continue
+        if seg == ".." and folded:
+            # `/a//../b` is `/b` to a server that folds slashes first (nginx, Envoy) and `/a/b` to one
+            # that resolves dots first (RFC 3986): which one the upstream is, we cannot know.
+            raise InvalidRequest("the path has .. after a repeated slash: ambiguous")
         if seg == ".":
             if last:
                 out.append("")

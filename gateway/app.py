@@ -274,5 +274,7 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     for proxy in ("nginx", "ingress-nginx", "traefik", "caddy", "verify"):
         handler = forward_handler(proxy)
         app.router.add_route("*", f"/auth/{proxy}", handler)  # type: ignore[arg-type]
+    # Envoy appends the original path to its path_prefix.
+    app.router.add_route("*", "/auth/envoy/{tail:.*}", forward_handler("envoy"))  # type: ignore[arg-type]
     app.router.add_post("/v1/keys/verify", keys_verify)
     return app

@@ -45,6 +45,7 @@ IDENTITY_HEADERS = (
     "X-Key-Env",
     "X-Auth-Method",
 )
+ALIASED_HEADERS = frozenset([*CREDENTIAL_HEADERS, *(h.lower() for h in IDENTITY_HEADERS), "x-org-id"])
 # Headers that may not be named in `Connection:` (a hop-by-hop trick to strip them before us).
 PROTECTED_HEADERS = frozenset(
     h.lower()
@@ -100,12 +101,14 @@ def _uri(value: str) -> tuple[str, str]:
     return path, query.partition("#")[0]
 
 
-def original_nginx(h: Headers) -> OriginalRequest:
+def original_nginx(request: web.Request) -> OriginalRequest:
+    h = request.headers
     path, query = _uri(one(h, "X-Original-URI"))
     return OriginalRequest(_method(one(h, "X-Original-Method")), _host(one(h, "Host")), path, query)
 
 
-def original_ingress_nginx(h: Headers) -> OriginalRequest:
+def original_ingress_nginx(request: web.Request) -> OriginalRequest:
+    h = request.headers
     url = one(h, "X-Original-URL")
     try:
         parts = urlsplit(url)
@@ -118,19 +121,35 @@ def original_ingress_nginx(h: Headers) -> OriginalRequest:
     return OriginalRequest(_method(one(h, "X-Original-Method")), _host(parts.netloc), path, parts.query)
 
 
-def original_traefik(h: Headers) -> OriginalRequest:
+def original_traefik(request: web.Request) -> OriginalRequest:
+    h = request.headers
     if one(h, "X-Forwarded-Proto") not in ("http", "https"):
         raise InvalidRequest("X-Forwarded-Proto must be http or https")
     path, query = _uri(one(h, "X-Forwarded-Uri"))
     return OriginalRequest(_method(one(h, "X-Forwarded-Method")), _host(one(h, "X-Forwarded-Host")), path, query)
 
 
-def original_caddy(h: Headers) -> OriginalRequest:
+def original_caddy(request: web.Request) -> OriginalRequest:
+    h = request.headers
     path, query = _uri(one(h, "X-Forwarded-Uri"))
     return OriginalRequest(_method(one(h, "X-Forwarded-Method")), _host(one(h, "Host")), path, query)
 
 
-READERS: dict[str, Callable[[Headers], OriginalRequest]] = {
+ENVOY_PREFIX = "/auth/envoy"
+
+
+def original_envoy(request: web.Request) -> OriginalRequest:
+    """Envoy's HTTP ext_authz sends the original method, `path_prefix` + the original path and query
+    (undecoded: read the raw path), and the original Host."""
+    raw = request.raw_path
+    if not raw.startswith(ENVOY_PREFIX + "/"):
+        raise InvalidRequest("the original path is missing after /auth/envoy")
+    path, query = _uri(raw[len(ENVOY_PREFIX) :])
+    return OriginalRequest(_method(request.method), _host(one(request.headers, "Host")), path, query)
+
+
+READERS: dict[str, Callable[[web.Request], OriginalRequest]] = {
+    "envoy": original_envoy,
     "nginx": original_nginx,
     "ingress-nginx": original_ingress_nginx,
     "traefik": original_traefik,
@@ -145,8 +164,9 @@ def refuse_tricks(h: Headers) -> None:
             raise InvalidRequest(f"{name} is not accepted")
     for name in h:
         folded = name.lower().replace("_", "-").replace(".", "-")
-        if folded in CREDENTIAL_HEADERS and folded != name.lower():
-            raise InvalidRequest("credential header aliases are not accepted")
+        # Some upstream stacks (CGI, WSGI, PHP) read `X_Org` as `X-Org`: no alias gets past us.
+        if folded in ALIASED_HEADERS and folded != name.lower():
+            raise InvalidRequest("underscore or dot aliases of credential or identity headers are not accepted")
     for value in h.getall("Connection", []):
         named = {t.strip().lower() for t in value.split(",")}
         if named & PROTECTED_HEADERS:
@@ -279,7 +299,7 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
         client_ip: IP | None = None
         try:
             client_ip = client_address(request.remote, request.headers, app[TRUSTED])
-            original = READERS[name](request.headers)
+            original = READERS[name](request)
             outcome = await check(request, original, client_ip)
         except GatewayError as err:
             code = err.code

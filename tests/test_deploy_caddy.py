@@ -19,7 +19,6 @@ from tests._proxies import echo_app, fetch, seen, wait_port
 from tests.conftest import ROOT, Services, World, make_config
 
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"
-pytestmark = pytest.mark.skipif(not Path(CADDY).exists(), reason="caddy is installed by `make test`")
 
 
 @dataclass

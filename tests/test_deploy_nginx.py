@@ -21,7 +21,6 @@ from tests._proxies import echo_app, fetch, seen, wait_port
 from tests.conftest import ROOT, Services, World
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-pytestmark = pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is installed by `make test`")
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""The shipped proxy and Kubernetes configs agree with the code: endpoints, identity headers, policy."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.config import config_from_mapping
+from gateway.forward import ENVOY_PREFIX, IDENTITY_HEADERS
+from gateway.policy import compile_policy
+from tests.conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+
+
+def _docs(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_traefik_forward_auth() -> None:
+    mw = yaml.safe_load((DEPLOY / "traefik/dynamic.yml").read_text())["http"]["middlewares"]["gateway-auth"]
+    fa = mw["forwardAuth"]
+    assert urlsplit(fa["address"]).path == "/auth/traefik"
+    assert fa["trustForwardHeader"] is False
+    assert fa["authResponseHeaders"] == list(IDENTITY_HEADERS)
+
+
+def test_envoy_ext_authz() -> None:
+    text = (DEPLOY / "envoy/envoy.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    authz = hcm["http_filters"][0]["typed_config"]
+    assert authz["failure_mode_allow"] is False
+    assert authz["status_on_error"]["code"] == "ServiceUnavailable"
+    http = authz["http_service"]
+    assert http["path_prefix"] == ENVOY_PREFIX
+    upstream = {p["exact"] for p in http["authorization_response"]["allowed_upstream_headers"]["patterns"]}
+    assert upstream == {h.lower() for h in IDENTITY_HEADERS}
+    assert hcm["use_remote_address"] is True and hcm["normalize_path"] is True
+
+
+def test_kubernetes_manifests() -> None:
+    objs = _docs(DEPLOY / "kubernetes/gateway.yaml") + _docs(DEPLOY / "kubernetes/ingress.yaml")
+    kinds = {o["kind"] for o in objs}
+    assert {"Namespace", "Secret", "ConfigMap", "Deployment", "Service", "Ingress"} <= kinds
+    ingress = next(o for o in objs if o["kind"] == "Ingress")
+    ann = ingress["metadata"]["annotations"]
+    assert urlsplit(ann["nginx.ingress.kubernetes.io/auth-url"]).path == "/auth/ingress-nginx"
+    assert ann["nginx.ingress.kubernetes.io/auth-response-headers"].split(",") == list(IDENTITY_HEADERS)
+    assert not any("snippet" in a for a in ann)
+    secret = next(o for o in objs if o["kind"] == "Secret")["stringData"]
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
+    cfg = config_from_mapping(yaml.safe_load(cm["gateway.yaml"]), env=secret)
+    assert cfg.forward_auth.proxy == "ingress-nginx"
+    assert cfg.database.url.get() == secret["GATEWAY_DATABASE_URL"]
+    # The ConfigMap carries the shipped example policy, unchanged.
+    assert yaml.safe_load(cm["policy.yaml"]) == yaml.safe_load((ROOT / "config/policy.yaml").read_text())
+    compile_policy(yaml.safe_load(cm["policy.yaml"]), cfg.roles)
+    deployment = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert deployment["initContainers"][0]["args"][-1] == "migrate"
+    probes = deployment["containers"][0]
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_nginx_and_caddy_set_every_identity_header() -> None:
+    nginx = (DEPLOY / "nginx/gateway.conf").read_text()
+    for h in IDENTITY_HEADERS:
+        assert re.search(rf"proxy_set_header\s+{h}\s+\$gw_", nginx), h
+    caddy = (DEPLOY / "caddy/Caddyfile").read_text()
+    copied = re.search(r"copy_headers ([^\n]+)", caddy)
+    assert copied is not None and copied.group(1).split() == list(IDENTITY_HEADERS)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -19,14 +16,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.audit import FailureAuditor
-from gateway.authz import KeyResolver, ProjectDirectory, authorize, granted
+from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.cache import REDIS_ERRORS, LocalCache, RedisCache
 from gateway.config import Config
-from gateway.errors import GatewayError, InsufficientPermissions, InvalidApiKey, InvalidRequest
-from gateway.forward import error_response, forward_handler
+from gateway.errors import GatewayError
+from gateway.forward import error_response, forward_handler, keys_verify
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
-from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy, RouteDecision, checked_id
+from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
 from gateway.store import Store, StoreUnavailable, connect_pool, listen_invalidations
 from gateway.typedefs import (
     AUDITOR,
@@ -176,70 +173,6 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-_VERIFY_FIELDS = {"key", "org", "permission", "method", "path"}
-
-
-async def keys_verify(request: web.Request) -> web.Response:
-    """In-process verification for services: always 200, the verdict is in the body."""
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    unknown = sorted(set(body) - _VERIFY_FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]}", field=unknown[0])
-    for name in _VERIFY_FIELDS:
-        if name in body and not isinstance(body[name], str):
-            raise InvalidRequest(f"{name} must be a string", field=name)
-    if "key" not in body:
-        raise InvalidRequest("key is required", field="key")
-    app = request.app
-    org = checked_id(body["org"], "org") if "org" in body else None
-    result: dict[str, object] = {
-        "valid": False,
-        "code": "",
-        "key_id": None,
-        "org": None,
-        "role": None,
-        "scopes": [],
-        "env": None,
-        "expires_at": None,
-        "ratelimit": None,
-    }
-    try:
-        parsed = app[KEY_FORMAT].parse(body["key"])
-        if parsed is None:
-            raise InvalidApiKey()
-        record = await app[RESOLVER].resolve(parsed)
-        result["key_id"] = record.id
-        identity = authorize(record, RouteDecision(org=org), None, app[CONFIG].roles, time.time())
-        if "permission" in body and not granted(identity.scopes, body["permission"]):
-            raise InsufficientPermissions(f"requires {body['permission']}")
-    except GatewayError as err:
-        if err.status == 503:
-            raise
-        result["code"] = err.code.upper()
-        return web.json_response(result)
-    result.update(
-        valid=True,
-        code="VALID",
-        org=identity.org,
-        role=identity.role,
-        scopes=list(identity.scopes),
-        env=identity.env,
-        expires_at=_iso(identity.expires_at),
-    )
-    return web.json_response(result)
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:

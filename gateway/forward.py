@@ -8,27 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway._paths import normalise
-from gateway.authz import IP, Identity, authorize, check_project
+from gateway.authz import IP, Identity, authorize, check_project, granted
 from gateway.errors import (
     GatewayError,
+    InsufficientPermissions,
     InvalidApiKey,
     InvalidRequest,
     MissingCredentials,
     RouteNotAllowed,
 )
 from gateway.keys import KeyFormat
-from gateway.policy import OriginalRequest, RouteDecision
+from gateway.policy import ORG_HEADER, OriginalRequest, RouteDecision, checked_id
 from gateway.typedefs import AUDITOR, CONFIG, KEY_FORMAT, KEY_ID, METRICS, POLICY, PROJECTS, RESOLVER, TRUSTED
 
 Headers = CIMultiDictProxy[str]
@@ -316,3 +319,90 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
         return response
 
     return handle
+
+
+# --- POST /v1/keys/verify ----------------------------------------------------------------------
+
+_VERIFY_FIELDS = {"key", "org", "permission", "method", "path"}
+
+
+def _verify_body(raw: bytes) -> dict[str, str]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - _VERIFY_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]}", field=unknown[0])
+    for name in _VERIFY_FIELDS:
+        if name in body and not isinstance(body[name], str):
+            raise InvalidRequest(f"{name} must be a string", field=name)
+    if "key" not in body:
+        raise InvalidRequest("key is required", field="key")
+    return body
+
+
+def _verify_route(app: web.Application, body: dict[str, str]) -> RouteDecision:
+    """With `path` (and `method`), the route policy decides as it would for a proxy."""
+    org = checked_id(body["org"], "org") if "org" in body else None
+    if "path" not in body:
+        return RouteDecision(org=org)
+    path, query = _uri(body["path"])
+    original = OriginalRequest(_method(body.get("method", "GET")), "", normalise(path), query)
+    headers = CIMultiDictProxy(CIMultiDict({ORG_HEADER: org} if org else {}))
+    decision = app[POLICY].decide(original, headers)
+    return dataclasses.replace(decision, org=decision.org or org)
+
+
+async def keys_verify(request: web.Request) -> web.Response:
+    """In-process verification for services: 200 with the verdict in the body (400 for a malformed
+    body, 503 for an outage)."""
+    app = request.app
+    body = _verify_body(await request.read())
+    decision = _verify_route(app, body)
+    result: dict[str, object] = {
+        "valid": False,
+        "code": "",
+        "key_id": None,
+        "org": None,
+        "role": None,
+        "scopes": [],
+        "env": None,
+        "expires_at": None,
+        "ratelimit": None,
+    }
+    try:
+        if decision.auth == "deny":
+            raise RouteNotAllowed("no rule allows this route")
+        parsed = app[KEY_FORMAT].parse(body["key"])
+        if parsed is None:
+            raise InvalidApiKey()
+        record = await app[RESOLVER].resolve(parsed)
+        result["key_id"] = record.id
+        identity = authorize(record, decision, None, app[CONFIG].roles, time.time())
+        await check_project(identity, app[PROJECTS])
+        if "permission" in body and not granted(identity.scopes, body["permission"]):
+            raise InsufficientPermissions(f"requires {body['permission']}")
+    except GatewayError as err:
+        if err.status == 503:
+            raise
+        result["code"] = err.code.upper()
+        return web.json_response(result)
+    result.update(
+        valid=True,
+        code="VALID",
+        org=identity.org,
+        role=identity.role,
+        scopes=list(identity.scopes),
+        env=identity.env,
+        expires_at=_iso(identity.expires_at),
+    )
+    return web.json_response(result)
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")

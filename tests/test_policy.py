@@ -285,3 +285,23 @@ async def test_sighup_reloads_and_keeps_old_on_error(
     os.kill(os.getpid(), signal.SIGHUP)
     await asyncio.sleep(0.1)
     assert (await c.get("/auth/nginx", headers=nginx_headers(uri="/new"))).status == 200
+
+
+async def test_keys_verify_applies_the_route_policy(pclient: Client, world: World) -> None:
+    prj = (await world.admin.create_project(world.org_a, "web"))["id"]
+    k = await world.key(role="viewer", orgs=[world.org_a])
+    base = f"/v1/orgs/{world.org_a}/projects/{prj}/calls"
+
+    async def verify(**body: str) -> dict[str, Any]:
+        r = await pclient.post("/v1/keys/verify", json={"key": k["key"], **body})
+        assert r.status == 200
+        result: dict[str, Any] = await r.json()
+        return result
+
+    assert (await verify(method="GET", path=base))["code"] == "VALID"
+    assert (await verify(method="POST", path=base))["code"] == "INSUFFICIENT_PERMISSIONS"
+    assert (await verify(path="/admin"))["code"] == "ROUTE_NOT_ALLOWED"
+    assert (await verify(path=f"/v1/orgs/{world.org_b}/x"))["code"] == "ORG_NOT_ALLOWED"
+    assert (await verify(path="/v1/things", org=world.org_a))["org"] == world.org_a
+    r = await pclient.post("/v1/keys/verify", json={"key": k["key"], "path": "/a%2Fb"})
+    assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_request")

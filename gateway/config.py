@@ -308,31 +308,32 @@ def load_roles(path: str | None = None, env: Mapping[str, str] | None = None) ->
     file = resolve_path(path, env)
     if not file.exists():
         return RolesConfig()
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        raise ConfigError(f"cannot read config file {file}") from None
+    data = read_yaml(file, "config file") or {}
     roles: RolesConfig = _build(RolesConfig, data.get("roles") if isinstance(data, dict) else None, "roles")
     _validate_roles(roles)
     return roles
 
 
-def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Load the YAML file (`--config`, else $GATEWAY_CONFIG, else config/gateway.yaml)."""
-    file = resolve_path(path, env)
+def read_yaml(file: Path, what: str) -> Any:
+    """The parsed YAML file; a missing, unreadable or malformed file is a ConfigError saying where."""
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {file}") from None
+        raise ConfigError(f"{what} not found: {file}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {file}: {exc.__class__.__name__}") from None
+        raise ConfigError(f"cannot read {what} {file}: {exc.__class__.__name__}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{file}: not valid YAML{where}") from None
-    cfg = config_from_mapping(data, env)
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the YAML file (`--config`, else $GATEWAY_CONFIG, else config/gateway.yaml)."""
+    file = resolve_path(path, env)
+    cfg = config_from_mapping(read_yaml(file, "config file"), env)
     if cfg.policy_file and not Path(cfg.policy_file).is_absolute():
         cfg = dataclasses.replace(cfg, policy_file=str(file.parent / cfg.policy_file))
     return cfg

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import yaml
 from multidict import CIMultiDictProxy
 
 from gateway._paths import segments
-from gateway.config import RolesConfig
+from gateway.config import RolesConfig, read_yaml
 from gateway.errors import ConfigError, InvalidRequest
 
 log = logging.getLogger("gateway.policy")
@@ -388,17 +387,7 @@ def compile_policy(data: Any, roles: RolesConfig, source: str = "") -> RoutePoli
 
 
 def load_policy(path: str, roles: RolesConfig) -> RoutePolicy:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"policy file {path}: cannot read it ({exc.__class__.__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"policy file {path}: not valid YAML{at}") from None
-    return compile_policy(data, roles, path)
+    return compile_policy(read_yaml(Path(path), "policy file"), roles, path)
 
 
 class ReloadablePolicy:

@@ -53,3 +53,16 @@ async def fetch(base: str, path: str = "/v1/things", headers: Any = None, method
 def seen(body: dict[str, Any], name: str) -> list[str]:
     """The values of a header as the upstream received it."""
     return [v for k, v in body["headers"] if k.lower() == name.lower()]
+
+
+# Ways to dress a protected path up as a public one (`/docs/**` is public in the shipped policy).
+PATH_TRICKS = [
+    "/docs/../v1/things",
+    "/docs/%2e%2e/v1/things",
+    "/docs/%2E%2E/v1/things",
+    "//docs/../v1/things",
+    "/docs/./../v1/things",
+    "/docs/..%2Fv1/things",
+    "/docs%2F..%2Fv1/things",
+    "/docs/..%2F..%2Fv1/things",
+]

@@ -15,7 +15,7 @@ import pytest
 
 from gateway._services import free_port
 from gateway.app import create_app
-from tests._proxies import echo_app, fetch, seen, wait_port
+from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, wait_port
 from tests.conftest import ROOT, Services, World, make_config
 
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"
@@ -119,17 +119,7 @@ async def test_denials_come_back_as_the_gateways_json(caddy: Caddy, world: World
     assert status == 200 and seen(body, "X-Auth-Method") == ["anonymous"]
 
 
-@pytest.mark.parametrize(
-    "trick",
-    [
-        "/docs/../v1/things",
-        "/docs/%2e%2e/v1/things",
-        "/docs/%2E%2E/v1/things",
-        "//docs/../v1/things",
-        "/docs/..%2Fv1/things",
-        "/docs%2F..%2Fv1/things",
-    ],
-)
+@pytest.mark.parametrize("trick", PATH_TRICKS)
 async def test_path_tricks_do_not_reach_protected_routes(caddy: Caddy, world: World, trick: str) -> None:
     status, headers, _ = await fetch(caddy.url, path=trick)
     assert status == 401

@@ -20,10 +20,10 @@ from gateway.audit import write_event
 from gateway.config import RolesConfig
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.keys import ENVS, KeyFormat, SecretHasher, random_b62
+from gateway.ratelimit import parse_rate
 
 _DURATION_RE = re.compile(r"([0-9]{1,9})(s|m|h|d|w)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_RATE_RE = re.compile(r"([1-9][0-9]{0,8})/([0-9]{0,6})(s|m|h|d)")
 _PERMISSION_RE = re.compile(r"\*|[a-z0-9_*.-]{1,64}(:[a-z0-9_*.-]{1,64}){1,3}")
 _EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
 MAX_NAME = 200
@@ -38,9 +38,7 @@ def parse_duration(text: str, what: str = "duration") -> timedelta:
 
 
 def parse_rate_limit(text: str) -> str:
-    m = _RATE_RE.fullmatch(text.strip())
-    if m is None:
-        raise InvalidRequest("rate limit: expected N/PERIOD such as 100/1m or 10/s", field="rate_limit")
+    parse_rate(text, "rate limit")
     return text.strip()
 
 

@@ -24,12 +24,15 @@ from gateway.forward import error_response, forward_handler, keys_verify
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
 from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
+from gateway.ratelimit import BruteForceGuard, Limits, RateLimiter
 from gateway.store import Store, StoreUnavailable, connect_pool, listen_invalidations
 from gateway.typedefs import (
     AUDITOR,
     CONFIG,
     HASHER,
     KEY_FORMAT,
+    LIMITER,
+    LIMITS,
     METRICS,
     POLICY,
     PROJECTS,
@@ -76,6 +79,9 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg, metrics = app[CONFIG], app[METRICS]
     local = LocalCache(cfg.cache.local_max_entries, cfg.cache.local_ttl_s, cfg.cache.negative_ttl_s)
     shared = RedisCache(app[REDIS], cfg.cache.redis_ttl_s, cfg.cache.negative_ttl_s, cfg.cache.stale_if_error_s)
+    limiter = RateLimiter(app[REDIS], metrics, pipeline=cfg.rate_limits.pipeline) if cfg.rate_limits.enabled else None
+    app[LIMITER] = limiter
+    guard = BruteForceGuard(limiter, app[LIMITS], app[REDIS], metrics) if limiter is not None else None
     resolver = KeyResolver(
         cfg.pepper.get().encode(),
         app[HASHER],
@@ -85,6 +91,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         cfg.cache.redis_ttl_s,
         cfg.cache.stale_if_error_s,
         metrics,
+        guard,
     )
     app[RESOLVER] = resolver
     app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
@@ -200,6 +207,7 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app[METRICS] = Metrics()
     app[POLICY] = policy or make_policy(cfg)
     app[TRUSTED] = cfg.trusted_networks()
+    app[LIMITS] = Limits.from_config(cfg.rate_limits)
     app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx, _sighup_ctx])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from gateway._breaker import Breaker
 from gateway.cache import REDIS_ERRORS, Entry, KeyRecord, LocalCache, RedisCache
 from gateway.config import RolesConfig
 from gateway.errors import (
@@ -22,10 +23,12 @@ from gateway.errors import (
     OrgRequired,
     ProjectNotAllowed,
     RevokedApiKey,
+    WrongSecret,
 )
 from gateway.keys import ParsedKey, SecretHasher, digest
 from gateway.metrics import Metrics
 from gateway.policy import RouteDecision
+from gateway.ratelimit import BruteForceGuard
 from gateway.store import Store, StoreUnavailable
 
 log = logging.getLogger("gateway.authz")
@@ -191,20 +194,6 @@ async def check_project(identity: Identity, projects: ProjectDirectory) -> None:
 # --- key resolution ----------------------------------------------------------------------------
 
 
-class Breaker:
-    """After a backend fails, skip it for a moment instead of paying its timeout on every request."""
-
-    def __init__(self, cooldown_s: float = 1.0) -> None:
-        self.cooldown_s = cooldown_s
-        self._until = 0.0
-
-    def is_open(self) -> bool:
-        return time.monotonic() < self._until
-
-    def trip(self) -> None:
-        self._until = time.monotonic() + self.cooldown_s
-
-
 class KeyResolver:
     """Finds a key's record: in-process cache, then Redis, then Postgres plus argon2.
 
@@ -221,6 +210,7 @@ class KeyResolver:
         redis_ttl_s: float,
         stale_if_error_s: float,
         metrics: Metrics,
+        guard: BruteForceGuard | None = None,
     ) -> None:
         self.pepper = pepper
         self.hasher = hasher
@@ -230,6 +220,7 @@ class KeyResolver:
         self.redis_ttl_s = redis_ttl_s
         self.stale_if_error_s = stale_if_error_s
         self.metrics = metrics
+        self.guard = guard
         self._inflight: dict[str, asyncio.Future[KeyRecord]] = {}
         self._pg_breaker = Breaker()
         self._redis_breaker = Breaker()
@@ -237,7 +228,7 @@ class KeyResolver:
         self.pending_invalidations: set[str] = set()
         self.last_used: dict[str, float] = {}
 
-    async def resolve(self, key: ParsedKey) -> KeyRecord:
+    async def resolve(self, key: ParsedKey, address: str | None = None) -> KeyRecord:
         d = digest(self.pepper, key.raw)
         if self.local.get_negative(d) is not None:
             self.metrics.cache.labels("local_negative").inc()
@@ -247,7 +238,7 @@ class KeyResolver:
             self.metrics.cache.labels("local").inc()
             record = entry.record
         else:
-            record = await self._single_flight(d, lambda: self._load(key, d, entry))
+            record = await self._single_flight(d, lambda: self._load(key, d, entry, address))
         self.last_used[record.id] = time.time()
         return record
 
@@ -274,7 +265,7 @@ class KeyResolver:
             raise InvalidApiKey()
         return found.entry, found.generation
 
-    async def _load(self, key: ParsedKey, d: str, local_entry: Entry | None) -> KeyRecord:
+    async def _load(self, key: ParsedKey, d: str, local_entry: Entry | None, address: str | None) -> KeyRecord:
         epoch = self.local.epoch
         redis_entry, generation = await self._redis_lookup(key, d, epoch)
         if redis_entry is not None and time.time() - redis_entry.loaded_at < self.redis_ttl_s:
@@ -282,6 +273,8 @@ class KeyResolver:
             self.local.put(d, redis_entry, epoch)
             return redis_entry.record
         self.metrics.cache.labels("miss").inc()
+        if self.guard is not None and local_entry is None and redis_entry is None:
+            await self.guard.before_lookup(key.key_id, address)  # nothing known of this key: the costly path
         try:
             if self._pg_breaker.is_open():
                 raise StoreUnavailable("recently failed")
@@ -300,7 +293,9 @@ class KeyResolver:
             self.metrics.argon2.inc()
             if not await self.hasher.verify(secret_hash, key.secret):
                 await self._remember_invalid(key, d, generation, epoch)
-                raise InvalidApiKey()
+                raise WrongSecret()
+            if self.guard is not None:
+                await self.guard.verified(key.key_id, address)
         entry = Entry(record, time.time())
         self.local.put(d, entry, epoch)
         if self.redis is not None and generation is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -123,6 +124,26 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class LimitConfig:
+    rate: str = "60/1m"  # N/PERIOD: the sustained rate
+    burst: int = 20  # how many may arrive at once
+    on_redis_error: str = "local"  # local (in-process GCRA) | open | closed
+
+
+@dataclass(frozen=True)
+class RateLimitsConfig:
+    enabled: bool = True
+    # Send the decisions of all requests in one event-loop tick as one Redis round trip.
+    pipeline: bool = True
+    anonymous: LimitConfig = field(default_factory=lambda: LimitConfig("60/1m", 20))  # per client address
+    key: LimitConfig = field(default_factory=lambda: LimitConfig("600/1m", 100))  # per key (or its override)
+    org: LimitConfig = field(default_factory=lambda: LimitConfig("3000/1m", 500))  # shared by an org's keys
+    # Failed verifications (unknown key, wrong secret), per client address and per key id.
+    failures_per_address: LimitConfig = field(default_factory=lambda: LimitConfig("30/1m", 10))
+    failures_per_key: LimitConfig = field(default_factory=lambda: LimitConfig("30/1m", 10))
+
+
+@dataclass(frozen=True)
 class RolesConfig:
     order: tuple[str, ...] = ("viewer", "member", "admin", "owner")
     permissions: Mapping[str, tuple[str, ...]] = field(
@@ -152,6 +173,7 @@ class Config:
     forward_auth: ForwardAuthConfig = field(default_factory=ForwardAuthConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     # Route policy YAML; relative to the config file. Empty: every route needs a valid key, org from X-Org-Id.
     policy_file: str = ""
     last_used_flush_s: float = C.DEFAULT_LAST_USED_FLUSH_S
@@ -259,12 +281,39 @@ def _validate(cfg: Config) -> None:
     check(cfg.audit.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
     check(cfg.audit.failed_max_per_flush >= 0, "audit.failed_max_per_flush", "must not be negative")
     _validate_roles(cfg.roles)
+    _validate_limits(cfg.rate_limits)
     check(cfg.last_used_flush_s > 0, "last_used_flush_s", "must be positive")
     check(
         cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "log_level",
         "must be DEBUG, INFO, WARNING or ERROR",
     )
+
+
+_RATE_RE = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,5})?(s|m|h|d)")
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def rate_of(text: str) -> tuple[int, int] | None:
+    """`100/1m`, `10/s`, `5000/1h` -> (count, period in ms); None if it is not such a rate."""
+    m = _RATE_RE.fullmatch(text.strip())
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2) or 1) * _UNIT_MS[m.group(3)]
+
+
+def _validate_limits(limits: RateLimitsConfig) -> None:
+    for f in dataclasses.fields(limits):
+        limit = getattr(limits, f.name)
+        if not isinstance(limit, LimitConfig):
+            continue
+        where = f"rate_limits.{f.name}"
+        if rate_of(limit.rate) is None:
+            raise ConfigError(f"{where}.rate: expected N/PERIOD such as 60/1m or 10/s")
+        if limit.burst < 1:
+            raise ConfigError(f"{where}.burst: must be at least 1")
+        if limit.on_redis_error not in ("local", "open", "closed"):
+            raise ConfigError(f"{where}.on_redis_error: must be local, open or closed")
 
 
 def _validate_roles(roles: RolesConfig) -> None:

@@ -17,6 +17,13 @@ REDIS_KEY_INDEX: Final = REDIS_PREFIX + ":idx:{{{key_id}}}"
 # Negative entries (unknown key id, wrong secret): apart from positive ones, short-lived.
 REDIS_NEGATIVE_ENTRY: Final = REDIS_PREFIX + ":neg:{{{key_id}}}:{digest}"
 
+# GCRA state (theoretical arrival time) of one rate limit for one identity (address, key id, org id).
+REDIS_RATE_LIMIT: Final = REDIS_PREFIX + ":rl:{{{name}:{ident}}}"
+
+# Addresses a key recently verified from: they keep working while its key id is under attack.
+REDIS_GOOD_ADDRESSES: Final = REDIS_PREFIX + ":ok:{{{key_id}}}"
+GOOD_ADDRESS_TTL_S: Final = 86_400
+
 # Postgres LISTEN/NOTIFY channel: sent inside the transaction that changes access, so an
 # invalidation is delivered exactly when (and only if) the change commits.
 PG_INVALIDATION_CHANNEL: Final = "gateway_invalidate"

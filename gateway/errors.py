@@ -11,10 +11,11 @@ class GatewayError(Exception):
     code: ClassVar[str] = "internal_error"
     status: ClassVar[int] = 500
 
-    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+    def __init__(self, message: str = "", *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message or self.code.replace("_", " "))
         self.message = message or self.code.replace("_", " ")
         self.field = field
+        self.headers = headers or {}  # extra response headers, such as Retry-After
 
 
 class InvalidRequest(GatewayError):
@@ -32,6 +33,10 @@ class MissingCredentials(Unauthenticated):
 
 class InvalidApiKey(Unauthenticated):
     code = "invalid_api_key"
+
+
+class WrongSecret(InvalidApiKey):
+    """A key id that exists, with a secret that did not verify: told to the client as invalid_api_key."""
 
 
 class ExpiredApiKey(Unauthenticated):

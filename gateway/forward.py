@@ -29,10 +29,24 @@ from gateway.errors import (
     InvalidRequest,
     MissingCredentials,
     RouteNotAllowed,
+    WrongSecret,
 )
-from gateway.keys import KeyFormat
+from gateway.keys import KeyFormat, ParsedKey
 from gateway.policy import ORG_HEADER, OriginalRequest, RouteDecision, checked_id
-from gateway.typedefs import AUDITOR, CONFIG, KEY_FORMAT, KEY_ID, METRICS, POLICY, PROJECTS, RESOLVER, TRUSTED
+from gateway.ratelimit import Decision, Limit, enforce
+from gateway.typedefs import (
+    AUDITOR,
+    CONFIG,
+    KEY_FORMAT,
+    KEY_ID,
+    LIMITER,
+    LIMITS,
+    METRICS,
+    POLICY,
+    PROJECTS,
+    RESOLVER,
+    TRUSTED,
+)
 
 Headers = CIMultiDictProxy[str]
 
@@ -224,6 +238,7 @@ def client_address(
 class Outcome:
     identity: Identity | None  # None: anonymous on a public route
     decision: RouteDecision
+    ratelimit: Decision | None = None
 
 
 async def check(request: web.Request, original: OriginalRequest, client_ip: IP | None) -> Outcome:
@@ -241,18 +256,47 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     if decision.auth == "deny":
         raise RouteNotAllowed("no rule allows this route")
     raw = credential(h)
+    address = str(client_ip) if client_ip is not None else None
     if raw is None:
         if decision.auth == "public":
-            return Outcome(None, decision)
+            limits = app[LIMITS]
+            return Outcome(None, decision, await charge(app, [(limits.anonymous, address or "unknown")]))
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
     parsed = fmt.parse(raw)
     if parsed is None:
-        raise InvalidApiKey()
-    record = await app[RESOLVER].resolve(parsed)
-    request[KEY_ID] = record.id
-    identity = authorize(record, decision, client_ip, cfg.roles, time.time())
+        raise InvalidApiKey()  # no Postgres, no Redis: not even a failure counter
+    request[KEY_ID] = parsed.key_id  # public, and what an audit of a denial needs
+    identity = await identify(app, parsed, decision, client_ip)
+    return Outcome(identity, decision, await charge(app, key_charges(app, identity)))
+
+
+async def identify(app: web.Application, parsed: ParsedKey, decision: RouteDecision, client_ip: IP | None) -> Identity:
+    """The key's identity for this route; failed verifications count against the brute-force limits."""
+    address = str(client_ip) if client_ip is not None else None
+    try:
+        record = await app[RESOLVER].resolve(parsed, address)
+    except InvalidApiKey as err:
+        guard = app[RESOLVER].guard
+        if guard is not None:
+            await guard.failed(parsed.key_id, address, secret_checked=isinstance(err, WrongSecret))
+        raise
+    identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
     await check_project(identity, app[PROJECTS])
-    return Outcome(identity, decision)
+    return identity
+
+
+def key_charges(app: web.Application, identity: Identity) -> list[tuple[Limit, str]]:
+    """The limits a verified request is charged against: its key's (or the key's own override) and its org's."""
+    limits = app[LIMITS]
+    key_limit = Limit.override(limits.key, identity.rate_limit) if identity.rate_limit else limits.key
+    return [(key_limit, identity.key_id), (limits.org, identity.org)]
+
+
+async def charge(app: web.Application, charges: list[tuple[Limit, str]]) -> Decision | None:
+    limiter = app[LIMITER]
+    if limiter is None:
+        return None
+    return enforce(await limiter.check(charges), app[METRICS])
 
 
 def identity_headers(outcome: Outcome) -> dict[str, str]:
@@ -284,7 +328,7 @@ def error_response(err: GatewayError, *, to_proxy: bool = False) -> web.Response
     """The contract's JSON denial. To a proxy a 400 is a 401: nginx's auth_request and Traefik only
     deny on 401/403, and would turn a 400 into a 500 or pass it through as if it were the upstream's."""
     status = 401 if to_proxy and err.status == 400 else err.status
-    headers = {"X-Auth-Error": err.code, "Cache-Control": "no-store"}
+    headers = {**err.headers, "X-Auth-Error": err.code, "Cache-Control": "no-store"}
     if status == 401:
         headers["WWW-Authenticate"] = f'Bearer error="{err.code}"'
     body: dict[str, str] = {"code": err.code, "message": err.message}
@@ -312,7 +356,10 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
             response = error_response(err, to_proxy=True)
         else:
             code = "ok"
-            response = web.Response(status=200, headers={**identity_headers(outcome), "Cache-Control": "no-store"})
+            rl = outcome.ratelimit.headers() if outcome.ratelimit is not None else {}
+            response = web.Response(
+                status=200, headers={**identity_headers(outcome), **rl, "Cache-Control": "no-store"}
+            )
         metrics = app[METRICS]
         metrics.decisions.labels(endpoint, code).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -379,12 +426,11 @@ async def keys_verify(request: web.Request) -> web.Response:
         parsed = app[KEY_FORMAT].parse(body["key"])
         if parsed is None:
             raise InvalidApiKey()
-        record = await app[RESOLVER].resolve(parsed)
-        result["key_id"] = record.id
-        identity = authorize(record, decision, None, app[CONFIG].roles, time.time())
-        await check_project(identity, app[PROJECTS])
+        result["key_id"] = parsed.key_id
+        identity = await identify(app, parsed, decision, None)
         if "permission" in body and not granted(identity.scopes, body["permission"]):
             raise InsufficientPermissions(f"requires {body['permission']}")
+        ratelimit = await charge(app, key_charges(app, identity))
     except GatewayError as err:
         if err.status == 503:
             raise
@@ -398,6 +444,9 @@ async def keys_verify(request: web.Request) -> web.Response:
         scopes=list(identity.scopes),
         env=identity.env,
         expires_at=_iso(identity.expires_at),
+        ratelimit=None
+        if ratelimit is None
+        else {"limit": ratelimit.limit.burst, "remaining": ratelimit.remaining, "reset": ratelimit.reset_s},
     )
     return web.json_response(result)
 

@@ -31,4 +31,13 @@ class Metrics:
         self.audit_dropped = Counter(
             "gateway_audit_failed_dropped", "auth.failed events not written because of the flood cap", registry=r
         )
+        self.ratelimit = Counter(
+            "gateway_ratelimit_decisions", "Rate-limit decisions by limit and outcome", ["limit", "outcome"], registry=r
+        )
+        self.ratelimit_fallback = Counter(
+            "gateway_ratelimit_fallback",
+            "Limit decisions made without Redis, by policy",
+            ["limit", "policy"],
+            registry=r,
+        )
         self.local_entries = Gauge("gateway_local_cache_entries", "Entries in the in-process cache", registry=r)

@@ -13,6 +13,7 @@ from gateway.config import Config
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
 from gateway.policy import Policy
+from gateway.ratelimit import Limits, RateLimiter
 from gateway.store import Store
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -28,6 +29,8 @@ REDIS = web.AppKey[aioredis.Redis]("redis")
 RESOLVER = web.AppKey("resolver", KeyResolver)
 AUDITOR = web.AppKey("auditor", FailureAuditor)
 PROJECTS = web.AppKey("projects", ProjectDirectory)
+LIMITS = web.AppKey("limits", Limits)
+LIMITER = web.AppKey[RateLimiter | None]("limiter")
 
 # Per-request: the key id once the key is known, for the audit of a denial.
 KEY_ID = web.RequestKey("key_id", str)

@@ -1,0 +1,309 @@
+"""Rate limiting with GCRA (the generic cell rate algorithm) in Redis.
+
+GCRA keeps one number per limited thing, the theoretical arrival time (TAT) of the next request: a
+request is admitted when `TAT + interval - tolerance <= now`, and then moves TAT by one interval. It is
+exact (no window edges), needs one key and one atomic script call per limit, and its state expires by
+itself once idle. The script reads the clock from Redis, so replicas with skewed clocks still share one
+timeline. The limits of one request are sent as one pipeline: one round trip; with `pipeline: true`,
+the decisions of every request in one event-loop tick share a single round trip.
+
+When Redis is slow or down, each limit follows its `on_redis_error` policy: `local` (the same algorithm,
+in this process), `open` (admit) or `closed` (refuse with 503: an outage is never reported as a verdict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from gateway import constants as C
+from gateway._breaker import Breaker
+from gateway.cache import REDIS_ERRORS
+from gateway.config import LimitConfig, RateLimitsConfig, rate_of
+from gateway.errors import AuthUnavailable, InvalidRequest, RateLimited
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.ratelimit")
+
+# KEYS[1]: the TAT key. ARGV: interval (µs), tolerance (µs), cost, peek (1: decide, do not record). Returns
+# {admitted 0/1, remaining, reset µs (until fully refilled), retry µs (until a request would pass)}.
+GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + interval * cost
+local allow_at = new_tat - tolerance
+if now < allow_at then
+  return {0, 0, string.format('%.0f', tat - now), string.format('%.0f', allow_at - now)}
+end
+if ARGV[4] ~= '1' then
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+end
+return {1, math.floor((tolerance - (new_tat - now)) / interval), string.format('%.0f', new_tat - now), '0'}
+"""
+
+
+def parse_rate(text: str, what: str = "rate_limit") -> tuple[int, int]:
+    """`100/1m`, `10/s`, `5000/1h` -> (count, period in ms)."""
+    rate = rate_of(text)
+    if rate is None:
+        raise InvalidRequest(f"{what}: expected N/PERIOD such as 100/1m or 10/s", field=what)
+    return rate
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    name: str  # anonymous, key, org, failures_per_address, failures_per_key
+    count: int
+    period_ms: int
+    burst: int
+    on_redis_error: str = "local"
+
+    @classmethod
+    def from_config(cls, name: str, cfg: LimitConfig) -> Limit:
+        count, period = parse_rate(cfg.rate, f"rate_limits.{name}.rate")
+        return cls(name, count, period, cfg.burst, cfg.on_redis_error)
+
+    @classmethod
+    def override(cls, base: Limit, text: str) -> Limit:
+        """A key's own `--rate-limit N/PERIOD`: N per period, up to N at once."""
+        count, period = parse_rate(text)
+        return cls(base.name, count, period, count, base.on_redis_error)
+
+    @property
+    def interval_us(self) -> float:
+        return self.period_ms * 1000 / self.count
+
+    @property
+    def tolerance_us(self) -> float:
+        return self.interval_us * self.burst
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    limit: Limit
+    allowed: bool
+    remaining: int
+    reset_s: int
+    retry_after_s: int
+
+    @staticmethod
+    def strictest(decisions: Sequence[Decision]) -> Decision:
+        denied = [d for d in decisions if not d.allowed]
+        if denied:
+            return max(denied, key=lambda d: d.retry_after_s)
+        return min(decisions, key=lambda d: (d.remaining, -d.reset_s))
+
+    def headers(self) -> dict[str, str]:
+        h = {
+            "RateLimit-Limit": str(self.limit.burst),
+            "RateLimit-Remaining": str(max(self.remaining, 0)),
+            "RateLimit-Reset": str(self.reset_s),
+        }
+        if not self.allowed:
+            h["Retry-After"] = str(max(self.retry_after_s, 1))
+        return h
+
+
+def _decision(limit: Limit, admitted: int, remaining: int, reset_us: float, retry_us: float) -> Decision:
+    return Decision(limit, bool(admitted), int(remaining), math.ceil(reset_us / 1e6), math.ceil(retry_us / 1e6))
+
+
+class LocalLimiter:
+    """The same GCRA in this process: the fallback when Redis cannot be reached."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._tat: OrderedDict[str, float] = OrderedDict()
+
+    def check(self, limit: Limit, key: str, peek: bool = False) -> Decision:
+        now = time.monotonic() * 1e6
+        tat = max(self._tat.get(key, now), now)
+        new_tat = tat + limit.interval_us
+        allow_at = new_tat - limit.tolerance_us
+        if now < allow_at:
+            return _decision(limit, 0, 0, tat - now, allow_at - now)
+        if peek:
+            return _decision(
+                limit, 1, math.floor((limit.tolerance_us - (new_tat - now)) / limit.interval_us), new_tat - now, 0
+            )
+        self._tat[key] = new_tat
+        self._tat.move_to_end(key)
+        while len(self._tat) > self.max_entries:
+            self._tat.popitem(last=False)
+        return _decision(
+            limit, 1, math.floor((limit.tolerance_us - (new_tat - now)) / limit.interval_us), new_tat - now, 0
+        )
+
+
+def redis_key(limit: Limit, ident: str) -> str:
+    return C.REDIS_RATE_LIMIT.format(name=limit.name, ident=ident)
+
+
+class RateLimiter:
+    def __init__(self, client: aioredis.Redis, metrics: Metrics, *, pipeline: bool = True) -> None:
+        self.client = client
+        self.metrics = metrics
+        self.batching = pipeline
+        self.local = LocalLimiter()
+        self._script = client.register_script(GCRA_LUA)
+        self._breaker = Breaker()
+        self._batch: list[tuple[Limit, str, bool, asyncio.Future[Decision]]] = []
+        self._last_warning = 0.0
+
+    async def check(self, charges: Sequence[tuple[Limit, str]], *, peek: bool = False) -> list[Decision]:
+        """Charge one request against every (limit, identity), in one Redis round trip. With `peek`, only
+        say whether it would be admitted."""
+        if not charges:
+            return []
+        items = [(limit, ident, peek) for limit, ident in charges]
+        if self._breaker.is_open():
+            return [self._fallback(*item) for item in items]
+        try:
+            if self.batching:
+                return list(await asyncio.gather(*(self._enqueue(*item) for item in items)))
+            return await self._round_trip(items)
+        except REDIS_ERRORS as exc:
+            self._breaker.trip()
+            self.metrics.backend_errors.labels("redis").inc()
+            log.debug("rate limiter: redis failed: %s", exc.__class__.__name__)
+            return [self._fallback(*item) for item in items]
+
+    async def _round_trip(self, items: Sequence[tuple[Limit, str, bool]]) -> list[Decision]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for limit, ident, peek in items:
+                await self._script(
+                    keys=[redis_key(limit, ident)],
+                    args=[f"{limit.interval_us:.0f}", f"{limit.tolerance_us:.0f}", 1, 1 if peek else 0],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return [
+            _decision(limit, int(r[0]), int(r[1]), float(r[2]), float(r[3]))
+            for (limit, _, _), r in zip(items, replies, strict=True)
+        ]
+
+    def _enqueue(self, limit: Limit, ident: str, peek: bool) -> asyncio.Future[Decision]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Decision] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
+        self._batch.append((limit, ident, peek, fut))
+        return fut
+
+    async def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        try:
+            decisions = await self._round_trip([(limit, ident, peek) for limit, ident, peek, _ in batch])
+        except REDIS_ERRORS as exc:
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (*_, fut), decision in zip(batch, decisions, strict=True):
+            if not fut.done():
+                fut.set_result(decision)
+
+    def _fallback(self, limit: Limit, ident: str, peek: bool) -> Decision:
+        self.metrics.ratelimit_fallback.labels(limit.name, limit.on_redis_error).inc()
+        now = time.monotonic()
+        if now - self._last_warning > 10:
+            self._last_warning = now
+            log.warning("rate limiter: Redis unreachable, limits follow their on_redis_error policy")
+        if limit.on_redis_error == "open":
+            return Decision(limit, True, limit.burst, 0, 0)
+        if limit.on_redis_error == "closed":
+            raise AuthUnavailable("the rate limiter cannot reach Redis")
+        return self.local.check(limit, f"{limit.name}:{ident}", peek=peek)
+
+
+def enforce(decisions: Sequence[Decision], metrics: Metrics) -> Decision | None:
+    """The strictest decision; raises RateLimited (with its headers) when any limit refused."""
+    if not decisions:
+        return None
+    for d in decisions:
+        metrics.ratelimit.labels(d.limit.name, "allowed" if d.allowed else "refused").inc()
+    worst = Decision.strictest(decisions)
+    if not worst.allowed:
+        raise RateLimited(f"too many requests ({worst.limit.name} limit)", headers=worst.headers())
+    return worst
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    anonymous: Limit
+    key: Limit
+    org: Limit
+    failures_per_address: Limit
+    failures_per_key: Limit
+
+    @classmethod
+    def from_config(cls, cfg: RateLimitsConfig) -> Limits:
+        return cls(
+            *(
+                Limit.from_config(name, getattr(cfg, name))
+                for name in ("anonymous", "key", "org", "failures_per_address", "failures_per_key")
+            )
+        )
+
+
+class BruteForceGuard:
+    """Failed verifications are limited per client address and per key id.
+
+    Checked only before expensive work (a Postgres lookup, an argon2 run), never on a cache hit. A key id
+    under attack refuses new argon2 runs, except from addresses where the key recently verified, so a
+    flood of wrong secrets costs neither an argon2 hash each nor the real holder's access.
+    """
+
+    def __init__(self, limiter: RateLimiter, limits: Limits, client: aioredis.Redis, metrics: Metrics) -> None:
+        self.limiter = limiter
+        self.limits = limits
+        self.client = client
+        self.metrics = metrics
+
+    async def before_lookup(self, key_id: str, address: str | None) -> None:
+        """Before a key that is not cached is looked up: is this address, or this key id, over budget?"""
+        charges = [(self.limits.failures_per_address, address or "unknown"), (self.limits.failures_per_key, key_id)]
+        by_address, by_key = await self.limiter.check(charges, peek=True)
+        if not by_address.allowed:
+            enforce([by_address], self.metrics)
+        if not by_key.allowed and not await self._known_good(key_id, address):
+            enforce([by_key], self.metrics)
+
+    async def failed(self, key_id: str, address: str | None, *, secret_checked: bool) -> None:
+        charges = [(self.limits.failures_per_address, address or "unknown")]
+        if secret_checked:  # an unknown key id is not worth a counter of its own
+            charges.append((self.limits.failures_per_key, key_id))
+        await self.limiter.check(charges)
+
+    async def verified(self, key_id: str, address: str | None) -> None:
+        if address is None:
+            return
+        try:
+            key = C.REDIS_GOOD_ADDRESSES.format(key_id=key_id)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.sadd(key, address)
+                pipe.expire(key, C.GOOD_ADDRESS_TTL_S)
+                await pipe.execute()
+        except REDIS_ERRORS:
+            self.metrics.backend_errors.labels("redis").inc()
+
+    async def _known_good(self, key_id: str, address: str | None) -> bool:
+        if address is None:
+            return False
+        try:
+            return bool(await self.client.sismember(C.REDIS_GOOD_ADDRESSES.format(key_id=key_id), address))
+        except REDIS_ERRORS:
+            self.metrics.backend_errors.labels("redis").inc()
+            return False

@@ -124,7 +124,10 @@ async def test_negative_entries_are_kept_apart(client: Client, world: World, rcl
     for n in names:
         assert k["key"] not in n
         kind = await rclient.type(n)
-        value = await rclient.get(n) if kind in (b"string", "string") else b"".join(await rclient.smembers(n))
+        if kind in (b"string", "string"):
+            value = await rclient.get(n)
+        else:
+            value = b"".join(m if isinstance(m, bytes) else m.encode() for m in await rclient.smembers(n))
         assert k["key"].encode() not in (value or b"")
 
 

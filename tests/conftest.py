@@ -232,9 +232,9 @@ def write_test_config(path: Path, **yaml_sections: str) -> Path:
     return path
 
 
-def spawn_gateway(services: Services, tmp: Path, name: str, *extra: str) -> GatewayProcess:
+def spawn_gateway(services: Services, tmp: Path, name: str, *extra: str, config_yaml: str = "") -> GatewayProcess:
     port = free_port()
-    config = write_test_config(tmp / f"{name}.yaml")
+    config = write_test_config(tmp / f"{name}.yaml", extra=config_yaml)
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
@@ -247,8 +247,10 @@ def spawn_gateway(services: Services, tmp: Path, name: str, *extra: str) -> Gate
     return GatewayProcess(port, proc, log_path)
 
 
-async def start_gateway(services: Services, tmp: Path, name: str = "gw", *extra: str) -> GatewayProcess:
-    gp = spawn_gateway(services, tmp, name, *extra)
+async def start_gateway(
+    services: Services, tmp: Path, name: str = "gw", *extra: str, config_yaml: str = ""
+) -> GatewayProcess:
+    gp = spawn_gateway(services, tmp, name, *extra, config_yaml=config_yaml)
     proc = gp.proc
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:

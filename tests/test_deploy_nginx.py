@@ -16,7 +16,7 @@ import pytest
 
 from gateway._services import free_port
 from gateway.app import create_app
-from gateway.config import Config
+from gateway.config import Config, LimitConfig
 from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, wait_port
 from tests.conftest import ROOT, Services, World
 
@@ -185,3 +185,22 @@ async def test_public_route_through_nginx(stack: Nginx, world: World) -> None:
     assert status == 200
     assert seen(body, "X-Auth-Method") == ["anonymous"]
     assert seen(body, "X-Org") == []
+
+
+async def test_rate_limit_rebuilt_with_retry_after(
+    aiohttp_server: Any, cfg: Config, world: World, tmp_path: Path
+) -> None:
+    limits = dataclasses.replace(cfg.rate_limits, key=LimitConfig("1/1h", 1))
+    gw = await aiohttp_server(create_app(dataclasses.replace(cfg, rate_limits=limits)))
+    up = await aiohttp_server(echo_app())
+    nginx = await asyncio.to_thread(run_nginx, tmp_path / "nginx", gw.port, up.port)
+    try:
+        k = await world.key(orgs=[world.org_a])
+        status, headers, _ = await _get(nginx, headers={"X-API-Key": k["key"]})
+        assert (status, headers["RateLimit-Limit"], headers["RateLimit-Remaining"]) == (200, "1", "0")
+        status, headers, body = await _get(nginx, headers={"X-API-Key": k["key"]})
+    finally:
+        await asyncio.to_thread(nginx.stop)
+    assert (status, body["error"]["code"], headers["X-Auth-Error"]) == (429, "rate_limited", "rate_limited")
+    assert int(headers["Retry-After"]) > 0
+    assert headers["RateLimit-Remaining"] == "0"

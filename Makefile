@@ -28,6 +28,8 @@ lint: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python scripts/bench_policy.py
+	$(BIN)/python scripts/bench_ratelimit.py
+	$(BIN)/python scripts/bench_flood.py
 	$(BIN)/python scripts/bench.py
 
 clean:

@@ -23,7 +23,6 @@ from gateway.errors import (
     OrgRequired,
     ProjectNotAllowed,
     RevokedApiKey,
-    WrongSecret,
 )
 from gateway.keys import ParsedKey, SecretHasher, digest
 from gateway.metrics import Metrics
@@ -274,7 +273,7 @@ class KeyResolver:
             return redis_entry.record
         self.metrics.cache.labels("miss").inc()
         if self.guard is not None and local_entry is None and redis_entry is None:
-            await self.guard.before_lookup(key.key_id, address)  # nothing known of this key: the costly path
+            await self.guard.before_lookup(address)  # nothing known of this key: the costly path
         try:
             if self._pg_breaker.is_open():
                 raise StoreUnavailable("recently failed")
@@ -290,10 +289,12 @@ class KeyResolver:
         known = [e for e in (local_entry, redis_entry) if e is not None]
         # A digest already verified against this very hash needs no new argon2 run.
         if not any(e.record.hash_fingerprint == record.hash_fingerprint for e in known):
+            if self.guard is not None:
+                await self.guard.before_argon2(key.key_id, address)
             self.metrics.argon2.inc()
             if not await self.hasher.verify(secret_hash, key.secret):
                 await self._remember_invalid(key, d, generation, epoch)
-                raise WrongSecret()
+                raise InvalidApiKey()
             if self.guard is not None:
                 await self.guard.verified(key.key_id, address)
         entry = Entry(record, time.time())

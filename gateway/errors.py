@@ -35,10 +35,6 @@ class InvalidApiKey(Unauthenticated):
     code = "invalid_api_key"
 
 
-class WrongSecret(InvalidApiKey):
-    """A key id that exists, with a secret that did not verify: told to the client as invalid_api_key."""
-
-
 class ExpiredApiKey(Unauthenticated):
     code = "expired_api_key"
 

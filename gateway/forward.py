@@ -29,7 +29,6 @@ from gateway.errors import (
     InvalidRequest,
     MissingCredentials,
     RouteNotAllowed,
-    WrongSecret,
 )
 from gateway.keys import KeyFormat, ParsedKey
 from gateway.policy import ORG_HEADER, OriginalRequest, RouteDecision, checked_id
@@ -275,10 +274,10 @@ async def identify(app: web.Application, parsed: ParsedKey, decision: RouteDecis
     address = str(client_ip) if client_ip is not None else None
     try:
         record = await app[RESOLVER].resolve(parsed, address)
-    except InvalidApiKey as err:
+    except InvalidApiKey:
         guard = app[RESOLVER].guard
         if guard is not None:
-            await guard.failed(parsed.key_id, address, secret_checked=isinstance(err, WrongSecret))
+            await guard.failed(address)
         raise
     identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
     await check_project(identity, app[PROJECTS])

@@ -48,7 +48,7 @@ if now < allow_at then
   return {0, 0, string.format('%.0f', tat - now), string.format('%.0f', allow_at - now)}
 end
 if ARGV[4] ~= '1' then
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
 end
 return {1, math.floor((tolerance - (new_tat - now)) / interval), string.format('%.0f', new_tat - now), '0'}
 """
@@ -185,7 +185,7 @@ class RateLimiter:
             for limit, ident, peek in items:
                 await self._script(
                     keys=[redis_key(limit, ident)],
-                    args=[f"{limit.interval_us:.0f}", f"{limit.tolerance_us:.0f}", 1, 1 if peek else 0],
+                    args=[f"{limit.interval_us:.3f}", f"{limit.tolerance_us:.3f}", 1, 1 if peek else 0],
                     client=pipe,
                 )
             replies = await pipe.execute()
@@ -259,11 +259,12 @@ class Limits:
 
 
 class BruteForceGuard:
-    """Failed verifications are limited per client address and per key id.
+    """Failed verifications are limited per client address, argon2 runs per key id.
 
     Checked only before expensive work (a Postgres lookup, an argon2 run), never on a cache hit. A key id
     under attack refuses new argon2 runs, except from addresses where the key recently verified, so a
-    flood of wrong secrets costs neither an argon2 hash each nor the real holder's access.
+    flood of wrong secrets costs neither an argon2 hash each nor the real holder's access. The address
+    check is a peek, so concurrent requests of one address may overshoot it by their number.
     """
 
     def __init__(self, limiter: RateLimiter, limits: Limits, client: aioredis.Redis, metrics: Metrics) -> None:
@@ -272,20 +273,21 @@ class BruteForceGuard:
         self.client = client
         self.metrics = metrics
 
-    async def before_lookup(self, key_id: str, address: str | None) -> None:
-        """Before a key that is not cached is looked up: is this address, or this key id, over budget?"""
-        charges = [(self.limits.failures_per_address, address or "unknown"), (self.limits.failures_per_key, key_id)]
-        by_address, by_key = await self.limiter.check(charges, peek=True)
+    async def before_lookup(self, address: str | None) -> None:
+        """Before a key that is not cached is looked up: has this address failed too often?"""
+        (by_address,) = await self.limiter.check([(self.limits.failures_per_address, address or "unknown")], peek=True)
         if not by_address.allowed:
             enforce([by_address], self.metrics)
+
+    async def before_argon2(self, key_id: str, address: str | None) -> None:
+        """Every argon2 run for a key id is charged before it starts, so a flood of concurrent guesses
+        cannot slip past the budget. Addresses where the key verified before are never refused."""
+        (by_key,) = await self.limiter.check([(self.limits.failures_per_key, key_id)])
         if not by_key.allowed and not await self._known_good(key_id, address):
             enforce([by_key], self.metrics)
 
-    async def failed(self, key_id: str, address: str | None, *, secret_checked: bool) -> None:
-        charges = [(self.limits.failures_per_address, address or "unknown")]
-        if secret_checked:  # an unknown key id is not worth a counter of its own
-            charges.append((self.limits.failures_per_key, key_id))
-        await self.limiter.check(charges)
+    async def failed(self, address: str | None) -> None:
+        await self.limiter.check([(self.limits.failures_per_address, address or "unknown")])
 
     async def verified(self, key_id: str, address: str | None) -> None:
         if address is None:

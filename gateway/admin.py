@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from gateway import constants as C
-from gateway.audit import write_event
+from gateway.audit import CLI, Actor, write_event
 from gateway.config import RolesConfig
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.keys import ENVS, KeyFormat, SecretHasher, random_b62
@@ -142,14 +142,14 @@ class Admin:
 
     # --- orgs, users, members, projects ---------------------------------------------------------
 
-    async def create_org(self, name: str) -> dict[str, Any]:
+    async def create_org(self, name: str, actor: Actor = CLI) -> dict[str, Any]:
         org_id = new_id("org")
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("INSERT INTO orgs (id, name) VALUES ($1, $2)", org_id, _name(name))
-            await write_event(conn, "org.created", actor="cli", org_id=org_id, detail={"name": name})
+            await write_event(conn, "org.created", actor=actor, org_id=org_id, detail={"name": name})
         return {"id": org_id, "name": name.strip()}
 
-    async def create_user(self, email: str) -> dict[str, Any]:
+    async def create_user(self, email: str, actor: Actor = CLI) -> dict[str, Any]:
         email = email.strip().lower()
         if not _EMAIL_RE.fullmatch(email):
             raise InvalidRequest("email is not a valid address", field="email")
@@ -159,7 +159,7 @@ class Admin:
                 await conn.execute("INSERT INTO users (id, email) VALUES ($1, $2)", user_id, email)
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"a user with email {email} exists") from None
-            await write_event(conn, "user.created", actor="cli", user_id=user_id)
+            await write_event(conn, "user.created", actor=actor, user_id=user_id)
         return {"id": user_id, "email": email}
 
     async def _must_exist(self, conn: asyncpg.Connection, table: str, id_: str) -> None:
@@ -174,16 +174,16 @@ class Admin:
         return [r["id"] for r in await conn.fetch("SELECT id FROM api_keys WHERE user_id = $1", user_id)]
 
     async def _membership_changed(
-        self, conn: asyncpg.Connection, org_id: str, user_id: str, old: str | None, new: str | None
+        self, conn: asyncpg.Connection, org_id: str, user_id: str, old: str | None, new: str | None, actor: Actor
     ) -> None:
         """Audit the change and invalidate every key of the user, inside the caller's transaction."""
         await write_event(
-            conn, "membership.changed", actor="cli", org_id=org_id, user_id=user_id, detail={"from": old, "to": new}
+            conn, "membership.changed", actor=actor, org_id=org_id, user_id=user_id, detail={"from": old, "to": new}
         )
         self.invalidated = await self._user_keys(conn, user_id)
         await notify_keys(conn, self.invalidated)
 
-    async def set_member(self, org_id: str, user_id: str, role: str) -> dict[str, Any]:
+    async def set_member(self, org_id: str, user_id: str, role: str, actor: Actor = CLI) -> dict[str, Any]:
         role = self._role(role)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._must_exist(conn, "orgs", org_id)
@@ -198,20 +198,20 @@ class Admin:
                 user_id,
                 role,
             )
-            await self._membership_changed(conn, org_id, user_id, old, role)
+            await self._membership_changed(conn, org_id, user_id, old, role, actor)
         return {"org_id": org_id, "user_id": user_id, "role": role}
 
-    async def remove_member(self, org_id: str, user_id: str) -> dict[str, Any]:
+    async def remove_member(self, org_id: str, user_id: str, actor: Actor = CLI) -> dict[str, Any]:
         async with self.pool.acquire() as conn, conn.transaction():
             old = await conn.fetchval(
                 "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2 RETURNING role", org_id, user_id
             )
             if old is None:
                 raise NotFound(f"user {user_id} is not a member of org {org_id}")
-            await self._membership_changed(conn, org_id, user_id, old, None)
+            await self._membership_changed(conn, org_id, user_id, old, None, actor)
         return {"org_id": org_id, "user_id": user_id, "removed": True}
 
-    async def create_project(self, org_id: str, name: str) -> dict[str, Any]:
+    async def create_project(self, org_id: str, name: str, actor: Actor = CLI) -> dict[str, Any]:
         project_id = new_id("prj")
         async with self.pool.acquire() as conn, conn.transaction():
             await self._must_exist(conn, "orgs", org_id)
@@ -221,7 +221,7 @@ class Admin:
                 )
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"org {org_id} already has a project named {name}") from None
-            await write_event(conn, "project.created", actor="cli", org_id=org_id, detail={"project": project_id})
+            await write_event(conn, "project.created", actor=actor, org_id=org_id, detail={"project": project_id})
         return {"id": project_id, "org_id": org_id, "name": name.strip()}
 
     # --- keys -------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ class Admin:
         )
         return parsed.key_id, raw
 
-    async def create_key(self, spec: KeySpec) -> dict[str, Any]:
+    async def create_key(self, spec: KeySpec, actor: Actor = CLI) -> dict[str, Any]:
         expires, cidrs = self._validate_spec(spec)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._check_scope(conn, spec)
@@ -302,7 +302,7 @@ class Admin:
             await write_event(
                 conn,
                 "api_key.created",
-                actor="cli",
+                actor=actor,
                 user_id=spec.user_id,
                 key_id=key_id,
                 detail={"role": spec.role, "env": spec.env},
@@ -310,17 +310,41 @@ class Admin:
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
         return {**key_view(row), "key": raw}
 
-    async def list_keys(self, user_id: str | None, org_id: str | None) -> list[dict[str, Any]]:
+    async def list_keys(
+        self,
+        user_id: str | None = None,
+        org_id: str | None = None,
+        status: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Keys, oldest first: of one owner, and/or that can act in one org, in one status."""
+        now = datetime.now(UTC)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT k.* FROM api_keys k WHERE ($1::text IS NULL OR k.user_id = $1)"
-                " AND ($2::text IS NULL OR (k.all_orgs AND EXISTS (SELECT 1 FROM memberships m"
-                "      WHERE m.user_id = k.user_id AND m.org_id = $2)) OR $2 = ANY(k.org_ids))"
-                " ORDER BY k.created_at, k.id",
+                " AND ($2::text IS NULL OR $2 = ANY(k.org_ids) OR (k.all_orgs AND EXISTS ("
+                "      SELECT 1 FROM memberships m WHERE m.user_id = k.user_id AND m.org_id = $2)))"
+                " AND ($3::text IS NULL"
+                "      OR ($3 = 'revoked' AND k.revoked_at IS NOT NULL)"
+                "      OR ($3 = 'expired' AND k.revoked_at IS NULL AND k.expires_at <= $4)"
+                "      OR ($3 = 'active' AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $4)))"
+                " AND ($5::timestamptz IS NULL OR (k.created_at, k.id) > ($5, $6::text))"
+                " ORDER BY k.created_at, k.id LIMIT $7",
                 user_id,
                 org_id,
+                status,
+                now,
+                after[0] if after else None,
+                after[1] if after else None,
+                limit,
             )
         return [key_view(r) for r in rows]
+
+    async def key_row(self, key_id: str) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+        return row
 
     async def show_key(self, key_id: str) -> dict[str, Any]:
         async with self.pool.acquire() as conn:
@@ -329,19 +353,19 @@ class Admin:
             raise NotFound(f"no key {key_id}")
         return key_view(row)
 
-    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+    async def revoke_key(self, key_id: str, actor: Actor = CLI) -> dict[str, Any]:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING *", key_id
             )
             if row is None:
                 raise NotFound(f"no key {key_id}")
-            await write_event(conn, "api_key.revoked", actor="cli", user_id=row["user_id"], key_id=key_id)
+            await write_event(conn, "api_key.revoked", actor=actor, user_id=row["user_id"], key_id=key_id)
             self.invalidated = [key_id]
             await notify_keys(conn, self.invalidated)
         return key_view(row)
 
-    async def rotate_key(self, key_id: str, grace: str | None) -> dict[str, Any]:
+    async def rotate_key(self, key_id: str, grace: str | None, actor: Actor = CLI) -> dict[str, Any]:
         grace_td = parse_duration(grace, "grace") if grace else timedelta(0)
         async with self.pool.acquire() as conn, conn.transaction():
             old = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1 FOR UPDATE", key_id)
@@ -371,7 +395,7 @@ class Admin:
             await write_event(
                 conn,
                 "api_key.rotated",
-                actor="cli",
+                actor=actor,
                 user_id=old["user_id"],
                 key_id=key_id,
                 detail={"new_key_id": new_id_, "grace_s": int(grace_td.total_seconds())},

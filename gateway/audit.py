@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,27 +25,43 @@ log = logging.getLogger("gateway.audit")
 FailureKey = tuple[str, str | None, str | None, str | None, str]  # code, key id, ip, org, endpoint
 
 
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who made a management change, and from where: recorded with every audit event."""
+
+    id: str  # a user id, or "cli" for the server's command line
+    ip: str | None = None
+    user_agent: str | None = None
+    key_id: str | None = None  # the key the change was made with
+
+
+CLI = Actor("cli")
+
+
 async def write_event(
     conn: asyncpg.Connection,
     type_: str,
     *,
-    actor: str | None = None,
+    actor: Actor = CLI,
     org_id: str | None = None,
     user_id: str | None = None,
     key_id: str | None = None,
-    ip: str | None = None,
+    target: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    """Insert one audit event; call it inside the transaction that makes the change. Never key material."""
     await conn.execute(
-        "INSERT INTO audit_events (type, actor, org_id, user_id, key_id, ip, detail)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+        "INSERT INTO audit_events (type, actor, org_id, user_id, key_id, ip, user_agent, target, detail)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
         type_,
-        actor,
+        actor.id,
         org_id,
         user_id,
         key_id,
-        ip,
-        json.dumps(detail or {}),
+        actor.ip,
+        (actor.user_agent or "")[:300] or None,
+        target,
+        json.dumps({**(detail or {}), **({"via_key": actor.key_id} if actor.key_id else {})}),
     )
 
 

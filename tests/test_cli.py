@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from gateway.store import migration_files
 from tests.conftest import ROOT, Services, gateway_env, write_test_config
 
 
@@ -206,4 +207,4 @@ def test_migrate_from_several_replicas_at_once(services: Services, tmp_path: Any
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     applied = [json.loads(o)["applied"] for o, _ in outs]
-    assert sorted(map(len, applied)) == [0, 0, 0, 1]
+    assert sorted(map(len, applied)) == [0, 0, 0, len(migration_files())]  # one runner applied them all

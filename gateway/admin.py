@@ -294,19 +294,33 @@ class Admin:
         )
         return parsed.key_id, raw
 
+    async def _key_event(
+        self, conn: asyncpg.Connection, type_: str, key_id: str, actor: Actor, detail: dict[str, Any] | None = None
+    ) -> None:
+        """One audit event per org the key can act in, so each org's audit shows it."""
+        row = await conn.fetchrow(
+            "SELECT k.user_id, CASE WHEN k.all_orgs THEN ARRAY(SELECT m.org_id FROM memberships m"
+            " WHERE m.user_id = k.user_id) ELSE k.org_ids END AS orgs FROM api_keys k WHERE k.id = $1",
+            key_id,
+        )
+        for org in list(row["orgs"]) or [None]:
+            await write_event(
+                conn,
+                type_,
+                actor=actor,
+                org_id=org,
+                user_id=row["user_id"],
+                key_id=key_id,
+                target=key_id,
+                detail=detail,
+            )
+
     async def create_key(self, spec: KeySpec, actor: Actor = CLI) -> dict[str, Any]:
         expires, cidrs = self._validate_spec(spec)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._check_scope(conn, spec)
             key_id, raw = await self._insert_key(conn, spec, expires, cidrs)
-            await write_event(
-                conn,
-                "api_key.created",
-                actor=actor,
-                user_id=spec.user_id,
-                key_id=key_id,
-                detail={"role": spec.role, "env": spec.env},
-            )
+            await self._key_event(conn, "api_key.created", key_id, actor, {"role": spec.role, "env": spec.env})
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
         return {**key_view(row), "key": raw}
 
@@ -360,7 +374,7 @@ class Admin:
             )
             if row is None:
                 raise NotFound(f"no key {key_id}")
-            await write_event(conn, "api_key.revoked", actor=actor, user_id=row["user_id"], key_id=key_id)
+            await self._key_event(conn, "api_key.revoked", key_id, actor)
             self.invalidated = [key_id]
             await notify_keys(conn, self.invalidated)
         return key_view(row)
@@ -392,15 +406,182 @@ class Admin:
                 new_id_,
                 grace_td,
             )
-            await write_event(
+            await self._key_event(
                 conn,
                 "api_key.rotated",
-                actor=actor,
-                user_id=old["user_id"],
-                key_id=key_id,
-                detail={"new_key_id": new_id_, "grace_s": int(grace_td.total_seconds())},
+                key_id,
+                actor,
+                {"new_key_id": new_id_, "grace_s": int(grace_td.total_seconds())},
             )
             self.invalidated = [key_id]
             await notify_keys(conn, self.invalidated)
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", new_id_)
         return {**key_view(row), "key": raw, "rotated_from": key_id}
+
+    # --- self-serve queries and writes ------------------------------------------------------------
+
+    async def create_org_owned(self, name: str, owner: str, actor: Actor) -> dict[str, Any]:
+        """A new org with `owner` as its owner, in one transaction."""
+        org_id = new_id("org")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO orgs (id, name) VALUES ($1, $2)", org_id, _name(name))
+            await conn.execute(
+                "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)",
+                org_id,
+                owner,
+                self.roles.order[-1],
+            )
+            await write_event(conn, "org.created", actor=actor, org_id=org_id, target=org_id, detail={"name": name})
+            await self._membership_changed(conn, org_id, owner, None, self.roles.order[-1], actor)
+        return {"id": org_id, "name": name.strip()}
+
+    async def orgs(self, org_ids: list[str]) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT id, name FROM orgs WHERE id = ANY($1::text[]) ORDER BY name, id", org_ids)
+        return [dict(r) for r in rows]
+
+    async def members(self, org_id: str) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT u.id AS user_id, u.email, u.kind, u.name, m.role FROM memberships m"
+                " JOIN users u ON u.id = m.user_id WHERE m.org_id = $1 ORDER BY u.kind, u.email, u.name, u.id",
+                org_id,
+            )
+        return [dict(r) for r in rows]
+
+    async def member_role(self, org_id: str, user_id: str) -> str | None:
+        async with self.pool.acquire() as conn:
+            role: str | None = await conn.fetchval(
+                "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
+            )
+        return role
+
+    async def user_by_email(self, email: str, actor: Actor) -> str:
+        """The id of the user with this email, created if there is none."""
+        email = email.strip().lower()
+        if not _EMAIL_RE.fullmatch(email):
+            raise InvalidRequest("email is not a valid address", field="email")
+        async with self.pool.acquire() as conn, conn.transaction():
+            found: str | None = await conn.fetchval("SELECT id FROM users WHERE email = $1", email)
+            if found is not None:
+                return found
+            user_id = new_id("usr")
+            await conn.execute("INSERT INTO users (id, email) VALUES ($1, $2)", user_id, email)
+            await write_event(conn, "user.created", actor=actor, user_id=user_id, target=user_id)
+        return user_id
+
+    async def create_service_account(self, org_id: str, name: str, role: str, actor: Actor) -> dict[str, Any]:
+        """A non-human member of one org: its keys are the org's, and outlive whoever made them."""
+        self._role(role)
+        user_id = new_id("svc")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._must_exist(conn, "orgs", org_id)
+            await conn.execute(
+                "INSERT INTO users (id, kind, name, service_org) VALUES ($1, 'service', $2, $3)",
+                user_id,
+                _name(name),
+                org_id,
+            )
+            await conn.execute(
+                "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)", org_id, user_id, role
+            )
+            await write_event(
+                conn,
+                "service_account.created",
+                actor=actor,
+                org_id=org_id,
+                user_id=user_id,
+                target=user_id,
+                detail={"name": name, "role": role},
+            )
+        return {"id": user_id, "org_id": org_id, "name": name.strip(), "role": role}
+
+    async def service_accounts(self, org_id: str) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT u.id, u.name, m.role FROM users u JOIN memberships m ON m.user_id = u.id AND m.org_id = $1"
+                " WHERE u.kind = 'service' AND u.service_org = $1 ORDER BY u.name, u.id",
+                org_id,
+            )
+        return [{**dict(r), "org_id": org_id} for r in rows]
+
+    async def service_account(self, org_id: str, user_id: str) -> dict[str, Any] | None:
+        return next((sa for sa in await self.service_accounts(org_id) if sa["id"] == user_id), None)
+
+    async def projects(self, org_id: str) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT id, org_id, name FROM projects WHERE org_id = $1 ORDER BY name", org_id)
+        return [dict(r) for r in rows]
+
+    async def delete_project(self, org_id: str, project_id: str, revoke_keys: bool, actor: Actor) -> dict[str, Any]:
+        """Refuses while live keys name the project, unless `revoke_keys` revokes them in the same transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchval(
+                "SELECT 1 FROM projects WHERE id = $1 AND org_id = $2 FOR UPDATE", project_id, org_id
+            )
+            if found is None:
+                raise NotFound(f"no project {project_id}")
+            naming = [
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM api_keys WHERE $1 = ANY(project_ids) AND revoked_at IS NULL", project_id
+                )
+            ]
+            if naming and not revoke_keys:
+                raise Conflict(f"{len(naming)} active keys name this project: revoke them, or pass revoke_keys=true")
+            if naming:
+                await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = ANY($1::text[])", naming)
+                for key_id in naming:
+                    await write_event(
+                        conn,
+                        "api_key.revoked",
+                        actor=actor,
+                        org_id=org_id,
+                        key_id=key_id,
+                        target=key_id,
+                        detail={"reason": "project deleted"},
+                    )
+                await notify_keys(conn, naming)
+            await conn.execute("DELETE FROM projects WHERE id = $1", project_id)
+            await write_event(
+                conn, "project.deleted", actor=actor, org_id=org_id, target=project_id, detail={"revoked_keys": naming}
+            )
+        return {"id": project_id, "deleted": True, "revoked_keys": naming}
+
+    async def audit(
+        self,
+        org_id: str,
+        *,
+        type_: str | None = None,
+        key_id: str | None = None,
+        actor: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """An org's audit events, newest first."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, at, type, actor, org_id, user_id, key_id, target, host(ip) AS ip, user_agent, count, detail"
+                " FROM audit_events WHERE org_id = $1 AND ($2::text IS NULL OR type = $2)"
+                " AND ($3::text IS NULL OR key_id = $3) AND ($4::text IS NULL OR actor = $4)"
+                " AND ($5::timestamptz IS NULL OR at >= $5) AND ($6::timestamptz IS NULL OR at < $6)"
+                " AND ($7::bigint IS NULL OR id < $7) ORDER BY id DESC LIMIT $8",
+                org_id,
+                type_,
+                key_id,
+                actor,
+                since,
+                until,
+                before_id,
+                limit,
+            )
+        return [
+            {
+                **dict(r),
+                "at": _iso(r["at"]),
+                "detail": json.loads(r["detail"]) if isinstance(r["detail"], str) else r["detail"],
+            }
+            for r in rows
+        ]

@@ -15,6 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from gateway.admin import Admin
+from gateway.api import api_app
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.cache import REDIS_ERRORS, LocalCache, RedisCache
@@ -23,10 +25,12 @@ from gateway.errors import GatewayError
 from gateway.forward import error_response, forward_handler, keys_verify
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
+from gateway.openapi import openapi
 from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
 from gateway.ratelimit import BruteForceGuard, Limits, RateLimiter
 from gateway.store import Store, StoreUnavailable, connect_pool, listen_invalidations
 from gateway.typedefs import (
+    ADMIN,
     AUDITOR,
     CONFIG,
     HASHER,
@@ -94,6 +98,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         guard,
     )
     app[RESOLVER] = resolver
+    app[ADMIN] = Admin(app[STORE].pool, app[KEY_FORMAT], app[HASHER], cfg.roles)
     app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
 
@@ -177,6 +182,10 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+async def openapi_handler(_request: web.Request) -> web.Response:
+    return web.json_response(openapi())
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -218,4 +227,6 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     # Envoy appends the original path to its path_prefix.
     app.router.add_route("*", "/auth/envoy/{tail:.*}", forward_handler("envoy"))  # type: ignore[arg-type]
     app.router.add_post("/v1/keys/verify", keys_verify)
+    app.router.add_get("/v1/openapi.json", openapi_handler)
+    app.add_subapp("/v1/", api_app())
     return app

@@ -116,10 +116,8 @@ def active_org(record: KeyRecord, requested: str | None) -> str:
     return org
 
 
-def authorize(
-    record: KeyRecord, decision: RouteDecision, client_ip: IP | None, roles: RolesConfig, now: float
-) -> Identity:
-    """Check the key's state and what the route requires. Raises the contract's errors."""
+def check_state(record: KeyRecord, client_ip: IP | None, now: float) -> None:
+    """Revoked, expired, or used from outside its allowlist: the key is refused whatever the route."""
     if record.revoked_at is not None and record.revoked_at <= now:
         raise RevokedApiKey("this key was revoked")
     if record.expires_at is not None and record.expires_at <= now:
@@ -127,6 +125,23 @@ def authorize(
     networks = record.networks()
     if networks is not None and (client_ip is None or not any(client_ip in n for n in networks)):
         raise IpNotAllowed("the client address is not in this key's allowlist")
+
+
+def role_in(record: KeyRecord, org: str, roles: RolesConfig) -> str | None:
+    """The key's effective role in `org`: the lower of its own and its owner's; None if it cannot act there."""
+    member = record.memberships.get(org)
+    if member is None or not (record.all_orgs or org in record.org_ids):
+        return None
+    if record.role not in roles.order or member not in roles.order:
+        return None
+    return roles.lower(record.role, member)
+
+
+def authorize(
+    record: KeyRecord, decision: RouteDecision, client_ip: IP | None, roles: RolesConfig, now: float
+) -> Identity:
+    """Check the key's state and what the route requires. Raises the contract's errors."""
+    check_state(record, client_ip, now)
     org = active_org(record, decision.org)
     member_role = record.memberships[org]
     if record.role not in roles.order or member_role not in roles.order:

@@ -7,6 +7,7 @@ import ipaddress
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from gateway.admin import Admin
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.config import Config
@@ -30,6 +31,7 @@ RESOLVER = web.AppKey("resolver", KeyResolver)
 AUDITOR = web.AppKey("auditor", FailureAuditor)
 PROJECTS = web.AppKey("projects", ProjectDirectory)
 LIMITS = web.AppKey("limits", Limits)
+ADMIN = web.AppKey("admin", Admin)
 LIMITER = web.AppKey[RateLimiter | None]("limiter")
 
 # Per-request: the key id once the key is known, for the audit of a denial.

@@ -65,7 +65,7 @@ async def test_keys_verify_bad_input(client: Client, world: World, body: bytes) 
 async def test_unknown_routes_and_oversized_bodies(client: Client, world: World) -> None:
     r = await client.get("/nope")
     assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
-    r = await client.get("/v1/keys/verify")
+    r = await client.delete("/healthz")
     assert r.status == 405
     r = await client.post("/v1/keys/verify", data=b"x" * 200_000)
     assert r.status == 413 and (await r.json())["error"]["code"] == "invalid_request"

@@ -1,0 +1,163 @@
+"""The OpenAPI 3.1 document of the /v1/ API, served at /v1/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_STD = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR, "429": _ERR, "503": _ERR}
+
+
+def _op(summary: str, ok: str = "200", body: str | None = None, params: list[str] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            ok: {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+            **_STD,
+        },
+    }
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+        }
+    if params:
+        op["parameters"] = [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in params]
+    return op
+
+
+def _path_params(path: str) -> list[dict[str, Any]]:
+    names = [seg[1:-1] for seg in path.split("/") if seg.startswith("{")]
+    return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
+
+
+_PATHS: dict[str, dict[str, dict[str, Any]]] = {
+    "/v1/keys/verify": {
+        "post": {**_op("Verify a key in-process (no authentication)", body="VerifyRequest"), "security": []}
+    },
+    "/v1/me": {"get": _op("The calling key, its owner and the orgs it can act in")},
+    "/v1/keys": {
+        "post": _op("Create a key for the caller (the raw key is in this response only)", "201", "KeyCreate"),
+        "get": _op(
+            "List keys: the caller's, or with org= every key that can act in an org you administer",
+            params=["org", "owner", "status", "limit", "cursor"],
+        ),
+    },
+    "/v1/keys/{key_id}": {"get": _op("A key, with its effective role in each org")},
+    "/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key (kept for audit)")},
+    "/v1/keys/{key_id}/rotate": {
+        "post": _op("A new key with the same settings; the old one expires after grace", "201", "Rotate")
+    },
+    "/v1/orgs": {
+        "post": _op("Create an org; the caller becomes its owner", "201", "Named"),
+        "get": _op("The orgs the calling key can act in"),
+    },
+    "/v1/orgs/{org}": {"get": _op("An org")},
+    "/v1/orgs/{org}/members": {
+        "get": _op("Members (admins)"),
+        "post": _op("Add a member by email (admins)", "201", "MemberAdd"),
+    },
+    "/v1/orgs/{org}/members/{user_id}": {
+        "put": _op("Change a member's role (admins)", body="Role"),
+        "delete": _op("Remove a member (admins)"),
+    },
+    "/v1/orgs/{org}/projects": {"post": _op("Create a project (admins)", "201", "Named"), "get": _op("Projects")},
+    "/v1/orgs/{org}/projects/{project}": {
+        "get": _op("A project"),
+        "delete": _op("Delete a project; refused while keys name it unless revoke_keys=true", params=["revoke_keys"]),
+    },
+    "/v1/orgs/{org}/service-accounts": {
+        "post": _op("Create a service account (admins)", "201", "MemberRole"),
+        "get": _op("Service accounts (admins)"),
+    },
+    "/v1/orgs/{org}/service-accounts/{sa}/keys": {
+        "post": _op("Issue a key owned by the org's service account", "201", "KeyCreate")
+    },
+    "/v1/orgs/{org}/audit": {
+        "get": _op(
+            "Audit events, newest first (admins)",
+            params=["type", "key_id", "actor", "since", "until", "limit", "cursor"],
+        )
+    },
+}
+
+_S = {"type": "string"}
+_SCHEMAS: dict[str, Any] = {
+    "VerifyRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["key"],
+        "properties": {k: _S for k in ("key", "org", "permission", "method", "path")},
+    },
+    "KeyCreate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "role"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 200},
+            "role": _S,
+            "env": {"enum": ["live", "test"]},
+            "scopes": {"type": "array", "items": _S, "maxItems": 100},
+            "orgs": {"oneOf": [{"const": "all"}, {"type": "array", "items": _S, "maxItems": 100}]},
+            "projects": {"oneOf": [{"const": "all"}, {"type": "array", "items": _S, "maxItems": 100}]},
+            "expires_in": {"type": "string", "examples": ["30d"]},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "allowed_ips": {"type": "array", "items": _S, "maxItems": 100},
+            "rate_limit": {"type": "string", "examples": ["100/1m"]},
+        },
+    },
+    "Rotate": {"type": "object", "additionalProperties": False, "properties": {"grace": {"type": "string"}}},
+    "Named": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {"name": _S}},
+    "Role": {"type": "object", "additionalProperties": False, "required": ["role"], "properties": {"role": _S}},
+    "MemberAdd": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["email", "role"],
+        "properties": {"email": {"type": "string", "format": "email"}, "role": _S},
+    },
+    "MemberRole": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "role"],
+        "properties": {"name": _S, "role": _S},
+    },
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": _S, "message": _S, "field": _S},
+            }
+        },
+    },
+}
+
+
+def openapi() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for path, ops in _PATHS.items():
+        item: dict[str, Any] = dict(ops)
+        if "{" in path:
+            item["parameters"] = _path_params(path)
+        paths[path] = item
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gateway management API", "version": "1"},
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+            "schemas": _SCHEMAS,
+            "responses": {
+                "Error": {
+                    "description": "The contract's error body",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+            },
+        },
+    }

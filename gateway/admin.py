@@ -226,7 +226,7 @@ class Admin:
 
     # --- keys -------------------------------------------------------------------------------------
 
-    def _validate_spec(self, spec: KeySpec) -> tuple[datetime | None, list[str] | None]:
+    def validate_spec(self, spec: KeySpec) -> tuple[datetime | None, list[str] | None]:
         _name(spec.name)
         self._role(spec.role)
         if spec.env not in ENVS:
@@ -316,7 +316,7 @@ class Admin:
             )
 
     async def create_key(self, spec: KeySpec, actor: Actor = CLI) -> dict[str, Any]:
-        expires, cidrs = self._validate_spec(spec)
+        expires, cidrs = self.validate_spec(spec)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._check_scope(conn, spec)
             key_id, raw = await self._insert_key(conn, spec, expires, cidrs)

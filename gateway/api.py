@@ -82,16 +82,16 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     raw = credential(request.headers)
     if raw is None:
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
-    parsed = request.app[KEY_FORMAT].parse(raw)
+    parsed = request.config_dict[KEY_FORMAT].parse(raw)
     if parsed is None:
         raise InvalidApiKey()
-    client_ip = client_address(request.remote, request.headers, request.app[TRUSTED])
+    client_ip = client_address(request.remote, request.headers, request.config_dict[TRUSTED])
     address = str(client_ip) if client_ip is not None else None
-    record = await request.app[RESOLVER].resolve(parsed, address)
+    record = await request.config_dict[RESOLVER].resolve(parsed, address)
     check_state(record, client_ip, time.time())
-    await charge(request.app, [(request.app[LIMITS].key, record.id)])
+    await charge(request.config_dict, [(request.config_dict[LIMITS].key, record.id)])
     actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
-    request[PRINCIPAL] = Principal(record, actor, request.app[CONFIG].roles)
+    request[PRINCIPAL] = Principal(record, actor, request.config_dict[CONFIG].roles)
     return await handler(request)
 
 
@@ -241,7 +241,7 @@ def with_effective_roles(p: Principal, key: dict[str, Any], owner_roles: dict[st
 
 
 async def owner_roles(request: web.Request, user_id: str) -> dict[str, str]:
-    admin = request.app[ADMIN]
+    admin = request.config_dict[ADMIN]
     async with admin.pool.acquire() as conn:
         rows = await conn.fetch("SELECT org_id, role FROM memberships WHERE user_id = $1", user_id)
     return {r["org_id"]: r["role"] for r in rows}
@@ -250,7 +250,7 @@ async def owner_roles(request: web.Request, user_id: str) -> dict[str, str]:
 async def visible_key(request: web.Request, key_id: str) -> dict[str, Any]:
     """A key the caller may see: its own, or one that can act in an org where the caller is an admin."""
     p = request[PRINCIPAL]
-    row = await request.app[ADMIN].key_row(key_id)
+    row = await request.config_dict[ADMIN].key_row(key_id)
     if row is None:
         raise NotFound(f"no key {key_id}")
     key = key_view(row)
@@ -266,10 +266,11 @@ async def create_key(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     body = await read_body(request, _KEY_FIELDS, {"name", "role"})
     spec = spec_from(body, p.user_id)
+    request.config_dict[ADMIN].validate_spec(spec)
     no_escalation(p, spec)
     for org in spec.orgs:
         p.require(org)
-    created = await request.app[ADMIN].create_key(spec, p.actor)
+    created = await request.config_dict[ADMIN].create_key(spec, p.actor)
     result = with_effective_roles(p, created, await owner_roles(request, p.user_id))
     return web.json_response(result, status=201)
 
@@ -295,7 +296,7 @@ async def list_keys(request: web.Request) -> web.Response:
             after = (datetime.fromisoformat(str(at).replace("Z", "+00:00")), str(key_id))
         except (ValueError, TypeError):
             raise InvalidRequest("cursor is not valid", field="cursor") from None
-    admin = request.app[ADMIN]
+    admin = request.config_dict[ADMIN]
     rows = await admin.list_keys(owner, org, status, after, limit + 1)
     items = rows[:limit]
     out = [with_effective_roles(p, k, await owner_roles(request, k["user_id"])) for k in items]
@@ -311,7 +312,7 @@ async def get_key(request: web.Request) -> web.Response:
 
 async def revoke_key(request: web.Request) -> web.Response:
     key = await visible_key(request, request.match_info["key_id"])
-    revoked = await request.app[ADMIN].revoke_key(key["id"], request[PRINCIPAL].actor)
+    revoked = await request.config_dict[ADMIN].revoke_key(key["id"], request[PRINCIPAL].actor)
     return web.json_response(
         with_effective_roles(request[PRINCIPAL], revoked, await owner_roles(request, key["user_id"]))
     )
@@ -321,7 +322,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     key = await visible_key(request, request.match_info["key_id"])
     body = await read_body(request, {"grace": str}, set())
-    rotated = await request.app[ADMIN].rotate_key(key["id"], body.get("grace"), p.actor)
+    rotated = await request.config_dict[ADMIN].rotate_key(key["id"], body.get("grace"), p.actor)
     return web.json_response(with_effective_roles(p, rotated, await owner_roles(request, key["user_id"])), status=201)
 
 
@@ -330,7 +331,7 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 async def me(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
-    orgs = await request.app[ADMIN].orgs(p.orgs())
+    orgs = await request.config_dict[ADMIN].orgs(p.orgs())
     return web.json_response(
         {
             "user_id": p.user_id,
@@ -345,12 +346,14 @@ async def create_org(request: web.Request) -> web.Response:
     if not p.record.all_orgs:
         raise OrgNotAllowed("only a key for all of its owner's orgs can create an org")
     body = await read_body(request, {"name": str}, {"name"})
-    return web.json_response(await request.app[ADMIN].create_org_owned(body["name"], p.user_id, p.actor), status=201)
+    return web.json_response(
+        await request.config_dict[ADMIN].create_org_owned(body["name"], p.user_id, p.actor), status=201
+    )
 
 
 async def list_orgs(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
-    orgs = await request.app[ADMIN].orgs(p.orgs())
+    orgs = await request.config_dict[ADMIN].orgs(p.orgs())
     return web.json_response({"items": [{**o, "role": p.role_in(o["id"])} for o in orgs]})
 
 
@@ -358,14 +361,14 @@ async def get_org(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
     role = p.require(org)
-    (found,) = await request.app[ADMIN].orgs([org])
+    (found,) = await request.config_dict[ADMIN].orgs([org])
     return web.json_response({**found, "role": role})
 
 
 async def list_members(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     request[PRINCIPAL].require(org, ADMIN_ROLE)
-    return web.json_response({"items": await request.app[ADMIN].members(org)})
+    return web.json_response({"items": await request.config_dict[ADMIN].members(org)})
 
 
 def _grantable(p: Principal, org: str, role: str) -> None:
@@ -382,7 +385,7 @@ async def add_member(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     body = await read_body(request, {"email": str, "role": str}, {"email", "role"})
     _grantable(p, org, body["role"])
-    admin = request.app[ADMIN]
+    admin = request.config_dict[ADMIN]
     user_id = await admin.user_by_email(body["email"], p.actor)
     await _guard_target(request, org, user_id)
     return web.json_response(await admin.set_member(org, user_id, body["role"], p.actor), status=201)
@@ -391,7 +394,7 @@ async def add_member(request: web.Request) -> web.Response:
 async def _guard_target(request: web.Request, org: str, user_id: str) -> None:
     """A member whose role is above the caller's cannot be changed or removed by the caller."""
     p = request[PRINCIPAL]
-    current = await request.app[ADMIN].member_role(org, user_id)
+    current = await request.config_dict[ADMIN].member_role(org, user_id)
     mine = p.require(org, ADMIN_ROLE)
     if current is not None and p.roles.rank(current) > p.roles.rank(mine):
         raise InsufficientPermissions(f"an {mine} cannot change an {current}")
@@ -402,10 +405,10 @@ async def set_member(request: web.Request) -> web.Response:
     org, user_id = request.match_info["org"], request.match_info["user_id"]
     body = await read_body(request, {"role": str}, {"role"})
     _grantable(p, org, body["role"])
-    if await request.app[ADMIN].member_role(org, user_id) is None:
+    if await request.config_dict[ADMIN].member_role(org, user_id) is None:
         raise NotFound(f"no member {user_id}")
     await _guard_target(request, org, user_id)
-    return web.json_response(await request.app[ADMIN].set_member(org, user_id, body["role"], p.actor))
+    return web.json_response(await request.config_dict[ADMIN].set_member(org, user_id, body["role"], p.actor))
 
 
 async def remove_member(request: web.Request) -> web.Response:
@@ -413,7 +416,7 @@ async def remove_member(request: web.Request) -> web.Response:
     org, user_id = request.match_info["org"], request.match_info["user_id"]
     p.require(org, ADMIN_ROLE)
     await _guard_target(request, org, user_id)
-    return web.json_response(await request.app[ADMIN].remove_member(org, user_id, p.actor))
+    return web.json_response(await request.config_dict[ADMIN].remove_member(org, user_id, p.actor))
 
 
 async def create_project(request: web.Request) -> web.Response:
@@ -421,19 +424,19 @@ async def create_project(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     p.require(org, ADMIN_ROLE)
     body = await read_body(request, {"name": str}, {"name"})
-    return web.json_response(await request.app[ADMIN].create_project(org, body["name"], p.actor), status=201)
+    return web.json_response(await request.config_dict[ADMIN].create_project(org, body["name"], p.actor), status=201)
 
 
 async def list_projects(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     request[PRINCIPAL].require(org)
-    return web.json_response({"items": await request.app[ADMIN].projects(org)})
+    return web.json_response({"items": await request.config_dict[ADMIN].projects(org)})
 
 
 async def get_project(request: web.Request) -> web.Response:
     org, project = request.match_info["org"], request.match_info["project"]
     request[PRINCIPAL].require(org)
-    found = [p for p in await request.app[ADMIN].projects(org) if p["id"] == project]
+    found = [p for p in await request.config_dict[ADMIN].projects(org) if p["id"] == project]
     if not found:
         raise NotFound(f"no project {project}")
     return web.json_response(found[0])
@@ -446,7 +449,7 @@ async def delete_project(request: web.Request) -> web.Response:
     revoke = request.query.get("revoke_keys", "false")
     if revoke not in ("true", "false"):
         raise InvalidRequest("revoke_keys must be true or false", field="revoke_keys")
-    return web.json_response(await request.app[ADMIN].delete_project(org, project, revoke == "true", p.actor))
+    return web.json_response(await request.config_dict[ADMIN].delete_project(org, project, revoke == "true", p.actor))
 
 
 async def create_service_account(request: web.Request) -> web.Response:
@@ -455,14 +458,14 @@ async def create_service_account(request: web.Request) -> web.Response:
     body = await read_body(request, {"name": str, "role": str}, {"name", "role"})
     _grantable(p, org, body["role"])
     return web.json_response(
-        await request.app[ADMIN].create_service_account(org, body["name"], body["role"], p.actor), status=201
+        await request.config_dict[ADMIN].create_service_account(org, body["name"], body["role"], p.actor), status=201
     )
 
 
 async def list_service_accounts(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     request[PRINCIPAL].require(org, ADMIN_ROLE)
-    return web.json_response({"items": await request.app[ADMIN].service_accounts(org)})
+    return web.json_response({"items": await request.config_dict[ADMIN].service_accounts(org)})
 
 
 async def create_service_account_key(request: web.Request) -> web.Response:
@@ -470,15 +473,16 @@ async def create_service_account_key(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, sa_id = request.match_info["org"], request.match_info["sa"]
     p.require(org, ADMIN_ROLE)
-    sa = await request.app[ADMIN].service_account(org, sa_id)
+    sa = await request.config_dict[ADMIN].service_account(org, sa_id)
     if sa is None:
         raise NotFound(f"no service account {sa_id}")
     body = await read_body(request, _KEY_FIELDS, {"name", "role"})
     body["orgs"] = [org]
     spec = spec_from(body, sa_id)
+    request.config_dict[ADMIN].validate_spec(spec)
     no_escalation(p, spec)
     _grantable(p, org, spec.role)
-    created = await request.app[ADMIN].create_key(spec, p.actor)
+    created = await request.config_dict[ADMIN].create_key(spec, p.actor)
     return web.json_response(with_effective_roles(p, created, {org: sa["role"]}), status=201)
 
 
@@ -489,7 +493,7 @@ async def audit(request: web.Request) -> web.Response:
     limit, cursor = page(request)
     q = request.query
     before = int(decode_cursor(cursor)) if cursor else None
-    items = await request.app[ADMIN].audit(
+    items = await request.config_dict[ADMIN].audit(
         org,
         type_=q.get("type"),
         key_id=q.get("key_id"),

@@ -18,6 +18,7 @@ from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
+from aiohttp.helpers import ChainMapProxy
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway._paths import normalise
@@ -48,6 +49,8 @@ from gateway.typedefs import (
 )
 
 Headers = CIMultiDictProxy[str]
+# An app, or a sub-app's view of its parents' state (request.config_dict).
+AppState = web.Application | ChainMapProxy
 
 METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
@@ -291,7 +294,7 @@ def key_charges(app: web.Application, identity: Identity) -> list[tuple[Limit, s
     return [(key_limit, identity.key_id), (limits.org, identity.org)]
 
 
-async def charge(app: web.Application, charges: list[tuple[Limit, str]]) -> Decision | None:
+async def charge(app: AppState, charges: list[tuple[Limit, str]]) -> Decision | None:
     limiter = app[LIMITER]
     if limiter is None:
         return None

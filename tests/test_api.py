@@ -1,0 +1,292 @@
+"""The self-serve /v1/ API, driven over HTTP with real keys."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from gateway.api import api_app
+from tests.conftest import World, nginx_headers, poll
+
+Client = Any
+
+
+def auth(key: dict[str, Any] | str, **extra: str) -> dict[str, str]:
+    raw = key if isinstance(key, str) else key["key"]
+    return {"Authorization": f"Bearer {raw}", "User-Agent": "api-test/1.0", **extra}
+
+
+async def ok(r: Any, status: int = 200) -> Any:
+    body = await r.json()
+    assert r.status == status, body
+    return body
+
+
+async def err(r: Any, status: int, code: str) -> dict[str, Any]:
+    body: dict[str, Any] = await r.json()
+    assert (r.status, body["error"]["code"]) == (status, code), body
+    return body
+
+
+async def test_authentication(client: Client, world: World) -> None:
+    await err(await client.get("/v1/me"), 401, "missing_credentials")
+    await err(await client.get("/v1/me", headers=auth("gw_live_nope")), 401, "invalid_api_key")
+    k = await world.key()
+    me = await ok(await client.get("/v1/me", headers=auth(k)))
+    assert me["user_id"] == world.user and me["key_id"] == k["id"]
+    assert {o["id"]: o["role"] for o in me["orgs"]} == {world.org_a: "admin", world.org_b: "viewer"}
+    await world.admin.revoke_key(k["id"])
+    r = await poll(lambda: client.get("/v1/me", headers=auth(k)), lambda r: r.status != 200)
+    await err(r, 401, "revoked_api_key")
+
+
+async def test_create_use_list_get_revoke_rotate(client: Client, world: World) -> None:
+    me = await world.key(name="me")
+    body = {
+        "name": "ci",
+        "role": "member",
+        "orgs": [world.org_a],
+        "scopes": ["calls:read"],
+        "expires_in": "30d",
+        "allowed_ips": ["127.0.0.0/8"],
+        "rate_limit": "100/1m",
+        "env": "live",
+    }
+    created = await ok(await client.post("/v1/keys", json=body, headers=auth(me)), 201)
+    raw = created["key"]
+    assert raw.startswith(f"gw_live_{created['id']}_")
+    assert created["effective_role"] == {world.org_a: "member"}
+    r = await client.get("/auth/nginx", headers=nginx_headers(raw))
+    assert (r.status, r.headers["X-Scopes"]) == (200, "calls:read")
+    got = await ok(await client.get(f"/v1/keys/{created['id']}", headers=auth(me)))
+    assert "key" not in got and got["scopes"] == ["calls:read"]
+    rotated = await ok(
+        await client.post(f"/v1/keys/{created['id']}/rotate", json={"grace": "1h"}, headers=auth(me)), 201
+    )
+    assert rotated["key"] != raw and rotated["scopes"] == ["calls:read"] and rotated["rate_limit"] == "100/1m"
+    revoked = await ok(await client.post(f"/v1/keys/{rotated['id']}/revoke", headers=auth(me)))
+    assert revoked["status"] == "revoked"
+    r = await poll(lambda: client.get("/auth/nginx", headers=nginx_headers(rotated["key"])), lambda r: r.status != 200)
+    assert r.headers["X-Auth-Error"] == "revoked_api_key"
+    listed = await ok(await client.get("/v1/keys?status=active", headers=auth(me)))
+    assert {k["id"] for k in listed["items"]} == {me["id"], created["id"]}
+
+
+async def test_effective_role_is_capped_in_listings(client: Client, world: World) -> None:
+    owner_key = await world.key(role="owner")
+    listed = await ok(await client.get("/v1/keys", headers=auth(owner_key)))
+    (k,) = listed["items"]
+    assert k["effective_role"] == {world.org_a: "admin", world.org_b: "viewer"}
+
+
+async def test_pagination(client: Client, world: World) -> None:
+    me = await world.key(name="k0")
+    for i in range(1, 5):
+        await world.key(name=f"k{i}")
+    seen: list[str] = []
+    cursor = None
+    for _ in range(5):
+        url = "/v1/keys?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = await ok(await client.get(url, headers=auth(me)))
+        seen += [k["name"] for k in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"k{i}" for i in range(5)]
+    await err(await client.get("/v1/keys?cursor=!!", headers=auth(me)), 400, "invalid_request")
+    await err(await client.get("/v1/keys?limit=1000", headers=auth(me)), 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("creator", "body", "code"),
+    [
+        ({"role": "viewer"}, {"role": "admin"}, "insufficient_permissions"),
+        ({"orgs": "A"}, {"role": "viewer"}, "org_not_allowed"),  # "all" from an org-scoped key
+        ({"scopes": ["calls:read"]}, {"role": "viewer"}, "insufficient_permissions"),
+        ({"scopes": ["calls:read"]}, {"role": "viewer", "scopes": ["calls:*"]}, "insufficient_permissions"),
+        ({"env": "test"}, {"role": "viewer", "env": "live"}, "insufficient_permissions"),
+        ({"allow_ips": ["127.0.0.1/32"]}, {"role": "viewer"}, "ip_not_allowed"),
+    ],
+)
+async def test_no_key_creates_a_more_powerful_key(
+    client: Client, world: World, creator: dict[str, Any], body: dict[str, Any], code: str
+) -> None:
+    if creator.get("orgs") == "A":
+        creator = {**creator, "orgs": [world.org_a]}
+    me = await world.key(**{"role": "admin", **creator})
+    await err(await client.post("/v1/keys", json={"name": "x", **body}, headers=auth(me)), 403, code)
+
+
+async def test_org_admin_sees_every_key_of_the_org_and_nobody_else_does(client: Client, world: World) -> None:
+    admin_key = await world.key(name="admin")
+    other = (await world.admin.create_user("dev@example.com"))["id"]
+    await world.admin.set_member(world.org_a, other, "member")
+    dev_key = await world.key(name="dev", user=other, role="member")
+    listed = await ok(await client.get(f"/v1/keys?org={world.org_a}", headers=auth(admin_key)))
+    assert {k["name"] for k in listed["items"]} == {"admin", "dev"}
+    await ok(await client.get(f"/v1/keys/{dev_key['id']}", headers=auth(admin_key)))
+    await err(await client.get(f"/v1/keys?org={world.org_a}", headers=auth(dev_key)), 403, "insufficient_permissions")
+    await err(await client.get(f"/v1/keys/{admin_key['id']}", headers=auth(dev_key)), 404, "not_found")
+    # In org B the first user is only a viewer: B's keys are not theirs to list.
+    await err(await client.get(f"/v1/keys?org={world.org_b}", headers=auth(admin_key)), 403, "insufficient_permissions")
+    stranger_org = (await world.admin.create_org("Elsewhere"))["id"]
+    await err(await client.get(f"/v1/keys?org={stranger_org}", headers=auth(admin_key)), 404, "not_found")
+    await err(await client.get(f"/v1/orgs/{stranger_org}", headers=auth(admin_key)), 404, "not_found")
+    await err(await client.get("/v1/keys/nope", headers=auth(admin_key)), 404, "not_found")
+    r = await client.post(f"/v1/keys/{dev_key['id']}/revoke", headers=auth(admin_key))
+    assert (await ok(r))["status"] == "revoked"
+
+
+async def test_orgs_members_and_roles(client: Client, world: World) -> None:
+    k = await world.key(role="owner")
+    new = await ok(await client.post("/v1/orgs", json={"name": "New"}, headers=auth(k)), 201)
+    orgs = await ok(await client.get("/v1/orgs", headers=auth(k)))
+    assert {o["id"]: o["role"] for o in orgs["items"]}[new["id"]] == "owner"
+    m = await ok(
+        await client.post(
+            f"/v1/orgs/{new['id']}/members", json={"email": "x@example.com", "role": "member"}, headers=auth(k)
+        ),
+        201,
+    )
+    members = await ok(await client.get(f"/v1/orgs/{new['id']}/members", headers=auth(k)))
+    assert {x["email"]: x["role"] for x in members["items"]} == {
+        "owner@example.com": "owner",
+        "x@example.com": "member",
+    }
+    await ok(await client.put(f"/v1/orgs/{new['id']}/members/{m['user_id']}", json={"role": "admin"}, headers=auth(k)))
+    # In org A the key's owner is an admin: it cannot make anyone an owner.
+    await err(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/members", json={"email": "y@example.com", "role": "owner"}, headers=auth(k)
+        ),
+        403,
+        "insufficient_permissions",
+    )
+    await ok(await client.delete(f"/v1/orgs/{new['id']}/members/{m['user_id']}", headers=auth(k)))
+    await err(await client.delete(f"/v1/orgs/{new['id']}/members/{m['user_id']}", headers=auth(k)), 404, "not_found")
+    viewer = await world.key(name="v", role="viewer")
+    await err(
+        await client.get(f"/v1/orgs/{world.org_a}/members", headers=auth(viewer)), 403, "insufficient_permissions"
+    )
+
+
+async def test_projects(client: Client, world: World) -> None:
+    k = await world.key()
+    p = await ok(await client.post(f"/v1/orgs/{world.org_a}/projects", json={"name": "web"}, headers=auth(k)), 201)
+    assert (await ok(await client.get(f"/v1/orgs/{world.org_a}/projects/{p['id']}", headers=auth(k))))["name"] == "web"
+    await err(await client.get(f"/v1/orgs/{world.org_b}/projects/{p['id']}", headers=auth(k)), 404, "not_found")
+    naming = await world.key(name="naming", orgs=[world.org_a], projects=[p["id"]])
+    await err(await client.delete(f"/v1/orgs/{world.org_a}/projects/{p['id']}", headers=auth(k)), 409, "conflict")
+    gone = await ok(await client.delete(f"/v1/orgs/{world.org_a}/projects/{p['id']}?revoke_keys=true", headers=auth(k)))
+    assert gone["revoked_keys"] == [naming["id"]]
+    assert (await world.admin.show_key(naming["id"]))["status"] == "revoked"
+    assert (await ok(await client.get(f"/v1/orgs/{world.org_a}/projects", headers=auth(k))))["items"] == []
+
+
+async def test_service_accounts_outlive_their_creator(client: Client, world: World) -> None:
+    creator = (await world.admin.create_user("admin2@example.com"))["id"]
+    await world.admin.set_member(world.org_a, creator, "admin")
+    k = await world.key(name="creator", user=creator)
+    await err(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/service-accounts", json={"name": "ci", "role": "owner"}, headers=auth(k)
+        ),
+        403,
+        "insufficient_permissions",
+    )
+    sa = await ok(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/service-accounts", json={"name": "ci", "role": "member"}, headers=auth(k)
+        ),
+        201,
+    )
+    sa_key = await ok(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/service-accounts/{sa['id']}/keys",
+            json={"name": "deploy", "role": "member"},
+            headers=auth(k),
+        ),
+        201,
+    )
+    assert sa_key["user_id"] == sa["id"] and sa_key["orgs"] == [world.org_a]
+    await world.admin.remove_member(world.org_a, creator)  # the person who made it leaves
+    await asyncio.sleep(0.3)
+    r = await client.get("/auth/nginx", headers=nginx_headers(sa_key["key"]))
+    assert (r.status, r.headers["X-Org"], r.headers["X-Role"], r.headers["X-User"]) == (
+        200,
+        world.org_a,
+        "member",
+        sa["id"],
+    )
+    admin_key = await world.key(name="a")
+    listed = await ok(await client.get(f"/v1/orgs/{world.org_a}/service-accounts", headers=auth(admin_key)))
+    assert [s["id"] for s in listed["items"]] == [sa["id"]]
+
+
+async def test_audit_endpoint(client: Client, world: World) -> None:
+    k = await world.key(name="admin", orgs=[world.org_a])
+    created = await ok(
+        await client.post("/v1/keys", json={"name": "x", "role": "viewer", "orgs": [world.org_a]}, headers=auth(k)), 201
+    )
+    await ok(await client.post(f"/v1/keys/{created['id']}/revoke", headers=auth(k)))
+    events = await ok(await client.get(f"/v1/orgs/{world.org_a}/audit?key_id={created['id']}", headers=auth(k)))
+    types = [e["type"] for e in events["items"]]
+    assert types == ["api_key.revoked", "api_key.created"]
+    e = events["items"][0]
+    assert (e["actor"], e["ip"], e["user_agent"], e["detail"]["via_key"]) == (
+        world.user,
+        "127.0.0.1",
+        "api-test/1.0",
+        k["id"],
+    )
+    page = await ok(await client.get(f"/v1/orgs/{world.org_a}/audit?limit=1&type=api_key.created", headers=auth(k)))
+    assert len(page["items"]) == 1 and page["next_cursor"]
+    page2 = await ok(
+        await client.get(
+            f"/v1/orgs/{world.org_a}/audit?limit=1&type=api_key.created&cursor={page['next_cursor']}", headers=auth(k)
+        )
+    )
+    assert page2["items"][0]["id"] < page["items"][0]["id"]
+    text = str(await ok(await client.get(f"/v1/orgs/{world.org_a}/audit?limit=100", headers=auth(k))))
+    assert created["key"] not in text and k["key"] not in text
+    viewer = await world.key(name="v", role="viewer", orgs=[world.org_a])
+    await err(await client.get(f"/v1/orgs/{world.org_a}/audit", headers=auth(viewer)), 403, "insufficient_permissions")
+    await err(
+        await client.get(f"/v1/orgs/{world.org_a}/audit?since=yesterday", headers=auth(k)), 400, "invalid_request"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "x", "role": "viewer", "colour": "red"}, "colour"),
+        ({"name": 5, "role": "viewer"}, "name"),
+        ({"role": "viewer"}, "name"),
+        ({"name": "x", "role": "god"}, "role"),
+        ({"name": "x", "role": "viewer", "scopes": ["s:r"] * 101}, "scopes"),
+        ({"name": "x" * 201, "role": "viewer"}, "name"),
+        ({"name": "x", "role": "viewer", "orgs": []}, "orgs"),
+        ({"name": "x", "role": "viewer", "expires_in": "soon"}, "expires_in"),
+        ({"name": "x", "role": "viewer", "allowed_ips": ["nope"]}, "allow_ips"),
+    ],
+)
+async def test_input_validation_names_the_field(client: Client, world: World, body: dict[str, Any], field: str) -> None:
+    k = await world.key()
+    e = await err(await client.post("/v1/keys", json=body, headers=auth(k)), 400, "invalid_request")
+    assert e["error"]["field"] == field
+    await err(await client.post("/v1/keys", data=b"[]", headers=auth(k)), 400, "invalid_request")
+
+
+async def test_openapi_documents_every_route(client: Client) -> None:
+    doc = await ok(await client.get("/v1/openapi.json"))
+    assert doc["openapi"] == "3.1.0"
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops if method != "parameters"}
+    served = {
+        ("/v1" + r.resource.canonical, r.method.lower())
+        for r in api_app().router.routes()
+        if r.resource is not None and r.method != "HEAD"
+    }
+    served.add(("/v1/keys/verify", "post"))
+    assert served == documented

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -87,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("org_id")
     pc.add_argument("name")
 
+    audit = sub.add_parser("audit").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    al = audit.add_parser("list", help="an org's audit events, newest first")
+    al.add_argument("--org", required=True)
+    al.add_argument("--type")
+    al.add_argument("--key-id")
+    al.add_argument("--actor")
+    al.add_argument("--since", type=_iso_time)
+    al.add_argument("--until", type=_iso_time)
+    al.add_argument("--limit", type=_limit, default=100)
+
     keys = sub.add_parser("keys").add_subparsers(dest="action", required=True, parser_class=_Parser)
     kc = keys.add_parser("create")
     kc.add_argument("--user", required=True)
@@ -110,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     kr.add_argument("--grace")
     return p
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 1000")
+    return int(text)
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _table(data: Any) -> str:
@@ -177,6 +202,15 @@ def _admin_call(args: argparse.Namespace) -> Callable[[Admin], Awaitable[Any]]:
         ("keys", "show"): lambda a: a.show_key(args.key_id),
         ("keys", "revoke"): lambda a: a.revoke_key(args.key_id),
         ("keys", "rotate"): lambda a: a.rotate_key(args.key_id, args.grace),
+        ("audit", "list"): lambda a: a.audit(
+            args.org,
+            type_=args.type,
+            key_id=args.key_id,
+            actor=args.actor,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+        ),
     }
     if (cmd, action) == ("keys", "create"):
         spec = KeySpec(

@@ -93,6 +93,15 @@ def test_full_lifecycle(cli: Cli) -> None:
     revoked = cli.ok("keys", "revoke", rotated["id"])
     assert revoked["status"] == "revoked" and revoked["revoked_at"]
     assert cli.ok("members", "remove", org["id"], user["id"])["removed"] is True
+    events = cli.ok("audit", "list", "--org", org["id"])
+    assert [e["type"] for e in events][:2] == ["membership.changed", "api_key.revoked"]
+    assert (
+        cli.ok("audit", "list", "--org", org["id"], "--type", "api_key.created", "--limit", "1")[0]["key_id"]
+        == key["id"]
+    )
+    assert cli.ok("audit", "list", "--org", org["id"], "--since", "2999-01-01") == []
+    r = cli.run("audit", "list", "--org", org["id"], json_out=False)
+    assert r.returncode == 0 and "membership.changed" in r.stdout
     all_keys = cli.ok("keys", "list")
     assert len(all_keys) == 2  # revoked and rotated keys stay for audit
 
@@ -135,6 +144,9 @@ def test_table_output_is_readable(cli: Cli) -> None:
         ),
         (("serve", "--port", "http"), 2, "invalid int"),
         (("--frobnicate", "migrate"), 2, "unrecognized"),
+        (("audit", "list"), 2, "--org"),
+        (("audit", "list", "--org", "o", "--limit", "-1"), 2, "from 1 to 1000"),
+        (("audit", "list", "--org", "o", "--since", "yesterday"), 2, "ISO 8601"),
     ],
 )
 def test_bad_arguments(cli: Cli, args: tuple[str, ...], code: int, needle: str) -> None:

@@ -37,6 +37,7 @@ from gateway.errors import (
 from gateway.forward import charge, client_address, credential
 from gateway.policy import checked_id
 from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, LIMITS, RESOLVER, TRUSTED
+from gateway.ui import COOKIE, check_csrf, load_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 100
@@ -78,8 +79,11 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every management call carries an API key: verified, state-checked and rate-limited."""
+    """Every management call carries an API key, or the web page's session cookie (and, to write, its
+    CSRF token): verified, state-checked and rate-limited."""
     raw = credential(request.headers)
+    if raw is None and COOKIE in request.cookies:
+        return await _with_session(request, handler)
     if raw is None:
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
     parsed = request.config_dict[KEY_FORMAT].parse(raw)
@@ -91,6 +95,19 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     check_state(record, client_ip, time.time())
     await charge(request.config_dict, [(request.config_dict[LIMITS].key, record.id)])
     actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
+    request[PRINCIPAL] = Principal(record, actor, request.config_dict[CONFIG].roles)
+    return await handler(request)
+
+
+async def _with_session(request: web.Request, handler: Handler) -> web.StreamResponse:
+    found = await load_session(request)
+    if found is None:
+        raise MissingCredentials("the session has ended: sign in again")
+    session, record = found
+    check_csrf(request, session)
+    await charge(request.config_dict, [(request.config_dict[LIMITS].key, record.id)])
+    client_ip = client_address(request.remote, request.headers, request.config_dict[TRUSTED])
+    actor = Actor(record.user_id, str(client_ip) if client_ip else None, request.headers.get("User-Agent"), record.id)
     request[PRINCIPAL] = Principal(record, actor, request.config_dict[CONFIG].roles)
     return await handler(request)
 

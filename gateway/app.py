@@ -45,6 +45,7 @@ from gateway.typedefs import (
     STORE,
     TRUSTED,
 )
+from gateway.ui import add_routes as add_ui_routes
 
 log = logging.getLogger("gateway.app")
 
@@ -228,5 +229,6 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app.router.add_route("*", "/auth/envoy/{tail:.*}", forward_handler("envoy"))  # type: ignore[arg-type]
     app.router.add_post("/v1/keys/verify", keys_verify)
     app.router.add_get("/v1/openapi.json", openapi_handler)
+    add_ui_routes(app)
     app.add_subapp("/v1/", api_app())
     return app

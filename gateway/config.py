@@ -144,6 +144,11 @@ class RateLimitsConfig:
 
 
 @dataclass(frozen=True)
+class UiConfig:
+    session_ttl_s: float = 8 * 3600  # a web-page session ends this long after sign-in
+
+
+@dataclass(frozen=True)
 class RolesConfig:
     order: tuple[str, ...] = ("viewer", "member", "admin", "owner")
     permissions: Mapping[str, tuple[str, ...]] = field(
@@ -174,6 +179,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     # Route policy YAML; relative to the config file. Empty: every route needs a valid key, org from X-Org-Id.
     policy_file: str = ""
     last_used_flush_s: float = C.DEFAULT_LAST_USED_FLUSH_S
@@ -283,6 +289,7 @@ def _validate(cfg: Config) -> None:
     _validate_roles(cfg.roles)
     _validate_limits(cfg.rate_limits)
     check(cfg.last_used_flush_s > 0, "last_used_flush_s", "must be positive")
+    check(60 <= cfg.ui.session_ttl_s <= 30 * 86400, "ui.session_ttl_s", "must be between 60 s and 30 days")
     check(
         cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "log_level",

@@ -24,6 +24,9 @@ REDIS_RATE_LIMIT: Final = REDIS_PREFIX + ":rl:{{{name}:{ident}}}"
 REDIS_GOOD_ADDRESSES: Final = REDIS_PREFIX + ":ok:{{{key_id}}}"
 GOOD_ADDRESS_TTL_S: Final = 86_400
 
+# A web-page session, by SHA-256 of its cookie (the cookie itself is never stored).
+REDIS_SESSION: Final = REDIS_PREFIX + ":sess:{digest}"
+
 # Postgres LISTEN/NOTIFY channel: sent inside the transaction that changes access, so an
 # invalidation is delivered exactly when (and only if) the change commits.
 PG_INVALIDATION_CHANNEL: Final = "gateway_invalidate"

@@ -1,0 +1,221 @@
+"""The web page at /ui/: sign in with an API key, then manage keys, members and audit in the browser.
+
+Signing in exchanges the key for a server-side session in Redis (the browser gets an opaque, HttpOnly,
+SameSite=Strict cookie, Secure over TLS; Redis keeps only a hash of it). The page is static HTML with a
+small script that calls the same /v1/ API with that cookie; every write carries the session's CSRF token.
+A strict Content-Security-Policy allows nothing but the page's own files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+from aiohttp import web
+
+from gateway import constants as C
+from gateway.authz import check_state, role_in
+from gateway.cache import REDIS_ERRORS, KeyRecord
+from gateway.errors import AuthUnavailable, InvalidApiKey, InvalidRequest, MissingCredentials
+from gateway.forward import client_address
+from gateway.store import PG_ERRORS, StoreUnavailable
+from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, REDIS, RESOLVER, STORE, TRUSTED
+
+COOKIE = "gw_session"
+CSRF_HEADER = "X-CSRF-Token"
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+_STATIC = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
+
+
+@dataclass
+class Session:
+    key_id: str
+    user_id: str
+    csrf: str
+    active_org: str | None
+    created: float
+
+
+def _redis_key(session_id: str) -> str:
+    return C.REDIS_SESSION.format(digest=hashlib.sha256(session_id.encode()).hexdigest())
+
+
+async def load_session(request: web.Request) -> tuple[Session, KeyRecord] | None:
+    """The request's session and its key as it is now (revoked or expired keys end the session)."""
+    session_id = request.cookies.get(COOKIE)
+    if not session_id or len(session_id) > 100:
+        return None
+    app = request.config_dict
+    try:
+        raw = await app[REDIS].get(_redis_key(session_id))
+    except REDIS_ERRORS:
+        raise AuthUnavailable("the session store is unreachable") from None
+    if raw is None:
+        return None
+    session = Session(**json.loads(raw))
+    try:
+        loaded = await app[STORE].load_key(session.key_id)
+    except StoreUnavailable:
+        raise AuthUnavailable("the key store is unreachable") from None
+    if loaded is None:
+        return None
+    record = loaded[0]
+    client_ip = client_address(request.remote, request.headers, app[TRUSTED])
+    check_state(record, client_ip, time.time())
+    return session, record
+
+
+def check_csrf(request: web.Request, session: Session) -> None:
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    token = request.headers.get(CSRF_HEADER, "")
+    if not hmac.compare_digest(token.encode(), session.csrf.encode()):
+        raise InvalidRequest("missing or wrong CSRF token", field=CSRF_HEADER)
+
+
+def _secure(request: web.Request) -> bool:
+    if request.secure:
+        return True
+    peer = client_address(request.remote, request.headers, ())  # the direct peer
+    trusted = peer is not None and any(peer in n for n in request.config_dict[TRUSTED])
+    return trusted and request.headers.get("X-Forwarded-Proto") == "https"
+
+
+async def _session_view(session: Session, record: KeyRecord, request: web.Request) -> web.Response:
+    roles = request.config_dict[CONFIG].roles
+    ids = [o for o in record.memberships if role_in(record, o, roles) is not None]
+    try:
+        orgs = await request.config_dict[ADMIN].orgs(ids)
+    except PG_ERRORS:
+        raise AuthUnavailable("the key store is unreachable") from None
+    view = {
+        "user_id": session.user_id,
+        "key_id": session.key_id,
+        "active_org": session.active_org,
+        "orgs": [{**o, "role": role_in(record, o["id"], roles)} for o in orgs],
+        "csrf": session.csrf,
+        "roles": list(roles.order),
+    }
+    return web.json_response(view, headers=SECURITY_HEADERS)
+
+
+async def _save(request: web.Request, session_id: str, session: Session) -> None:
+    ttl = request.config_dict[CONFIG].ui.session_ttl_s
+    try:
+        await request.config_dict[REDIS].set(_redis_key(session_id), json.dumps(asdict(session)), ex=int(ttl))
+    except REDIS_ERRORS:
+        raise AuthUnavailable("the session store is unreachable") from None
+
+
+async def sign_in(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        raise InvalidRequest('send the key as JSON: {"key": ...}')
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body must be a JSON object") from None
+    if not isinstance(body, dict) or set(body) != {"key"} or not isinstance(body["key"], str):
+        raise InvalidRequest('the body must be {"key": "..."}', field="key")
+    app = request.config_dict
+    parsed = app[KEY_FORMAT].parse(body["key"].strip())
+    if parsed is None:
+        raise InvalidApiKey()
+    client_ip = client_address(request.remote, request.headers, app[TRUSTED])
+    record = await app[RESOLVER].resolve(parsed, str(client_ip) if client_ip else None)
+    check_state(record, client_ip, time.time())
+    roles = app[CONFIG].roles
+    orgs = sorted(o for o in record.memberships if role_in(record, o, roles) is not None)
+    session_id = secrets.token_urlsafe(32)
+    session = Session(record.id, record.user_id, secrets.token_urlsafe(32), orgs[0] if orgs else None, time.time())
+    await _save(request, session_id, session)
+    response = await _session_view(session, record, request)
+    response.set_cookie(
+        COOKIE,
+        session_id,
+        httponly=True,
+        samesite="Strict",
+        secure=_secure(request),
+        path="/",
+        max_age=int(app[CONFIG].ui.session_ttl_s),
+    )
+    return response
+
+
+async def current(request: web.Request) -> tuple[str, Session, KeyRecord]:
+    found = await load_session(request)
+    if found is None:
+        raise MissingCredentials("sign in first")
+    return request.cookies[COOKIE], *found
+
+
+async def get_session(request: web.Request) -> web.Response:
+    """The signed-in session, or 204 when there is none (a revoked or expired key is a 401 saying so)."""
+    found = await load_session(request)
+    if found is None:
+        return web.Response(status=204, headers=SECURITY_HEADERS)
+    session, record = found
+    return await _session_view(session, record, request)
+
+
+async def switch_org(request: web.Request) -> web.Response:
+    session_id, session, record = await current(request)
+    check_csrf(request, session)
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body must be a JSON object") from None
+    org = body.get("org") if isinstance(body, dict) else None
+    if not isinstance(org, str) or role_in(record, org, request.config_dict[CONFIG].roles) is None:
+        raise InvalidRequest("not an org this key can act in", field="org")
+    session.active_org = org
+    await _save(request, session_id, session)
+    return await _session_view(session, record, request)
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    session_id, session, _ = await current(request)
+    check_csrf(request, session)
+    try:
+        await request.config_dict[REDIS].delete(_redis_key(session_id))
+    except REDIS_ERRORS:
+        raise AuthUnavailable("the session store is unreachable") from None
+    response = web.json_response({"signed_out": True}, headers=SECURITY_HEADERS)
+    response.del_cookie(COOKIE, path="/")
+    return response
+
+
+async def static(request: web.Request) -> web.Response:
+    name = request.match_info.get("name") or "index.html"
+    if name not in _STATIC:
+        raise web.HTTPNotFound()
+    body = resources.files("gateway").joinpath("ui_static", name).read_bytes()
+    return web.Response(body=body, content_type=_STATIC[name], headers=SECURITY_HEADERS)
+
+
+async def redirect(_request: web.Request) -> web.Response:
+    raise web.HTTPFound("/ui/")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/ui/session", sign_in)
+    app.router.add_get("/ui/session", get_session)
+    app.router.add_post("/ui/session/org", switch_org)
+    app.router.add_delete("/ui/session", sign_out)
+    app.router.add_get("/ui", redirect)
+    app.router.add_get("/ui/", static)
+    app.router.add_get("/ui/{name}", static)

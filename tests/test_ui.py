@@ -1,0 +1,211 @@
+"""The web page: its session layer over HTTP, and the whole flow in real headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from gateway.app import create_app
+from gateway.config import Config
+from tests.conftest import ROOT, World, nginx_headers
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "artifacts" / "screenshots"
+Client = Any
+
+
+# --- the session layer ---------------------------------------------------------------------------
+
+
+async def sign_in(client: Client, key: str, **headers: str) -> Any:
+    return await client.post("/ui/session", json={"key": key}, headers=headers)
+
+
+async def test_sign_in_sets_a_strict_session_cookie(client: Client, world: World) -> None:
+    k = await world.key()
+    r = await sign_in(client, k["key"])
+    body = await r.json()
+    assert r.status == 200 and body["user_id"] == world.user and body["active_org"] in (world.org_a, world.org_b)
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Secure" not in cookie
+    assert k["key"] not in cookie
+    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    page = await client.get("/ui/")
+    assert page.status == 200 and "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert '<script src="/ui/app.js"' in await page.text()
+
+
+async def test_secure_cookie_behind_tls(client: Client, world: World) -> None:
+    k = await world.key()
+    r = await sign_in(client, k["key"], **{"X-Forwarded-Proto": "https"})  # from a trusted proxy (loopback)
+    assert "Secure" in r.headers["Set-Cookie"]
+
+
+async def test_writes_need_the_csrf_token(client: Client, world: World) -> None:
+    k = await world.key()
+    session = await (await sign_in(client, k["key"])).json()
+    r = await client.post("/v1/keys", json={"name": "x", "role": "viewer"})
+    assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_request")
+    r = await client.post("/v1/keys", json={"name": "x", "role": "viewer"}, headers={"X-CSRF-Token": "wrong"})
+    assert r.status == 400
+    r = await client.post("/v1/keys", json={"name": "x", "role": "viewer"}, headers={"X-CSRF-Token": session["csrf"]})
+    assert r.status == 201
+    assert (await client.get("/v1/me")).status == 200  # reads need no token
+
+
+async def test_switching_org_and_signing_out(client: Client, world: World) -> None:
+    k = await world.key()
+    session = await (await sign_in(client, k["key"])).json()
+    csrf = {"X-CSRF-Token": session["csrf"]}
+    r = await client.post("/ui/session/org", json={"org": world.org_b}, headers=csrf)
+    assert (await r.json())["active_org"] == world.org_b
+    r = await client.post("/ui/session/org", json={"org": "org_elsewhere"}, headers=csrf)
+    assert r.status == 400
+    r = await client.post("/ui/session/org", json={"org": world.org_a})
+    assert r.status == 400  # no CSRF token
+    assert (await client.delete("/ui/session", headers=csrf)).status == 200
+    assert (await client.get("/ui/session")).status == 204  # signed out
+    assert (await client.get("/v1/me")).status == 401
+
+
+async def test_revoking_the_key_ends_its_sessions(client: Client, world: World) -> None:
+    k = await world.key()
+    await sign_in(client, k["key"])
+    assert (await client.get("/ui/session")).status == 200
+    await world.admin.revoke_key(k["id"])
+    r = await client.get("/ui/session")
+    assert (r.status, (await r.json())["error"]["code"]) == (401, "revoked_api_key")
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b'{"key": 1}', b'{"key": "x", "more": 1}'])
+async def test_bad_sign_in(client: Client, world: World, body: bytes) -> None:
+    r = await client.post("/ui/session", data=body, headers={"Content-Type": "application/json"})
+    assert r.status == 400
+    r = await client.post("/ui/session", data=b"key=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 400  # a cross-site form cannot sign anyone in
+    assert (await sign_in(client, "gw_live_nope")).status == 401
+
+
+# --- in Chromium -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield b
+        await b.close()
+
+
+async def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+async def test_the_whole_flow_in_chromium(aiohttp_server: Any, cfg: Config, world: World, browser: Browser) -> None:
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    await world.admin.create_project(world.org_a, "web")
+    k = await world.key(name="laptop")
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+    await page.goto(f"{base}/ui/")
+    await page.fill("#signin-key", k["key"])
+    await shot(page, "signin")
+    await page.click("#signin-form button")
+    await page.wait_for_selector("#keys-table tbody tr")
+    await page.select_option("#org-switch", world.org_a)
+    await page.wait_for_selector("a[data-page=members]:not([hidden])")
+    await shot(page, "keys")
+
+    # Create a key and read it from the one-time dialog.
+    await page.click("#new-key")
+    await page.fill("#k-name", "from-the-browser")
+    await page.select_option("#k-role", "member")
+    await page.fill("#k-scopes", "calls:read")
+    await page.select_option("#k-expiry", "30d")
+    await shot(page, "create-dialog")
+    await page.click("#create-submit")
+    await page.wait_for_selector("#secret-dialog[open]")
+    raw = (await page.text_content("#secret-value")) or ""
+    assert raw.startswith("gw_live_")
+    await shot(page, "new-key")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{base}/auth/verify", headers=nginx_headers(raw, **{"X-Org-Id": world.org_a})) as r,
+    ):
+        assert (r.status, r.headers["X-Scopes"]) == (200, "calls:read")
+    await page.click("#close-secret")
+
+    # Reload: the raw key is nowhere on the page any more.
+    await page.reload()
+    await page.wait_for_selector("text=from-the-browser")
+    assert raw not in await page.content()
+    assert raw.split("_")[3][:20] not in await page.content()
+
+    # Revoke it and watch /auth/verify refuse it.
+    row = page.locator("#keys-table tbody tr", has_text="from-the-browser")
+    await row.get_by_role("button", name="Revoke").click()
+    await page.click("#confirm-yes")
+    await page.wait_for_selector("#keys-table tbody tr:has-text('from-the-browser') .status.revoked")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(50):
+            async with s.get(f"{base}/auth/verify", headers=nginx_headers(raw, **{"X-Org-Id": world.org_a})) as r:
+                if r.status == 401:
+                    break
+            await asyncio.sleep(0.05)
+        assert r.headers["X-Auth-Error"] == "revoked_api_key"
+
+    # Admin pages in org A.
+    await page.click("a[data-page=members]")
+    await page.wait_for_selector("#members-table tbody tr")
+    await shot(page, "members")
+    await page.click("a[data-page=audit]")
+    await page.wait_for_selector("#audit-table tbody tr:has-text('api_key.revoked')")
+    await shot(page, "audit")
+
+    # Switch to org B, where the user is only a viewer: the admin pages go away at once.
+    await page.select_option("#org-switch", world.org_b)
+    await page.wait_for_selector("a[data-page=members]", state="hidden")
+    assert await page.is_visible("#keys")
+    await page.select_option("#org-switch", world.org_a)
+    await page.wait_for_selector("a[data-page=members]:not([hidden])")
+
+    # A phone-width screen.
+    phone = await browser.new_context(
+        viewport={"width": 390, "height": 844}, storage_state=await context.storage_state()
+    )
+    mobile = await phone.new_page()
+    await mobile.goto(f"{base}/ui/")
+    await mobile.wait_for_selector("#keys-table tbody tr")
+    await shot(mobile, "keys-phone")
+    width = await mobile.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # nothing spills sideways but the table's own scroller
+
+    # Sign out ends the session for every tab that shares it.
+    await page.click("#sign-out")
+    await page.wait_for_selector("#signin:not([hidden])")
+    await mobile.reload()
+    await mobile.wait_for_selector("#signin:not([hidden])")
+    assert not errors, errors
+    await phone.close()
+    await context.close()

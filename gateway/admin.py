@@ -178,7 +178,13 @@ class Admin:
     ) -> None:
         """Audit the change and invalidate every key of the user, inside the caller's transaction."""
         await write_event(
-            conn, "membership.changed", actor=actor, org_id=org_id, user_id=user_id, detail={"from": old, "to": new}
+            conn,
+            "membership.changed",
+            actor=actor,
+            org_id=org_id,
+            user_id=user_id,
+            target=user_id,
+            detail={"from": old, "to": new},
         )
         self.invalidated = await self._user_keys(conn, user_id)
         await notify_keys(conn, self.invalidated)

@@ -7,26 +7,15 @@ import argparse
 import asyncio
 import os
 import random
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
-import asyncpg
+from _bench import local_services, seed, start_gateway, wait_up
 
-from gateway._services import Postgres, Redis, free_port
-from gateway.admin import Admin, KeySpec
-from gateway.config import config_from_mapping
-from gateway.keys import KeyFormat, SecretHasher
-from gateway.store import migrate
-
-ROOT = Path(__file__).resolve().parent.parent
-PEPPER = "bench-pepper-0123456789abcdefghijklmnopqrstuvwxyz"
+from gateway.keys import KeyFormat
 
 
 def cpu_seconds(pid: int) -> float:
@@ -64,37 +53,11 @@ async def flood(url: str, pid: int, name: str, keys: Sequence[str], addresses: S
     print(f"{name:52s} {n:6d} {cpu / n * 1e6:10.0f} {n / wall:9,.0f} {runs:7.0f}  {dict(codes)}")
 
 
-def spawn_gateway(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    (tmp / "g.yaml").write_text("log_level: WARNING\n")
-    cmd = [sys.executable, "-m", "gateway", "--config", str(tmp / "g.yaml"), "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-async def bench(pg: Postgres, rd: Redis, tmp: Path, n: int) -> None:
-    env = {**os.environ, "GATEWAY_DATABASE_URL": pg.url, "GATEWAY_REDIS_URL": rd.url, "GATEWAY_PEPPER": PEPPER}
-    cfg = config_from_mapping({}, env=env)
-    pool = await asyncpg.create_pool(pg.url, min_size=1, max_size=2)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    hasher = SecretHasher(cfg.keys.argon2, 1)
-    admin = Admin(pool, KeyFormat("gw"), hasher, cfg.roles)
-    org = (await admin.create_org("flood"))["id"]
-    user = (await admin.create_user("flood@example.com"))["id"]
-    await admin.set_member(org, user, "admin")
-    real = await admin.create_key(KeySpec(user_id=user, name="real", role="admin", orgs=[], projects=[], scopes=None))
-    hasher.close()
-    await pool.close()
-    proc, url = spawn_gateway(tmp, env)
+async def bench(tmp: Path, env: dict[str, str], n: int) -> None:
+    (real,) = await seed(env, 1)
+    proc, url = start_gateway(tmp, "flood", env)
     try:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(200):
-                try:
-                    async with s.get(url + "/healthz"):
-                        break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+        await wait_up(url)
         fmt = KeyFormat("gw")
         rng = random.Random(1)  # noqa: S311 - addresses for a workload, not secrets
         ips = [f"198.{rng.randrange(18, 20)}.{rng.randrange(256)}.{rng.randrange(1, 255)}" for _ in range(n)]
@@ -116,7 +79,7 @@ async def bench(pg: Postgres, rd: Redis, tmp: Path, n: int) -> None:
             [fmt.generate("live")[0] for _ in range(n)],
             ips,
         )
-        wrong = [fmt.build("live", real["id"], fmt.generate("live")[0].split("_")[3][:43]) for _ in range(n)]
+        wrong = [fmt.build("live", str(real["id"]), fmt.generate("live")[0].split("_")[3][:43]) for _ in range(n)]
         await flood(url, proc.pid, "wrong secrets for one real key id, many addresses", wrong, ips)
     finally:
         proc.terminate()
@@ -127,18 +90,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=5000)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-flood-"))
-    tmp.chmod(0o755)  # the postgres user must reach its data directory
-    pg, rd = Postgres(tmp / "pg", free_port()), Redis(tmp / "redis", free_port())
-    pg.init()
-    pg.start()
-    rd.start()
-    try:
-        asyncio.run(bench(pg, rd, tmp, a.requests))
-    finally:
-        rd.stop()
-        pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with local_services() as (tmp, _pg, _rd, env):
+        asyncio.run(bench(tmp, env, a.requests))
 
 
 if __name__ == "__main__":

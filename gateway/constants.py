@@ -26,6 +26,8 @@ GOOD_ADDRESS_TTL_S: Final = 86_400
 
 # A web-page session, by SHA-256 of its cookie (the cookie itself is never stored).
 REDIS_SESSION: Final = REDIS_PREFIX + ":sess:{digest}"
+# The sessions of one user, so signing out ends all of them.
+REDIS_USER_SESSIONS: Final = REDIS_PREFIX + ":usess:{user_id}"
 
 # Postgres LISTEN/NOTIFY channel: sent inside the transaction that changes access, so an
 # invalidation is delivered exactly when (and only if) the change commits.

@@ -115,9 +115,14 @@ async def _session_view(session: Session, record: KeyRecord, request: web.Reques
 
 
 async def _save(request: web.Request, session_id: str, session: Session) -> None:
-    ttl = request.config_dict[CONFIG].ui.session_ttl_s
+    ttl = int(request.config_dict[CONFIG].ui.session_ttl_s)
+    mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
     try:
-        await request.config_dict[REDIS].set(_redis_key(session_id), json.dumps(asdict(session)), ex=int(ttl))
+        async with request.config_dict[REDIS].pipeline(transaction=False) as pipe:
+            pipe.set(_redis_key(session_id), json.dumps(asdict(session)), ex=ttl)
+            pipe.sadd(mine, _redis_key(session_id))
+            pipe.expire(mine, ttl)
+            await pipe.execute()
     except REDIS_ERRORS:
         raise AuthUnavailable("the session store is unreachable") from None
 
@@ -188,10 +193,18 @@ async def switch_org(request: web.Request) -> web.Response:
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    session_id, session, _ = await current(request)
+    """Ends every session of the user, in every browser, not only this one."""
+    _, session, _ = await current(request)
     check_csrf(request, session)
+    redis = request.config_dict[REDIS]
+    mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
     try:
-        await request.config_dict[REDIS].delete(_redis_key(session_id))
+        sessions = await redis.smembers(mine)
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in sessions:  # one DEL each: sessions live in different Cluster slots
+                pipe.delete(key)
+            pipe.delete(mine)
+            await pipe.execute()
     except REDIS_ERRORS:
         raise AuthUnavailable("the session store is unreachable") from None
     response = web.json_response({"signed_out": True}, headers=SECURITY_HEADERS)

@@ -60,6 +60,8 @@ async def test_writes_need_the_csrf_token(client: Client, world: World) -> None:
 
 async def test_switching_org_and_signing_out(client: Client, world: World) -> None:
     k = await world.key()
+    first = await sign_in(client, k["key"])  # another browser, signed in earlier
+    first_cookie = first.cookies["gw_session"].value
     session = await (await sign_in(client, k["key"])).json()
     csrf = {"X-CSRF-Token": session["csrf"]}
     r = await client.post("/ui/session/org", json={"org": world.org_b}, headers=csrf)
@@ -68,9 +70,20 @@ async def test_switching_org_and_signing_out(client: Client, world: World) -> No
     assert r.status == 400
     r = await client.post("/ui/session/org", json={"org": world.org_a})
     assert r.status == 400  # no CSRF token
+
+    async def with_first_cookie() -> int:
+        # A separate browser: no cookie jar, only the first session's cookie.
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as other,
+            other.get(client.make_url("/ui/session"), headers={"Cookie": f"gw_session={first_cookie}"}) as r,
+        ):
+            return r.status
+
+    assert await with_first_cookie() == 200
     assert (await client.delete("/ui/session", headers=csrf)).status == 200
     assert (await client.get("/ui/session")).status == 204  # signed out
     assert (await client.get("/v1/me")).status == 401
+    assert await with_first_cookie() == 204  # ... everywhere
 
 
 async def test_revoking_the_key_ends_its_sessions(client: Client, world: World) -> None:

@@ -34,9 +34,9 @@ from gateway.errors import (
     OrgNotAllowed,
     ProjectNotAllowed,
 )
-from gateway.forward import charge, client_address, credential
+from gateway.forward import charge, client_address, credential, key_limit
 from gateway.policy import checked_id
-from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, LIMITS, RESOLVER, TRUSTED
+from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, RESOLVER, TRUSTED
 from gateway.ui import COOKIE, check_csrf, load_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -93,7 +93,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     address = str(client_ip) if client_ip is not None else None
     record = await request.config_dict[RESOLVER].resolve(parsed, address)
     check_state(record, client_ip, time.time())
-    await charge(request.config_dict, [(request.config_dict[LIMITS].key, record.id)])
+    await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
     actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
     request[PRINCIPAL] = Principal(record, actor, request.config_dict[CONFIG].roles)
     return await handler(request)
@@ -105,7 +105,7 @@ async def _with_session(request: web.Request, handler: Handler) -> web.StreamRes
         raise MissingCredentials("the session has ended: sign in again")
     session, record = found
     check_csrf(request, session)
-    await charge(request.config_dict, [(request.config_dict[LIMITS].key, record.id)])
+    await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
     client_ip = client_address(request.remote, request.headers, request.config_dict[TRUSTED])
     actor = Actor(record.user_id, str(client_ip) if client_ip else None, request.headers.get("User-Agent"), record.id)
     request[PRINCIPAL] = Principal(record, actor, request.config_dict[CONFIG].roles)

@@ -277,21 +277,33 @@ async def identify(app: web.Application, parsed: ParsedKey, decision: RouteDecis
     address = str(client_ip) if client_ip is not None else None
     try:
         record = await app[RESOLVER].resolve(parsed, address)
-    except InvalidApiKey:
+    except InvalidApiKey as err:
         guard = app[RESOLVER].guard
         if guard is not None:
-            await guard.failed(address)
+            err.headers.update((await guard.failed(address)).headers(retry=False))
         raise
-    identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
-    await check_project(identity, app[PROJECTS])
+    try:
+        identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
+        await check_project(identity, app[PROJECTS])
+    except GatewayError as err:
+        # Refused, but the key is known: its request still counts, and the answer says where it stands.
+        limiter = app[LIMITER]
+        if limiter is not None and err.status in (401, 403):
+            (spent,) = await limiter.check([(key_limit(app, record.rate_limit), record.id)])
+            err.headers.update(spent.headers(retry=False))
+        raise
     return identity
 
 
-def key_charges(app: web.Application, identity: Identity) -> list[tuple[Limit, str]]:
-    """The limits a verified request is charged against: its key's (or the key's own override) and its org's."""
+def key_limit(app: AppState, override: str | None) -> Limit:
+    """The key's own `--rate-limit`, else the configured per-key limit."""
     limits = app[LIMITS]
-    key_limit = Limit.override(limits.key, identity.rate_limit) if identity.rate_limit else limits.key
-    return [(key_limit, identity.key_id), (limits.org, identity.org)]
+    return Limit.override(limits.key, override) if override else limits.key
+
+
+def key_charges(app: AppState, identity: Identity) -> list[tuple[Limit, str]]:
+    """The limits a verified request is charged against: its key's and its org's."""
+    return [(key_limit(app, identity.rate_limit), identity.key_id), (app[LIMITS].org, identity.org)]
 
 
 async def charge(app: AppState, charges: list[tuple[Limit, str]]) -> Decision | None:

@@ -105,13 +105,14 @@ class Decision:
             return max(denied, key=lambda d: d.retry_after_s)
         return min(decisions, key=lambda d: (d.remaining, -d.reset_s))
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, *, retry: bool = True) -> dict[str, str]:
+        """The RateLimit-* headers; with Retry-After when this decision refused (and `retry`)."""
         h = {
             "RateLimit-Limit": str(self.limit.burst),
             "RateLimit-Remaining": str(max(self.remaining, 0)),
             "RateLimit-Reset": str(self.reset_s),
         }
-        if not self.allowed:
+        if retry and not self.allowed:
             h["Retry-After"] = str(max(self.retry_after_s, 1))
         return h
 
@@ -286,8 +287,9 @@ class BruteForceGuard:
         if not by_key.allowed and not await self._known_good(key_id, address):
             enforce([by_key], self.metrics)
 
-    async def failed(self, address: str | None) -> None:
-        await self.limiter.check([(self.limits.failures_per_address, address or "unknown")])
+    async def failed(self, address: str | None) -> Decision:
+        (decision,) = await self.limiter.check([(self.limits.failures_per_address, address or "unknown")])
+        return decision
 
     async def verified(self, key_id: str, address: str | None) -> None:
         if address is None:

@@ -222,3 +222,19 @@ def test_strictest_decision_wins() -> None:
     assert Decision.strictest([roomy, refused]) is refused
     assert LimitConfig().on_redis_error == "local"
     assert Metrics().ratelimit is not None
+
+
+async def test_denials_say_where_the_caller_stands(
+    aiohttp_client: Any, services: Services, clean: None, world: World
+) -> None:
+    c = await app_with(
+        aiohttp_client, services, key={"rate": "1/1h", "burst": 5}, failures_per_address={"rate": "1/1h", "burst": 7}
+    )
+    k = await world.key(orgs=[world.org_a])
+    r = await c.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_b}))
+    assert (r.status, r.headers["RateLimit-Limit"], r.headers["RateLimit-Remaining"]) == (403, "5", "4")
+    assert "Retry-After" not in r.headers
+    r = await c.get("/auth/nginx", headers=nginx_headers(KeyFormat("gw").generate("live")[0]))
+    assert (r.status, r.headers["RateLimit-Limit"], r.headers["RateLimit-Remaining"]) == (401, "7", "6")
+    r = await c.get("/auth/nginx", headers=nginx_headers())  # no key, no limit applies: nothing to report
+    assert r.status == 401 and "RateLimit-Limit" not in r.headers

@@ -88,7 +88,8 @@ def key_view(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-def _expiry(spec: KeySpec) -> datetime | None:
+def key_expiry(spec: KeySpec) -> datetime | None:
+    """When a key made from `spec` expires (None: never); InvalidRequest for a bad or past time."""
     if spec.expires_in and spec.expires_at:
         raise InvalidRequest("give --expires-in or --expires-at, not both", field="expires_at")
     if spec.expires_in:
@@ -237,7 +238,7 @@ class Admin:
         self._role(spec.role)
         if spec.env not in ENVS:
             raise InvalidRequest("env must be live or test", field="env")
-        expires = _expiry(spec)
+        expires = key_expiry(spec)
         for scope in spec.scopes or []:
             if not _PERMISSION_RE.fullmatch(scope):
                 raise InvalidRequest(f"scope {scope!r} is not a resource:action pattern", field="scopes")
@@ -246,12 +247,12 @@ class Admin:
             try:
                 cidrs = [str(ipaddress.ip_network(c, strict=False)) for c in spec.allow_ips]
             except ValueError:
-                raise InvalidRequest("allowed IPs must be addresses or CIDR networks", field="allow_ips") from None
+                raise InvalidRequest("allowed IPs must be addresses or CIDR networks", field="allowed_ips") from None
         for what, items in (
             ("orgs", spec.orgs),
             ("projects", spec.projects),
             ("scopes", spec.scopes or []),
-            ("allow_ips", spec.allow_ips or []),
+            ("allowed_ips", spec.allow_ips or []),
         ):
             if len(items) > MAX_LIST:
                 raise InvalidRequest(f"at most {MAX_LIST} {what}", field=what)

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin import MAX_LIST, KeySpec, key_view
+from gateway.admin import MAX_LIST, KeySpec, key_expiry, key_view
 from gateway.audit import Actor
 from gateway.authz import check_state, pattern_matches, role_in
 from gateway.cache import KeyRecord
@@ -216,6 +216,10 @@ def no_escalation(p: Principal, spec: KeySpec) -> None:
         spec.scopes is None or not all(any(pattern_matches(m, s) for m in me.scopes) for s in spec.scopes)
     ):
         raise InsufficientPermissions("the new key's scopes must be within this key's")
+    if me.expires_at is not None:
+        expires = key_expiry(spec)
+        if expires is None or expires.timestamp() > me.expires_at:
+            raise InsufficientPermissions("the new key must expire no later than this key")
     if me.env == "test" and spec.env != "test":
         raise InsufficientPermissions("a test key can only create test keys")
     if me.allowed_cidrs is not None:

@@ -108,6 +108,8 @@ async def test_pagination(client: Client, world: World) -> None:
         ({"scopes": ["calls:read"]}, {"role": "viewer", "scopes": ["calls:*"]}, "insufficient_permissions"),
         ({"env": "test"}, {"role": "viewer", "env": "live"}, "insufficient_permissions"),
         ({"allow_ips": ["127.0.0.1/32"]}, {"role": "viewer"}, "ip_not_allowed"),
+        ({"expires_in": "1d"}, {"role": "viewer"}, "insufficient_permissions"),  # never-expiring from an expiring key
+        ({"expires_in": "1d"}, {"role": "viewer", "expires_in": "30d"}, "insufficient_permissions"),
     ],
 )
 async def test_no_key_creates_a_more_powerful_key(
@@ -269,7 +271,7 @@ async def test_audit_endpoint(client: Client, world: World) -> None:
         ({"name": "x" * 201, "role": "viewer"}, "name"),
         ({"name": "x", "role": "viewer", "orgs": []}, "orgs"),
         ({"name": "x", "role": "viewer", "expires_in": "soon"}, "expires_in"),
-        ({"name": "x", "role": "viewer", "allowed_ips": ["nope"]}, "allow_ips"),
+        ({"name": "x", "role": "viewer", "allowed_ips": ["nope"]}, "allowed_ips"),
     ],
 )
 async def test_input_validation_names_the_field(client: Client, world: World, body: dict[str, Any], field: str) -> None:

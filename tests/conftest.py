@@ -28,6 +28,7 @@ from gateway.app import create_app
 from gateway.config import Config, config_from_mapping
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.store import migrate
+from tests._proxies import stop_process
 
 PEPPER = "test-pepper-0123456789-abcdefghijklmnop"
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,13 +209,7 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def gateway_env(services: Services, **extra: str) -> dict[str, str]:

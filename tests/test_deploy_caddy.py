@@ -15,7 +15,7 @@ import pytest
 
 from gateway._services import free_port
 from gateway.app import create_app
-from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, wait_port
+from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, stop_process, wait_port
 from tests.conftest import ROOT, Services, World, make_config
 
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"
@@ -31,12 +31,7 @@ class Caddy:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def run_caddy(root: Path, gateway_port: int, upstream_port: int) -> Caddy:

@@ -17,7 +17,7 @@ import pytest
 from gateway._services import free_port
 from gateway.app import create_app
 from gateway.config import Config, LimitConfig
-from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, wait_port
+from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, stop_process, wait_port
 from tests.conftest import ROOT, Services, World
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -34,13 +34,7 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        pid = (self.root / "nginx.pid").read_text().strip()
-        subprocess.run(["kill", "-QUIT", pid], check=False)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGQUIT)  # graceful: `daemon off`, so this is the master
 
 
 def run_nginx(root: Path, gateway_port: int, upstream_port: int) -> Nginx:

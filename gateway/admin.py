@@ -503,6 +503,12 @@ class Admin:
             )
         return {"id": user_id, "org_id": org_id, "name": name.strip(), "role": role}
 
+    async def service_org(self, user_id: str) -> str | None:
+        """The org a service account belongs to; None for a person."""
+        async with self.pool.acquire() as conn:
+            org: str | None = await conn.fetchval("SELECT service_org FROM users WHERE id = $1", user_id)
+        return org
+
     async def service_accounts(self, org_id: str) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(

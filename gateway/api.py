@@ -339,9 +339,33 @@ async def revoke_key(request: web.Request) -> web.Response:
     )
 
 
+def spec_of(key: dict[str, Any]) -> KeySpec:
+    """The settings of an existing key, as a rotation would copy them."""
+    return KeySpec(
+        user_id=key["user_id"],
+        name=key["name"],
+        role=key["role"],
+        orgs=[] if key["orgs"] == "all" else list(key["orgs"]),
+        projects=[] if key["projects"] == "all" else list(key["projects"]),
+        scopes=key["scopes"],
+        env=key["env"],
+        expires_at=key["expires_at"],
+        allow_ips=key["allowed_ips"],
+        rate_limit=key["rate_limit"],
+    )
+
+
 async def rotate_key(request: web.Request) -> web.Response:
+    """Rotation hands out a new raw key: only to its owner, or to an admin of a service account's org,
+    and never to a key less powerful than the one rotated."""
     p = request[PRINCIPAL]
     key = await visible_key(request, request.match_info["key_id"])
+    if key["user_id"] != p.user_id:
+        service_org = await request.config_dict[ADMIN].service_org(key["user_id"])
+        if service_org is None or not p.is_admin(service_org):
+            raise InsufficientPermissions("only a key's owner can rotate it; an admin can revoke it")
+    if key["status"] == "active":
+        no_escalation(p, spec_of(key))
     body = await read_body(request, {"grace": str}, set())
     rotated = await request.config_dict[ADMIN].rotate_key(key["id"], body.get("grace"), p.actor)
     return web.json_response(with_effective_roles(p, rotated, await owner_roles(request, key["user_id"])), status=201)

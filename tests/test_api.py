@@ -292,3 +292,31 @@ async def test_openapi_documents_every_route(client: Client) -> None:
     }
     served.add(("/v1/keys/verify", "post"))
     assert served == documented
+
+
+async def test_rotation_hands_out_keys_only_to_their_owner(client: Client, world: World) -> None:
+    strong = await world.key(name="strong", role="admin")
+    weak = await world.key(name="weak", role="viewer", scopes=["calls:read"])
+    # A weaker key of the same owner cannot rotate the stronger one into its hands...
+    await err(await client.post(f"/v1/keys/{strong['id']}/rotate", headers=auth(weak)), 403, "insufficient_permissions")
+    # ...nor can an admin obtain a new raw key of another member's key (revoking it is fine).
+    other = (await world.admin.create_user("dev@example.com"))["id"]
+    await world.admin.set_member(world.org_a, other, "member")
+    dev = await world.key(name="dev", user=other, role="member", orgs=[world.org_a])
+    await err(await client.post(f"/v1/keys/{dev['id']}/rotate", headers=auth(strong)), 403, "insufficient_permissions")
+    # An admin may rotate the org's service-account keys.
+    sa = await ok(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/service-accounts", json={"name": "ci", "role": "member"}, headers=auth(strong)
+        ),
+        201,
+    )
+    sa_key = await ok(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/service-accounts/{sa['id']}/keys",
+            json={"name": "deploy", "role": "member"},
+            headers=auth(strong),
+        ),
+        201,
+    )
+    await ok(await client.post(f"/v1/keys/{sa_key['id']}/rotate", headers=auth(strong)), 201)

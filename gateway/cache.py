@@ -200,9 +200,7 @@ class RedisCache:
         gen = _text(raw_gen) or "0"
         entry = None
         if raw_entry is not None:
-            payload = json.loads(raw_entry)
-            if payload.get("gen") == gen:
-                entry = Entry(KeyRecord.from_json(payload["record"]), float(payload["loaded_at"]))
+            entry = _entry(raw_entry, gen)
         return RedisLookup(entry, _text(raw_neg) if raw_neg is not None else None, gen)
 
     async def put(self, digest: str, entry: Entry, generation: str) -> None:
@@ -237,6 +235,17 @@ class RedisCache:
                 doomed = [C.REDIS_KEY_ENTRY.format(key_id=key_id, digest=_text(d)) for d in members]
                 pipe.delete(C.REDIS_KEY_INDEX.format(key_id=key_id), *doomed)
             await pipe.execute()
+
+
+def _entry(raw: Any, generation: str) -> Entry | None:
+    """A cached entry filled under `generation`; anything else (stale, or unreadable) is a miss."""
+    try:
+        payload = json.loads(raw)
+        if payload.get("gen") != generation:
+            return None
+        return Entry(KeyRecord.from_json(payload["record"]), float(payload["loaded_at"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _text(value: Any) -> str | None:

@@ -241,3 +241,11 @@ async def test_revocation_while_redis_is_unreachable_is_not_undone(
     r = await fresh.get("/auth/nginx", headers=nginx_headers(k["key"]))
     assert (r.status, r.headers["X-Auth-Error"]) == (401, "revoked_api_key")
     assert int(await rclient.get(f"gw:gen:{{{k['id']}}}") or 0) >= 1
+
+
+async def test_an_unreadable_redis_entry_is_a_miss(client: Client, world: World, rclient: aioredis.Redis) -> None:
+    k = await world.key(orgs=[world.org_a])
+    d = digest(PEPPER.encode(), k["key"])
+    await rclient.set(C.REDIS_KEY_ENTRY.format(key_id=k["id"], digest=d), b"{not json")
+    r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert r.status == 200  # read from Postgres instead, and the entry rewritten

@@ -34,9 +34,9 @@ from gateway.errors import (
     OrgNotAllowed,
     ProjectNotAllowed,
 )
-from gateway.forward import charge, client_address, credential, key_limit
+from gateway.forward import charge, client_address, credential, key_limit, verified_record
 from gateway.policy import checked_id
-from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, RESOLVER, TRUSTED
+from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, TRUSTED
 from gateway.ui import COOKIE, check_csrf, load_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -81,34 +81,27 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every management call carries an API key, or the web page's session cookie (and, to write, its
     CSRF token): verified, state-checked and rate-limited."""
+    app = request.config_dict
+    client_ip = client_address(request.remote, request.headers, app[TRUSTED])
     raw = credential(request.headers)
     if raw is None and COOKIE in request.cookies:
-        return await _with_session(request, handler)
-    if raw is None:
+        found = await load_session(request)
+        if found is None:
+            raise MissingCredentials("the session has ended: sign in again")
+        session, record = found
+        check_csrf(request, session)
+    elif raw is None:
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
-    parsed = request.config_dict[KEY_FORMAT].parse(raw)
-    if parsed is None:
-        raise InvalidApiKey()
-    client_ip = client_address(request.remote, request.headers, request.config_dict[TRUSTED])
+    else:
+        parsed = app[KEY_FORMAT].parse(raw)
+        if parsed is None:
+            raise InvalidApiKey()
+        record = await verified_record(app, parsed, client_ip)
+        check_state(record, client_ip, time.time())
+    await charge(app, [(key_limit(app, record.rate_limit), record.id)])
     address = str(client_ip) if client_ip is not None else None
-    record = await request.config_dict[RESOLVER].resolve(parsed, address)
-    check_state(record, client_ip, time.time())
-    await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
     actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
-    request[PRINCIPAL] = Principal(record, actor, request.config_dict[CONFIG].roles)
-    return await handler(request)
-
-
-async def _with_session(request: web.Request, handler: Handler) -> web.StreamResponse:
-    found = await load_session(request)
-    if found is None:
-        raise MissingCredentials("the session has ended: sign in again")
-    session, record = found
-    check_csrf(request, session)
-    await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
-    client_ip = client_address(request.remote, request.headers, request.config_dict[TRUSTED])
-    actor = Actor(record.user_id, str(client_ip) if client_ip else None, request.headers.get("User-Agent"), record.id)
-    request[PRINCIPAL] = Principal(record, actor, request.config_dict[CONFIG].roles)
+    request[PRINCIPAL] = Principal(record, actor, app[CONFIG].roles)
     return await handler(request)
 
 

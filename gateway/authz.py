@@ -194,10 +194,6 @@ class ProjectDirectory:
                 self._orgs.popitem(last=False)
         return org
 
-    def forget(self, project_ids: list[str]) -> None:
-        for project_id in project_ids:
-            self._orgs.pop(project_id, None)
-
 
 async def check_project(identity: Identity, projects: ProjectDirectory) -> None:
     """A project named by the route must belong to the active org."""

@@ -23,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway._paths import normalise
 from gateway.authz import IP, Identity, authorize, check_project, granted
+from gateway.cache import KeyRecord
 from gateway.errors import (
     GatewayError,
     InsufficientPermissions,
@@ -272,16 +273,22 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     return Outcome(identity, decision, await charge(app, key_charges(app, identity)))
 
 
-async def identify(app: web.Application, parsed: ParsedKey, decision: RouteDecision, client_ip: IP | None) -> Identity:
-    """The key's identity for this route; failed verifications count against the brute-force limits."""
+async def verified_record(app: AppState, parsed: ParsedKey, client_ip: IP | None) -> KeyRecord:
+    """The key's record. A failed verification counts against its address's failure budget, whichever
+    endpoint it came through."""
     address = str(client_ip) if client_ip is not None else None
     try:
-        record = await app[RESOLVER].resolve(parsed, address)
+        return await app[RESOLVER].resolve(parsed, address)
     except InvalidApiKey as err:
         guard = app[RESOLVER].guard
         if guard is not None:
             err.headers.update((await guard.failed(address)).headers(retry=False))
         raise
+
+
+async def identify(app: web.Application, parsed: ParsedKey, decision: RouteDecision, client_ip: IP | None) -> Identity:
+    """The key's identity for this route; failed verifications count against the brute-force limits."""
+    record = await verified_record(app, parsed, client_ip)
     try:
         identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
         await check_project(identity, app[PROJECTS])

@@ -22,9 +22,9 @@ from gateway import constants as C
 from gateway.authz import check_state, role_in
 from gateway.cache import REDIS_ERRORS, KeyRecord
 from gateway.errors import AuthUnavailable, InvalidApiKey, InvalidRequest, MissingCredentials
-from gateway.forward import client_address
+from gateway.forward import client_address, verified_record
 from gateway.store import PG_ERRORS, StoreUnavailable
-from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, REDIS, RESOLVER, STORE, TRUSTED
+from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, REDIS, STORE, TRUSTED
 
 COOKIE = "gw_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -141,7 +141,7 @@ async def sign_in(request: web.Request) -> web.Response:
     if parsed is None:
         raise InvalidApiKey()
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
-    record = await app[RESOLVER].resolve(parsed, str(client_ip) if client_ip else None)
+    record = await verified_record(app, parsed, client_ip)
     check_state(record, client_ip, time.time())
     roles = app[CONFIG].roles
     orgs = sorted(o for o in record.memberships if role_in(record, o, roles) is not None)

@@ -238,3 +238,21 @@ async def test_denials_say_where_the_caller_stands(
     assert (r.status, r.headers["RateLimit-Limit"], r.headers["RateLimit-Remaining"]) == (401, "7", "6")
     r = await c.get("/auth/nginx", headers=nginx_headers())  # no key, no limit applies: nothing to report
     assert r.status == 401 and "RateLimit-Limit" not in r.headers
+
+
+async def test_failed_keys_count_whichever_endpoint_they_come_through(
+    aiohttp_client: Any, services: Services, clean: None, world: World
+) -> None:
+    c = await app_with(aiohttp_client, services, failures_per_address={"rate": "1/1h", "burst": 3})
+    fmt = KeyFormat("gw")
+    bearer = {"Authorization": f"Bearer {fmt.generate('live')[0]}"}
+    assert (await c.get("/v1/me", headers=bearer)).status == 401
+    assert (await c.post("/ui/session", json={"key": fmt.generate("live")[0]})).status == 401
+    r = await c.get("/auth/nginx", headers=nginx_headers(fmt.generate("live")[0]))
+    assert r.headers["X-Auth-Error"] == "invalid_api_key"
+    for probe in (
+        c.get("/v1/me", headers={"Authorization": f"Bearer {fmt.generate('live')[0]}"}),
+        c.post("/ui/session", json={"key": fmt.generate("live")[0]}),
+    ):
+        r = await probe
+        assert (r.status, (await r.json())["error"]["code"]) == (429, "rate_limited")

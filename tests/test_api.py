@@ -30,6 +30,25 @@ async def err(r: Any, status: int, code: str) -> dict[str, Any]:
     return body
 
 
+async def service_account_key(client: Client, org: str, admin_key: dict[str, Any]) -> tuple[Any, Any]:
+    """A member-role service account of `org` and a key for it, made through the API by `admin_key`."""
+    sa = await ok(
+        await client.post(
+            f"/v1/orgs/{org}/service-accounts", json={"name": "ci", "role": "member"}, headers=auth(admin_key)
+        ),
+        201,
+    )
+    sa_key = await ok(
+        await client.post(
+            f"/v1/orgs/{org}/service-accounts/{sa['id']}/keys",
+            json={"name": "deploy", "role": "member"},
+            headers=auth(admin_key),
+        ),
+        201,
+    )
+    return sa, sa_key
+
+
 async def test_authentication(client: Client, world: World) -> None:
     await err(await client.get("/v1/me"), 401, "missing_credentials")
     await err(await client.get("/v1/me", headers=auth("gw_live_nope")), 401, "invalid_api_key")
@@ -198,20 +217,7 @@ async def test_service_accounts_outlive_their_creator(client: Client, world: Wor
         403,
         "insufficient_permissions",
     )
-    sa = await ok(
-        await client.post(
-            f"/v1/orgs/{world.org_a}/service-accounts", json={"name": "ci", "role": "member"}, headers=auth(k)
-        ),
-        201,
-    )
-    sa_key = await ok(
-        await client.post(
-            f"/v1/orgs/{world.org_a}/service-accounts/{sa['id']}/keys",
-            json={"name": "deploy", "role": "member"},
-            headers=auth(k),
-        ),
-        201,
-    )
+    sa, sa_key = await service_account_key(client, world.org_a, k)
     assert sa_key["user_id"] == sa["id"] and sa_key["orgs"] == [world.org_a]
     await world.admin.remove_member(world.org_a, creator)  # the person who made it leaves
     await asyncio.sleep(0.3)
@@ -305,18 +311,5 @@ async def test_rotation_hands_out_keys_only_to_their_owner(client: Client, world
     dev = await world.key(name="dev", user=other, role="member", orgs=[world.org_a])
     await err(await client.post(f"/v1/keys/{dev['id']}/rotate", headers=auth(strong)), 403, "insufficient_permissions")
     # An admin may rotate the org's service-account keys.
-    sa = await ok(
-        await client.post(
-            f"/v1/orgs/{world.org_a}/service-accounts", json={"name": "ci", "role": "member"}, headers=auth(strong)
-        ),
-        201,
-    )
-    sa_key = await ok(
-        await client.post(
-            f"/v1/orgs/{world.org_a}/service-accounts/{sa['id']}/keys",
-            json={"name": "deploy", "role": "member"},
-            headers=auth(strong),
-        ),
-        201,
-    )
+    _, sa_key = await service_account_key(client, world.org_a, strong)
     await ok(await client.post(f"/v1/keys/{sa_key['id']}/rotate", headers=auth(strong)), 201)

@@ -26,7 +26,6 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 @dataclass
 class Nginx:
     port: int
-    root: Path
     proc: subprocess.Popen[bytes]
 
     @property
@@ -60,7 +59,7 @@ def run_nginx(root: Path, gateway_port: int, upstream_port: int) -> Nginx:
     assert check.returncode == 0, check.stderr
     proc = subprocess.Popen([NGINX, "-p", str(root), "-c", str(root / "nginx.conf"), "-e", str(root / "e.log")])
     wait_port(port, proc, "nginx")
-    return Nginx(port, root, proc)
+    return Nginx(port, proc)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from gateway.cache import REDIS_ERRORS, LocalCache, RedisCache
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.forward import error_response, forward_handler, keys_verify
+from gateway.health import Lifecycle
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
 from gateway.openapi import openapi
@@ -35,6 +36,7 @@ from gateway.typedefs import (
     CONFIG,
     HASHER,
     KEY_FORMAT,
+    LIFECYCLE,
     LIMITER,
     LIMITS,
     METRICS,
@@ -210,15 +212,23 @@ def make_policy(cfg: Config) -> Policy:
     return ReloadablePolicy(cfg.policy_file, cfg.roles) if cfg.policy_file else HeaderOrgPolicy()
 
 
+async def _lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Last of the start-up steps: once it runs, the process can decide."""
+    app[LIFECYCLE].ready = True
+    yield
+    app[LIFECYCLE].ready = False
+
+
 def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
     app[CONFIG] = cfg
+    app[LIFECYCLE] = Lifecycle()
     app[KEY_FORMAT] = KeyFormat(cfg.keys.prefix)
     app[METRICS] = Metrics()
     app[POLICY] = policy or make_policy(cfg)
     app[TRUSTED] = cfg.trusted_networks()
     app[LIMITS] = Limits.from_config(cfg.rate_limits)
-    app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx, _sighup_ctx])
+    app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx, _sighup_ctx, _lifecycle_ctx])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

@@ -65,6 +65,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    # After SIGTERM: /readyz answers 503 and requests are still served this long, so the proxy or
+    # Kubernetes stops routing here before the listener closes. SIGINT stops at once.
+    drain_s: float = C.DEFAULT_DRAIN_S
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class DatabaseConfig:
 class RedisConfig:
     url: Secret = field(default_factory=lambda: Secret(""))
     timeout_ms: int = C.DEFAULT_REDIS_TIMEOUT_MS
+    # Connections per process; past it a call waits up to timeout_ms for a free one, then falls back.
+    max_connections: int = C.DEFAULT_REDIS_MAX_CONNECTIONS
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,7 @@ def _validate(cfg: Config) -> None:
 
     check(0 < cfg.server.port < 65536, "server.port", "must be between 1 and 65535")
     check(cfg.server.workers >= 1, "server.workers", "must be at least 1")
+    check(0 <= cfg.server.drain_s <= 600, "server.drain_s", "must be between 0 and 600 seconds")
     check(bool(cfg.database.url.get()), "database.url", "is required (or set GATEWAY_DATABASE_URL)")
     check(
         cfg.database.url.get().startswith(("postgres://", "postgresql://")),
@@ -263,6 +269,7 @@ def _validate(cfg: Config) -> None:
         "must be a redis://, rediss:// or unix:// URL",
     )
     check(cfg.redis.timeout_ms > 0, "redis.timeout_ms", "must be positive")
+    check(cfg.redis.max_connections >= 1, "redis.max_connections", "must be at least 1")
     check(len(cfg.pepper.get()) >= 32, "pepper", "must be at least 32 characters (or set GATEWAY_PEPPER)")
     prefix = cfg.keys.prefix
     check(

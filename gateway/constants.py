@@ -44,6 +44,14 @@ DEFAULT_STALE_IF_ERROR_S: Final = 300.0
 DEFAULT_LOCAL_MAX_ENTRIES: Final = 100_000
 DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 DEFAULT_DB_TIMEOUT_MS: Final = 2000
+DEFAULT_REDIS_MAX_CONNECTIONS: Final = 64
+DEFAULT_DRAIN_S: Final = 5.0
+# A circuit breaker skips a failed backend this long, then lets one call probe it.
+BREAKER_COOLDOWN_S: Final = 0.5
+# How often each process checks Postgres and Redis in the background (readiness body, metrics, recovery).
+HEALTH_INTERVAL_S: Final = 1.0
+# The invalidation listener pings its connection this often; a silent connection counts as lost.
+LISTENER_PING_S: Final = 0.5
 DEFAULT_LAST_USED_FLUSH_S: Final = 5.0
 DEFAULT_AUDIT_FLUSH_S: Final = 1.0
 DEFAULT_AUDIT_FAILED_MAX_PER_FLUSH: Final = 50

@@ -11,6 +11,7 @@ from gateway.admin import Admin
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.config import Config
+from gateway.health import Lifecycle
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
 from gateway.policy import Policy
@@ -33,6 +34,7 @@ PROJECTS = web.AppKey("projects", ProjectDirectory)
 LIMITS = web.AppKey("limits", Limits)
 ADMIN = web.AppKey("admin", Admin)
 LIMITER = web.AppKey[RateLimiter | None]("limiter")
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 # Per-request: the key id once the key is known, for the audit of a denial.
 KEY_ID = web.RequestKey("key_id", str)

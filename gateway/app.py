@@ -15,21 +15,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from gateway import constants as C
+from gateway._breaker import CLOSED, OPEN, Breaker
 from gateway.admin import Admin
 from gateway.api import api_app
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
-from gateway.cache import REDIS_ERRORS, LocalCache, RedisCache
+from gateway.cache import LocalCache, RedisCache
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.forward import error_response, forward_handler, keys_verify
-from gateway.health import Lifecycle
+from gateway.health import Lifecycle, backend_checks, watch_backends
 from gateway.keys import KeyFormat, SecretHasher
+from gateway.listener import InvalidationListener, supervise
 from gateway.metrics import Metrics
 from gateway.openapi import openapi
 from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
 from gateway.ratelimit import BruteForceGuard, Limits, RateLimiter
-from gateway.store import Store, StoreUnavailable, connect_pool, listen_invalidations
+from gateway.store import Store, connect_pool
 from gateway.typedefs import (
     ADMIN,
     AUDITOR,
@@ -39,10 +42,12 @@ from gateway.typedefs import (
     LIFECYCLE,
     LIMITER,
     LIMITS,
+    LISTENER,
     METRICS,
     POLICY,
     PROJECTS,
     REDIS,
+    REDIS_BREAKER,
     RESOLVER,
     STORE,
     TRUSTED,
@@ -57,12 +62,30 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def redis_client(cfg: Config) -> aioredis.Redis:
     timeout = cfg.redis.timeout_ms / 1000
     # No retries: a slow or absent Redis must cost one short timeout, then we fall back to Postgres.
-    return aioredis.Redis.from_url(
+    # A capped pool: past max_connections a call waits up to the timeout for a free connection.
+    pool = aioredis.BlockingConnectionPool.from_url(
         cfg.redis.url.get(),
+        max_connections=cfg.redis.max_connections,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
+        client_name="gateway",
     )
+    return aioredis.Redis.from_pool(pool)
+
+
+def _breaker(name: str, metrics: Metrics) -> Breaker:
+    def changed(backend: str, state: str) -> None:
+        metrics.backend_up.labels(backend).set(1 if state == CLOSED else 0)
+        metrics.breaker_transitions.labels(backend, state).inc()
+        if state == CLOSED:
+            log.warning("%s is reachable again", backend)
+        elif state == OPEN:
+            log.debug("%s unavailable: calls skipped for %.1f s, then probed", backend, C.BREAKER_COOLDOWN_S)
+
+    metrics.backend_up.labels(name).set(1)
+    return Breaker(name, on_change=changed)
 
 
 async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -75,18 +98,26 @@ async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     pool = await connect_pool(cfg.database)
-    app[STORE] = Store(pool, cfg.database.timeout_ms / 1000)
+    app[STORE] = Store(pool, cfg.database.timeout_ms / 1000, _breaker("postgres", app[METRICS]))
     app[REDIS] = redis_client(cfg)
+    app[REDIS_BREAKER] = _breaker("redis", app[METRICS])
     yield
     await app[REDIS].aclose()
-    await pool.close()
+    await app[STORE].close()
 
 
 async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg, metrics = app[CONFIG], app[METRICS]
+    breaker = app[REDIS_BREAKER]
     local = LocalCache(cfg.cache.local_max_entries, cfg.cache.local_ttl_s, cfg.cache.negative_ttl_s)
-    shared = RedisCache(app[REDIS], cfg.cache.redis_ttl_s, cfg.cache.negative_ttl_s, cfg.cache.stale_if_error_s)
-    limiter = RateLimiter(app[REDIS], metrics, pipeline=cfg.rate_limits.pipeline) if cfg.rate_limits.enabled else None
+    shared = RedisCache(
+        app[REDIS], cfg.cache.redis_ttl_s, cfg.cache.negative_ttl_s, cfg.cache.stale_if_error_s, breaker
+    )
+    limiter = (
+        RateLimiter(app[REDIS], metrics, breaker, pipeline=cfg.rate_limits.pipeline)
+        if cfg.rate_limits.enabled
+        else None
+    )
     app[LIMITER] = limiter
     guard = BruteForceGuard(limiter, app[LIMITS], app[REDIS], metrics) if limiter is not None else None
     resolver = KeyResolver(
@@ -109,13 +140,21 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics.invalidations.inc(len(key_ids))
         await resolver.invalidate(key_ids)
 
-    listener = asyncio.create_task(listen_invalidations(cfg.database.url.get(), on_keys, local.clear))
-    flusher = asyncio.create_task(_flush_forever(app))
+    listener = InvalidationListener(cfg.database.url.get(), local, on_keys, cfg.database.timeout_ms / 1000)
+    app[LISTENER] = listener
+    tasks = [
+        asyncio.create_task(supervise("invalidation listener", listener.run)),
+        asyncio.create_task(supervise("flusher", lambda: _flush_forever(app))),
+        asyncio.create_task(
+            supervise("health", lambda: watch_backends(app[STORE], app[REDIS], breaker, C.HEALTH_INTERVAL_S))
+        ),
+    ]
     yield
-    for task in (listener, flusher):
+    for task in tasks:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await resolver.close()
     await _flush_once(app)
 
 
@@ -124,6 +163,7 @@ async def _flush_once(app: web.Application) -> None:
     await app[RESOLVER].flush_last_used()
     await app[AUDITOR].flush()
     app[METRICS].local_entries.set(len(app[RESOLVER].local))
+    app[METRICS].listener_up.set(1 if app[LISTENER].connected else 0)
 
 
 async def _flush_forever(app: web.Application) -> None:
@@ -168,21 +208,13 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks: dict[str, str] = {}
-    try:
-        await request.app[STORE].ping()
-        checks["postgres"] = "ok"
-    except StoreUnavailable:
-        checks["postgres"] = "unavailable"
-    try:
-        await request.app[REDIS].ping()
-        checks["redis"] = "ok"
-    except REDIS_ERRORS:
-        checks["redis"] = "unavailable"
-    ready = all(v == "ok" for v in checks.values())
-    return web.json_response(
-        {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
-    )
+    """200 while the process can decide; 503 while starting or draining. The stores' state is
+    reported in the body only: a shared outage must not take every replica out of service."""
+    lifecycle = request.app[LIFECYCLE]
+    status = "draining" if lifecycle.draining else "ready" if lifecycle.ready else "starting"
+    checks = backend_checks(request.app[STORE], request.app[REDIS_BREAKER])
+    checks["invalidations"] = "ok" if request.app[LISTENER].connected else "unavailable"
+    return web.json_response({"status": status, "checks": checks}, status=200 if status == "ready" else 503)
 
 
 async def openapi_handler(_request: web.Request) -> web.Response:

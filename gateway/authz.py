@@ -10,8 +10,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from gateway._breaker import Breaker
-from gateway.cache import REDIS_ERRORS, Entry, KeyRecord, LocalCache, RedisCache
+from gateway import constants as C
+from gateway._breaker import BreakerOpen
+from gateway.cache import REDIS_UNAVAILABLE, Entry, KeyRecord, LocalCache, RedisCache
 from gateway.config import RolesConfig
 from gateway.errors import (
     AuthUnavailable,
@@ -207,7 +208,11 @@ async def check_project(identity: Identity, projects: ProjectDirectory) -> None:
 class KeyResolver:
     """Finds a key's record: in-process cache, then Redis, then Postgres plus argon2.
 
-    Concurrent misses for the same key share one load (and so one argon2 computation).
+    Concurrent misses for the same key share one load (and so one argon2 computation). A key held in
+    the in-process cache past its fresh time is answered from it at once while one background load per
+    key revalidates it (stale-while-revalidate), within the same bound as stale-if-error: no answer
+    waits on a backend for a key this process already holds. Revocations still apply at once: they
+    arrive by NOTIFY and drop the entry; expiry is checked on every request.
     """
 
     def __init__(
@@ -232,8 +237,6 @@ class KeyResolver:
         self.metrics = metrics
         self.guard = guard
         self._inflight: dict[str, asyncio.Future[KeyRecord]] = {}
-        self._pg_breaker = Breaker()
-        self._redis_breaker = Breaker()
         # Keys whose Redis invalidation failed: retried until it lands, never read from Redis meanwhile.
         self.pending_invalidations: set[str] = set()
         self.last_used: dict[str, float] = {}
@@ -244,29 +247,63 @@ class KeyResolver:
             self.metrics.cache.labels("local_negative").inc()
             raise InvalidApiKey()
         entry = self.local.get(d)
-        if entry is not None and time.monotonic() < entry.local_fresh_until:
+        if entry is not None and self.local.fresh(entry):
             self.metrics.cache.labels("local").inc()
+            record = entry.record
+        elif entry is not None and self._within_stale_limit(entry):
+            self.metrics.cache.labels("local_stale").inc()
+            self._revalidate(key, d, entry)
             record = entry.record
         else:
             record = await self._single_flight(d, lambda: self._load(key, d, entry, address))
         self.last_used[record.id] = time.time()
         return record
 
-    async def _single_flight(self, d: str, load: Callable[[], Awaitable[KeyRecord]]) -> KeyRecord:
+    def _within_stale_limit(self, entry: Entry) -> bool:
+        return time.time() - entry.loaded_at < self.redis_ttl_s + self.stale_if_error_s
+
+    def _revalidate(self, key: ParsedKey, d: str, entry: Entry) -> None:
+        """One background load per key; its outcome lands in the cache for the next request."""
+        if d in self._inflight or time.monotonic() < entry.revalidate_after:
+            return
+        fut = self._start(d, lambda: self._load(key, d, entry, None))
+
+        def done(f: asyncio.Future[KeyRecord]) -> None:
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if isinstance(exc, InvalidApiKey):
+                self.local.drop(d)  # the key is gone, or its secret changed
+            elif exc is not None and not isinstance(exc, AuthUnavailable):
+                log.error("background revalidation failed", exc_info=exc)
+
+        fut.add_done_callback(done)
+
+    def _start(self, d: str, load: Callable[[], Awaitable[KeyRecord]]) -> asyncio.Future[KeyRecord]:
         fut = self._inflight.get(d)
         if fut is None:
             fut = asyncio.ensure_future(load())
             self._inflight[d] = fut
             fut.add_done_callback(lambda _f: self._inflight.pop(d, None))
-        return await asyncio.shield(fut)
+        return fut
+
+    async def _single_flight(self, d: str, load: Callable[[], Awaitable[KeyRecord]]) -> KeyRecord:
+        return await asyncio.shield(self._start(d, load))
+
+    async def close(self) -> None:
+        """Stop background revalidations (at shutdown, before the stores close)."""
+        for fut in list(self._inflight.values()):
+            fut.cancel()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight.values()))
 
     async def _redis_lookup(self, key: ParsedKey, d: str, epoch: int) -> tuple[Entry | None, str | None]:
         """(usable Redis entry, generation to fill with); raises InvalidApiKey on a negative hit."""
-        if self.redis is None or self._redis_breaker.is_open() or key.key_id in self.pending_invalidations:
+        if self.redis is None or key.key_id in self.pending_invalidations:
             return None, None
         try:
             found = await self.redis.lookup(key.key_id, d)
-        except REDIS_ERRORS as exc:
+        except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
             return None, None
         if found.negative is not None:
@@ -286,11 +323,8 @@ class KeyResolver:
         if self.guard is not None and local_entry is None and redis_entry is None:
             await self.guard.before_lookup(address)  # nothing known of this key: the costly path
         try:
-            if self._pg_breaker.is_open():
-                raise StoreUnavailable("recently failed")
             loaded = await self.store.load_key(key.key_id)
         except StoreUnavailable:
-            self._pg_breaker.trip()
             self.metrics.backend_errors.labels("postgres").inc()
             return self._stale(local_entry, redis_entry)
         if loaded is None:
@@ -313,21 +347,24 @@ class KeyResolver:
         if self.redis is not None and generation is not None:
             try:
                 await self.redis.put(d, entry, generation)
-            except REDIS_ERRORS as exc:
+            except REDIS_UNAVAILABLE as exc:
                 self._redis_failed(exc)
         return record
 
     def _redis_failed(self, exc: BaseException) -> None:
-        self._redis_breaker.trip()
-        self.metrics.backend_errors.labels("redis").inc()
-        log.debug("redis call failed: %s", exc.__class__.__name__)
+        if not isinstance(exc, BreakerOpen):
+            self.metrics.backend_errors.labels("redis").inc()
+            log.debug("redis call failed: %s", exc.__class__.__name__)
 
-    def _stale(self, *entries: Entry | None) -> KeyRecord:
+    def _stale(self, local_entry: Entry | None, redis_entry: Entry | None) -> KeyRecord:
         limit = self.redis_ttl_s + self.stale_if_error_s
-        usable = [e for e in entries if e is not None and time.time() - e.loaded_at < limit]
+        usable = [e for e in (local_entry, redis_entry) if e is not None and time.time() - e.loaded_at < limit]
         if not usable:
             raise AuthUnavailable("the key store is unreachable")
         self.metrics.cache.labels("stale").inc()
+        if local_entry is not None:
+            # Served stale: ask the store again only after the breaker's cooldown.
+            local_entry.revalidate_after = time.monotonic() + C.BREAKER_COOLDOWN_S
         return max(usable, key=lambda e: e.loaded_at).record
 
     async def _remember_invalid(self, key: ParsedKey, d: str, generation: str | None, epoch: int) -> None:
@@ -335,7 +372,7 @@ class KeyResolver:
         if self.redis is not None and generation is not None:
             try:
                 await self.redis.put_negative(key.key_id, d, "invalid_api_key")
-            except REDIS_ERRORS as exc:
+            except REDIS_UNAVAILABLE as exc:
                 self._redis_failed(exc)
 
     async def invalidate(self, key_ids: list[str]) -> None:
@@ -351,7 +388,7 @@ class KeyResolver:
         batch = sorted(self.pending_invalidations)
         try:
             await self.redis.invalidate(batch)
-        except REDIS_ERRORS as exc:
+        except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
             return
         self.pending_invalidations.difference_update(batch)

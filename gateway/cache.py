@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import constants as C
+from gateway._breaker import Breaker, BreakerOpen, guarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ class Entry:
     record: KeyRecord
     loaded_at: float  # wall-clock time the record was read from Postgres
     local_fresh_until: float = 0.0  # monotonic
+    revalidate_after: float = 0.0  # monotonic: no new background revalidation before (backs off in outages)
 
 
 @dataclass(slots=True)
@@ -114,6 +116,9 @@ class LocalCache:
         self._by_key: dict[str, set[str]] = {}
         # Bumped by every invalidation: a fill that started under an older epoch is not stored.
         self.epoch = 0
+        # Whether invalidations currently reach this process (its LISTEN connection is up). While they
+        # do not, no entry counts as fresh: each use is revalidated, so a missed revocation is caught.
+        self.listening = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -135,6 +140,14 @@ class LocalCache:
             old_digest, old = self._entries.popitem(last=False)
             self._unindex(old.record.id, old_digest)
         return True
+
+    def fresh(self, entry: Entry) -> bool:
+        return self.listening and time.monotonic() < entry.local_fresh_until
+
+    def drop(self, digest: str) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self._unindex(entry.record.id, digest)
 
     def get_negative(self, digest: str) -> str | None:
         neg = self._negative.get(digest)
@@ -184,19 +197,30 @@ class RedisLookup:
 
 
 class RedisCache:
-    """The shared tier. Every call raises RedisError/OSError/TimeoutError on trouble; callers fall back."""
+    """The shared tier. Every call goes through the Redis breaker and raises one of REDIS_UNAVAILABLE
+    on trouble; callers fall back."""
 
-    def __init__(self, client: aioredis.Redis, ttl_s: float, negative_ttl_s: float, stale_s: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_s: float,
+        negative_ttl_s: float,
+        stale_s: float,
+        breaker: Breaker | None = None,
+    ) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.negative_ttl_s = negative_ttl_s
         self.stale_s = stale_s
+        self.breaker = breaker or Breaker("redis")
 
     async def lookup(self, key_id: str, digest: str) -> RedisLookup:
         entry_key = C.REDIS_KEY_ENTRY.format(key_id=key_id, digest=digest)
         gen_key = C.REDIS_KEY_GENERATION.format(key_id=key_id)
         neg_key = C.REDIS_NEGATIVE_ENTRY.format(key_id=key_id, digest=digest)
-        raw_entry, raw_gen, raw_neg = await self.client.mget(entry_key, gen_key, neg_key)
+        raw_entry, raw_gen, raw_neg = await guarded(
+            self.breaker, lambda: self.client.mget(entry_key, gen_key, neg_key), REDIS_ERRORS
+        )
         gen = _text(raw_gen) or "0"
         entry = None
         if raw_entry is not None:
@@ -209,19 +233,27 @@ class RedisCache:
         # Kept past its freshness so it can serve while Postgres is down.
         ttl_ms = int((self.ttl_s + self.stale_s) * 1000) or 1
         index = C.REDIS_KEY_INDEX.format(key_id=key_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(C.REDIS_KEY_ENTRY.format(key_id=key_id, digest=digest), payload, px=ttl_ms)
-            pipe.sadd(index, digest)
-            pipe.pexpire(index, ttl_ms)
-            await pipe.execute()
+
+        async def fill() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(C.REDIS_KEY_ENTRY.format(key_id=key_id, digest=digest), payload, px=ttl_ms)
+                pipe.sadd(index, digest)
+                pipe.pexpire(index, ttl_ms)
+                await pipe.execute()
+
+        await guarded(self.breaker, fill, REDIS_ERRORS)
 
     async def put_negative(self, key_id: str, digest: str, code: str) -> None:
         if self.negative_ttl_s <= 0:
             return
         key = C.REDIS_NEGATIVE_ENTRY.format(key_id=key_id, digest=digest)
-        await self.client.set(key, code, px=int(self.negative_ttl_s * 1000))
+        ttl_ms = int(self.negative_ttl_s * 1000)
+        await guarded(self.breaker, lambda: self.client.set(key, code, px=ttl_ms), REDIS_ERRORS)
 
     async def invalidate(self, key_ids: list[str]) -> None:
+        await guarded(self.breaker, lambda: self._invalidate(key_ids), REDIS_ERRORS)
+
+    async def _invalidate(self, key_ids: list[str]) -> None:
         # The generation bump alone makes old entries unreadable; deleting them too keeps a revoked
         # key's entry from resurfacing should the generation counter ever be evicted.
         async with self.client.pipeline(transaction=False) as pipe:
@@ -254,4 +286,7 @@ def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# What a failed Redis call raises (these trip the breaker) ...
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+# ... and what a caller that falls back must catch: those, or the breaker skipping Redis.
+REDIS_UNAVAILABLE = (*REDIS_ERRORS, BreakerOpen)

@@ -8,10 +8,37 @@ fallbacks still answer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from gateway._breaker import Breaker, guarded
+from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE
+from gateway.store import Store, StoreUnavailable
 
 
 @dataclass
 class Lifecycle:
     ready: bool = False  # start-up finished: stores connected, policy loaded
     draining: bool = False  # SIGTERM received: still serving, but asking to be taken out of rotation
+
+
+async def watch_backends(store: Store, redis: aioredis.Redis, redis_breaker: Breaker, interval_s: float) -> None:
+    """Ping Postgres and Redis through their breakers, forever. Keeps the reported state current when
+    no traffic arrives, and probes a failed backend so it is found healthy again without traffic."""
+    while True:
+        await asyncio.sleep(interval_s)
+        with contextlib.suppress(StoreUnavailable):
+            await store.ping()
+        with contextlib.suppress(*REDIS_UNAVAILABLE):
+            await guarded(redis_breaker, redis.ping, REDIS_ERRORS)
+
+
+def backend_checks(store: Store, redis_breaker: Breaker) -> dict[str, str]:
+    """The state of each store as last seen (no I/O: /readyz must answer at once in an outage)."""
+    return {
+        "postgres": "ok" if store.breaker.available else "unavailable",
+        "redis": "ok" if redis_breaker.available else "unavailable",
+    }

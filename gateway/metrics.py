@@ -40,4 +40,21 @@ class Metrics:
             ["limit", "policy"],
             registry=r,
         )
+        self.backend_up = Gauge(
+            "gateway_backend_up",
+            "1 while the last call to the store worked (its breaker is closed)",
+            ["backend"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "gateway_breaker_transitions",
+            "Circuit breaker state changes by store and new state",
+            ["backend", "state"],
+            registry=r,
+        )
+        self.listener_up = Gauge(
+            "gateway_invalidation_listener_up",
+            "1 while invalidations reach this process (LISTEN connected)",
+            registry=r,
+        )
         self.local_entries = Gauge("gateway_local_cache_entries", "Entries in the in-process cache", registry=r)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway import constants as C
-from gateway._breaker import Breaker
-from gateway.cache import REDIS_ERRORS
+from gateway._breaker import Breaker, BreakerOpen, guarded
+from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.config import LimitConfig, RateLimitsConfig, rate_of
 from gateway.errors import AuthUnavailable, InvalidRequest, RateLimited
 from gateway.metrics import Metrics
@@ -153,13 +153,15 @@ def redis_key(limit: Limit, ident: str) -> str:
 
 
 class RateLimiter:
-    def __init__(self, client: aioredis.Redis, metrics: Metrics, *, pipeline: bool = True) -> None:
+    def __init__(
+        self, client: aioredis.Redis, metrics: Metrics, breaker: Breaker | None = None, *, pipeline: bool = True
+    ) -> None:
         self.client = client
         self.metrics = metrics
         self.batching = pipeline
         self.local = LocalLimiter()
         self._script = client.register_script(GCRA_LUA)
-        self._breaker = Breaker()
+        self.breaker = breaker or Breaker("redis")  # shared with every other Redis caller of this process
         self._batch: list[tuple[Limit, str, bool, asyncio.Future[Decision]]] = []
         self._last_warning = 0.0
 
@@ -169,27 +171,32 @@ class RateLimiter:
         if not charges:
             return []
         items = [(limit, ident, peek) for limit, ident in charges]
-        if self._breaker.is_open():
+        if not self.breaker.allow():
             return [self._fallback(*item) for item in items]
         try:
             if self.batching:
                 return list(await asyncio.gather(*(self._enqueue(*item) for item in items)))
             return await self._round_trip(items)
         except REDIS_ERRORS as exc:
-            self._breaker.trip()
-            self.metrics.backend_errors.labels("redis").inc()
             log.debug("rate limiter: redis failed: %s", exc.__class__.__name__)
             return [self._fallback(*item) for item in items]
 
     async def _round_trip(self, items: Sequence[tuple[Limit, str, bool]]) -> list[Decision]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for limit, ident, peek in items:
-                await self._script(
-                    keys=[redis_key(limit, ident)],
-                    args=[f"{limit.interval_us:.3f}", f"{limit.tolerance_us:.3f}", 1, 1 if peek else 0],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        """One pipeline for all items; its outcome is the breaker's (the caller passed `allow()`)."""
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for limit, ident, peek in items:
+                    await self._script(
+                        keys=[redis_key(limit, ident)],
+                        args=[f"{limit.interval_us:.3f}", f"{limit.tolerance_us:.3f}", 1, 1 if peek else 0],
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
+        except REDIS_ERRORS:
+            self.breaker.failed()
+            self.metrics.backend_errors.labels("redis").inc()
+            raise
+        self.breaker.succeeded()
         return [
             _decision(limit, int(r[0]), int(r[1]), float(r[2]), float(r[3]))
             for (limit, _, _), r in zip(items, replies, strict=True)
@@ -207,7 +214,7 @@ class RateLimiter:
         batch, self._batch = self._batch, []
         try:
             decisions = await self._round_trip([(limit, ident, peek) for limit, ident, peek, _ in batch])
-        except REDIS_ERRORS as exc:
+        except Exception as exc:  # every waiter gets an answer, whatever went wrong
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
@@ -294,20 +301,29 @@ class BruteForceGuard:
     async def verified(self, key_id: str, address: str | None) -> None:
         if address is None:
             return
-        try:
-            key = C.REDIS_GOOD_ADDRESSES.format(key_id=key_id)
+        key = C.REDIS_GOOD_ADDRESSES.format(key_id=key_id)
+
+        async def remember() -> None:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.sadd(key, address)
                 pipe.expire(key, C.GOOD_ADDRESS_TTL_S)
                 await pipe.execute()
-        except REDIS_ERRORS:
-            self.metrics.backend_errors.labels("redis").inc()
+
+        try:
+            await guarded(self.limiter.breaker, remember, REDIS_ERRORS)
+        except REDIS_UNAVAILABLE as exc:
+            self._failed(exc)
 
     async def _known_good(self, key_id: str, address: str | None) -> bool:
         if address is None:
             return False
+        key = C.REDIS_GOOD_ADDRESSES.format(key_id=key_id)
         try:
-            return bool(await self.client.sismember(C.REDIS_GOOD_ADDRESSES.format(key_id=key_id), address))
-        except REDIS_ERRORS:
-            self.metrics.backend_errors.labels("redis").inc()
+            return bool(await guarded(self.limiter.breaker, lambda: self.client.sismember(key, address), REDIS_ERRORS))
+        except REDIS_UNAVAILABLE as exc:
+            self._failed(exc)
             return False
+
+    def _failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, BreakerOpen):
+            self.metrics.backend_errors.labels("redis").inc()

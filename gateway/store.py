@@ -1,14 +1,12 @@
-"""Postgres access: the pool, migrations, the verification query and the invalidation listener."""
+"""Postgres access: the pool, migrations and the hot path's queries."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from gateway import constants as C
+from gateway._breaker import Breaker
 from gateway.cache import KeyRecord
 from gateway.config import DatabaseConfig, redact_url
 
@@ -117,30 +116,66 @@ def _optional_tuple(value: list[str] | None) -> tuple[str, ...] | None:
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
+    """The hot path's reads (and the background flushers' writes) against Postgres.
+
+    Each call has one deadline, `timeout_s`, for getting a connection and running the query together.
+    Past it the answer goes at once: the connection, possibly mid-query, is terminated and handed back
+    to the pool in the background, never awaited by the request. Calls go through the Postgres circuit
+    breaker, shared by every caller in this process.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float, breaker: Breaker | None = None) -> None:
         self.pool = pool
         self.timeout_s = timeout_s
+        self.breaker = breaker or Breaker("postgres")
+        self._releasing: set[asyncio.Task[None]] = set()
 
-    @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        if not self.breaker.allow():
+            raise StoreUnavailable("recently failed")
+        conn: asyncpg.Connection | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = await self.pool.acquire()
+                result = await fn(conn)
         except PG_ERRORS as exc:
+            self.breaker.failed()
+            if isinstance(exc, TimeoutError):
+                # Connections that saw a hung server may be dead without knowing it: replace them all.
+                await self.pool.expire_connections()
+            self._release_later(conn, broken=True)
             raise StoreUnavailable(exc.__class__.__name__) from None
-        try:
-            yield conn
-        finally:
-            with contextlib.suppress(*PG_ERRORS):  # a dead connection is dropped by the pool
-                await self.pool.release(conn)
+        except BaseException:
+            # Cancelled, or an error of the query itself: the connection may be mid-query.
+            self._release_later(conn, broken=True)
+            raise
+        self.breaker.succeeded()
+        self._release_later(conn, broken=False)
+        return result
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-        async with self._conn() as conn:
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    return await fn(conn)
-            except PG_ERRORS as exc:
-                raise StoreUnavailable(exc.__class__.__name__) from None
+    def _release_later(self, conn: asyncpg.Connection | None, *, broken: bool) -> None:
+        """Give the connection back without making the request wait: a release resets the session,
+        which is a round trip to a server that may be slow."""
+        if conn is None:
+            return
+        if broken:
+            conn.terminate()
+        task = asyncio.get_running_loop().create_task(self._release(conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.pool.release(conn)
+        except (*PG_ERRORS, asyncpg.PostgresError):
+            conn.terminate()  # a dead or stuck connection is dropped; the pool opens a new one
+
+    async def close(self) -> None:
+        """Wait for background releases, then close the pool."""
+        if self._releasing:
+            await asyncio.wait(set(self._releasing), timeout=self.timeout_s)
+        await self.pool.close()
 
     async def load_key(self, key_id: str) -> tuple[KeyRecord, str] | None:
         """The key and its owner's memberships, with the argon2 hash; None if there is no such key."""
@@ -197,50 +232,3 @@ class Store:
                 rows,
             )
         )
-
-
-async def listen_invalidations(
-    dsn: str,
-    on_keys: Callable[[list[str]], Awaitable[None]],
-    on_reconnect: Callable[[], None],
-    ping_interval_s: float = 0.5,
-) -> None:
-    """LISTEN for invalidations forever, reconnecting. Notifications sent while disconnected are lost,
-    so after a gap `on_reconnect` flushes the in-process cache. It is not flushed while Postgres is
-    down: nothing can change then, and cached keys must keep working."""
-    first = True
-    queue: asyncio.Queue[str] = asyncio.Queue()
-
-    def _cb(_c: Any, _pid: int, _channel: str, payload: str) -> None:
-        queue.put_nowait(payload)
-
-    while True:
-        conn: asyncpg.Connection | None = None
-        try:
-            conn = await asyncpg.connect(dsn, timeout=2)
-            await conn.add_listener(C.PG_INVALIDATION_CHANNEL, _cb)
-            if not first:
-                log.warning("invalidation listener reconnected: flushing in-process cache")
-                on_reconnect()
-            first = False
-            while True:
-                try:
-                    payload = await asyncio.wait_for(queue.get(), ping_interval_s)
-                except TimeoutError:
-                    await conn.fetchval("SELECT 1", timeout=2)
-                    continue
-                try:
-                    key_ids = [str(k) for k in json.loads(payload)["k"]]
-                except (ValueError, KeyError, TypeError):
-                    log.error("ignoring malformed invalidation payload")
-                    continue
-                await on_keys(key_ids)
-        except asyncio.CancelledError:
-            raise
-        except (*PG_ERRORS, asyncpg.PostgresError) as exc:
-            log.warning("invalidation listener lost Postgres (%s); retrying", exc.__class__.__name__)
-            first = False
-            await asyncio.sleep(0.5)
-        finally:
-            if conn is not None and not conn.is_closed():
-                conn.terminate()

@@ -7,12 +7,14 @@ import ipaddress
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from gateway._breaker import Breaker
 from gateway.admin import Admin
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.config import Config
 from gateway.health import Lifecycle
 from gateway.keys import KeyFormat, SecretHasher
+from gateway.listener import InvalidationListener
 from gateway.metrics import Metrics
 from gateway.policy import Policy
 from gateway.ratelimit import Limits, RateLimiter
@@ -35,6 +37,9 @@ LIMITS = web.AppKey("limits", Limits)
 ADMIN = web.AppKey("admin", Admin)
 LIMITER = web.AppKey[RateLimiter | None]("limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+LISTENER = web.AppKey("listener", InvalidationListener)
+# One breaker per store, shared by all its callers: Postgres's is the Store's own (STORE.breaker).
+REDIS_BREAKER = web.AppKey("redis_breaker", Breaker)
 
 # Per-request: the key id once the key is known, for the audit of a denial.
 KEY_ID = web.RequestKey("key_id", str)

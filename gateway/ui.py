@@ -13,18 +13,22 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
+from typing import TypeVar
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway import constants as C
+from gateway._breaker import guarded
 from gateway.authz import check_state, role_in
-from gateway.cache import REDIS_ERRORS, KeyRecord
+from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE, KeyRecord
 from gateway.errors import AuthUnavailable, InvalidApiKey, InvalidRequest, MissingCredentials
 from gateway.forward import client_address, verified_record
 from gateway.store import PG_ERRORS, StoreUnavailable
-from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, REDIS, STORE, TRUSTED
+from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, REDIS, REDIS_BREAKER, STORE, TRUSTED
 
 COOKIE = "gw_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -39,6 +43,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
+T = TypeVar("T")
 _STATIC = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
 
 
@@ -51,6 +56,15 @@ class Session:
     created: float
 
 
+async def _redis(request: web.Request, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    """A session-store call through the Redis breaker; unreachable is 503, never a signed-out 401."""
+    app = request.config_dict
+    try:
+        return await guarded(app[REDIS_BREAKER], lambda: fn(app[REDIS]), REDIS_ERRORS)
+    except REDIS_UNAVAILABLE:
+        raise AuthUnavailable("the session store is unreachable") from None
+
+
 def _redis_key(session_id: str) -> str:
     return C.REDIS_SESSION.format(digest=hashlib.sha256(session_id.encode()).hexdigest())
 
@@ -61,10 +75,7 @@ async def load_session(request: web.Request) -> tuple[Session, KeyRecord] | None
     if not session_id or len(session_id) > 100:
         return None
     app = request.config_dict
-    try:
-        raw = await app[REDIS].get(_redis_key(session_id))
-    except REDIS_ERRORS:
-        raise AuthUnavailable("the session store is unreachable") from None
+    raw = await _redis(request, lambda r: r.get(_redis_key(session_id)))
     if raw is None:
         return None
     session = Session(**json.loads(raw))
@@ -117,14 +128,15 @@ async def _session_view(session: Session, record: KeyRecord, request: web.Reques
 async def _save(request: web.Request, session_id: str, session: Session) -> None:
     ttl = int(request.config_dict[CONFIG].ui.session_ttl_s)
     mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
-    try:
-        async with request.config_dict[REDIS].pipeline(transaction=False) as pipe:
+
+    async def save(redis: aioredis.Redis) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
             pipe.set(_redis_key(session_id), json.dumps(asdict(session)), ex=ttl)
             pipe.sadd(mine, _redis_key(session_id))
             pipe.expire(mine, ttl)
             await pipe.execute()
-    except REDIS_ERRORS:
-        raise AuthUnavailable("the session store is unreachable") from None
+
+    await _redis(request, save)
 
 
 async def sign_in(request: web.Request) -> web.Response:
@@ -196,17 +208,17 @@ async def sign_out(request: web.Request) -> web.Response:
     """Ends every session of the user, in every browser, not only this one."""
     _, session, _ = await current(request)
     check_csrf(request, session)
-    redis = request.config_dict[REDIS]
     mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
-    try:
+
+    async def end_all(redis: aioredis.Redis) -> None:
         sessions = await redis.smembers(mine)
         async with redis.pipeline(transaction=False) as pipe:
             for key in sessions:  # one DEL each: sessions live in different Cluster slots
                 pipe.delete(key)
             pipe.delete(mine)
             await pipe.execute()
-    except REDIS_ERRORS:
-        raise AuthUnavailable("the session store is unreachable") from None
+
+    await _redis(request, end_all)
     response = web.json_response({"signed_out": True}, headers=SECURITY_HEADERS)
     response.del_cookie(COOKIE, path="/")
     return response

@@ -8,15 +8,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Services, World, corrupt, nginx_headers, start_gateway
+from tests.conftest import Services, World, corrupt, nginx_headers, poll, start_gateway
 
 Client = Any
 
 
 async def test_healthz_readyz_metrics(client: Client, world: World) -> None:
     assert (await client.get("/healthz")).status == 200
-    r = await client.get("/readyz")
-    assert r.status == 200 and (await r.json())["checks"] == {"postgres": "ok", "redis": "ok"}
+    r = await poll(lambda: client.get("/readyz"), lambda r: r.status == 200)
+    body = await r.json()
+    assert body == {"status": "ready", "checks": {"postgres": "ok", "redis": "ok", "invalidations": "ok"}}
     k = await world.key(orgs=[world.org_a])
     await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
     text = await (await client.get("/metrics")).text()
@@ -25,14 +26,29 @@ async def test_healthz_readyz_metrics(client: Client, world: World) -> None:
     assert k["key"] not in text
 
 
-async def test_readyz_reports_redis_down(client: Client, services: Services) -> None:
+async def test_readyz_stays_ready_while_redis_is_down(client: Client, world: World, services: Services) -> None:
+    """An outage shared by every replica must not take them all out of service: /readyz reports the
+    store in its body and metrics, answers at once, and stays 200 while /auth/* answers from fallbacks."""
+    k = await world.key(orgs=[world.org_a])
     services.redis.stop()
     try:
+        # A request that needs Redis finds it down (the rate limiter falls back to its local copy).
+        assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
         r = await client.get("/readyz")
-        assert r.status == 503
-        assert (await r.json())["checks"]["redis"] == "unavailable"
+        assert r.status == 200
+        body = await r.json()
+        assert body["status"] == "ready" and body["checks"]["redis"] == "unavailable"
+        assert body["checks"]["postgres"] == "ok"
+        metrics = await (await client.get("/metrics")).text()
+        assert 'gateway_backend_up{backend="redis"} 0.0' in metrics
     finally:
         services.redis.start()
+    # Found healthy again by the background check, without traffic.
+    for _ in range(60):
+        if (await (await client.get("/readyz")).json())["checks"]["redis"] == "ok":
+            break
+        await asyncio.sleep(0.1)
+    assert (await (await client.get("/readyz")).json())["checks"]["redis"] == "ok"
 
 
 async def test_keys_verify_endpoint(client: Client, world: World) -> None:

@@ -1,0 +1,122 @@
+"""The invalidation listener: LISTEN on Postgres for changes of access, and background-task supervision.
+
+Every process keeps one connection that LISTENs on the invalidation channel. Whatever goes wrong on it
+(a reset, a hung server, asyncpg refusing an operation in an odd state, a bug in a handler) is logged
+and the connection is made again; only cancellation ends it. While it is down the in-process cache is
+not trusted as fresh (each cached key is revalidated on use), and once it is back the cache is
+flushed, since notifications sent in between are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from gateway import constants as C
+from gateway.cache import LocalCache
+
+log = logging.getLogger("gateway.listener")
+
+# Sent through the queue when asyncpg reports the connection closed, so the loop notices at once.
+_LOST = object()
+
+
+class InvalidationListener:
+    def __init__(
+        self,
+        dsn: str,
+        local: LocalCache,
+        on_keys: Callable[[list[str]], Awaitable[None]],
+        timeout_s: float,
+        ping_interval_s: float = C.LISTENER_PING_S,
+    ) -> None:
+        self.dsn = dsn
+        self.local = local
+        self.on_keys = on_keys
+        self.timeout_s = timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.reconnects = 0
+        self.failures = 0  # in a row, since it was last connected
+        self.backend_pid: int | None = None  # of the LISTEN connection, while connected
+
+    @property
+    def connected(self) -> bool:
+        return self.local.listening
+
+    async def run(self) -> None:
+        """Listen forever, reconnecting after any failure; returns only by cancellation."""
+        first = True
+        while True:
+            try:
+                await self._listen(first)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # anything else: the connection is gone, make a new one
+                level = logging.WARNING if first or self.reconnects % 20 == 0 else logging.DEBUG
+                log.log(
+                    level, "invalidation listener lost its connection (%s: %s); reconnecting", type(exc).__name__, exc
+                )
+            finally:
+                self.local.listening = False
+                self.backend_pid = None
+            first = False
+            await asyncio.sleep(self.ping_interval_s)
+
+    async def _listen(self, first: bool) -> None:
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
+            queue.put_nowait(payload)
+
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self.dsn, timeout=self.timeout_s, server_settings={"application_name": "gateway-listener"}
+        )
+        try:
+            conn.add_termination_listener(lambda _c: queue.put_nowait(_LOST))
+            await conn.add_listener(C.PG_INVALIDATION_CHANNEL, on_notify)
+            self.backend_pid = conn.get_server_pid()
+            if not first:
+                self.reconnects += 1
+                log.warning("invalidation listener reconnected: flushing the in-process cache")
+                self.local.clear()
+            self.local.listening = True
+            self.failures = 0
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), self.ping_interval_s)
+                except TimeoutError:
+                    await conn.fetchval("SELECT 1", timeout=self.timeout_s)
+                    continue
+                if item is _LOST:
+                    raise ConnectionError("the LISTEN connection was closed")
+                key_ids = _key_ids(item)
+                if key_ids is not None:
+                    await self.on_keys(key_ids)
+        finally:
+            conn.terminate()
+
+
+def _key_ids(payload: object) -> list[str] | None:
+    try:
+        return [str(k) for k in json.loads(str(payload))["k"]]
+    except (ValueError, KeyError, TypeError):
+        log.error("ignoring malformed invalidation payload")
+        return None
+
+
+async def supervise(name: str, run: Callable[[], Awaitable[None]], restart_delay_s: float = 1.0) -> None:
+    """Run a background task forever: if it ever returns or raises, log it and start it again."""
+    while True:
+        try:
+            await run()
+            log.error("background task %s stopped; restarting it", name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task %s crashed; restarting it", name)
+        await asyncio.sleep(restart_delay_s)

@@ -227,14 +227,16 @@ def write_test_config(path: Path, **yaml_sections: str) -> Path:
     return path
 
 
-def spawn_gateway(services: Services, tmp: Path, name: str, *extra: str, config_yaml: str = "") -> GatewayProcess:
+def spawn_gateway(
+    services: Services, tmp: Path, name: str, *extra: str, config_yaml: str = "", env: dict[str, str] | None = None
+) -> GatewayProcess:
     port = free_port()
     config = write_test_config(tmp / f"{name}.yaml", extra=config_yaml)
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--port", str(port), *extra],
-            env=gateway_env(services),
+            env={**gateway_env(services), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -243,9 +245,14 @@ def spawn_gateway(services: Services, tmp: Path, name: str, *extra: str, config_
 
 
 async def start_gateway(
-    services: Services, tmp: Path, name: str = "gw", *extra: str, config_yaml: str = ""
+    services: Services,
+    tmp: Path,
+    name: str = "gw",
+    *extra: str,
+    config_yaml: str = "",
+    env: dict[str, str] | None = None,
 ) -> GatewayProcess:
-    gp = spawn_gateway(services, tmp, name, *extra, config_yaml=config_yaml)
+    gp = spawn_gateway(services, tmp, name, *extra, config_yaml=config_yaml, env=env)
     proc = gp.proc
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:

@@ -7,8 +7,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
-from tests.conftest import Services, World, corrupt, nginx_headers, poll, start_gateway
+from gateway.app import create_app
+from tests.conftest import Services, World, corrupt, make_config, nginx_headers, poll, start_gateway
 
 Client = Any
 
@@ -162,3 +164,19 @@ def _alive(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+async def test_redis_connections_are_capped(
+    aiohttp_client: Any, services: Services, world: World, rclient: aioredis.Redis
+) -> None:
+    """Before, the pool grew with peak concurrency and kept every connection (1 -> 18 after 200
+    concurrent clients); now `redis.max_connections` caps it, and requests wait briefly for a turn."""
+    cfg = make_config(services, redis={"max_connections": 3}, rate_limits={"pipeline": False})
+    c = await aiohttp_client(create_app(cfg))
+    keys = [(await world.key(name=f"k{i}", orgs=[world.org_a]))["key"] for i in range(10)]
+    statuses = await asyncio.gather(
+        *(c.get("/auth/nginx", headers=nginx_headers(keys[i % len(keys)])) for i in range(200))
+    )
+    assert {r.status for r in statuses} == {200}
+    ours = [cl for cl in await rclient.client_list() if cl.get("name") == "gateway"]
+    assert 1 <= len(ours) <= 3, f"{len(ours)} connections from the gateway"

@@ -315,7 +315,8 @@ class KeyResolver:
     async def _load(self, key: ParsedKey, d: str, local_entry: Entry | None, address: str | None) -> KeyRecord:
         epoch = self.local.epoch
         redis_entry, generation = await self._redis_lookup(key, d, epoch)
-        if redis_entry is not None and time.time() - redis_entry.loaded_at < self.redis_ttl_s:
+        fresh_in_redis = redis_entry is not None and time.time() - redis_entry.loaded_at < self.redis_ttl_s
+        if redis_entry is not None and fresh_in_redis and self.local.trusts(redis_entry):
             self.metrics.cache.labels("redis").inc()
             self.local.put(d, redis_entry, epoch)
             return redis_entry.record

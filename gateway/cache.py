@@ -119,6 +119,9 @@ class LocalCache:
         # Whether invalidations currently reach this process (its LISTEN connection is up). While they
         # do not, no entry counts as fresh: each use is revalidated, so a missed revocation is caught.
         self.listening = False
+        # Wall-clock end of the last gap in listening. A record read from Postgres before it may have
+        # missed an invalidation that no process applied to Redis either: it is read again.
+        self.trusted_since = 0.0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -143,6 +146,15 @@ class LocalCache:
 
     def fresh(self, entry: Entry) -> bool:
         return self.listening and time.monotonic() < entry.local_fresh_until
+
+    def trusts(self, entry: Entry) -> bool:
+        """May a shared (Redis) entry stand for Postgres? Only if read since invalidations last reached us."""
+        return self.listening and entry.loaded_at >= self.trusted_since
+
+    def gap_ended(self) -> None:
+        """Invalidations reach us again after a gap: those sent meanwhile are lost, so forget everything."""
+        self.clear()
+        self.trusted_since = time.time()
 
     def drop(self, digest: str) -> None:
         entry = self._entries.pop(digest, None)
@@ -286,7 +298,9 @@ def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-# What a failed Redis call raises (these trip the breaker) ...
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+# What a failed Redis call raises (these trip the breaker). RuntimeError: under uvloop, redis-py writing on
+# a connection the server has just reset raises it instead of a connection error (uvloop issue #506); the
+# calls wrapped with these are single Redis commands or pipelines, so nothing else raises it there.
+REDIS_ERRORS = (RedisError, OSError, TimeoutError, RuntimeError)
 # ... and what a caller that falls back must catch: those, or the breaker skipping Redis.
 REDIS_UNAVAILABLE = (*REDIS_ERRORS, BreakerOpen)

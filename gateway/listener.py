@@ -83,7 +83,7 @@ class InvalidationListener:
             if not first:
                 self.reconnects += 1
                 log.warning("invalidation listener reconnected: flushing the in-process cache")
-                self.local.clear()
+                self.local.gap_ended()
             self.local.listening = True
             self.failures = 0
             while True:

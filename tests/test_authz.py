@@ -1,13 +1,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from gateway.app import create_app
 from gateway.authz import effective_permissions, granted, pattern_matches
-from gateway.typedefs import METRICS
-from tests.conftest import World, nginx_headers
+from gateway.typedefs import LISTENER, METRICS
+from tests._faultproxy import FaultProxy
+from tests.conftest import Services, World, make_config, nginx_headers, poll
 
 Client = Any
 
@@ -59,3 +64,69 @@ async def test_wrong_secrets_are_negatively_cached(client: Client, world: World)
         r = await client.get("/auth/nginx", headers=nginx_headers(wrong))
         assert r.headers["X-Auth-Error"] == "invalid_api_key"
     assert client.app[METRICS].argon2._value.get() == 1
+
+
+# --- stale-while-revalidate ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_pg(services: Services, clean: None) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(services.pg.port)
+    proxy.start()
+    yield proxy
+    proxy.close()
+
+
+async def test_a_cached_key_past_its_fresh_time_is_answered_at_once(
+    aiohttp_client: Any, services: Services, world: World, slow_pg: FaultProxy
+) -> None:
+    """Postgres answers after 1.5 s (timeout 0.5 s): a cached key due for revalidation is answered from
+    the cache at once while a background load revalidates it. Before, the request waited for Postgres."""
+    cfg = make_config(
+        services,
+        database={"url": f"postgresql://postgres@127.0.0.1:{slow_pg.port}/postgres", "timeout_ms": 500},
+        cache={"local_ttl_s": 0.2, "redis_ttl_s": 0.2},  # Redis cannot answer for it either: Postgres must
+    )
+    c = await aiohttp_client(create_app(cfg))
+    k = await world.key(orgs=[world.org_a])
+    assert (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    await asyncio.sleep(0.3)  # past both fresh times
+    slow_pg.slow(1500)
+    worst = 0.0
+    for _ in range(20):
+        started = time.monotonic()
+        r = await c.get("/auth/nginx", headers=nginx_headers(k["key"]))
+        worst = max(worst, time.monotonic() - started)
+        assert r.status == 200
+        await asyncio.sleep(0.05)
+    assert worst < 0.25, f"a cached key waited {worst:.2f}s on Postgres"
+    text = await (await c.get("/metrics")).text()
+    assert 'gateway_key_cache_total{tier="local_stale"}' in text
+
+
+async def test_revocation_and_expiry_still_apply_at_once_to_a_stale_entry(
+    aiohttp_client: Any, services: Services, world: World
+) -> None:
+    cfg = make_config(services, cache={"local_ttl_s": 0.1})
+    c = await aiohttp_client(create_app(cfg))
+    await poll(lambda: c.get("/readyz"), lambda r: r.status == 200)
+    listener = c.app[LISTENER]
+    for _ in range(100):
+        if listener.connected:
+            break
+        await asyncio.sleep(0.02)
+    expiring = await world.key(name="soon", orgs=[world.org_a], expires_at=_iso_in(1.0))
+    revoked = await world.key(name="gone", orgs=[world.org_a])
+    for k in (expiring, revoked):
+        assert (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    await asyncio.sleep(0.2)  # both entries are now stale in the in-process cache
+    await world.admin.revoke_key(revoked["id"])
+    r = await poll(lambda: c.get("/auth/nginx", headers=nginx_headers(revoked["key"])), lambda r: r.status != 200)
+    assert r.headers["X-Auth-Error"] == "revoked_api_key"
+    await asyncio.sleep(1.0)
+    r = await c.get("/auth/nginx", headers=nginx_headers(expiring["key"]))
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "expired_api_key")
+
+
+def _iso_in(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()

@@ -1,0 +1,66 @@
+"""The Store's calls to Postgres: one deadline per call, answered at once when it passes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from gateway.store import Store, StoreUnavailable
+from tests._faultproxy import FaultProxy
+from tests.conftest import Services
+
+TIMEOUT_S = 0.5
+
+
+@pytest.fixture
+async def proxied(services: Services, clean: None) -> AsyncIterator[tuple[Store, FaultProxy]]:
+    proxy = FaultProxy(services.pg.port)
+    proxy.start()
+    pool = await asyncpg.create_pool(
+        f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres", min_size=2, max_size=4, timeout=TIMEOUT_S
+    )
+    store = Store(pool, TIMEOUT_S)
+    try:
+        yield store, proxy
+    finally:
+        proxy.pass_()
+        await store.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("fault", ["slow", "hang"])
+async def test_a_query_past_its_deadline_answers_at_the_deadline(proxied: tuple[Store, FaultProxy], fault: str) -> None:
+    """Before, the cancelled connection's release (a reset: one more round trip to the slow server) was
+    awaited before the error went out, so the answer took twice the timeout or more."""
+    store, proxy = proxied
+    await store.ping()
+    if fault == "slow":
+        proxy.slow(2000)
+    else:
+        proxy.hang()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.load_key("key_that_is_not_there")
+    elapsed = time.monotonic() - started
+    assert elapsed < TIMEOUT_S + 0.4, f"answered after {elapsed:.2f}s with a {TIMEOUT_S}s deadline"
+    # The breaker now skips Postgres: the next call fails at once, without a query.
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.load_key("key_that_is_not_there")
+    assert time.monotonic() - started < 0.05
+    proxy.pass_()
+    await asyncio.sleep(0.6)  # past the breaker's cooldown: the next call probes, and works
+    assert await store.load_key("key_that_is_not_there") is None
+    assert store.breaker.available
+
+
+async def test_connections_come_back_after_the_server_dropped_them(proxied: tuple[Store, FaultProxy]) -> None:
+    store, proxy = proxied
+    await store.ping()
+    proxy.reset()  # every open connection dies, as in a server restart
+    await asyncio.sleep(0.1)
+    assert await store.load_key("key_that_is_not_there") is None

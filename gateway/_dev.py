@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gateway._services import Postgres, Redis, free_port
 from gateway.admin import KeySpec
-from gateway.cli import _migrate, _serve_one, _with_admin
+from gateway.cli import CliError, _migrate, _serve_one, _with_admin
 from gateway.config import load_config
 
 LOCAL = Path(".local")
@@ -97,9 +97,15 @@ def main() -> int:
             f"  export GATEWAY_DATABASE_URL={os.environ['GATEWAY_DATABASE_URL']}"
             f" GATEWAY_REDIS_URL={os.environ['GATEWAY_REDIS_URL']} GATEWAY_PEPPER=$(cat .local/pepper)"
         )
-        print(f"gateway listening on http://{cfg.server.host}:{cfg.server.port} (Ctrl-C to stop)")
-        sys.stdout.flush()
-        _serve_one(cfg, cfg.server.host, cfg.server.port, False)
+
+        def listening() -> None:  # said once bound, never before
+            print(f"gateway listening on http://{cfg.server.host}:{cfg.server.port} (Ctrl-C to stop)", flush=True)
+
+        try:
+            _serve_one(cfg, cfg.server.host, cfg.server.port, False, listening)
+        except CliError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 1
         return 0
     finally:
         for svc in reversed(services):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -13,9 +14,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway.admin import Admin, KeySpec
@@ -26,12 +27,20 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.policy import describe, load_policy
 from gateway.store import PG_ERRORS, StoreUnavailable, connect_pool, migrate
+from gateway.typedefs import LIFECYCLE
 
 log = logging.getLogger("gateway")
 
+# After the drain, how long requests in flight may take to finish before they are cancelled.
+SHUTDOWN_TIMEOUT_S: Final = 10.0
+
 
 class CliError(Exception):
-    """A failure to report on stderr with exit status 1."""
+    """A failure to report on stderr as one line, with exit status `status`."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -242,21 +251,118 @@ async def _migrate(cfg: Config) -> list[str]:
         await pool.close()
 
 
-def _serve_one(cfg: Config, host: str, port: int, reuse_port: bool) -> None:
+def _setup_logging(cfg: Config) -> None:
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _listen_error(exc: OSError) -> str:
+    """`address already in use`, not uvloop's `[Errno 98] error while attempting to bind on ...`."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return (exc.strerror or str(exc)).lower()  # getaddrinfo: "name or service not known"
+
+
+class _StopSignals:
+    """SIGTERM asks for a drain, and a second one cuts it short; SIGINT (Ctrl-C) stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.now = asyncio.Event()
+
+    def terminate(self) -> None:
+        if self.requested.is_set():
+            self.now.set()
+        self.requested.set()
+
+    def interrupt(self) -> None:
+        self.now.set()
+        self.requested.set()
+
+
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """While draining, every answer asks the client to close its connection, so a proxy's keep-alive
+    connections move to other replicas before the listener closes."""
+    if request.config_dict[LIFECYCLE].draining:
+        response.force_close()  # closes it after this answer; the header is already computed, so say it too
+        response.headers[hdrs.CONNECTION] = "close"
+
+
+async def _start_up(runner: web.AppRunner, host: str, port: int, reuse_port: bool) -> None:
+    try:
+        await runner.setup()  # the app's cleanup_ctx start-up: Postgres, Redis, the listener
+    except StoreUnavailable as exc:
+        raise CliError(str(exc)) from None
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {_listen_error(exc)}") from None
+
+
+async def _started(runner: web.AppRunner, host: str, port: int, reuse_port: bool, stop: _StopSignals) -> bool:
+    """Start up and bind; False when a stop signal came first (start-up is then abandoned)."""
+    starting = asyncio.ensure_future(_start_up(runner, host, port, reuse_port))
+    stopped = asyncio.ensure_future(stop.requested.wait())
+    try:
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return False
+    starting.result()  # re-raises a start-up failure
+    return True
+
+
+async def _serve_until_stopped(app: web.Application, stop: _StopSignals, drain_s: float) -> None:
+    await stop.requested.wait()
+    if not stop.now.is_set():
+        app[LIFECYCLE].draining = True
+        log.info(
+            "SIGTERM: draining for %.1f s (/readyz answers 503, requests are still served), then stopping; "
+            "SIGINT or a second SIGTERM stops at once",
+            drain_s,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.now.wait(), drain_s)
+    log.info("stopping: closing the listener, finishing the requests in flight")
+
+
+async def _serve_async(cfg: Config, host: str, port: int, reuse_port: bool, on_bound: Callable[[], None]) -> None:
+    """Start up, bind, call `on_bound`, serve until a signal; nothing started outlives a failure."""
+    loop = asyncio.get_running_loop()
+    stop = _StopSignals()
+    handlers = {signal.SIGTERM: stop.terminate, signal.SIGINT: stop.interrupt}
+    for signum, handler in handlers.items():
+        loop.add_signal_handler(signum, handler)
+    try:
+        try:
+            app = create_app(cfg)  # loads the route policy
+        except ConfigError as exc:  # part of starting, like the port and Postgres: exit status 1
+            raise CliError(f"config error: {exc}") from None
+        app.on_response_prepare.append(_close_when_draining)
+        runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        try:
+            if await _started(runner, host, port, reuse_port, stop):
+                on_bound()
+                await _serve_until_stopped(app, stop, cfg.server.drain_s)
+        finally:
+            await runner.cleanup()  # closes the listener, waits for requests in flight, runs cleanup_ctx
+    finally:
+        for signum in handlers:
+            loop.remove_signal_handler(signum)
+
+
+def _serve_one(cfg: Config, host: str, port: int, reuse_port: bool, on_bound: Callable[[], None] | None = None) -> None:
+    """One serving process. Raises CliError (or ConfigError) when it cannot start, before saying "serving"."""
     import uvloop
 
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvloop.install()
-    log.info("gateway serving on %s:%d (database %s)", host, port, redact_url(cfg.database.url.get()))
-    web.run_app(
-        create_app(cfg),
-        host=host,
-        port=port,
-        reuse_port=reuse_port,
-        print=None,
-        access_log_class=AccessLogger,
-        handle_signals=True,
-    )
+    def serving() -> None:
+        log.info("gateway serving on %s:%d (database %s)", host, port, redact_url(cfg.database.url.get()))
+
+    _setup_logging(cfg)
+    uvloop.run(_serve_async(cfg, host, port, reuse_port, on_bound or serving))
 
 
 def serve(cfg: Config, args: argparse.Namespace) -> None:
@@ -271,41 +377,126 @@ def serve(cfg: Config, args: argparse.Namespace) -> None:
     _serve_workers(cfg, host, port, workers)
 
 
-def _serve_workers(cfg: Config, host: str, port: int, workers: int) -> None:
-    """N processes on one port (SO_REUSEPORT). A signal to the parent stops them all; when one worker
-    dies the others are stopped too, so the supervisor (systemd, Kubernetes) restarts the whole unit."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_serve_one, args=(cfg, host, port, True)) for _ in range(workers)]
+_BOUND: Final = (0, "")  # a worker's report once it listens; else (exit status, the error line)
 
-    stopping = False
 
-    def stop_all() -> None:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
+def _worker(cfg: Config, host: str, port: int, report: multiprocessing.connection.Connection) -> None:
+    """One of `serve --workers N`, in its own process: reports to the parent once bound, or why not."""
+    try:
+        _serve_one(cfg, host, port, True, lambda: report.send(_BOUND))
+    except (ConfigError, GatewayError, CliError) as exc:
+        status, message = _failure(exc)
+        report.send((status, message))
+        raise SystemExit(status) from None
 
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        stop_all()
 
-    def forward_hup(_signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGHUP)
+def _read_report(conn: multiprocessing.connection.Connection) -> tuple[int, str] | None:
+    """A worker's report, or None when it exited without one."""
+    try:
+        got: tuple[int, str] | None = conn.recv() if conn.poll() else None
+    except EOFError:
+        return None
+    return got
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, forward_hup)
-    for proc in procs:
-        proc.start()
-    multiprocessing.connection.wait([p.sentinel for p in procs])
-    died_alone = not stopping
-    stop_all()
-    for proc in procs:
-        proc.join()
+
+class _Workers:
+    """The parent of `serve --workers N`: starts them, forwards signals, watches their start-up."""
+
+    def __init__(self, cfg: Config, host: str, port: int, n: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
+        self.reports = [recv for recv, _ in pipes]
+        self._senders = [send for _, send in pipes]
+        self.procs = [ctx.Process(target=_worker, args=(cfg, host, port, send)) for send in self._senders]
+        self.bound: set[int] = set()
+        self.stopping = False
+
+    def start(self) -> None:
+        for proc in self.procs:
+            proc.start()
+        for send in self._senders:
+            send.close()  # the workers hold theirs: EOF on a report means that worker is gone
+        if self.stopping:  # a signal came while they were being started
+            self.send(signal.SIGTERM)
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.stopping = self.stopping or signum != signal.SIGHUP
+        self.send(signum)
+
+    def send(self, signum: int) -> None:
+        """Signal every live worker. One still starting gets SIGTERM for SIGINT (both stop a start-up, and a
+        worker too young to have its handlers would die of SIGINT with a traceback) and no SIGHUP (it reads
+        the policy as it starts, and SIGHUP would kill it)."""
+        for i, proc in enumerate(self.procs):
+            sig = signum
+            if i not in self.bound and signum == signal.SIGINT:
+                sig = signal.SIGTERM
+            if (i in self.bound or sig != signal.SIGHUP) and proc.pid is not None and proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def await_start(self) -> tuple[int, str] | None:
+        """None once every worker listens (or was stopped while starting, as asked); else the first
+        failure: (exit status, error line)."""
+        starting = set(range(len(self.procs)))
+        while starting:
+            watched = [self.reports[i] for i in starting] + [self.procs[i].sentinel for i in starting]
+            ready = multiprocessing.connection.wait(watched)
+            for i in sorted(starting):
+                report, proc = self.reports[i], self.procs[i]
+                if report not in ready and proc.sentinel not in ready:
+                    continue
+                got = _read_report(report)
+                if got == _BOUND:
+                    self.bound.add(i)
+                elif got is not None:
+                    return got
+                elif not self.stopping:
+                    proc.join()
+                    return 1, f"a worker exited during start-up (exit code {proc.exitcode})"
+                starting.discard(i)
+        return None
+
+    def join(self) -> None:
+        for proc in self.procs:
+            proc.join()
+
+
+def _serve_workers(cfg: Config, host: str, port: int, n: int) -> None:
+    """N processes on one port (SO_REUSEPORT). "Serving" is said once every one listens; a start-up failure
+    of any stops the others and is reported as one line. SIGTERM drains them all, SIGINT stops them, SIGHUP
+    reaches each. When one worker dies the others are stopped too (after their drain), so the supervisor
+    (systemd, Kubernetes) restarts the whole unit."""
+    _setup_logging(cfg)
+    workers = _Workers(cfg, host, port, n)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, workers.on_signal)
+    workers.start()
+    failure = workers.await_start()
+    if failure is not None:
+        workers.send(signal.SIGINT)
+        workers.join()
+        raise CliError(failure[1], status=failure[0])
+    if not workers.stopping:
+        database = redact_url(cfg.database.url.get())
+        for proc in workers.procs:
+            log.info("gateway serving on %s:%d (worker pid %s, database %s)", host, port, proc.pid, database)
+    multiprocessing.connection.wait([p.sentinel for p in workers.procs])
+    died_alone = not workers.stopping
     if died_alone:
-        raise CliError(f"a worker exited unexpectedly (exit codes {[p.exitcode for p in procs]})")
+        workers.send(signal.SIGTERM)  # the others drain, then stop
+    workers.join()
+    if died_alone:
+        raise CliError(f"a worker exited unexpectedly (exit codes {[p.exitcode for p in workers.procs]})")
+
+
+def _failure(exc: ConfigError | GatewayError | CliError) -> tuple[int, str]:
+    """The exit status and the error line (after `gateway: `): 2 for a bad config, else 1."""
+    if isinstance(exc, ConfigError):
+        return 2, f"config error: {exc}"
+    if isinstance(exc, GatewayError):
+        return 1, f"{exc.code}: {exc.message}"
+    return exc.status, str(exc)
 
 
 def _print(data: Any, as_json: bool) -> None:
@@ -330,14 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = asyncio.run(_with_admin(cfg, _admin_call(args)))
         _print(result, args.json)
         return 0
-    except ConfigError as exc:
-        print(f"gateway: config error: {exc}", file=sys.stderr)
-        return 2
-    except GatewayError as exc:
-        print(f"gateway: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except CliError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, GatewayError, CliError) as exc:
+        status, message = _failure(exc)
+        print(f"gateway: {message}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         return 130

@@ -221,9 +221,21 @@ def gateway_env(services: Services, **extra: str) -> dict[str, str]:
 
 
 def write_test_config(path: Path, **yaml_sections: str) -> Path:
-    body = "keys:\n  argon2: {memory_kib: 1024, time_cost: 1, parallelism: 1}\nlog_level: DEBUG\n"
-    body += "".join(yaml_sections.values())
-    path.write_text(body)
+    """Small argon2 parameters, DEBUG logs and no drain on SIGTERM (tests stop gateways all the time), with
+    each given YAML text merged over them section by section: `server: {port: 1}` keeps `drain_s: 0`,
+    where a repeated top-level key in one YAML document would silently replace the whole section."""
+    import yaml
+
+    data: dict[str, Any] = {
+        "keys": {"argon2": {"memory_kib": 1024, "time_cost": 1, "parallelism": 1}},
+        "log_level": "DEBUG",
+        "server": {"drain_s": 0},
+    }
+    for text in yaml_sections.values():
+        for section, value in (yaml.safe_load(text) or {}).items():
+            merge = isinstance(value, dict) and isinstance(data.get(section), dict)
+            data[section] = {**data[section], **value} if merge else value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from gateway._services import free_port
 from gateway.store import migration_files
-from tests.conftest import ROOT, Services, gateway_env, write_test_config
+from tests.conftest import (
+    ROOT,
+    GatewayProcess,
+    Services,
+    World,
+    gateway_env,
+    nginx_headers,
+    start_gateway,
+    write_test_config,
+)
 
 
 class Cli:
@@ -220,3 +237,161 @@ def test_migrate_from_several_replicas_at_once(services: Services, tmp_path: Any
     assert all(p.returncode == 0 for p in procs), outs
     applied = [json.loads(o)["applied"] for o, _ in outs]
     assert sorted(map(len, applied)) == [0, 0, 0, len(migration_files())]  # one runner applied them all
+
+
+def _serve(
+    services: Services, tmp_path: Path, *args: str, config: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`gateway serve`, expected to give up at start-up; INFO logs, so a premature "serving" would show."""
+    path = write_test_config(tmp_path / "serve.yaml", extra="log_level: INFO\n" + config)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(path), "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**gateway_env(services), **env},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def _one_line(r: subprocess.CompletedProcess[str], status: int) -> str:
+    assert r.returncode == status, r.stderr
+    assert "serving" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_busy_port_is_one_line(services: Services, tmp_path: Path, workers: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _serve(services, tmp_path, "--port", str(port), "--workers", workers)
+    assert _one_line(r, 1) == f"gateway: cannot listen on 127.0.0.1:{port}: address already in use"
+
+
+def test_serve_without_its_policy_file_is_one_line(services: Services, tmp_path: Path) -> None:
+    r = _serve(services, tmp_path, "--port", str(free_port()), config=f"policy_file: {tmp_path}/nope.yaml\n")
+    line = _one_line(r, 1)  # part of starting, like the port and Postgres
+    assert line.startswith("gateway: config error: ") and "nope.yaml" in line
+
+
+def test_serve_without_postgres_is_one_line(services: Services, tmp_path: Path) -> None:
+    r = _serve(
+        services,
+        tmp_path,
+        "--port",
+        str(free_port()),
+        "--workers",
+        "2",
+        config="database: {connect_retries: 1}\n",
+        GATEWAY_DATABASE_URL="postgresql://postgres@127.0.0.1:1/postgres",
+    )
+    assert _one_line(r, 1).startswith("gateway: cannot connect to Postgres at postgresql://postgres@127.0.0.1:1/")
+
+
+async def _get(url: str, **headers: str) -> tuple[int, Any, dict[str, str]]:
+    async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
+        return r.status, json.loads(await r.text() or "null"), dict(r.headers)
+
+
+async def _stopped(gw: GatewayProcess, timeout_s: float = 10) -> float:
+    """Seconds until the gateway exited."""
+    t0 = time.monotonic()
+    await asyncio.to_thread(gw.proc.wait, timeout_s)
+    return time.monotonic() - t0
+
+
+async def _logged(gw: GatewayProcess, line: str, times: int = 1, timeout_s: float = 10) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if gw.logs().count(line) >= times:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{line!r} not logged {times} times: {gw.logs()}")
+
+
+def _workers(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_sigterm_drains_then_stops(services: Services, world: World, tmp_path: Path) -> None:
+    key = (await world.key(orgs=[world.org_a]))["key"]
+    gw = await start_gateway(services, tmp_path, "drain", config_yaml="server: {drain_s: 1.5}\n")
+    try:
+        assert (await _get(gw.url + "/readyz"))[0] == 200
+        t0 = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        status, body, _ = await _get(gw.url + "/readyz")
+        while status == 200 and time.monotonic() - t0 < 1:
+            status, body, _ = await _get(gw.url + "/readyz")
+        assert (status, body["status"]) == (503, "draining")
+        # Everything else is served as usual, asking the proxy to close its connection.
+        assert (await _get(gw.url + "/healthz"))[0] == 200
+        status, _, headers = await _get(gw.url + "/auth/nginx", **nginx_headers(key))
+        assert status == 200 and headers["X-Org"] == world.org_a and headers["Connection"] == "close"
+        await _stopped(gw)
+        assert time.monotonic() - t0 >= 1.5
+    finally:
+        gw.stop()
+    assert gw.proc.returncode == 0 and _refused(gw.port)
+    assert "SIGTERM: draining for 1.5 s" in gw.logs() and "Traceback" not in gw.logs()
+
+
+@pytest.mark.parametrize(
+    "signals", [[signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]], ids=["sigint", "sigterm-twice"]
+)
+async def test_stopping_at_once(services: Services, clean: None, tmp_path: Path, signals: list[int]) -> None:
+    """Ctrl-C, or a second SIGTERM during the drain, stops without waiting for the drain."""
+    gw = await start_gateway(services, tmp_path, "now", config_yaml="server: {drain_s: 60}\n")
+    try:
+        for sig in signals:
+            gw.proc.send_signal(sig)
+            if sig == signal.SIGTERM:
+                await _logged(gw, "SIGTERM: draining")
+        assert await _stopped(gw) < 5
+    finally:
+        gw.stop()
+    assert gw.proc.returncode == 0 and "Traceback" not in gw.logs()
+
+
+async def test_sigterm_drains_every_worker(services: Services, clean: None, tmp_path: Path) -> None:
+    gw = await start_gateway(services, tmp_path, "wdrain", "--workers", "2", config_yaml="server: {drain_s: 1.5}\n")
+    try:
+        await _logged(gw, "gateway serving on", 2)  # said once both listen
+        t0 = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        await _logged(gw, "SIGTERM: draining", 2)
+        # The kernel spreads new connections over both workers: every one of them is draining.
+        answers = [await _get(gw.url + "/readyz") for _ in range(10)]
+        assert {(status, body["status"]) for status, body, _ in answers} == {(503, "draining")}
+        assert (await _get(gw.url + "/healthz"))[0] == 200
+        await _stopped(gw)
+        assert time.monotonic() - t0 >= 1.5
+    finally:
+        gw.stop()
+    assert gw.proc.returncode == 0 and _refused(gw.port)
+
+
+async def test_a_worker_dying_stops_the_others(services: Services, clean: None, tmp_path: Path) -> None:
+    gw = await start_gateway(services, tmp_path, "wdie", "--workers", "2")
+    try:
+        workers = _workers(gw.proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        await _stopped(gw)
+    finally:
+        gw.stop()
+    assert gw.proc.returncode == 1 and "a worker exited unexpectedly" in gw.logs()
+    assert _refused(gw.port)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.cli import SHUTDOWN_TIMEOUT_S
 from gateway.config import config_from_mapping
 from gateway.forward import ENVOY_PREFIX, IDENTITY_HEADERS
 from gateway.policy import compile_policy
@@ -65,6 +66,25 @@ def test_kubernetes_manifests() -> None:
     probes = deployment["containers"][0]
     assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_kubernetes_probes_follow_the_drain() -> None:
+    """SIGTERM: /readyz turns 503 and is seen by the probe well within the drain, /healthz stays 200, and
+    the pod is given time for the drain, the requests in flight and the clean-up before it is killed."""
+    objs = _docs(DEPLOY / "kubernetes/gateway.yaml")
+    secret = next(o for o in objs if o["kind"] == "Secret")["stringData"]
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
+    cfg = config_from_mapping(yaml.safe_load(cm["gateway.yaml"]), env=secret)
+    assert "drain_s" in yaml.safe_load(cm["gateway.yaml"])["server"]  # explicit, not the default
+    pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    ready, live = container["readinessProbe"], container["livenessProbe"]
+    assert ready["httpGet"]["path"] == "/readyz" and live["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert ready["periodSeconds"] <= 2 and ready["failureThreshold"] <= 2 and ready["timeoutSeconds"] <= 2
+    assert ready["periodSeconds"] * ready["failureThreshold"] < cfg.server.drain_s
+    assert pod["terminationGracePeriodSeconds"] >= cfg.server.drain_s + SHUTDOWN_TIMEOUT_S + 5
+    assert "preStop" not in container.get("lifecycle", {})  # the process drains by itself
 
 
 def test_nginx_and_caddy_set_every_identity_header() -> None:

@@ -250,7 +250,7 @@ class KeyResolver:
         if entry is not None and self.local.fresh(entry):
             self.metrics.cache.labels("local").inc()
             record = entry.record
-        elif entry is not None and self._within_stale_limit(entry):
+        elif entry is not None and self.local.trusts(entry) and self._within_stale_limit(entry):
             self.metrics.cache.labels("local_stale").inc()
             self._revalidate(key, d, entry)
             record = entry.record
@@ -316,7 +316,7 @@ class KeyResolver:
         epoch = self.local.epoch
         redis_entry, generation = await self._redis_lookup(key, d, epoch)
         fresh_in_redis = redis_entry is not None and time.time() - redis_entry.loaded_at < self.redis_ttl_s
-        if redis_entry is not None and fresh_in_redis and self.local.trusts(redis_entry):
+        if redis_entry is not None and fresh_in_redis and self.local.listening and self.local.trusts(redis_entry):
             self.metrics.cache.labels("redis").inc()
             self.local.put(d, redis_entry, epoch)
             return redis_entry.record

@@ -120,7 +120,7 @@ class LocalCache:
         # do not, no entry counts as fresh: each use is revalidated, so a missed revocation is caught.
         self.listening = False
         # Wall-clock end of the last gap in listening. A record read from Postgres before it may have
-        # missed an invalidation that no process applied to Redis either: it is read again.
+        # missed an invalidation that no process applied to Redis either: it is read again before use.
         self.trusted_since = 0.0
 
     def __len__(self) -> int:
@@ -144,16 +144,17 @@ class LocalCache:
             self._unindex(old.record.id, old_digest)
         return True
 
-    def fresh(self, entry: Entry) -> bool:
-        return self.listening and time.monotonic() < entry.local_fresh_until
-
     def trusts(self, entry: Entry) -> bool:
-        """May a shared (Redis) entry stand for Postgres? Only if read since invalidations last reached us."""
-        return self.listening and entry.loaded_at >= self.trusted_since
+        """Was the entry read from Postgres since invalidations last (re)started reaching us?"""
+        return entry.loaded_at >= self.trusted_since
+
+    def fresh(self, entry: Entry) -> bool:
+        return self.listening and self.trusts(entry) and time.monotonic() < entry.local_fresh_until
 
     def gap_ended(self) -> None:
-        """Invalidations reach us again after a gap: those sent meanwhile are lost, so forget everything."""
-        self.clear()
+        """Invalidations reach us again after a gap, and those sent meanwhile are lost: everything read
+        before now is read again before use (and kept only as a fallback should that fail)."""
+        self.epoch += 1  # a fill still in flight read before now: not stored
         self.trusted_since = time.time()
 
     def drop(self, digest: str) -> None:

@@ -251,8 +251,22 @@ async def _migrate(cfg: Config) -> list[str]:
         await pool.close()
 
 
+class _OneLine(logging.Filter):
+    """During a Postgres outage asyncpg's pool logs a full traceback each time it fails to reopen its
+    minimum of connections (with backoff): one line naming the error says as much."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is not None and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def _setup_logging(cfg: Config) -> None:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("asyncpg.pool").addFilter(_OneLine())
 
 
 def _listen_error(exc: OSError) -> str:

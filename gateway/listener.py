@@ -3,8 +3,8 @@
 Every process keeps one connection that LISTENs on the invalidation channel. Whatever goes wrong on it
 (a reset, a hung server, asyncpg refusing an operation in an odd state, a bug in a handler) is logged
 and the connection is made again; only cancellation ends it. While it is down the in-process cache is
-not trusted as fresh (each cached key is revalidated on use), and once it is back the cache is
-flushed, since notifications sent in between are lost.
+not trusted as fresh (each cached key is revalidated on use), and once it is back every entry read
+before is read again before use, since notifications sent in between are lost.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class InvalidationListener:
             self.backend_pid = conn.get_server_pid()
             if not first:
                 self.reconnects += 1
-                log.warning("invalidation listener reconnected: flushing the in-process cache")
+                log.warning("invalidation listener reconnected: cached keys are read again before use")
                 self.local.gap_ended()
             self.local.listening = True
             self.failures = 0

@@ -212,7 +212,7 @@ class KeyResolver:
     the in-process cache past its fresh time is answered from it at once while one background load per
     key revalidates it (stale-while-revalidate), within the same bound as stale-if-error: no answer
     waits on a backend for a key this process already holds. Revocations still apply at once: they
-    arrive by NOTIFY and drop the entry; expiry is checked on every request.
+    arrive by NOTIFY, drop the entry and detach loads under way; expiry is checked on every request.
     """
 
     def __init__(
@@ -236,7 +236,9 @@ class KeyResolver:
         self.stale_if_error_s = stale_if_error_s
         self.metrics = metrics
         self.guard = guard
-        self._inflight: dict[str, asyncio.Future[KeyRecord]] = {}
+        # Loads under way, by digest, with their key id: an invalidation detaches them, so a request
+        # that arrives after it never joins a load that read the key before it.
+        self._inflight: dict[str, tuple[str, asyncio.Future[KeyRecord]]] = {}
         # Keys whose Redis invalidation failed: retried until it lands, never read from Redis meanwhile.
         self.pending_invalidations: set[str] = set()
         self.last_used: dict[str, float] = {}
@@ -250,12 +252,12 @@ class KeyResolver:
         if entry is not None and self.local.fresh(entry):
             self.metrics.cache.labels("local").inc()
             record = entry.record
-        elif entry is not None and self.local.trusts(entry) and self._within_stale_limit(entry):
+        elif entry is not None and self._within_stale_limit(entry):
             self.metrics.cache.labels("local_stale").inc()
             self._revalidate(key, d, entry)
             record = entry.record
         else:
-            record = await self._single_flight(d, lambda: self._load(key, d, entry, address))
+            record = await self._single_flight(key, d, lambda: self._load(key, d, entry, address))
         self.last_used[record.id] = time.time()
         return record
 
@@ -266,7 +268,7 @@ class KeyResolver:
         """One background load per key; its outcome lands in the cache for the next request."""
         if d in self._inflight or time.monotonic() < entry.revalidate_after:
             return
-        fut = self._start(d, lambda: self._load(key, d, entry, None))
+        fut = self._start(key, d, lambda: self._load(key, d, entry, None))
 
         def done(f: asyncio.Future[KeyRecord]) -> None:
             if f.cancelled():
@@ -279,23 +281,31 @@ class KeyResolver:
 
         fut.add_done_callback(done)
 
-    def _start(self, d: str, load: Callable[[], Awaitable[KeyRecord]]) -> asyncio.Future[KeyRecord]:
-        fut = self._inflight.get(d)
-        if fut is None:
-            fut = asyncio.ensure_future(load())
-            self._inflight[d] = fut
-            fut.add_done_callback(lambda _f: self._inflight.pop(d, None))
+    def _start(self, key: ParsedKey, d: str, load: Callable[[], Awaitable[KeyRecord]]) -> asyncio.Future[KeyRecord]:
+        found = self._inflight.get(d)
+        if found is not None:
+            return found[1]
+        fut = asyncio.ensure_future(load())
+        self._inflight[d] = (key.key_id, fut)
+
+        def done(f: asyncio.Future[KeyRecord]) -> None:
+            current = self._inflight.get(d)
+            if current is not None and current[1] is f:
+                del self._inflight[d]
+
+        fut.add_done_callback(done)
         return fut
 
-    async def _single_flight(self, d: str, load: Callable[[], Awaitable[KeyRecord]]) -> KeyRecord:
-        return await asyncio.shield(self._start(d, load))
+    async def _single_flight(self, key: ParsedKey, d: str, load: Callable[[], Awaitable[KeyRecord]]) -> KeyRecord:
+        return await asyncio.shield(self._start(key, d, load))
 
     async def close(self) -> None:
         """Stop background revalidations (at shutdown, before the stores close)."""
-        for fut in list(self._inflight.values()):
+        futures = [fut for _, fut in self._inflight.values()]
+        for fut in futures:
             fut.cancel()
-        if self._inflight:
-            await asyncio.wait(list(self._inflight.values()))
+        if futures:
+            await asyncio.wait(futures)
 
     async def _redis_lookup(self, key: ParsedKey, d: str, epoch: int) -> tuple[Entry | None, str | None]:
         """(usable Redis entry, generation to fill with); raises InvalidApiKey on a negative hit."""
@@ -321,6 +331,8 @@ class KeyResolver:
             self.local.put(d, redis_entry, epoch)
             return redis_entry.record
         self.metrics.cache.labels("miss").inc()
+        # Taken before the read: a record counts as read no later than this (see LocalCache.trusts).
+        read_at = time.time()
         if self.guard is not None and local_entry is None and redis_entry is None:
             await self.guard.before_lookup(address)  # nothing known of this key: the costly path
         try:
@@ -343,7 +355,7 @@ class KeyResolver:
                 raise InvalidApiKey()
             if self.guard is not None:
                 await self.guard.verified(key.key_id, address)
-        entry = Entry(record, time.time())
+        entry = Entry(record, read_at)
         self.local.put(d, entry, epoch)
         if self.redis is not None and generation is not None:
             try:
@@ -380,6 +392,9 @@ class KeyResolver:
         """Drop the keys here and in Redis (every process does the Redis part too: it is idempotent,
         and covers an admin that could not reach Redis)."""
         self.local.invalidate(key_ids)
+        doomed = set(key_ids)
+        for d in [d for d, (key_id, _) in self._inflight.items() if key_id in doomed]:
+            del self._inflight[d]  # its waiters get what it read; new requests start a new load
         self.pending_invalidations.update(key_ids)
         await self.retry_invalidations()
 

@@ -120,7 +120,7 @@ class LocalCache:
         # do not, no entry counts as fresh: each use is revalidated, so a missed revocation is caught.
         self.listening = False
         # Wall-clock end of the last gap in listening. A record read from Postgres before it may have
-        # missed an invalidation that no process applied to Redis either: it is read again before use.
+        # missed an invalidation that no process applied to Redis either: it is revalidated from Postgres.
         self.trusted_since = 0.0
 
     def __len__(self) -> int:
@@ -152,8 +152,8 @@ class LocalCache:
         return self.listening and self.trusts(entry) and time.monotonic() < entry.local_fresh_until
 
     def gap_ended(self) -> None:
-        """Invalidations reach us again after a gap, and those sent meanwhile are lost: everything read
-        before now is read again before use (and kept only as a fallback should that fail)."""
+        """Invalidations reach us again after a gap, and those sent meanwhile are lost: nothing read before
+        now counts as fresh (each entry is revalidated on its next use), nor is a Redis entry read before."""
         self.epoch += 1  # a fill still in flight read before now: not stored
         self.trusted_since = time.time()
 

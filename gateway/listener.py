@@ -3,8 +3,8 @@
 Every process keeps one connection that LISTENs on the invalidation channel. Whatever goes wrong on it
 (a reset, a hung server, asyncpg refusing an operation in an odd state, a bug in a handler) is logged
 and the connection is made again; only cancellation ends it. While it is down the in-process cache is
-not trusted as fresh (each cached key is revalidated on use), and once it is back every entry read
-before is read again before use, since notifications sent in between are lost.
+not trusted as fresh (each cached key is revalidated on use), and once it is back nothing read before
+counts as fresh until revalidated, since notifications sent in between are lost.
 """
 
 from __future__ import annotations
@@ -73,16 +73,17 @@ class InvalidationListener:
         def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
             queue.put_nowait(payload)
 
-        conn: asyncpg.Connection = await asyncpg.connect(
-            self.dsn, timeout=self.timeout_s, server_settings={"application_name": "gateway-listener"}
-        )
+        conn: asyncpg.Connection | None = None
         try:
-            conn.add_termination_listener(lambda _c: queue.put_nowait(_LOST))
-            await conn.add_listener(C.PG_INVALIDATION_CHANNEL, on_notify)
+            # Every step has a deadline: a server that stops answering mid-way must not hang us silently.
+            async with asyncio.timeout(self.timeout_s):
+                conn = await asyncpg.connect(self.dsn, server_settings={"application_name": "gateway-listener"})
+                conn.add_termination_listener(lambda _c: queue.put_nowait(_LOST))
+                await conn.add_listener(C.PG_INVALIDATION_CHANNEL, on_notify)
             self.backend_pid = conn.get_server_pid()
             if not first:
                 self.reconnects += 1
-                log.warning("invalidation listener reconnected: cached keys are read again before use")
+                log.warning("invalidation listener reconnected: every cached key is revalidated on its next use")
                 self.local.gap_ended()
             self.local.listening = True
             self.failures = 0
@@ -98,7 +99,8 @@ class InvalidationListener:
                 if key_ids is not None:
                     await self.on_keys(key_ids)
         finally:
-            conn.terminate()
+            if conn is not None:
+                conn.terminate()
 
 
 def _key_ids(payload: object) -> list[str] | None:

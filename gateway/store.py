@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,15 +21,18 @@ from gateway.config import DatabaseConfig, redact_url
 
 log = logging.getLogger("gateway.store")
 
-# What a connection problem looks like from asyncpg: refused, reset, timed out, server shutting down.
+# What Postgres being unable to serve looks like from asyncpg: refused, reset, timed out, and the
+# server's own "not now" classes: 08 connection exceptions, 53 insufficient resources (too many
+# connections, out of memory, disk full), 57 operator intervention (shutting down, crashed, starting,
+# query cancelled), 58 system errors (I/O).
 PG_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.PostgresSystemError,
 )
 
 
@@ -140,8 +144,9 @@ class Store:
                 result = await fn(conn)
         except PG_ERRORS as exc:
             self.breaker.failed()
-            if isinstance(exc, TimeoutError):
-                # Connections that saw a hung server may be dead without knowing it: replace them all.
+            if isinstance(exc, TimeoutError) and conn is not None:
+                # The server did not answer on a connection: the idle ones may be as dead without knowing
+                # it, so replace them all. (Waiting for a free connection is not that: they are busy.)
                 await self.pool.expire_connections()
             self._release_later(conn, broken=True)
             raise StoreUnavailable(exc.__class__.__name__) from None
@@ -159,17 +164,18 @@ class Store:
         if conn is None:
             return
         if broken:
-            conn.terminate()
+            # asyncpg may already have taken back a connection that died under us; nothing to end then.
+            with contextlib.suppress(asyncpg.exceptions.InterfaceError):
+                conn.terminate()
         task = asyncio.get_running_loop().create_task(self._release(conn))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
     async def _release(self, conn: asyncpg.Connection) -> None:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await self.pool.release(conn)
-        except (*PG_ERRORS, asyncpg.PostgresError):
-            conn.terminate()  # a dead or stuck connection is dropped; the pool opens a new one
+        # asyncpg bounds the reset by `timeout` and terminates the connection itself when it fails (an
+        # outer timeout would leave its shielded release running, its error never retrieved).
+        with contextlib.suppress(*PG_ERRORS, asyncpg.PostgresError):
+            await self.pool.release(conn, timeout=self.timeout_s)
 
     async def close(self) -> None:
         """Wait for background releases, then close the pool."""

@@ -193,6 +193,14 @@ async def poll(
         await asyncio.sleep(0.02)
 
 
+async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait until `cond()` holds (something happening in the background), or fail."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
 @dataclass
 class GatewayProcess:
     """A `gateway serve` subprocess, as in production."""

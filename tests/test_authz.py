@@ -6,13 +6,18 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
+from gateway.admin import Admin, KeySpec
 from gateway.app import create_app
 from gateway.authz import effective_permissions, granted, pattern_matches
+from gateway.config import Argon2Config
+from gateway.keys import KeyFormat, SecretHasher
+from gateway.listener import InvalidationListener
 from gateway.typedefs import LISTENER, METRICS
 from tests._faultproxy import FaultProxy
-from tests.conftest import Services, World, make_config, nginx_headers, poll
+from tests.conftest import Services, World, make_config, nginx_headers, poll, until
 
 Client = Any
 
@@ -110,11 +115,7 @@ async def test_revocation_and_expiry_still_apply_at_once_to_a_stale_entry(
     cfg = make_config(services, cache={"local_ttl_s": 0.1})
     c = await aiohttp_client(create_app(cfg))
     await poll(lambda: c.get("/readyz"), lambda r: r.status == 200)
-    listener = c.app[LISTENER]
-    for _ in range(100):
-        if listener.connected:
-            break
-        await asyncio.sleep(0.02)
+    await _until_listening(c)
     expiring = await world.key(name="soon", orgs=[world.org_a], expires_at=_iso_in(1.0))
     revoked = await world.key(name="gone", orgs=[world.org_a])
     for k in (expiring, revoked):
@@ -130,3 +131,90 @@ async def test_revocation_and_expiry_still_apply_at_once_to_a_stale_entry(
 
 def _iso_in(seconds: float) -> str:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+# --- loads under way and invalidations ---------------------------------------------------------
+
+
+async def _slow_key(world: World, memory_kib: int, time_cost: int) -> dict[str, Any]:
+    """A key whose argon2 check takes a while (real argon2, heavier parameters), so a load stays in flight."""
+    hasher = SecretHasher(Argon2Config(memory_kib=memory_kib, time_cost=time_cost, parallelism=1), 1)
+    try:
+        admin = Admin(world.admin.pool, KeyFormat("gw"), hasher, world.admin.roles)
+        return await admin.create_key(
+            KeySpec(user_id=world.user, name="slow", role="admin", orgs=[world.org_a], projects=[], scopes=None)
+        )
+    finally:
+        hasher.close()
+
+
+async def _terminate_listener(services: Services) -> None:
+    conn = await asyncpg.connect(services.pg.url)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'gateway-listener'"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_request_after_a_revocation_never_joins_a_load_that_read_the_key_before(
+    aiohttp_client: Any, services: Services, world: World
+) -> None:
+    c = await aiohttp_client(create_app(make_config(services)))
+    await _until_listening(c)
+    k = await _slow_key(world, 65536, 4)  # ~0.2 s of argon2 per check
+    first = asyncio.ensure_future(c.get("/auth/nginx", headers=nginx_headers(k["key"])))
+    await asyncio.sleep(0.05)  # the load has read the key and is checking its secret
+    invalidations = c.app[METRICS].invalidations
+    seen = invalidations._value.get()
+    await world.admin.revoke_key(k["id"])
+    await until(lambda: invalidations._value.get() != seen)  # the NOTIFY has reached this process
+    second = await c.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert (second.status, second.headers["X-Auth-Error"]) == (401, "revoked_api_key")
+    assert (await first).status == 200  # it was asked before the revocation
+
+
+async def test_a_revocation_lost_in_a_listener_gap_is_not_undone_by_a_load_that_ends_after_it(
+    aiohttp_client: Any, services: Services, world: World
+) -> None:
+    """A load reads the key, the listener's connection drops, the key is revoked (the NOTIFY is lost and
+    nobody bumps the Redis generation), the listener comes back, then the load ends and fills Redis. That
+    entry was read before the gap ended, so it must not be trusted."""
+    c = await aiohttp_client(create_app(make_config(services)))
+    listener = await _until_listening(c)
+    k = await _slow_key(world, 131072, 8)  # ~0.8 s of argon2: longer than the gap
+    first = asyncio.ensure_future(c.get("/auth/nginx", headers=nginx_headers(k["key"])))
+    await asyncio.sleep(0.05)
+    await _terminate_listener(services)
+    await asyncio.sleep(0.05)
+    await world.admin.revoke_key(k["id"])
+    await until(lambda: listener.reconnects > 0)
+    assert (await first).status == 200  # asked before the revocation, and it ended after the gap
+    for _ in range(5):
+        r = await c.get("/auth/nginx", headers=nginx_headers(k["key"]))
+        assert (r.status, r.headers["X-Auth-Error"]) == (401, "revoked_api_key")
+
+
+async def test_after_a_listener_gap_cached_keys_are_still_answered_at_once(
+    aiohttp_client: Any, services: Services, world: World, slow_pg: FaultProxy
+) -> None:
+    cfg = make_config(
+        services, database={"url": f"postgresql://postgres@127.0.0.1:{slow_pg.port}/postgres", "timeout_ms": 500}
+    )
+    c = await aiohttp_client(create_app(cfg))
+    listener = await _until_listening(c)
+    k = await world.key(orgs=[world.org_a])
+    assert (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    await _terminate_listener(services)
+    await until(lambda: listener.reconnects > 0 and listener.connected)
+    slow_pg.slow(1500)  # now Postgres is slow: the entry, read before the gap, is revalidated in the background
+    started = time.monotonic()
+    assert (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    assert time.monotonic() - started < 0.25
+
+
+async def _until_listening(c: Any) -> InvalidationListener:
+    listener: InvalidationListener = c.app[LISTENER]
+    await until(lambda: listener.connected)
+    return listener

@@ -19,16 +19,9 @@ from gateway.cache import Entry, LocalCache
 from gateway.listener import InvalidationListener, supervise
 from gateway.typedefs import LISTENER
 from tests._faultproxy import FaultProxy
-from tests.conftest import Services, World, make_config, nginx_headers
+from tests.conftest import Services, World, make_config, nginx_headers, until
 
 Client = Any
-
-
-async def _until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def _notify(url: str, key_ids: list[str]) -> None:
@@ -60,7 +53,7 @@ async def running(services: Services, clean: None) -> AsyncIterator[Callable[...
         cache = local if local is not None else LocalCache(10, 30, 10)
         listener = InvalidationListener(dsn or services.pg.url, cache, on_keys, 0.5, 0.1)
         tasks.append(asyncio.create_task(supervise("listener", listener.run)))
-        await _until(lambda: listener.connected)
+        await until(lambda: listener.connected)
         return listener
 
     yield start
@@ -87,10 +80,10 @@ async def test_an_error_in_an_odd_state_is_logged_and_the_listener_carries_on(
     caplog.set_level(logging.WARNING, "gateway.listener")
     listener = await running(on_keys, local=local)
     await _notify(services.pg.url, ["k1"])
-    await _until(lambda: listener.reconnects == 1 and listener.connected)
+    await until(lambda: listener.reconnects == 1 and listener.connected)
     assert "InternalClientError" in caplog.text
     await _notify(services.pg.url, ["k2"])
-    await _until(lambda: ["k2"] in received)
+    await until(lambda: ["k2"] in received)
 
 
 async def test_its_connection_killed_mid_traffic_comes_back(
@@ -108,9 +101,9 @@ async def test_its_connection_killed_mid_traffic_comes_back(
         assert await _terminate_listeners(services.pg.url) == 1
         await burst
         expected = round_ + 1
-        await _until(lambda: listener.reconnects == expected and listener.connected)  # noqa: B023
+        await until(lambda: listener.reconnects == expected and listener.connected)  # noqa: B023
     await _notify(services.pg.url, ["after"])
-    await _until(lambda: "after" in received)
+    await until(lambda: "after" in received)
 
 
 async def test_while_it_is_down_the_local_cache_is_not_fresh(
@@ -129,10 +122,10 @@ async def test_while_it_is_down_the_local_cache_is_not_fresh(
         local.put("d", entry, local.epoch)
         assert local.fresh(entry)
         proxy.hang()  # its pings go unanswered: it gives the connection up
-        await _until(lambda: not listener.connected, timeout_s=3)
+        await until(lambda: not listener.connected, timeout_s=3)
         assert not local.fresh(entry)
         proxy.pass_()
-        await _until(lambda: listener.connected, timeout_s=5)
+        await until(lambda: listener.connected, timeout_s=5)
         # Notifications may have been lost meanwhile: what was read before is read again before use.
         assert not local.trusts(entry) and not local.fresh(entry)
     finally:
@@ -144,7 +137,7 @@ async def test_a_revocation_after_the_listener_was_killed_reaches_the_process(
 ) -> None:
     c = await aiohttp_client(create_app(make_config(services)))
     listener = c.app[LISTENER]
-    await _until(lambda: listener.connected)
+    await until(lambda: listener.connected)
     k = await world.key(orgs=[world.org_a])
     assert (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
     assert await _terminate_listeners(services.pg.url) == 1
@@ -170,7 +163,7 @@ async def test_supervise_restarts_a_task_that_dies(caplog: pytest.LogCaptureFixt
         await asyncio.sleep(10)
 
     task = asyncio.create_task(supervise("flaky", flaky, restart_delay_s=0.01))
-    await _until(lambda: runs == 3)
+    await until(lambda: runs == 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -44,7 +45,8 @@ async def test_a_query_past_its_deadline_answers_at_the_deadline(proxied: tuple[
         proxy.hang()
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
-        await store.load_key("key_that_is_not_there")
+        # Bounded here too: before, a hung server held the answer for good (the release never returned).
+        await asyncio.wait_for(store.load_key("key_that_is_not_there"), 5)
     elapsed = time.monotonic() - started
     assert elapsed < TIMEOUT_S + 0.4, f"answered after {elapsed:.2f}s with a {TIMEOUT_S}s deadline"
     # The breaker now skips Postgres: the next call fails at once, without a query.
@@ -64,3 +66,46 @@ async def test_connections_come_back_after_the_server_dropped_them(proxied: tupl
     proxy.reset()  # every open connection dies, as in a server restart
     await asyncio.sleep(0.1)
     assert await store.load_key("key_that_is_not_there") is None
+
+
+async def test_too_many_connections_is_an_outage_not_a_bug(services: Services, clean: None) -> None:
+    """The server refusing a connection for lack of slots (SQLSTATE 53300) is Postgres unable to serve:
+    StoreUnavailable (a 503 with stale keys still served), never an unexpected error."""
+    admin = await asyncpg.connect(services.pg.url)
+    try:
+        with contextlib.suppress(asyncpg.exceptions.DuplicateObjectError):
+            await admin.execute("CREATE ROLE gateway_one_slot LOGIN CONNECTION LIMIT 1")
+        await admin.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO gateway_one_slot")
+    finally:
+        await admin.close()
+    pool = await asyncpg.create_pool(
+        f"postgresql://gateway_one_slot@127.0.0.1:{services.pg.port}/postgres", min_size=1, max_size=2
+    )
+    store = Store(pool, TIMEOUT_S)
+    hold = await pool.acquire()  # the role's only slot
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.load_key("key_that_is_not_there")  # the pool opens a second connection: refused
+        assert not store.breaker.available
+    finally:
+        await pool.release(hold)
+        await store.close()
+
+
+async def test_connections_dying_mid_query_are_outages(
+    proxied: tuple[Store, FaultProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncpg takes a connection that died under a query back into the pool itself; ending it again
+    must not raise, and nothing may be left for asyncio to report as never retrieved."""
+    store, proxy = proxied
+    for _ in range(5):
+        store.breaker.succeeded()
+        proxy.slow(150)
+        calls = [asyncio.ensure_future(store.load_key(f"k{i}")) for i in range(6)]
+        await asyncio.sleep(0.05)
+        proxy.reset()
+        proxy.pass_()
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            assert outcome is None or isinstance(outcome, StoreUnavailable), repr(outcome)
+    await asyncio.sleep(TIMEOUT_S)  # background releases finish
+    assert "never retrieved" not in caplog.text

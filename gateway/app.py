@@ -76,13 +76,18 @@ def redis_client(cfg: Config) -> aioredis.Redis:
 
 
 def _breaker(name: str, metrics: Metrics) -> Breaker:
+    down = False  # one line when the store goes, one when it is back; failed probes in between are quiet
+
     def changed(backend: str, state: str) -> None:
+        nonlocal down
         metrics.backend_up.labels(backend).set(1 if state == CLOSED else 0)
         metrics.breaker_transitions.labels(backend, state).inc()
-        if state == CLOSED:
+        if state == CLOSED and down:
+            down = False
             log.warning("%s is reachable again", backend)
-        elif state == OPEN:
-            log.debug("%s unavailable: calls skipped for %.1f s, then probed", backend, C.BREAKER_COOLDOWN_S)
+        elif state == OPEN and not down:
+            down = True
+            log.warning("%s unavailable: calls skipped, one probe every %.1f s", backend, C.BREAKER_COOLDOWN_S)
 
     metrics.backend_up.labels(name).set(1)
     return Breaker(name, on_change=changed)

@@ -17,6 +17,7 @@ from gateway.config import RolesConfig
 from gateway.errors import (
     AuthUnavailable,
     ExpiredApiKey,
+    GatewayError,
     InsufficientPermissions,
     InvalidApiKey,
     IpNotAllowed,
@@ -276,7 +277,7 @@ class KeyResolver:
             exc = f.exception()
             if isinstance(exc, InvalidApiKey):
                 self.local.drop(d)  # the key is gone, or its secret changed
-            elif exc is not None and not isinstance(exc, AuthUnavailable):
+            elif exc is not None and not isinstance(exc, GatewayError):  # an outage or a refusal is no bug
                 log.error("background revalidation failed", exc_info=exc)
 
         fut.add_done_callback(done)

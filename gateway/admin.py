@@ -190,11 +190,26 @@ class Admin:
         self.invalidated = await self._user_keys(conn, user_id)
         await notify_keys(conn, self.invalidated)
 
+    async def _keep_an_owner(self, conn: asyncpg.Connection, org_id: str, user_id: str, new: str | None) -> None:
+        """An org always keeps an owner: the last one can be neither removed nor demoted. The org row is
+        locked first, so two owners demoting each other at once cannot both succeed."""
+        owner = self.roles.order[-1]
+        await conn.execute("SELECT 1 FROM orgs WHERE id = $1 FOR UPDATE", org_id)
+        old = await conn.fetchval("SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id)
+        if old != owner or new == owner:
+            return
+        others = await conn.fetchval(
+            "SELECT count(*) FROM memberships WHERE org_id = $1 AND role = $2 AND user_id <> $3", org_id, owner, user_id
+        )
+        if others == 0:
+            raise Conflict(f"org {org_id} must keep an owner: make another member {owner} first")
+
     async def set_member(self, org_id: str, user_id: str, role: str, actor: Actor = CLI) -> dict[str, Any]:
         role = self._role(role)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._must_exist(conn, "orgs", org_id)
             await self._must_exist(conn, "users", user_id)
+            await self._keep_an_owner(conn, org_id, user_id, role)
             old = await conn.fetchval(
                 "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2 FOR UPDATE", org_id, user_id
             )
@@ -210,6 +225,7 @@ class Admin:
 
     async def remove_member(self, org_id: str, user_id: str, actor: Actor = CLI) -> dict[str, Any]:
         async with self.pool.acquire() as conn, conn.transaction():
+            await self._keep_an_owner(conn, org_id, user_id, None)
             old = await conn.fetchval(
                 "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2 RETURNING role", org_id, user_id
             )

@@ -313,3 +313,23 @@ async def test_rotation_hands_out_keys_only_to_their_owner(client: Client, world
     # An admin may rotate the org's service-account keys.
     _, sa_key = await service_account_key(client, world.org_a, strong)
     await ok(await client.post(f"/v1/keys/{sa_key['id']}/rotate", headers=auth(strong)), 201)
+
+
+async def test_an_org_always_keeps_an_owner(client: Client, world: World) -> None:
+    """Before, the last owner could remove or demote themselves (200), leaving an org nobody owns."""
+    k = await world.key(role="owner")
+    org = (await ok(await client.post("/v1/orgs", json={"name": "Kept"}, headers=auth(k)), 201))["id"]
+    me = f"/v1/orgs/{org}/members/{world.user}"
+    await err(await client.delete(me, headers=auth(k)), 409, "conflict")
+    await err(await client.put(me, json={"role": "admin"}, headers=auth(k)), 409, "conflict")
+    members = await ok(await client.get(f"/v1/orgs/{org}/members", headers=auth(k)))
+    assert {x["email"]: x["role"] for x in members["items"]} == {"owner@example.com": "owner"}
+    # With a second owner, either may step down, but not both.
+    co_owner = {"email": "co@example.com", "role": "owner"}
+    other = await ok(await client.post(f"/v1/orgs/{org}/members", json=co_owner, headers=auth(k)), 201)
+    results = await asyncio.gather(
+        world.admin.set_member(org, world.user, "admin"),
+        world.admin.set_member(org, other["user_id"], "member"),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["Conflict", "dict"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway._body import json_object
 from gateway.admin import MAX_LIST, KeySpec, key_expiry, key_view
 from gateway.audit import Actor
 from gateway.authz import check_state, pattern_matches, role_in
@@ -112,12 +113,7 @@ async def read_body(
     request: web.Request, fields: dict[str, type | tuple[type, ...]], required: set[str]
 ) -> dict[str, Any]:
     """A JSON object with only `fields`, each of its type; unknown fields and wrong types are refused."""
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
+    body = json_object(await request.read(), empty_is_object=True)
     for name in sorted(body):
         if name not in fields:
             raise InvalidRequest(f"unknown field {name}", field=name)
@@ -166,7 +162,7 @@ def encode_cursor(value: Any) -> str:
 def decode_cursor(cursor: str) -> Any:
     try:
         return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):  # a forged cursor, nested deep
         raise InvalidRequest("cursor is not valid", field="cursor") from None
 
 

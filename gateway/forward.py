@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway._body import json_object
 from gateway._paths import normalise
 from gateway.authz import IP, Identity, authorize, check_project, granted
 from gateway.cache import KeyRecord
@@ -395,12 +395,7 @@ _VERIFY_FIELDS = {"key", "org", "permission", "method", "path"}
 
 
 def _verify_body(raw: bytes) -> dict[str, str]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
+    body = json_object(raw)
     unknown = sorted(set(body) - _VERIFY_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field {unknown[0]}", field=unknown[0])

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway import constants as C
+from gateway._body import json_object
 from gateway._breaker import guarded
 from gateway.authz import check_state, role_in
 from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE, KeyRecord
@@ -142,11 +143,8 @@ async def _save(request: web.Request, session_id: str, session: Session) -> None
 async def sign_in(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise InvalidRequest('send the key as JSON: {"key": ...}')
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body must be a JSON object") from None
-    if not isinstance(body, dict) or set(body) != {"key"} or not isinstance(body["key"], str):
+    body = json_object(await request.read())
+    if set(body) != {"key"} or not isinstance(body["key"], str):
         raise InvalidRequest('the body must be {"key": "..."}', field="key")
     app = request.config_dict
     parsed = app[KEY_FORMAT].parse(body["key"].strip())
@@ -192,11 +190,7 @@ async def get_session(request: web.Request) -> web.Response:
 async def switch_org(request: web.Request) -> web.Response:
     session_id, session, record = await current(request)
     check_csrf(request, session)
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body must be a JSON object") from None
-    org = body.get("org") if isinstance(body, dict) else None
+    org = json_object(await request.read()).get("org")
     if not isinstance(org, str) or role_in(record, org, request.config_dict[CONFIG].roles) is None:
         raise InvalidRequest("not an org this key can act in", field="org")
     session.active_org = org

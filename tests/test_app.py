@@ -180,3 +180,32 @@ async def test_redis_connections_are_capped(
     assert {r.status for r in statuses} == {200}
     ours = [cl for cl in await rclient.client_list() if cl.get("name") == "gateway"]
     assert 1 <= len(ours) <= 3, f"{len(ours)} connections from the gateway"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/keys"), ("POST", "/v1/keys/verify"), ("POST", "/ui/session"), ("POST", "/v1/orgs")],
+)
+async def test_deeply_nested_json_is_a_bad_request(client: Client, world: World, method: str, path: str) -> None:
+    """30,000 levels of nesting made the parser raise RecursionError, answered as a 503 with a traceback."""
+    k = await world.key()  # every org: it may create orgs too
+    for body in (b"[" * 30_000 + b"]" * 30_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000):
+        r = await client.post(
+            path, data=body, headers={"Content-Type": "application/json", "Authorization": f"Bearer {k['key']}"}
+        )
+        assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_request"), path
+
+
+async def test_a_deeply_nested_cursor_is_a_bad_request(client: Client, world: World) -> None:
+    import base64
+
+    k = await world.key(orgs=[world.org_a])
+    cursor = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    r = await client.get(f"/v1/keys?cursor={cursor}", headers={"Authorization": f"Bearer {k['key']}"})
+    assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_request")
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    from gateway._body import json_object
+
+    assert json_object(b'{"name": "' + b"[" * 100 + b'"}') == {"name": "[" * 100}

@@ -286,9 +286,16 @@ async def verified_record(app: AppState, parsed: ParsedKey, client_ip: IP | None
         raise
 
 
-async def identify(app: web.Application, parsed: ParsedKey, decision: RouteDecision, client_ip: IP | None) -> Identity:
-    """The key's identity for this route; failed verifications count against the brute-force limits."""
-    record = await verified_record(app, parsed, client_ip)
+async def identify(
+    app: web.Application,
+    parsed: ParsedKey,
+    decision: RouteDecision,
+    client_ip: IP | None,
+    caller_ip: IP | None = None,
+) -> Identity:
+    """The key's identity for this route; failed verifications count against the brute-force limits of
+    the caller's address (`caller_ip`, by default the client's)."""
+    record = await verified_record(app, parsed, caller_ip or client_ip)
     try:
         identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
         await check_project(identity, app[PROJECTS])
@@ -443,7 +450,10 @@ async def keys_verify(request: web.Request) -> web.Response:
         if parsed is None:
             raise InvalidApiKey()
         result["key_id"] = parsed.key_id
-        identity = await identify(app, parsed, decision, None)
+        # The key's own client is not known here: an allowlisted key is refused (client None). Failures
+        # count against the calling service's address, never against a budget shared by every caller.
+        caller = client_address(request.remote, request.headers, app[TRUSTED])
+        identity = await identify(app, parsed, decision, None, caller)
         if "permission" in body and not granted(identity.scopes, body["permission"]):
             raise InsufficientPermissions(f"requires {body['permission']}")
         ratelimit = await charge(app, key_charges(app, identity))

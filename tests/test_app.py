@@ -209,3 +209,21 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     from gateway._body import json_object
 
     assert json_object(b'{"name": "' + b"[" * 100 + b'"}') == {"name": "[" * 100}
+
+
+async def test_keys_verify_charges_failures_to_the_caller(client: Client, world: World) -> None:
+    """Before, /v1/keys/verify passed no address: 15 junk keys from anyone made every caller's real keys
+    answer RATE_LIMITED. Now one caller's failures only count against that caller's address."""
+    from gateway.keys import KeyFormat
+
+    fmt = KeyFormat("gw")
+    junk = {"X-Forwarded-For": "198.51.100.7"}
+    for _ in range(15):
+        r = await client.post("/v1/keys/verify", json={"key": fmt.generate("live")[0]}, headers=junk)
+        assert (await r.json())["valid"] is False
+    fresh = await world.key(orgs=[world.org_a])  # uncached: its lookup is the guarded, costly path
+    r = await client.post("/v1/keys/verify", json={"key": fresh["key"]}, headers={"X-Forwarded-For": "198.51.100.8"})
+    body = await r.json()
+    assert (body["valid"], body["code"]) == (True, "VALID")
+    r = await client.post("/v1/keys/verify", json={"key": fmt.generate("live")[0]}, headers=junk)
+    assert (await r.json())["code"] == "RATE_LIMITED"  # the junk sender itself is slowed down

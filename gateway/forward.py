@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
@@ -87,6 +87,7 @@ PROTECTED_HEADERS = frozenset(
 _METHOD_RE = re.compile(r"[A-Z]{1,20}")
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+_QUERY_SEPARATORS = re.compile(r"[&;]")
 
 Proxy = Literal["nginx", "ingress-nginx", "traefik", "caddy", "verify"]
 
@@ -210,8 +211,14 @@ def credential(h: Headers) -> str | None:
 
 
 def refuse_query_keys(query: str, fmt: KeyFormat, names: Sequence[str]) -> None:
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name.lower() in names or fmt.looks_like_key(value):
+    """Refuse a query carrying a credential, whatever separates its parameters (`&`, `;` for some
+    frameworks, or nothing we know of): any key-shaped text in it counts, decoded or not."""
+    decoded = unquote_plus(query, errors="replace")
+    if fmt.key_marker.search(query) or fmt.key_marker.search(decoded):
+        raise InvalidRequest("API keys are not accepted in the query string")
+    for part in _QUERY_SEPARATORS.split(decoded):
+        name = part.partition("=")[0].strip().lower()
+        if name in names:
             raise InvalidRequest("API keys are not accepted in the query string")
 
 

@@ -71,6 +71,7 @@ class KeyFormat:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self._marker = re.compile(rf"{re.escape(prefix)}_(?:live|test)_", re.IGNORECASE)
         self._re = re.compile(
             rf"{re.escape(prefix)}_(live|test)_({_B62}{{{KEY_ID_LEN}}})_({_B62}{{{SECRET_LEN}}})({_B62}{{{CHECKSUM_LEN}}})"
         )
@@ -100,6 +101,11 @@ class KeyFormat:
         if not hmac.compare_digest(checksum(body), check):
             return None
         return ParsedKey(raw, self.prefix, env, key_id, secret)
+
+    @property
+    def key_marker(self) -> re.Pattern[str]:
+        """Where a key of ours starts, anywhere in a text (`gw_live_`, `gw_test_`)."""
+        return self._marker
 
     def looks_like_key(self, value: str) -> bool:
         return value.startswith((f"{self.prefix}_live_", f"{self.prefix}_test_"))

@@ -212,7 +212,21 @@ async def test_duplicated_credential_headers(client: Client, world: World) -> No
     assert r.headers["X-Auth-Error"] == "invalid_request"
 
 
-@pytest.mark.parametrize("uri", ["/v1/things?api_key={k}", "/v1/x?foo=1&token={k}", "/v1/x?q={k}"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "/v1/things?api_key={k}",
+        "/v1/x?foo=1&token={k}",
+        "/v1/x?q={k}",
+        # Not split on by Python's parse_qsl, but by some frameworks (Rails, Tomcat): issue 9, item 9.
+        "/docs/intro?x=1;api_key={k}",
+        "/docs/intro?x=1;t={k}",
+        "/docs/intro?x=1|{k}",
+        "/docs/intro?x=%67%77%5flive%5f",  # encoded
+        "/docs/intro?API_KEY=1",
+        "/docs/intro?a=1;Api_Key=x",
+    ],
+)
 async def test_key_in_query_string_refused(client: Client, world: World, uri: str) -> None:
     k = (await world.key(orgs=[world.org_a]))["key"]
     r = await client.get("/auth/nginx", headers=nginx_headers(k, uri=uri.format(k=k)))

@@ -37,6 +37,7 @@ from gateway.errors import (
 )
 from gateway.forward import charge, client_address, credential, key_limit, verified_record
 from gateway.policy import checked_id
+from gateway.ratelimit import parse_rate
 from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, TRUSTED
 from gateway.ui import COOKIE, check_csrf, load_session
 
@@ -211,11 +212,21 @@ def no_escalation(p: Principal, spec: KeySpec) -> None:
             raise InsufficientPermissions("the new key must expire no later than this key")
     if me.env == "test" and spec.env != "test":
         raise InsufficientPermissions("a test key can only create test keys")
+    if me.rate_limit is not None and not _slower(spec.rate_limit, me.rate_limit):
+        raise InsufficientPermissions(f"the new key needs a rate limit within this key's {me.rate_limit}")
     if me.allowed_cidrs is not None:
         mine = me.networks() or ()
         theirs = [ipaddress.ip_network(c, strict=False) for c in spec.allow_ips or []]
         if not theirs or not all(any(_within(t, n) for n in mine) for t in theirs):
             raise IpNotAllowed("the new key's allowlist must be within this key's")
+
+
+def _slower(child: str | None, parent: str) -> bool:
+    """Does `child` (N/PERIOD) admit no more than `parent`, sustained (N per period) and at once (N)?"""
+    if child is None:
+        return False  # no limit of its own would mean the configured default, maybe far above the parent's
+    (n, period_ms), (m, parent_ms) = parse_rate(child), parse_rate(parent)
+    return n <= m and n * parent_ms <= m * period_ms
 
 
 def _within(net: Any, outer: Any) -> bool:

@@ -333,3 +333,22 @@ async def test_an_org_always_keeps_an_owner(client: Client, world: World) -> Non
         return_exceptions=True,
     )
     assert sorted(type(r).__name__ for r in results) == ["Conflict", "dict"]
+
+
+@pytest.mark.parametrize(
+    ("child", "status"),
+    [(None, 403), ("10/1m", 403), ("6/2m", 403), ("600/1h", 403), ("5/1m", 201), ("5/2m", 201), ("1/1s", 403)],
+)
+async def test_a_child_key_never_has_a_higher_limit(
+    client: Client, world: World, child: str | None, status: int
+) -> None:
+    """Before, a key limited to 5/min created a child with no limit, which then got the default 600/min."""
+    parent = await world.key(orgs=[world.org_a], rate_limit="5/1m")
+    body: dict[str, Any] = {"name": "child", "role": "member", "orgs": [world.org_a]}
+    if child is not None:
+        body["rate_limit"] = child
+    r = await client.post("/v1/keys", json=body, headers=auth(parent))
+    if status == 403:
+        await err(r, 403, "insufficient_permissions")
+    else:
+        await ok(r, 201)

@@ -246,9 +246,10 @@ class KeyResolver:
 
     async def resolve(self, key: ParsedKey, address: str | None = None) -> KeyRecord:
         d = digest(self.pepper, key.raw)
-        if self.local.get_negative(d) is not None:
+        negative = self.local.get_negative(d)
+        if negative is not None:
             self.metrics.cache.labels("local_negative").inc()
-            raise InvalidApiKey()
+            raise InvalidApiKey(unknown_key=negative == C.NEGATIVE_UNKNOWN_KEY)
         entry = self.local.get(d)
         if entry is not None and self.local.fresh(entry):
             self.metrics.cache.labels("local").inc()
@@ -320,7 +321,7 @@ class KeyResolver:
         if found.negative is not None:
             self.metrics.cache.labels("redis_negative").inc()
             self.local.put_negative(d, found.negative, epoch)
-            raise InvalidApiKey()
+            raise InvalidApiKey(unknown_key=found.negative == C.NEGATIVE_UNKNOWN_KEY)
         return found.entry, found.generation
 
     async def _load(self, key: ParsedKey, d: str, local_entry: Entry | None, address: str | None) -> KeyRecord:
@@ -342,8 +343,8 @@ class KeyResolver:
             self.metrics.backend_errors.labels("postgres").inc()
             return self._stale(local_entry, redis_entry)
         if loaded is None:
-            await self._remember_invalid(key, d, generation, epoch)
-            raise InvalidApiKey()
+            await self._remember_invalid(key, d, generation, epoch, C.NEGATIVE_UNKNOWN_KEY)
+            raise InvalidApiKey(unknown_key=True)
         record, secret_hash = loaded
         known = [e for e in (local_entry, redis_entry) if e is not None]
         # A digest already verified against this very hash needs no new argon2 run.
@@ -352,7 +353,7 @@ class KeyResolver:
                 await self.guard.before_argon2(key.key_id, address)
             self.metrics.argon2.inc()
             if not await self.hasher.verify(secret_hash, key.secret):
-                await self._remember_invalid(key, d, generation, epoch)
+                await self._remember_invalid(key, d, generation, epoch, C.NEGATIVE_WRONG_SECRET)
                 raise InvalidApiKey()
             if self.guard is not None:
                 await self.guard.verified(key.key_id, address)
@@ -381,11 +382,11 @@ class KeyResolver:
             local_entry.revalidate_after = time.monotonic() + C.BREAKER_COOLDOWN_S
         return max(usable, key=lambda e: e.loaded_at).record
 
-    async def _remember_invalid(self, key: ParsedKey, d: str, generation: str | None, epoch: int) -> None:
-        self.local.put_negative(d, "invalid_api_key", epoch)
+    async def _remember_invalid(self, key: ParsedKey, d: str, generation: str | None, epoch: int, why: str) -> None:
+        self.local.put_negative(d, why, epoch)
         if self.redis is not None and generation is not None:
             try:
-                await self.redis.put_negative(key.key_id, d, "invalid_api_key")
+                await self.redis.put_negative(key.key_id, d, why)
             except REDIS_UNAVAILABLE as exc:
                 self._redis_failed(exc)
 

@@ -24,6 +24,10 @@ REDIS_RATE_LIMIT: Final = REDIS_PREFIX + ":rl:{{{name}:{ident}}}"
 REDIS_GOOD_ADDRESSES: Final = REDIS_PREFIX + ":ok:{{{key_id}}}"
 GOOD_ADDRESS_TTL_S: Final = 86_400
 
+# Why a negative entry refuses a key (stored as its value; never shown to clients, who get invalid_api_key).
+NEGATIVE_UNKNOWN_KEY: Final = "unknown_key"  # no key has this id
+NEGATIVE_WRONG_SECRET: Final = "wrong_secret"  # noqa: S105 - a reason, not a secret: the key exists, this is not its secret
+
 # A web-page session, by SHA-256 of its cookie (the cookie itself is never stored).
 REDIS_SESSION: Final = REDIS_PREFIX + ":sess:{digest}"
 # The sessions of one user, so signing out ends all of them.

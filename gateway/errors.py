@@ -34,6 +34,11 @@ class MissingCredentials(Unauthenticated):
 class InvalidApiKey(Unauthenticated):
     code = "invalid_api_key"
 
+    def __init__(self, message: str = "", *, unknown_key: bool = False, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        # No key has this id: the id is the caller's invention, so a failure is audited by address alone.
+        self.unknown_key = unknown_key
+
 
 class ExpiredApiKey(Unauthenticated):
     code = "expired_api_key"

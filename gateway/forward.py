@@ -275,8 +275,11 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     parsed = fmt.parse(raw)
     if parsed is None:
         raise InvalidApiKey()  # no Postgres, no Redis: not even a failure counter
-    request[KEY_ID] = parsed.key_id  # public, and what an audit of a denial needs
-    identity = await identify(app, parsed, decision, client_ip)
+
+    def name_key() -> None:
+        request[KEY_ID] = parsed.key_id  # public, and what an audit of a denial needs
+
+    identity = await identify(app, parsed, decision, client_ip, known=name_key)
     return Outcome(identity, decision, await charge(app, key_charges(app, identity)))
 
 
@@ -299,10 +302,19 @@ async def identify(
     decision: RouteDecision,
     client_ip: IP | None,
     caller_ip: IP | None = None,
+    known: Callable[[], None] | None = None,
 ) -> Identity:
     """The key's identity for this route; failed verifications count against the brute-force limits of
-    the caller's address (`caller_ip`, by default the client's)."""
-    record = await verified_record(app, parsed, caller_ip or client_ip)
+    the caller's address (`caller_ip`, by default the client's). `known` is called once the key id is
+    known to exist: only then is it worth naming in the audit of a denial (a made-up one is not)."""
+    try:
+        record = await verified_record(app, parsed, caller_ip or client_ip)
+    except InvalidApiKey as err:
+        if known is not None and not err.unknown_key:
+            known()  # a wrong secret for a real key
+        raise
+    if known is not None:
+        known()
     try:
         identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
         await check_project(identity, app[PROJECTS])
@@ -387,6 +399,7 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
             code = err.code
             # Only a caller whose secret verified learns that its key expired or was revoked:
             # those errors are raised after verification, so nothing to hide here.
+            # Named only when the key exists (see identify): made-up ids are counted per address, not a row each.
             app[AUDITOR].record(code, request.get(KEY_ID), str(client_ip) if client_ip else None, None, endpoint)
             response = error_response(err, to_proxy=True)
         else:

@@ -7,6 +7,7 @@ from typing import Any
 import asyncpg
 
 from gateway.audit import FailureAuditor
+from gateway.keys import KeyFormat, new_secret
 from gateway.metrics import Metrics
 from gateway.store import Store
 from tests.conftest import World, nginx_headers
@@ -66,3 +67,25 @@ async def test_a_flood_is_capped_and_the_drop_counted(world: World) -> None:
     assert sum(r["count"] for r in rows) == 2000
     assert dropped and dropped[0]["count"] == 1995
     assert metrics.audit_dropped._value.get() == 1995
+
+
+async def test_made_up_key_ids_are_audited_per_address(client: Client, world: World) -> None:
+    """Random keys from one client wrote a row per key each interval (~42 rows a second): failures of ids
+    that belong to no key are counted per (code, address); only real key ids are named."""
+    k = await world.key(orgs=[world.org_a])
+    fmt = KeyFormat("gw")
+    parsed = fmt.parse(k["key"])
+    assert parsed is not None
+    for _ in range(3):  # wrong secrets for a real key: worth naming the key
+        await client.get("/auth/nginx", headers=nginx_headers(fmt.build("live", parsed.key_id, new_secret())))
+    for _ in range(40):  # made-up ids: 401s, then 429s once the address is over its failure budget
+        await client.get("/auth/nginx", headers=nginx_headers(fmt.generate("live")[0]))
+    rows: list[asyncpg.Record] = []
+    for _ in range(50):
+        rows = await _rows(world.admin.pool, "auth.failed")
+        if sum(r["count"] for r in rows) >= 43:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(r["count"] for r in rows) == 43
+    assert {r["key_id"] for r in rows} == {k["id"], None}
+    assert len(rows) <= 3, [(json.loads(r["detail"])["code"], r["key_id"], r["count"]) for r in rows]

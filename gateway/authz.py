@@ -118,6 +118,16 @@ def active_org(record: KeyRecord, requested: str | None) -> str:
     return org
 
 
+def acting_org(record: KeyRecord, decision: RouteDecision, roles: RolesConfig) -> str | None:
+    """The org this request of the key acts in, if the key can act there at all (else None: a denial
+    for another org's route is not that org's business, nor shown in its audit)."""
+    try:
+        org = active_org(record, decision.org)
+    except GatewayError:
+        return None
+    return org if role_in(record, org, roles) is not None else None
+
+
 def check_state(record: KeyRecord, client_ip: IP | None, now: float) -> None:
     """Revoked, expired, or used from outside its allowlist: the key is refused whatever the route."""
     if record.revoked_at is not None and record.revoked_at <= now:

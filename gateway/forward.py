@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway._body import json_object
 from gateway._paths import normalise
-from gateway.authz import IP, Identity, authorize, check_project, granted
+from gateway.authz import IP, Identity, acting_org, authorize, check_project, granted
 from gateway.cache import KeyRecord
 from gateway.errors import (
     GatewayError,
@@ -36,6 +36,7 @@ from gateway.keys import KeyFormat, ParsedKey
 from gateway.policy import ORG_HEADER, OriginalRequest, RouteDecision, checked_id
 from gateway.ratelimit import Decision, Limit, enforce
 from gateway.typedefs import (
+    AUDIT_ORG,
     AUDITOR,
     CONFIG,
     KEY_FORMAT,
@@ -276,8 +277,11 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     if parsed is None:
         raise InvalidApiKey()  # no Postgres, no Redis: not even a failure counter
 
-    def name_key() -> None:
+    def name_key(record: KeyRecord | None) -> None:
         request[KEY_ID] = parsed.key_id  # public, and what an audit of a denial needs
+        org = acting_org(record, decision, app[CONFIG].roles) if record is not None else None
+        if org is not None:
+            request[AUDIT_ORG] = org
 
     identity = await identify(app, parsed, decision, client_ip, known=name_key)
     return Outcome(identity, decision, await charge(app, key_charges(app, identity)))
@@ -302,19 +306,20 @@ async def identify(
     decision: RouteDecision,
     client_ip: IP | None,
     caller_ip: IP | None = None,
-    known: Callable[[], None] | None = None,
+    known: Callable[[KeyRecord | None], None] | None = None,
 ) -> Identity:
     """The key's identity for this route; failed verifications count against the brute-force limits of
     the caller's address (`caller_ip`, by default the client's). `known` is called once the key id is
-    known to exist: only then is it worth naming in the audit of a denial (a made-up one is not)."""
+    known to exist (with its record once verified): only then is it worth naming in the audit of a
+    denial (a made-up one is not)."""
     try:
         record = await verified_record(app, parsed, caller_ip or client_ip)
     except InvalidApiKey as err:
         if known is not None and not err.unknown_key:
-            known()  # a wrong secret for a real key
+            known(None)  # a wrong secret for a real key
         raise
     if known is not None:
-        known()
+        known(record)
     try:
         identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
         await check_project(identity, app[PROJECTS])
@@ -400,7 +405,8 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
             # Only a caller whose secret verified learns that its key expired or was revoked:
             # those errors are raised after verification, so nothing to hide here.
             # Named only when the key exists (see identify): made-up ids are counted per address, not a row each.
-            app[AUDITOR].record(code, request.get(KEY_ID), str(client_ip) if client_ip else None, None, endpoint)
+            address = str(client_ip) if client_ip else None
+            app[AUDITOR].record(code, request.get(KEY_ID), address, request.get(AUDIT_ORG), endpoint)
             response = error_response(err, to_proxy=True)
         else:
             code = "ok"

@@ -43,3 +43,5 @@ REDIS_BREAKER = web.AppKey("redis_breaker", Breaker)
 
 # Per-request: the key id once the key is known, for the audit of a denial.
 KEY_ID = web.RequestKey("key_id", str)
+# Per-request: the org a known key acts in for this request, so the org's audit shows its denials.
+AUDIT_ORG = web.RequestKey("audit_org", str)

@@ -89,3 +89,33 @@ async def test_made_up_key_ids_are_audited_per_address(client: Client, world: Wo
     assert sum(r["count"] for r in rows) == 43
     assert {r["key_id"] for r in rows} == {k["id"], None}
     assert len(rows) <= 3, [(json.loads(r["detail"])["code"], r["key_id"], r["count"]) for r in rows]
+
+
+async def test_denials_of_a_known_key_show_in_the_org_it_acts_in(client: Client, world: World) -> None:
+    """auth.failed rows carried no org, so an org's audit page never showed them. A denial is attributed
+    to the org the request acts in when the key can act there, and to no org otherwise."""
+    k = await world.key(name="gone", orgs=[world.org_a])
+    admin = await world.key(name="admin", orgs=[world.org_a])
+    assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    await world.admin.revoke_key(k["id"])
+    for _ in range(50):
+        r = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_a}))
+        if r.status == 401:
+            break
+        await asyncio.sleep(0.02)
+    await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_b}))  # not its org
+    rows: list[asyncpg.Record] = []
+    for _ in range(50):
+        rows = [r for r in await _rows(world.admin.pool, "auth.failed") if r["key_id"] == k["id"]]
+        if len(rows) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted((r["org_id"] or "", json.loads(r["detail"])["code"]) for r in rows) == [
+        ("", "revoked_api_key"),
+        (world.org_a, "revoked_api_key"),
+    ]
+    r = await client.get(
+        f"/v1/orgs/{world.org_a}/audit?type=auth.failed", headers={"Authorization": f"Bearer {admin['key']}"}
+    )
+    items = (await r.json())["items"]
+    assert [(e["key_id"], e["detail"]["code"]) for e in items] == [(k["id"], "revoked_api_key")]

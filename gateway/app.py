@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import constants as C
 from gateway._breaker import CLOSED, OPEN, Breaker
@@ -61,7 +62,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def redis_client(cfg: Config) -> aioredis.Redis:
     timeout = cfg.redis.timeout_ms / 1000
-    # No retries: a slow or absent Redis must cost one short timeout, then we fall back to Postgres.
+    # No retry after a timeout: a slow or hung Redis must cost one short timeout, then we fall back. One
+    # immediate retry, on a new connection, after a connection error: once Redis restarts, every pooled
+    # connection is dead, and without it each would fail once (reopening the breaker each time) before
+    # the pool is fresh. RuntimeError: what uvloop raises on writing to a connection the server reset.
+    retry_dead_connection = Retry(NoBackoff(), 1, (RedisConnectionError, RuntimeError))  # type: ignore[arg-type]
     # A capped pool: past max_connections a call waits up to the timeout for a free connection.
     pool = aioredis.BlockingConnectionPool.from_url(
         cfg.redis.url.get(),
@@ -69,7 +74,7 @@ def redis_client(cfg: Config) -> aioredis.Redis:
         timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
+        retry=retry_dead_connection,
         client_name="gateway",
     )
     return aioredis.Redis.from_pool(pool)

@@ -11,6 +11,7 @@ fault, the recovery time under load and the worst cached-key latency during the 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,8 +69,11 @@ class Load:
         sent = time.monotonic()
         try:
             async with session.get(self.gw.url + path, headers=headers) as r:
-                await r.read()
+                body = await r.read()
                 status, code = r.status, r.headers.get("X-Auth-Error", "")
+                if kind == "readyz":  # which stores the process sees as down, e.g. "postgres,redis"
+                    checks = json.loads(body)["checks"]
+                    code = ",".join(sorted(name for name, state in checks.items() if state != "ok"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             status, code = 0, type(exc).__name__
         self.samples.append(Sample(kind, sent, time.monotonic() - sent, status, code))
@@ -107,11 +111,15 @@ class Load:
             async def healthz() -> None:
                 await self._one(session, "healthz", "/healthz", {})
 
+            async def readyz() -> None:
+                await self._one(session, "readyz", "/readyz", {})
+
             loops = [
                 self._loop("cached", 0.01, cached),
                 self._loop("uncached", 0.04, uncached),
                 self._loop("invalid", 0.03, invalid),
                 self._loop("healthz", 0.1, healthz),
+                self._loop("readyz", 0.05, readyz),
             ]
             await asyncio.gather(*loops)
             await asyncio.gather(*self.pending)  # the last requests finish
@@ -249,7 +257,7 @@ async def test_fault_under_load(case: str, faults: Faults, world: World, tmp_pat
 
 
 def _check(case: str, samples: list[Sample], fault_at: float, healed_at: float, *, redis_only: bool) -> str:
-    by_kind = {k: [s for s in samples if s.kind == k] for k in ("cached", "uncached", "invalid", "healthz")}
+    by_kind = {k: [s for s in samples if s.kind == k] for k in ("cached", "uncached", "invalid", "healthz", "readyz")}
     for kind, got in by_kind.items():
         assert len(got) > 10, f"{case}: too few {kind} requests ({len(got)})"
     for s in samples:
@@ -273,13 +281,21 @@ def _check(case: str, samples: list[Sample], fault_at: float, healed_at: float, 
     worst_cached = max(s.latency for s in during)
     # Never the Postgres deadline: a cached key is answered from the cache, not after a timeout.
     assert worst_cached < DB_TIMEOUT_MS / 1000, f"{case}: a cached key waited {worst_cached:.3f}s"
-    worst_health = max(s.latency for s in by_kind["healthz"])
-    assert worst_health < 0.5, f"{case}: /healthz took {worst_health:.3f}s"
+    worst_health = max(s.latency for s in by_kind["healthz"] + by_kind["readyz"])
+    assert worst_health < 0.5, f"{case}: /healthz or /readyz took {worst_health:.3f}s"
+    assert all(s.status == 200 for s in by_kind["readyz"]), f"{case}: a store outage made /readyz fail"
+    # Each store is seen as up again (its breaker closed) within a second of its return, under load.
+    seen_down = {}
+    for store in ("postgres", "redis"):
+        down = [s.sent - healed_at for s in by_kind["readyz"] if s.sent > healed_at and store in s.code.split(",")]
+        seen_down[store] = max(down, default=0.0)
+        assert seen_down[store] <= 1.0, f"{case}: {store} still seen as down {seen_down[store]:.2f}s after its return"
     refused = sum(1 for s in by_kind["uncached"] if s.status == 503)
     first_ok = min(s.sent + s.latency for s in by_kind["uncached"] if s.sent >= healed_at and s.status == 200)
     return (
         f"\nFAULT {case:20s} last uncached refusal {recovery * 1000:5.0f} ms and first uncached 200"
         f" {(first_ok - healed_at) * 1000:5.0f} ms after the store's return | worst cached during the fault"
         f" {worst_cached * 1000:6.1f} ms | worst healthz {worst_health * 1000:5.1f} ms | uncached 503s {refused:3d}"
-        f" | requests {len(samples)}"
+        f" | seen down after return: postgres {seen_down['postgres'] * 1000:4.0f} ms, redis"
+        f" {seen_down['redis'] * 1000:4.0f} ms | requests {len(samples)}"
     )

@@ -30,12 +30,14 @@ class Breaker:
         name: str,
         cooldown_s: float = C.BREAKER_COOLDOWN_S,
         on_change: Callable[[str, str], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self.cooldown_s = cooldown_s
         self.state = CLOSED
         self._next_probe = 0.0  # monotonic: when the next probe may start
         self._on_change = on_change
+        self._on_failure = on_failure  # every failed call of the store, whoever made it
 
     def allow(self) -> bool:
         """May this caller use the backend now? In half-open state only the probe may."""
@@ -55,6 +57,8 @@ class Breaker:
     def failed(self) -> None:
         self._next_probe = time.monotonic() + self.cooldown_s
         self._set(OPEN)
+        if self._on_failure is not None:
+            self._on_failure(self.name)
 
     @property
     def available(self) -> bool:

@@ -94,8 +94,11 @@ def _breaker(name: str, metrics: Metrics) -> Breaker:
             down = True
             log.warning("%s unavailable: calls skipped, one probe every %.1f s", backend, C.BREAKER_COOLDOWN_S)
 
+    def failed(backend: str) -> None:
+        metrics.backend_errors.labels(backend).inc()
+
     metrics.backend_up.labels(name).set(1)
-    return Breaker(name, on_change=changed)
+    return Breaker(name, on_change=changed, on_failure=failed)
 
 
 async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:

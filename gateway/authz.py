@@ -337,8 +337,12 @@ class KeyResolver:
     async def _load(self, key: ParsedKey, d: str, local_entry: Entry | None, address: str | None) -> KeyRecord:
         epoch = self.local.epoch
         redis_entry, generation = await self._redis_lookup(key, d, epoch)
-        fresh_in_redis = redis_entry is not None and time.time() - redis_entry.loaded_at < self.redis_ttl_s
-        if redis_entry is not None and fresh_in_redis and self.local.listening and self.local.trusts(redis_entry):
+        if (
+            redis_entry is not None
+            and time.time() - redis_entry.loaded_at < self.redis_ttl_s
+            and self.local.listening
+            and self.local.trusts(redis_entry)
+        ):
             self.metrics.cache.labels("redis").inc()
             self.local.put(d, redis_entry, epoch)
             return redis_entry.record
@@ -349,8 +353,7 @@ class KeyResolver:
             await self.guard.before_lookup(address)  # nothing known of this key: the costly path
         try:
             loaded = await self.store.load_key(key.key_id)
-        except StoreUnavailable:
-            self.metrics.backend_errors.labels("postgres").inc()
+        except StoreUnavailable:  # a failed call is counted by the store's breaker; a skipped one is not a failure
             return self._stale(local_entry, redis_entry)
         if loaded is None:
             await self._remember_invalid(key, d, generation, epoch, C.NEGATIVE_UNKNOWN_KEY)
@@ -377,8 +380,8 @@ class KeyResolver:
         return record
 
     def _redis_failed(self, exc: BaseException) -> None:
+        """Fall back (the breaker has counted the failure, if it was one)."""
         if not isinstance(exc, BreakerOpen):
-            self.metrics.backend_errors.labels("redis").inc()
             log.debug("redis call failed: %s", exc.__class__.__name__)
 
     def _stale(self, local_entry: Entry | None, redis_entry: Entry | None) -> KeyRecord:

@@ -14,6 +14,7 @@ in this process), `open` (admit) or `closed` (refuse with 503: an outage is neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway import constants as C
-from gateway._breaker import Breaker, BreakerOpen, guarded
+from gateway._breaker import Breaker, guarded
 from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.config import LimitConfig, RateLimitsConfig, rate_of
 from gateway.errors import AuthUnavailable, InvalidRequest, RateLimited
@@ -194,7 +195,6 @@ class RateLimiter:
                 replies = await pipe.execute()
         except REDIS_ERRORS:
             self.breaker.failed()
-            self.metrics.backend_errors.labels("redis").inc()
             raise
         self.breaker.succeeded()
         return [
@@ -309,10 +309,8 @@ class BruteForceGuard:
                 pipe.expire(key, C.GOOD_ADDRESS_TTL_S)
                 await pipe.execute()
 
-        try:
+        with contextlib.suppress(*REDIS_UNAVAILABLE):  # counted by the breaker; only a cache of good news
             await guarded(self.limiter.breaker, remember, REDIS_ERRORS)
-        except REDIS_UNAVAILABLE as exc:
-            self._failed(exc)
 
     async def _known_good(self, key_id: str, address: str | None) -> bool:
         if address is None:
@@ -320,10 +318,5 @@ class BruteForceGuard:
         key = C.REDIS_GOOD_ADDRESSES.format(key_id=key_id)
         try:
             return bool(await guarded(self.limiter.breaker, lambda: self.client.sismember(key, address), REDIS_ERRORS))
-        except REDIS_UNAVAILABLE as exc:
-            self._failed(exc)
+        except REDIS_UNAVAILABLE:
             return False
-
-    def _failed(self, exc: BaseException) -> None:
-        if not isinstance(exc, BreakerOpen):
-            self.metrics.backend_errors.labels("redis").inc()

@@ -113,3 +113,18 @@ async def test_errors_outside_the_backend_set_do_not_trip_it() -> None:
     with pytest.raises(ValueError):
         await guarded(b, bug, (ConnectionError,))
     assert b.state == CLOSED
+
+
+async def test_every_failed_call_is_reported_and_a_skipped_one_is_not() -> None:
+    failures: list[str] = []
+    b = Breaker("postgres", cooldown_s=10, on_failure=failures.append)
+
+    async def boom() -> int:
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        await guarded(b, boom, (ConnectionError,))
+    for _ in range(5):  # skipped while open: the store was not called, so nothing failed
+        with pytest.raises(BreakerOpen):
+            await guarded(b, boom, (ConnectionError,))
+    assert failures == ["postgres"]

@@ -40,17 +40,30 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None, what: str) -> None:
+def _wait_port(
+    port: int,
+    timeout_s: float,
+    proc: subprocess.Popen[bytes] | None,
+    what: str,
+    hello: tuple[bytes, bytes] | None = None,
+) -> None:
+    """Until the port accepts a connection; with `hello` (request, reply prefix), until the server also
+    answers it: a server can accept connections before it serves them."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with status {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                if hello is None:
+                    return
+                s.sendall(hello[0])
+                if s.recv(64).startswith(hello[1]):
+                    return
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start listening on port {port}")
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start serving on port {port}")
 
 
 def _kill_pidfile(pidfile: Path, sig: int, proc: subprocess.Popen[bytes] | None, timeout_s: float = 15) -> None:
@@ -207,7 +220,7 @@ class Redis:
                 stderr=log,
                 start_new_session=True,
             )
-        _wait_port(self.port, 15, self.proc, "redis-server")
+        _wait_port(self.port, 15, self.proc, "redis-server", (b"PING\r\n", b"+PONG"))
 
     def stop(self) -> None:
         _kill_pidfile(self.pidfile, signal.SIGTERM, self.proc)

@@ -136,7 +136,8 @@ class Admin:
         self.roles = roles
         self.invalidated: list[str] = []  # key ids invalidated by the last call, for the Redis tier
 
-    def _role(self, role: str) -> str:
+    def role_name(self, role: str) -> str:
+        """`role`, if this gateway knows it; else InvalidRequest naming the field."""
         if role not in self.roles.order:
             raise InvalidRequest(f"role must be one of {', '.join(self.roles.order)}", field="role")
         return role
@@ -205,7 +206,7 @@ class Admin:
             raise Conflict(f"org {org_id} must keep an owner: make another member {owner} first")
 
     async def set_member(self, org_id: str, user_id: str, role: str, actor: Actor = CLI) -> dict[str, Any]:
-        role = self._role(role)
+        role = self.role_name(role)
         async with self.pool.acquire() as conn, conn.transaction():
             await self._must_exist(conn, "orgs", org_id)
             await self._must_exist(conn, "users", user_id)
@@ -222,6 +223,19 @@ class Admin:
             )
             await self._membership_changed(conn, org_id, user_id, old, role, actor)
         return {"org_id": org_id, "user_id": user_id, "role": role}
+
+    async def join(self, conn: asyncpg.Connection, org_id: str, user_id: str, role: str, actor: Actor) -> None:
+        """Make the user a member with `role` (an accepted invitation), inside the caller's transaction. A
+        member already keeps their role: an old invitation never changes it."""
+        added = await conn.fetchval(
+            "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)"
+            " ON CONFLICT (org_id, user_id) DO NOTHING RETURNING role",
+            org_id,
+            user_id,
+            role,
+        )
+        if added is not None:
+            await self._membership_changed(conn, org_id, user_id, None, role, actor)
 
     async def remove_member(self, org_id: str, user_id: str, actor: Actor = CLI) -> dict[str, Any]:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -251,7 +265,7 @@ class Admin:
 
     def validate_spec(self, spec: KeySpec) -> tuple[datetime | None, list[str] | None]:
         _name(spec.name)
-        self._role(spec.role)
+        self.role_name(spec.role)
         if spec.env not in ENVS:
             raise InvalidRequest("env must be live or test", field="env")
         expires = key_expiry(spec)
@@ -360,8 +374,9 @@ class Admin:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT k.* FROM api_keys k WHERE ($1::text IS NULL OR k.user_id = $1)"
-                " AND ($2::text IS NULL OR $2 = ANY(k.org_ids) OR (k.all_orgs AND EXISTS ("
+                " AND ($2::text IS NULL OR (($2 = ANY(k.org_ids) OR (k.all_orgs AND EXISTS ("
                 "      SELECT 1 FROM memberships m WHERE m.user_id = k.user_id AND m.org_id = $2)))"
+                "      AND NOT EXISTS (SELECT 1 FROM key_org_blocks b WHERE b.key_id = k.id AND b.org_id = $2)))"
                 " AND ($3::text IS NULL"
                 "      OR ($3 = 'revoked' AND k.revoked_at IS NOT NULL)"
                 "      OR ($3 = 'expired' AND k.revoked_at IS NULL AND k.expires_at <= $4)"
@@ -401,6 +416,56 @@ class Admin:
             self.invalidated = [key_id]
             await notify_keys(conn, self.invalidated)
         return key_view(row)
+
+    async def stop_key_in(self, key_id: str, org_ids: list[str], actor: Actor) -> dict[str, Any]:
+        """Stop a key acting in `org_ids` only (what an org's admin can do to a key that also acts in
+        other orgs): its owner's other orgs are untouched."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+            if row is None:
+                raise NotFound(f"no key {key_id}")
+            for org_id in org_ids:
+                await conn.execute(
+                    "INSERT INTO key_org_blocks (key_id, org_id, blocked_by) VALUES ($1, $2, $3)"
+                    " ON CONFLICT DO NOTHING",
+                    key_id,
+                    org_id,
+                    actor.id,
+                )
+                await write_event(
+                    conn,
+                    "api_key.revoked",
+                    actor=actor,
+                    org_id=org_id,
+                    key_id=key_id,
+                    target=key_id,
+                    detail={"scope": "org"},
+                )
+            self.invalidated = [key_id]
+            await notify_keys(conn, self.invalidated)
+        return key_view(row)
+
+    async def stopped_in(self, key_id: str) -> list[str]:
+        """The orgs a key was stopped in by their admins."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT org_id FROM key_org_blocks WHERE key_id = $1 ORDER BY org_id", key_id)
+        return [r["org_id"] for r in rows]
+
+    async def member_roles(self, user_id: str) -> dict[str, str]:
+        """The user's role in each org they belong to."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT org_id, role FROM memberships WHERE user_id = $1", user_id)
+        return {r["org_id"]: r["role"] for r in rows}
+
+    async def projects_in(self, project_ids: list[str], org_ids: list[str]) -> list[str]:
+        """Those of `project_ids` that belong to one of `org_ids`."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM projects WHERE id = ANY($1::text[]) AND org_id = ANY($2::text[]) ORDER BY id",
+                project_ids,
+                org_ids,
+            )
+        return [r["id"] for r in rows]
 
     async def rotate_key(self, key_id: str, grace: str | None, actor: Actor = CLI) -> dict[str, Any]:
         grace_td = parse_duration(grace, "grace") if grace else timedelta(0)
@@ -495,7 +560,7 @@ class Admin:
 
     async def create_service_account(self, org_id: str, name: str, role: str, actor: Actor) -> dict[str, Any]:
         """A non-human member of one org: its keys are the org's, and outlive whoever made them."""
-        self._role(role)
+        self.role_name(role)
         user_id = new_id("svc")
         async with self.pool.acquire() as conn, conn.transaction():
             await self._must_exist(conn, "orgs", org_id)

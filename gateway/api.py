@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway._body import json_object
 from gateway.admin import MAX_LIST, KeySpec, key_expiry, key_view
 from gateway.audit import Actor
-from gateway.authz import check_state, pattern_matches, role_in
+from gateway.authz import check_state, effective_permissions, granted, pattern_matches, role_in
 from gateway.cache import KeyRecord
 from gateway.config import RolesConfig
 from gateway.errors import (
@@ -38,7 +38,7 @@ from gateway.errors import (
 from gateway.forward import charge, client_address, credential, key_limit, verified_record
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
-from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, TRUSTED
+from gateway.typedefs import ADMIN, CONFIG, INVITATIONS, KEY_FORMAT, TRUSTED
 from gateway.ui import COOKIE, check_csrf, load_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,18 +59,39 @@ class Principal:
     def role_in(self, org: str) -> str | None:
         return role_in(self.record, org, self.roles)
 
-    def require(self, org: str, minimum: str | None = None) -> str:
-        """The effective role in `org`: an org the key cannot act in is 404, too low a role 403."""
+    def permissions_in(self, org: str) -> tuple[str, ...]:
+        """What this credential may do in `org`: its role there (capped by its owner's) met with its scopes,
+        exactly as forward auth computes X-Scopes."""
+        role = self.role_in(org)
+        if role is None:
+            return ()
+        return effective_permissions(self.roles.permissions.get(role, ()), self.record.scopes)
+
+    def may(self, org: str, permission: str, minimum: str | None = ADMIN_ROLE) -> bool:
+        role = self.role_in(org)
+        return (
+            role is not None
+            and granted(self.permissions_in(org), permission)
+            and (minimum is None or self.roles.rank(role) >= self.roles.rank(minimum))
+        )
+
+    def require(self, org: str, permission: str | None = None, minimum: str | None = None) -> str:
+        """The effective role in `org`, which must grant `permission` (and reach `minimum`): an org the
+        credential cannot act in is 404, too little power 403."""
         role = self.role_in(org)
         if role is None:
             raise NotFound(f"no org {org}")
+        if permission is not None and not granted(self.permissions_in(org), permission):
+            raise InsufficientPermissions(f"requires {permission} in this org")
         if minimum is not None and self.roles.rank(role) < self.roles.rank(minimum):
             raise InsufficientPermissions(f"requires role {minimum} in this org")
         return role
 
-    def is_admin(self, org: str) -> bool:
-        role = self.role_in(org)
-        return role is not None and self.roles.rank(role) >= self.roles.rank(ADMIN_ROLE)
+    def require_own(self, permission: str) -> None:
+        """An action on no org (creating one): the credential's own role and scopes must grant it."""
+        own = self.roles.permissions.get(self.record.role, ())
+        if not granted(effective_permissions(own, self.record.scopes), permission):
+            raise InsufficientPermissions(f"requires {permission}")
 
     def orgs(self) -> list[str]:
         return sorted(org for org in self.record.memberships if self.role_in(org) is not None)
@@ -193,32 +214,32 @@ _KEY_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def no_escalation(p: Principal, spec: KeySpec) -> None:
-    """A key may only create keys that can do no more than itself."""
+def no_escalation(p: Principal, spec: KeySpec, verb: str = "create") -> None:
+    """A key may only create (rotate, revoke) keys that can do no more than itself."""
     me, roles = p.record, p.roles
     if roles.rank(spec.role) > roles.rank(me.role):
-        raise InsufficientPermissions(f"a {me.role} key cannot create a {spec.role} key")
+        raise InsufficientPermissions(f"a {me.role} key cannot {verb} a {spec.role} key")
     if not me.all_orgs and (not spec.orgs or not set(spec.orgs) <= set(me.org_ids)):
-        raise OrgNotAllowed("the new key's orgs must be within this key's orgs")
+        raise OrgNotAllowed("that key's orgs must be within this key's orgs")
     if not me.all_projects and (not spec.projects or not set(spec.projects) <= set(me.project_ids)):
-        raise ProjectNotAllowed("the new key's projects must be within this key's projects")
+        raise ProjectNotAllowed("that key's projects must be within this key's projects")
     if me.scopes is not None and (
         spec.scopes is None or not all(any(pattern_matches(m, s) for m in me.scopes) for s in spec.scopes)
     ):
-        raise InsufficientPermissions("the new key's scopes must be within this key's")
+        raise InsufficientPermissions("that key's scopes must be within this key's")
     if me.expires_at is not None:
         expires = key_expiry(spec)
         if expires is None or expires.timestamp() > me.expires_at:
-            raise InsufficientPermissions("the new key must expire no later than this key")
+            raise InsufficientPermissions("that key must expire no later than this key")
     if me.env == "test" and spec.env != "test":
         raise InsufficientPermissions("a test key can only create test keys")
     if me.rate_limit is not None and not _slower(spec.rate_limit, me.rate_limit):
-        raise InsufficientPermissions(f"the new key needs a rate limit within this key's {me.rate_limit}")
+        raise InsufficientPermissions(f"that key needs a rate limit within this key's {me.rate_limit}")
     if me.allowed_cidrs is not None:
         mine = me.networks() or ()
         theirs = [ipaddress.ip_network(c, strict=False) for c in spec.allow_ips or []]
         if not theirs or not all(any(_within(t, n) for n in mine) for t in theirs):
-            raise IpNotAllowed("the new key's allowlist must be within this key's")
+            raise IpNotAllowed("that key's allowlist must be within this key's")
 
 
 def _slower(child: str | None, parent: str) -> bool:
@@ -249,51 +270,77 @@ def spec_from(body: dict[str, Any], owner: str) -> KeySpec:
     )
 
 
-def with_effective_roles(p: Principal, key: dict[str, Any], owner_roles: dict[str, str]) -> dict[str, Any]:
-    """Adds, per org the key can act in, the role it really has there (capped by its owner's membership)."""
-    orgs = list(owner_roles) if key["orgs"] == "all" else [o for o in key["orgs"] if o in owner_roles]
+def _acting_orgs(row: Any, owner_roles: dict[str, str], stopped: list[str]) -> list[str]:
+    """The orgs a key can act in now: its own or all of its owner's, less those it was stopped in."""
+    orgs = list(owner_roles) if row["all_orgs"] else [o for o in row["org_ids"] if o in owner_roles]
+    return sorted(o for o in orgs if o not in stopped)
+
+
+def _effective_roles(p: Principal, role: str, owner_roles: dict[str, str], orgs: list[str]) -> dict[str, str]:
     roles = p.roles
-    key["effective_role"] = {
-        o: roles.lower(key["role"], owner_roles[o])
-        for o in sorted(orgs)
-        if key["role"] in roles.order and owner_roles[o] in roles.order
-    }
-    return key
+    return {o: roles.lower(role, owner_roles[o]) for o in orgs if role in roles.order and owner_roles[o] in roles.order}
 
 
-async def owner_roles(request: web.Request, user_id: str) -> dict[str, str]:
-    admin = request.config_dict[ADMIN]
-    async with admin.pool.acquire() as conn:
-        rows = await conn.fetch("SELECT org_id, role FROM memberships WHERE user_id = $1", user_id)
-    return {r["org_id"]: r["role"] for r in rows}
+@dataclass(frozen=True)
+class KeyAccess:
+    """A key as the caller may see it, and the orgs in which the caller manages it as an admin there
+    (empty for the caller's own key, which needs no admin)."""
+
+    row: Any
+    view: dict[str, Any]
+    managed: list[str]
 
 
-async def visible_key(request: web.Request, key_id: str) -> dict[str, Any]:
-    """A key the caller may see: its own, or one that can act in an org where the caller is an admin."""
+async def key_access(request: web.Request, row: Any, permission: str = "keys:read") -> KeyAccess:
+    """The caller's own key in full. Another user's key only as seen from the orgs where the caller is an
+    admin with `keys:read` and the key acts: nothing of its owner's other orgs. 404 when there is none
+    (as for a key that does not exist), 403 when the caller can see it but lacks `permission`."""
     p = request[PRINCIPAL]
+    admin = request.config_dict[ADMIN]
+    owner_roles = await admin.member_roles(row["user_id"])
+    stopped = await admin.stopped_in(row["id"])
+    view = key_view(row)
+    acting = _acting_orgs(row, owner_roles, stopped)
+    if row["user_id"] == p.user_id:
+        view["effective_role"] = _effective_roles(p, row["role"], owner_roles, acting)
+        view["stopped_in"] = stopped
+        return KeyAccess(row, view, [])
+    seen_from = [o for o in acting if p.may(o, "keys:read")]
+    if not seen_from:
+        raise NotFound(f"no key {row['id']}")
+    managed = [o for o in seen_from if p.may(o, permission)]
+    if permission.endswith(":write"):
+        # As with memberships: nobody stops the key of a member whose role is above their own.
+        managed = [o for o in managed if p.roles.rank(owner_roles[o]) <= p.roles.rank(p.role_in(o) or "")]
+    if not managed:
+        raise InsufficientPermissions(f"requires {permission} in this key's org")
+    view["orgs"] = seen_from
+    if view["projects"] != "all":
+        view["projects"] = await admin.projects_in(view["projects"], seen_from)
+    view["effective_role"] = _effective_roles(p, row["role"], owner_roles, seen_from)
+    return KeyAccess(row, view, managed)
+
+
+async def visible_key(request: web.Request, key_id: str, permission: str = "keys:read") -> KeyAccess:
     row = await request.config_dict[ADMIN].key_row(key_id)
     if row is None:
         raise NotFound(f"no key {key_id}")
-    key = key_view(row)
-    roles = await owner_roles(request, row["user_id"])
-    if row["user_id"] != p.user_id:
-        key_orgs = list(roles) if row["all_orgs"] else [o for o in row["org_ids"] if o in roles]
-        if not any(p.is_admin(o) for o in key_orgs):
-            raise NotFound(f"no key {key_id}")
-    return with_effective_roles(p, key, roles)
+    return await key_access(request, row, permission)
 
 
 async def create_key(request: web.Request) -> web.Response:
+    """One's own key: any valid credential of the user, never making more than that credential can do."""
     p = request[PRINCIPAL]
     body = await read_body(request, _KEY_FIELDS, {"name", "role"})
     spec = spec_from(body, p.user_id)
-    request.config_dict[ADMIN].validate_spec(spec)
+    admin = request.config_dict[ADMIN]
+    admin.validate_spec(spec)
     no_escalation(p, spec)
     for org in spec.orgs:
         p.require(org)
-    created = await request.config_dict[ADMIN].create_key(spec, p.actor)
-    result = with_effective_roles(p, created, await owner_roles(request, p.user_id))
-    return web.json_response(result, status=201)
+    created = await admin.create_key(spec, p.actor)
+    row = await admin.key_row(created["id"])
+    return web.json_response({**(await key_access(request, row)).view, "key": created["key"]}, status=201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -305,7 +352,7 @@ async def list_keys(request: web.Request) -> web.Response:
     if status not in (None, "active", "expired", "revoked"):
         raise InvalidRequest("status must be active, expired or revoked", field="status")
     if org is not None:
-        p.require(checked_id(org, "org"), ADMIN_ROLE)  # every key of an org: its admins only
+        p.require(checked_id(org, "org"), "keys:read", ADMIN_ROLE)  # every key of an org: its admins only
     elif owner not in (None, p.user_id):
         raise InvalidRequest("owner needs org: list another member's keys within an org you administer", field="owner")
     else:
@@ -320,7 +367,11 @@ async def list_keys(request: web.Request) -> web.Response:
     admin = request.config_dict[ADMIN]
     rows = await admin.list_keys(owner, org, status, after, limit + 1)
     items = rows[:limit]
-    out = [with_effective_roles(p, k, await owner_roles(request, k["user_id"])) for k in items]
+    out = []
+    for k in items:
+        row = await admin.key_row(k["id"])
+        if row is not None:
+            out.append((await key_access(request, row)).view)
     next_cursor = None
     if len(rows) > limit:
         next_cursor = encode_cursor([items[-1]["created_at"], items[-1]["id"]])
@@ -328,15 +379,26 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def get_key(request: web.Request) -> web.Response:
-    return web.json_response(await visible_key(request, request.match_info["key_id"]))
+    return web.json_response((await visible_key(request, request.match_info["key_id"])).view)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    key = await visible_key(request, request.match_info["key_id"])
-    revoked = await request.config_dict[ADMIN].revoke_key(key["id"], request[PRINCIPAL].actor)
-    return web.json_response(
-        with_effective_roles(request[PRINCIPAL], revoked, await owner_roles(request, key["user_id"]))
-    )
+    """Its owner revokes a key everywhere. An org's admin stops it in that org: the whole key only when it
+    can act nowhere else (scoped to orgs the admin manages, or a service account's), else just there."""
+    p = request[PRINCIPAL]
+    admin = request.config_dict[ADMIN]
+    access = await visible_key(request, request.match_info["key_id"], "keys:write")
+    row = access.row
+    if not access.managed:  # one's own key, if no more powerful than the credential revoking it
+        if access.view["status"] == "active":
+            no_escalation(p, spec_of(row), "revoke")
+        await admin.revoke_key(row["id"], p.actor)
+        return web.json_response((await visible_key(request, row["id"])).view)
+    if not row["all_orgs"] and set(row["org_ids"]) <= set(access.managed):
+        revoked = await admin.revoke_key(row["id"], p.actor)
+        return web.json_response({**access.view, "status": "revoked", "revoked_at": revoked["revoked_at"]})
+    await admin.stop_key_in(row["id"], access.managed, p.actor)
+    return web.json_response({**access.view, "status": "revoked", "revoked_in": access.managed})
 
 
 def spec_of(key: dict[str, Any]) -> KeySpec:
@@ -345,12 +407,12 @@ def spec_of(key: dict[str, Any]) -> KeySpec:
         user_id=key["user_id"],
         name=key["name"],
         role=key["role"],
-        orgs=[] if key["orgs"] == "all" else list(key["orgs"]),
-        projects=[] if key["projects"] == "all" else list(key["projects"]),
+        orgs=[] if key["all_orgs"] else list(key["org_ids"]),
+        projects=[] if key["all_projects"] else list(key["project_ids"]),
         scopes=key["scopes"],
         env=key["env"],
-        expires_at=key["expires_at"],
-        allow_ips=key["allowed_ips"],
+        expires_at=key_view(key)["expires_at"],
+        allow_ips=[str(c) for c in key["allowed_cidrs"]] if key["allowed_cidrs"] is not None else None,
         rate_limit=key["rate_limit"],
     )
 
@@ -359,16 +421,16 @@ async def rotate_key(request: web.Request) -> web.Response:
     """Rotation hands out a new raw key: only to its owner, or to an admin of a service account's org,
     and never to a key less powerful than the one rotated."""
     p = request[PRINCIPAL]
-    key = await visible_key(request, request.match_info["key_id"])
-    if key["user_id"] != p.user_id:
-        service_org = await request.config_dict[ADMIN].service_org(key["user_id"])
-        if service_org is None or not p.is_admin(service_org):
-            raise InsufficientPermissions("only a key's owner can rotate it; an admin can revoke it")
-    if key["status"] == "active":
-        no_escalation(p, spec_of(key))
+    admin = request.config_dict[ADMIN]
+    access = await visible_key(request, request.match_info["key_id"], "keys:write")
+    if access.managed and await admin.service_org(access.row["user_id"]) not in access.managed:
+        raise InsufficientPermissions("only a key's owner can rotate it; an admin can revoke it")
+    if access.view["status"] == "active":
+        no_escalation(p, spec_of(access.row))
     body = await read_body(request, {"grace": str}, set())
-    rotated = await request.config_dict[ADMIN].rotate_key(key["id"], body.get("grace"), p.actor)
-    return web.json_response(with_effective_roles(p, rotated, await owner_roles(request, key["user_id"])), status=201)
+    rotated = await admin.rotate_key(access.row["id"], body.get("grace"), p.actor)
+    new = await key_access(request, await admin.key_row(rotated["id"]))
+    return web.json_response({**new.view, "key": rotated["key"], "rotated_from": access.row["id"]}, status=201)
 
 
 # --- orgs, members, projects, service accounts ---------------------------------------------------
@@ -390,6 +452,7 @@ async def create_org(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     if not p.record.all_orgs:
         raise OrgNotAllowed("only a key for all of its owner's orgs can create an org")
+    p.require_own("orgs:write")
     body = await read_body(request, {"name": str}, {"name"})
     return web.json_response(
         await request.config_dict[ADMIN].create_org_owned(body["name"], p.user_id, p.actor), status=201
@@ -412,35 +475,37 @@ async def get_org(request: web.Request) -> web.Response:
 
 async def list_members(request: web.Request) -> web.Response:
     org = request.match_info["org"]
-    request[PRINCIPAL].require(org, ADMIN_ROLE)
+    request[PRINCIPAL].require(org, "members:read", ADMIN_ROLE)
     return web.json_response({"items": await request.config_dict[ADMIN].members(org)})
 
 
-def _grantable(p: Principal, org: str, role: str) -> None:
+def _grantable(p: Principal, org: str, role: str, permission: str) -> None:
     """Nobody grants a role above their own effective one."""
     if role not in p.roles.order:
         raise InvalidRequest(f"role must be one of {', '.join(p.roles.order)}", field="role")
-    mine = p.require(org, ADMIN_ROLE)
+    mine = p.require(org, permission, ADMIN_ROLE)
     if p.roles.rank(role) > p.roles.rank(mine):
         raise InsufficientPermissions(f"an {mine} cannot grant {role}")
 
 
 async def add_member(request: web.Request) -> web.Response:
+    """Invites the user with this email: they join once they accept. A current member's role is set."""
     p = request[PRINCIPAL]
     org = request.match_info["org"]
     body = await read_body(request, {"email": str, "role": str}, {"email", "role"})
-    _grantable(p, org, body["role"])
+    _grantable(p, org, body["role"], "members:write")
     admin = request.config_dict[ADMIN]
     user_id = await admin.user_by_email(body["email"], p.actor)
     await _guard_target(request, org, user_id)
-    return web.json_response(await admin.set_member(org, user_id, body["role"], p.actor), status=201)
+    result = await request.config_dict[INVITATIONS].invite(org, body["email"], body["role"], p.actor)
+    return web.json_response(result, status=200 if result["status"] == "member" else 202)
 
 
 async def _guard_target(request: web.Request, org: str, user_id: str) -> None:
     """A member whose role is above the caller's cannot be changed or removed by the caller."""
     p = request[PRINCIPAL]
     current = await request.config_dict[ADMIN].member_role(org, user_id)
-    mine = p.require(org, ADMIN_ROLE)
+    mine = p.require(org, "members:write", ADMIN_ROLE)
     if current is not None and p.roles.rank(current) > p.roles.rank(mine):
         raise InsufficientPermissions(f"an {mine} cannot change an {current}")
 
@@ -449,7 +514,7 @@ async def set_member(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, user_id = request.match_info["org"], request.match_info["user_id"]
     body = await read_body(request, {"role": str}, {"role"})
-    _grantable(p, org, body["role"])
+    _grantable(p, org, body["role"], "members:write")
     if await request.config_dict[ADMIN].member_role(org, user_id) is None:
         raise NotFound(f"no member {user_id}")
     await _guard_target(request, org, user_id)
@@ -459,28 +524,65 @@ async def set_member(request: web.Request) -> web.Response:
 async def remove_member(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, user_id = request.match_info["org"], request.match_info["user_id"]
-    p.require(org, ADMIN_ROLE)
+    p.require(org, "members:write", ADMIN_ROLE)
     await _guard_target(request, org, user_id)
     return web.json_response(await request.config_dict[ADMIN].remove_member(org, user_id, p.actor))
+
+
+async def list_org_invitations(request: web.Request) -> web.Response:
+    org = request.match_info["org"]
+    request[PRINCIPAL].require(org, "members:read", ADMIN_ROLE)
+    return web.json_response({"items": await request.config_dict[INVITATIONS].for_org(org)})
+
+
+async def withdraw_invitation(request: web.Request) -> web.Response:
+    p = request[PRINCIPAL]
+    org = request.match_info["org"]
+    p.require(org, "members:write", ADMIN_ROLE)
+    invitation = checked_id(request.match_info["invitation"], "invitation")
+    return web.json_response(await request.config_dict[INVITATIONS].withdraw(org, invitation, p.actor))
+
+
+async def my_invitations(request: web.Request) -> web.Response:
+    """The caller's own open invitations: any valid credential of the user."""
+    p = request[PRINCIPAL]
+    return web.json_response({"items": await request.config_dict[INVITATIONS].for_user(p.user_id)})
+
+
+async def _decide(request: web.Request, accept: bool) -> web.Response:
+    p = request[PRINCIPAL]
+    if accept and not p.record.all_orgs:
+        # Joining an org changes the user's orgs: not for a credential confined to some of them.
+        raise OrgNotAllowed("only a key for all of its owner's orgs (or the web page) can accept an invitation")
+    invitation = checked_id(request.match_info["invitation"], "invitation")
+    return web.json_response(await request.config_dict[INVITATIONS].decide(invitation, p.user_id, accept, p.actor))
+
+
+async def accept_invitation(request: web.Request) -> web.Response:
+    return await _decide(request, accept=True)
+
+
+async def decline_invitation(request: web.Request) -> web.Response:
+    return await _decide(request, accept=False)
 
 
 async def create_project(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
-    p.require(org, ADMIN_ROLE)
+    p.require(org, "projects:write", ADMIN_ROLE)
     body = await read_body(request, {"name": str}, {"name"})
     return web.json_response(await request.config_dict[ADMIN].create_project(org, body["name"], p.actor), status=201)
 
 
 async def list_projects(request: web.Request) -> web.Response:
     org = request.match_info["org"]
-    request[PRINCIPAL].require(org)
+    request[PRINCIPAL].require(org, "projects:read")
     return web.json_response({"items": await request.config_dict[ADMIN].projects(org)})
 
 
 async def get_project(request: web.Request) -> web.Response:
     org, project = request.match_info["org"], request.match_info["project"]
-    request[PRINCIPAL].require(org)
+    request[PRINCIPAL].require(org, "projects:read")
     found = [p for p in await request.config_dict[ADMIN].projects(org) if p["id"] == project]
     if not found:
         raise NotFound(f"no project {project}")
@@ -490,7 +592,7 @@ async def get_project(request: web.Request) -> web.Response:
 async def delete_project(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, project = request.match_info["org"], request.match_info["project"]
-    p.require(org, ADMIN_ROLE)
+    p.require(org, "projects:write", ADMIN_ROLE)
     revoke = request.query.get("revoke_keys", "false")
     if revoke not in ("true", "false"):
         raise InvalidRequest("revoke_keys must be true or false", field="revoke_keys")
@@ -501,7 +603,7 @@ async def create_service_account(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
     body = await read_body(request, {"name": str, "role": str}, {"name", "role"})
-    _grantable(p, org, body["role"])
+    _grantable(p, org, body["role"], "service_accounts:write")
     return web.json_response(
         await request.config_dict[ADMIN].create_service_account(org, body["name"], body["role"], p.actor), status=201
     )
@@ -509,7 +611,7 @@ async def create_service_account(request: web.Request) -> web.Response:
 
 async def list_service_accounts(request: web.Request) -> web.Response:
     org = request.match_info["org"]
-    request[PRINCIPAL].require(org, ADMIN_ROLE)
+    request[PRINCIPAL].require(org, "service_accounts:read", ADMIN_ROLE)
     return web.json_response({"items": await request.config_dict[ADMIN].service_accounts(org)})
 
 
@@ -517,24 +619,26 @@ async def create_service_account_key(request: web.Request) -> web.Response:
     """The org's own keys: owned by the service account, scoped to its one org."""
     p = request[PRINCIPAL]
     org, sa_id = request.match_info["org"], request.match_info["sa"]
-    p.require(org, ADMIN_ROLE)
-    sa = await request.config_dict[ADMIN].service_account(org, sa_id)
+    p.require(org, "service_accounts:write", ADMIN_ROLE)
+    admin = request.config_dict[ADMIN]
+    sa = await admin.service_account(org, sa_id)
     if sa is None:
         raise NotFound(f"no service account {sa_id}")
     body = await read_body(request, _KEY_FIELDS, {"name", "role"})
     body["orgs"] = [org]
     spec = spec_from(body, sa_id)
-    request.config_dict[ADMIN].validate_spec(spec)
+    admin.validate_spec(spec)
     no_escalation(p, spec)
-    _grantable(p, org, spec.role)
-    created = await request.config_dict[ADMIN].create_key(spec, p.actor)
-    return web.json_response(with_effective_roles(p, created, {org: sa["role"]}), status=201)
+    _grantable(p, org, spec.role, "service_accounts:write")
+    created = await admin.create_key(spec, p.actor)
+    access = await key_access(request, await admin.key_row(created["id"]))
+    return web.json_response({**access.view, "key": created["key"]}, status=201)
 
 
 async def audit(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
-    p.require(org, ADMIN_ROLE)
+    p.require(org, "audit:read", ADMIN_ROLE)
     limit, cursor = page(request)
     q = request.query
     before = int(decode_cursor(cursor)) if cursor else None
@@ -570,6 +674,11 @@ def api_app() -> web.Application:
     r.add_post("/orgs/{org}/members", add_member)
     r.add_put("/orgs/{org}/members/{user_id}", set_member)
     r.add_delete("/orgs/{org}/members/{user_id}", remove_member)
+    r.add_get("/orgs/{org}/invitations", list_org_invitations)
+    r.add_delete("/orgs/{org}/invitations/{invitation}", withdraw_invitation)
+    r.add_get("/invitations", my_invitations)
+    r.add_post("/invitations/{invitation}/accept", accept_invitation)
+    r.add_post("/invitations/{invitation}/decline", decline_invitation)
     r.add_post("/orgs/{org}/projects", create_project)
     r.add_get("/orgs/{org}/projects", list_projects)
     r.add_get("/orgs/{org}/projects/{project}", get_project)

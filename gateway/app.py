@@ -27,6 +27,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.forward import error_response, forward_handler, keys_verify
 from gateway.health import Lifecycle, backend_checks, watch_backends
+from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener, supervise
 from gateway.metrics import Metrics
@@ -39,6 +40,7 @@ from gateway.typedefs import (
     AUDITOR,
     CONFIG,
     HASHER,
+    INVITATIONS,
     KEY_FORMAT,
     LIFECYCLE,
     LIMITER,
@@ -103,7 +105,7 @@ def _breaker(name: str, metrics: Metrics) -> Breaker:
 
 async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    app[HASHER] = SecretHasher(cfg.keys.argon2, cfg.keys.verify_threads)
+    app[HASHER] = SecretHasher(cfg.keys.argon2, cfg.keys.verify_threads, cfg.keys.verify_queue)
     yield
     app[HASHER].close()
 
@@ -146,6 +148,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[RESOLVER] = resolver
     app[ADMIN] = Admin(app[STORE].pool, app[KEY_FORMAT], app[HASHER], cfg.roles)
+    app[INVITATIONS] = Invitations(app[ADMIN])
     app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
 

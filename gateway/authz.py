@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from gateway import constants as C
 from gateway._breaker import BreakerOpen
@@ -26,7 +27,7 @@ from gateway.errors import (
     ProjectNotAllowed,
     RevokedApiKey,
 )
-from gateway.keys import ParsedKey, SecretHasher, digest
+from gateway.keys import ParsedKey, SecretHasher, VerifierBusy, digest
 from gateway.metrics import Metrics
 from gateway.policy import RouteDecision
 from gateway.ratelimit import BruteForceGuard
@@ -361,15 +362,10 @@ class KeyResolver:
         record, secret_hash = loaded
         known = [e for e in (local_entry, redis_entry) if e is not None]
         # A digest already verified against this very hash needs no new argon2 run.
-        if not any(e.record.hash_fingerprint == record.hash_fingerprint for e in known):
-            if self.guard is not None:
-                await self.guard.before_argon2(key.key_id, address)
-            self.metrics.argon2.inc()
-            if not await self.hasher.verify(secret_hash, key.secret):
-                await self._remember_invalid(key, d, generation, epoch, C.NEGATIVE_WRONG_SECRET)
-                raise InvalidApiKey()
-            if self.guard is not None:
-                await self.guard.verified(key.key_id, address)
+        fingerprint_known = any(e.record.hash_fingerprint == record.hash_fingerprint for e in known)
+        if not fingerprint_known and not await self._argon2(key, secret_hash, address):
+            await self._remember_invalid(key, d, generation, epoch, C.NEGATIVE_WRONG_SECRET)
+            raise InvalidApiKey()
         entry = Entry(record, read_at)
         self.local.put(d, entry, epoch)
         if self.redis is not None and generation is not None:
@@ -378,6 +374,29 @@ class KeyResolver:
             except REDIS_UNAVAILABLE as exc:
                 self._redis_failed(exc)
         return record
+
+    async def _argon2(self, key: ParsedKey, secret_hash: str, address: str | None) -> bool:
+        """Verify the secret, within the brute-force budgets and the hasher's bound."""
+        if self.hasher.saturated:
+            self._busy()  # before any budget is charged for a run that cannot start
+        if self.guard is not None:
+            await self.guard.before_argon2(key.key_id, address)
+        try:
+            verified = await self.hasher.verify(secret_hash, key.secret)
+        except VerifierBusy:
+            self._busy()
+        self.metrics.argon2.inc()
+        if verified and self.guard is not None:
+            await self.guard.verified(key.key_id, address)
+        return verified
+
+    def _busy(self) -> NoReturn:
+        """Every argon2 thread and queue slot is taken: the gateway cannot decide now (never a 401)."""
+        self.metrics.argon2_busy.inc()
+        raise AuthUnavailable(
+            "too many keys are being verified at once; retry shortly",
+            headers={"Retry-After": str(C.VERIFY_BUSY_RETRY_AFTER_S)},
+        )
 
     def _redis_failed(self, exc: BaseException) -> None:
         """Fall back (the breaker has counted the failure, if it was one)."""

@@ -19,11 +19,14 @@ from typing import Any, Final, NoReturn
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
+from gateway._server import GatewayRunner
 from gateway.admin import Admin, KeySpec
 from gateway.app import create_app, redis_client
+from gateway.audit import CLI
 from gateway.cache import REDIS_ERRORS, RedisCache
 from gateway.config import Config, load_config, load_roles, redact_url
 from gateway.errors import ConfigError, GatewayError
+from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.policy import describe, load_policy
 from gateway.store import PG_ERRORS, StoreUnavailable, connect_pool, migrate
@@ -91,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     mr = members.add_parser("remove")
     mr.add_argument("org_id")
     mr.add_argument("user_id")
+    mi = members.add_parser("invite", help="invite a user by email: they join once they accept")
+    mi.add_argument("org_id")
+    mi.add_argument("email")
+    mi.add_argument("role")
+
+    invitations = sub.add_parser("invitations").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    il = invitations.add_parser("list", help="open invitations of a user or an org")
+    il_by = il.add_mutually_exclusive_group(required=True)
+    il_by.add_argument("--user")
+    il_by.add_argument("--org")
+    invitations.add_parser("accept", help="accept an invitation for the invited user").add_argument("invitation_id")
+    invitations.add_parser("decline", help="decline an invitation for the invited user").add_argument("invitation_id")
+    invitations.add_parser("withdraw", help="withdraw an org's invitation").add_argument("invitation_id")
 
     projects = sub.add_parser("projects").add_subparsers(dest="action", required=True, parser_class=_Parser)
     pc = projects.add_parser("create")
@@ -206,6 +222,13 @@ def _admin_call(args: argparse.Namespace) -> Callable[[Admin], Awaitable[Any]]:
         ("users", "create"): lambda a: a.create_user(args.email),
         ("members", "set"): lambda a: a.set_member(args.org_id, args.user_id, args.role),
         ("members", "remove"): lambda a: a.remove_member(args.org_id, args.user_id),
+        ("members", "invite"): lambda a: Invitations(a).invite(args.org_id, args.email, args.role, CLI),
+        ("invitations", "list"): lambda a: (
+            Invitations(a).for_user(args.user) if args.user else Invitations(a).for_org(args.org)
+        ),
+        ("invitations", "accept"): lambda a: Invitations(a).decide(args.invitation_id, None, True),
+        ("invitations", "decline"): lambda a: Invitations(a).decide(args.invitation_id, None, False),
+        ("invitations", "withdraw"): lambda a: Invitations(a).withdraw(None, args.invitation_id, CLI),
         ("projects", "create"): lambda a: a.create_project(args.org_id, args.name),
         ("keys", "list"): lambda a: a.list_keys(args.user, args.org),
         ("keys", "show"): lambda a: a.show_key(args.key_id),
@@ -356,7 +379,7 @@ async def _serve_async(cfg: Config, host: str, port: int, reuse_port: bool, on_b
         except ConfigError as exc:  # part of starting, like the port and Postgres: exit status 1
             raise CliError(f"config error: {exc}") from None
         app.on_response_prepare.append(_close_when_draining)
-        runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        runner = GatewayRunner(app, access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         try:
             if await _started(runner, host, port, reuse_port, stop):
                 on_bound()

@@ -99,6 +99,8 @@ class KeysConfig:
     prefix: str = "gw"
     argon2: Argon2Config = field(default_factory=Argon2Config)
     verify_threads: int = 4
+    # Verifications that may wait for a free thread; past it a request is refused with 503 at once.
+    verify_queue: int = C.DEFAULT_VERIFY_QUEUE
 
 
 @dataclass(frozen=True)
@@ -143,14 +145,21 @@ class RateLimitsConfig:
     anonymous: LimitConfig = field(default_factory=lambda: LimitConfig("60/1m", 20))  # per client address
     key: LimitConfig = field(default_factory=lambda: LimitConfig("600/1m", 100))  # per key (or its override)
     org: LimitConfig = field(default_factory=lambda: LimitConfig("3000/1m", 500))  # shared by an org's keys
-    # Failed verifications (unknown key, wrong secret), per client address and per key id.
+    # Failed verifications (unknown key, wrong secret), per client address; argon2 runs per key id.
     failures_per_address: LimitConfig = field(default_factory=lambda: LimitConfig("30/1m", 10))
     failures_per_key: LimitConfig = field(default_factory=lambda: LimitConfig("30/1m", 10))
+    # Once a key id's budget is spent: argon2 runs per (key id, client address), so the key's holder at
+    # an address it has not verified from yet is not locked out by a flood of guesses from elsewhere.
+    failures_per_key_address: LimitConfig = field(default_factory=lambda: LimitConfig("3/1h", 3))
+    # Web-page sign-ins per client address (each also spends one request of the key's own limit).
+    sign_in: LimitConfig = field(default_factory=lambda: LimitConfig("10/1m", 5))
 
 
 @dataclass(frozen=True)
 class UiConfig:
     session_ttl_s: float = 8 * 3600  # a web-page session ends this long after sign-in
+    # Open sessions per user: signing in once more ends the oldest.
+    max_sessions_per_user: int = 10
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,7 @@ def _validate(cfg: Config) -> None:
     check(a.time_cost >= 1, "keys.argon2.time_cost", "must be at least 1")
     check(a.parallelism >= 1, "keys.argon2.parallelism", "must be at least 1")
     check(cfg.keys.verify_threads >= 1, "keys.verify_threads", "must be at least 1")
+    check(cfg.keys.verify_queue >= 0, "keys.verify_queue", "must not be negative")
     for name in ("local_ttl_s", "redis_ttl_s", "negative_ttl_s", "stale_if_error_s"):
         check(getattr(cfg.cache, name) >= 0, f"cache.{name}", "must not be negative")
     check(cfg.cache.local_max_entries >= 1, "cache.local_max_entries", "must be at least 1")
@@ -297,6 +307,7 @@ def _validate(cfg: Config) -> None:
     _validate_limits(cfg.rate_limits)
     check(cfg.last_used_flush_s > 0, "last_used_flush_s", "must be positive")
     check(60 <= cfg.ui.session_ttl_s <= 30 * 86400, "ui.session_ttl_s", "must be between 60 s and 30 days")
+    check(1 <= cfg.ui.max_sessions_per_user <= 1000, "ui.max_sessions_per_user", "must be between 1 and 1000")
     check(
         cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "log_level",

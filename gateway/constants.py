@@ -17,12 +17,15 @@ REDIS_KEY_INDEX: Final = REDIS_PREFIX + ":idx:{{{key_id}}}"
 # Negative entries (unknown key id, wrong secret): apart from positive ones, short-lived.
 REDIS_NEGATIVE_ENTRY: Final = REDIS_PREFIX + ":neg:{{{key_id}}}:{digest}"
 
-# GCRA state (theoretical arrival time) of one rate limit for one identity (address, key id, org id).
+# GCRA state (theoretical arrival time) of one rate limit for one identity (address, key id, org id, or
+# `<key id>:<address>` for failures_per_key_address). Public identifiers only, never key material.
 REDIS_RATE_LIMIT: Final = REDIS_PREFIX + ":rl:{{{name}:{ident}}}"
 
 # Addresses a key recently verified from: they keep working while its key id is under attack.
 REDIS_GOOD_ADDRESSES: Final = REDIS_PREFIX + ":ok:{{{key_id}}}"
 GOOD_ADDRESS_TTL_S: Final = 86_400
+# An invitation to an org not accepted within this time lapses.
+INVITATION_TTL_S: Final = 7 * 86_400
 
 # Why a negative entry refuses a key (stored as its value; never shown to clients, who get invalid_api_key).
 NEGATIVE_UNKNOWN_KEY: Final = "unknown_key"  # no key has this id
@@ -30,8 +33,9 @@ NEGATIVE_WRONG_SECRET: Final = "wrong_secret"  # noqa: S105 - a reason, not a se
 
 # A web-page session, by SHA-256 of its cookie (the cookie itself is never stored).
 REDIS_SESSION: Final = REDIS_PREFIX + ":sess:{digest}"
-# The sessions of one user, so signing out ends all of them.
-REDIS_USER_SESSIONS: Final = REDIS_PREFIX + ":usess:{user_id}"
+# The sessions of one user (a sorted set, scored by sign-in time), so signing out ends all of them and
+# a user holds at most `ui.max_sessions_per_user`. (`usess` was a plain set: a new name, not WRONGTYPE.)
+REDIS_USER_SESSIONS: Final = REDIS_PREFIX + ":usessz:{user_id}"
 
 # Postgres LISTEN/NOTIFY channel: sent inside the transaction that changes access, so an
 # invalidation is delivered exactly when (and only if) the change commits.
@@ -59,3 +63,7 @@ LISTENER_PING_S: Final = 0.5
 DEFAULT_LAST_USED_FLUSH_S: Final = 5.0
 DEFAULT_AUDIT_FLUSH_S: Final = 1.0
 DEFAULT_AUDIT_FAILED_MAX_PER_FLUSH: Final = 50
+# argon2 verifications that may wait for a free `keys.verify_threads` thread; past it one is refused (503).
+DEFAULT_VERIFY_QUEUE: Final = 64
+# How long a client refused because every argon2 thread and queue slot was taken is asked to wait.
+VERIFY_BUSY_RETRY_AFTER_S: Final = 1

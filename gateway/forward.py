@@ -21,7 +21,7 @@ from aiohttp.helpers import ChainMapProxy
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway._body import json_object
-from gateway._paths import normalise
+from gateway._paths import canonical
 from gateway.authz import IP, Identity, acting_org, authorize, check_project, granted
 from gateway.cache import KeyRecord
 from gateway.errors import (
@@ -119,8 +119,11 @@ def _host(value: str) -> str:
 def _uri(value: str) -> tuple[str, str]:
     if not value.startswith("/") or value.startswith("//"):
         raise InvalidRequest("the original URI must be an absolute path")
+    if "#" in value:
+        # nginx passes $request_uri raw: what follows a `#` is dropped by Express, kept by others.
+        raise InvalidRequest("the original URI has a #: some routers cut the path there, others keep it")
     path, _, query = value.partition("?")
-    return path, query.partition("#")[0]
+    return path, query
 
 
 def original_nginx(request: web.Request) -> OriginalRequest:
@@ -132,6 +135,8 @@ def original_nginx(request: web.Request) -> OriginalRequest:
 def original_ingress_nginx(request: web.Request) -> OriginalRequest:
     h = request.headers
     url = one(h, "X-Original-URL")
+    if "#" in url:
+        raise InvalidRequest("the original URI has a #: some routers cut the path there, others keep it")
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -261,8 +266,8 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     refuse_tricks(h)
     refuse_query_keys(original.query, fmt, cfg.forward_auth.query_credential_params)
     refuse_query_keys(request.query_string, fmt, cfg.forward_auth.query_credential_params)
-    # Match the path the upstream's router will see, never the raw one.
-    original = dataclasses.replace(original, path=normalise(original.path))
+    # The proxy forwards the raw target: only a path every router reads alike is authorised (see _paths).
+    canonical(original.path)
     decision = app[POLICY].decide(original, h)
     if decision.auth == "deny":
         raise RouteNotAllowed("no rule allows this route")
@@ -446,7 +451,7 @@ def _verify_route(app: web.Application, body: dict[str, str]) -> RouteDecision:
     if "path" not in body:
         return RouteDecision(org=org)
     path, query = _uri(body["path"])
-    original = OriginalRequest(_method(body.get("method", "GET")), "", normalise(path), query)
+    original = OriginalRequest(_method(body.get("method", "GET")), "", canonical(path), query)
     headers = CIMultiDictProxy(CIMultiDict({ORG_HEADER: org} if org else {}))
     decision = app[POLICY].decide(original, headers)
     return dataclasses.replace(decision, org=decision.org or org)

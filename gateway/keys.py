@@ -21,6 +21,7 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from gateway.config import Argon2Config
+from gateway.constants import DEFAULT_VERIFY_QUEUE
 
 ALPHABET: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 ENVS: Final = ("live", "test")
@@ -116,10 +117,19 @@ def digest(pepper: bytes, raw: str) -> str:
     return hmac.new(pepper, raw.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
 
 
-class SecretHasher:
-    """argon2id hashing and verification, always off the event loop, on a bounded thread pool."""
+class VerifierBusy(Exception):
+    """Every argon2 thread is busy and the verifications waiting for one fill the queue."""
 
-    def __init__(self, params: Argon2Config, threads: int) -> None:
+
+class SecretHasher:
+    """argon2id hashing and verification, always off the event loop, on a bounded thread pool.
+
+    Verifications are bounded twice: `threads` run at once, and at most `queue` more wait for a thread;
+    past that `verify` refuses at once (VerifierBusy) rather than queueing without bound, so a flood
+    costs neither unbounded memory nor an ever longer wait for everyone else.
+    """
+
+    def __init__(self, params: Argon2Config, threads: int, queue: int = DEFAULT_VERIFY_QUEUE) -> None:
         self._ph = PasswordHasher(
             time_cost=params.time_cost,
             memory_cost=params.memory_kib,
@@ -127,6 +137,18 @@ class SecretHasher:
             type=Type.ID,
         )
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
+        self._capacity = threads + queue
+        self._admitted = 0  # verifications running or waiting (only touched on the event loop)
+
+    @property
+    def admitted(self) -> int:
+        """Verifications running or waiting for a thread."""
+        return self._admitted
+
+    @property
+    def saturated(self) -> bool:
+        """Would a verification be refused now?"""
+        return self._admitted >= self._capacity
 
     def hash_sync(self, secret: str) -> str:
         return self._ph.hash(secret)
@@ -141,8 +163,17 @@ class SecretHasher:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.hash_sync, secret)
 
     async def verify(self, encoded: str, secret: str) -> bool:
+        """Raises VerifierBusy when `threads + queue` verifications are already admitted."""
         # Callers collapse concurrent verifications of one key (KeyResolver's single flight).
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.verify_sync, encoded, secret)
+        if self.saturated:
+            raise VerifierBusy
+        self._admitted += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.verify_sync, encoded, secret)
+        finally:
+            # A waiter cancelled while its hash runs leaves that thread busy a little longer: the bound
+            # is overshot by at most `threads`, never without limit.
+            self._admitted -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -24,6 +24,11 @@ class Metrics:
         )
         self.cache = Counter("gateway_key_cache", "Key lookups by where they were answered", ["tier"], registry=r)
         self.argon2 = Counter("gateway_argon2_verifications", "argon2id verifications run", registry=r)
+        self.argon2_busy = Counter(
+            "gateway_argon2_busy",
+            "Verifications refused (503) because every argon2 thread and queue slot was taken",
+            registry=r,
+        )
         self.backend_errors = Counter(
             "gateway_backend_errors", "Failed calls to a backing store", ["backend"], registry=r
         )

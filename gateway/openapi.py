@@ -31,51 +31,72 @@ def _path_params(path: str) -> list[dict[str, Any]]:
     return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
 
 
+# Each summary names the permission the caller's effective permissions in that org must grant (CONTRACT
+# section 7); "(admins)" means the caller's effective role there must also be admin or above.
 _PATHS: dict[str, dict[str, dict[str, Any]]] = {
     "/v1/keys/verify": {
         "post": {**_op("Verify a key in-process (no authentication)", body="VerifyRequest"), "security": []}
     },
     "/v1/me": {"get": _op("The calling key, its owner and the orgs it can act in")},
     "/v1/keys": {
-        "post": _op("Create a key for the caller (the raw key is in this response only)", "201", "KeyCreate"),
+        "post": _op("Create a key for the caller, never more powerful than the caller's key", "201", "KeyCreate"),
         "get": _op(
-            "List keys: the caller's, or with org= every key that can act in an org you administer",
+            "List keys: the caller's own, or with org= every key acting in that org (keys:read, admins)",
             params=["org", "owner", "status", "limit", "cursor"],
         ),
     },
-    "/v1/keys/{key_id}": {"get": _op("A key, with its effective role in each org")},
-    "/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key (kept for audit)")},
+    "/v1/keys/{key_id}": {
+        "get": _op("A key: one's own, or as seen from the orgs where the caller has keys:read (admins)")
+    },
+    "/v1/keys/{key_id}/revoke": {
+        "post": _op("Revoke one's own key; an admin with keys:write stops another's key in their orgs only")
+    },
     "/v1/keys/{key_id}/rotate": {
         "post": _op("A new key with the same settings; the old one expires after grace", "201", "Rotate")
     },
     "/v1/orgs": {
-        "post": _op("Create an org; the caller becomes its owner", "201", "Named"),
+        "post": _op("Create an org (orgs:write, an all-orgs key); the caller becomes its owner", "201", "Named"),
         "get": _op("The orgs the calling key can act in"),
     },
     "/v1/orgs/{org}": {"get": _op("An org")},
     "/v1/orgs/{org}/members": {
-        "get": _op("Members (admins)"),
-        "post": _op("Add a member by email (admins)", "201", "MemberAdd"),
+        "get": _op("Members (members:read, admins)"),
+        "post": _op(
+            "Invite a user by email; a current member's role is set (members:write, admins)", "202", "MemberAdd"
+        ),
     },
     "/v1/orgs/{org}/members/{user_id}": {
-        "put": _op("Change a member's role (admins)", body="Role"),
-        "delete": _op("Remove a member (admins)"),
+        "put": _op("Change a member's role (members:write, admins)", body="Role"),
+        "delete": _op("Remove a member (members:write, admins)"),
     },
-    "/v1/orgs/{org}/projects": {"post": _op("Create a project (admins)", "201", "Named"), "get": _op("Projects")},
+    "/v1/orgs/{org}/invitations": {"get": _op("The org's open invitations (members:read, admins)")},
+    "/v1/orgs/{org}/invitations/{invitation}": {"delete": _op("Withdraw an open invitation (members:write, admins)")},
+    "/v1/invitations": {"get": _op("The caller's own open invitations")},
+    "/v1/invitations/{invitation}/accept": {"post": _op("Accept one's invitation (an all-orgs key or the web page)")},
+    "/v1/invitations/{invitation}/decline": {"post": _op("Decline one's invitation")},
+    "/v1/orgs/{org}/projects": {
+        "post": _op("Create a project (projects:write, admins)", "201", "Named"),
+        "get": _op("Projects (projects:read)"),
+    },
     "/v1/orgs/{org}/projects/{project}": {
-        "get": _op("A project"),
-        "delete": _op("Delete a project; refused while keys name it unless revoke_keys=true", params=["revoke_keys"]),
+        "get": _op("A project (projects:read)"),
+        "delete": _op(
+            "Delete a project (projects:write, admins); refused while keys name it unless revoke_keys=true",
+            params=["revoke_keys"],
+        ),
     },
     "/v1/orgs/{org}/service-accounts": {
-        "post": _op("Create a service account (admins)", "201", "MemberRole"),
-        "get": _op("Service accounts (admins)"),
+        "post": _op("Create a service account (service_accounts:write, admins)", "201", "MemberRole"),
+        "get": _op("Service accounts (service_accounts:read, admins)"),
     },
     "/v1/orgs/{org}/service-accounts/{sa}/keys": {
-        "post": _op("Issue a key owned by the org's service account", "201", "KeyCreate")
+        "post": _op(
+            "Issue a key owned by the org's service account (service_accounts:write, admins)", "201", "KeyCreate"
+        )
     },
     "/v1/orgs/{org}/audit": {
         "get": _op(
-            "Audit events, newest first (admins)",
+            "Audit events, newest first (audit:read, admins)",
             params=["type", "key_id", "actor", "since", "until", "limit", "cursor"],
         )
     },

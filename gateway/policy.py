@@ -24,7 +24,8 @@ log = logging.getLogger("gateway.policy")
 ORG_HEADER = "X-Org-Id"
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,31})\}")
-_LITERAL_SEG_RE = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%-]+")
+# Plain characters only: a request may not percent-encode them (see _paths), so every router reads a literal alike.
+_LITERAL_SEG_RE = re.compile(r"[A-Za-z0-9._~-]+")
 _HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _PERMISSION_RE = re.compile(r"[a-z0-9_.*-]{1,64}(:[a-z0-9_.*-]{1,64}){1,3}")
 _HEADER_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
@@ -36,7 +37,7 @@ Auth = Literal["public", "required", "deny"]
 
 @dataclass(frozen=True, slots=True)
 class OriginalRequest:
-    """The client's request as the proxy describes it; `path` is normalised before any policy sees it."""
+    """The client's request as the proxy describes it; `path` is checked canonical before any policy sees it."""
 
     method: str
     host: str
@@ -127,7 +128,7 @@ def _path_covers(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
         if _is_param(seg):
             if b[i] == "":
                 return False
-        elif seg != b[i]:
+        elif seg.lower() != b[i].lower():
             return False
     return len(a) == len(b)
 
@@ -208,10 +209,12 @@ class _RuleParser:
                 if m.group(1) in names:
                     raise ConfigError(f"{where}: path parameter {seg} appears twice")
                 names.add(m.group(1))
-            elif (
-                seg in (".", "..") or (seg and not _LITERAL_SEG_RE.fullmatch(seg)) or (seg == "" and i < len(segs) - 1)
-            ):
-                raise ConfigError(f"{where}: bad path segment {seg!r} (patterns match normalised paths)")
+            elif (seg and not _LITERAL_SEG_RE.fullmatch(seg)) or seg.endswith(".") or (seg == "" and i < len(segs) - 1):
+                # A request with such a segment is refused (not canonical), so the rule could never match it.
+                raise ConfigError(
+                    f"{where}: bad path segment {seg!r} (literal segments are letters, digits and -._~, "
+                    "not ending in a dot; no empty segment but a trailing one)"
+                )
         return segs
 
     def _host(self, raw: Any, where: str) -> tuple[str, ...] | None:
@@ -288,7 +291,9 @@ def _insert(root: _Node, rule: Rule) -> None:
             node.param = node.param or _Node()
             node = node.param
         else:
-            node = node.literal.setdefault(seg, _Node())
+            # Literals match case-insensitively: Express and IIS route in any case, so
+            # `/V1/ORGS/B` must meet the rule for `/v1/orgs/{org}`. `{param}` values keep their case.
+            node = node.literal.setdefault(seg.lower(), _Node())
     node.ends.append(rule.index)
 
 
@@ -297,7 +302,7 @@ def _collect(node: _Node, segs: list[str], i: int, out: list[int]) -> None:
     if i == len(segs):
         out.extend(node.ends)
         return
-    child = node.literal.get(segs[i])
+    child = node.literal.get(segs[i].lower())
     if child is not None:
         _collect(child, segs, i + 1, out)
     if node.param is not None and segs[i] != "":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -65,7 +66,7 @@ def parse_rate(text: str, what: str = "rate_limit") -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    name: str  # anonymous, key, org, failures_per_address, failures_per_key
+    name: str  # anonymous, key, org, failures_per_address, failures_per_key, failures_per_key_address
     count: int
     period_ms: int
     burst: int
@@ -255,24 +256,27 @@ class Limits:
     org: Limit
     failures_per_address: Limit
     failures_per_key: Limit
+    failures_per_key_address: Limit
+    sign_in: Limit
 
     @classmethod
     def from_config(cls, cfg: RateLimitsConfig) -> Limits:
-        return cls(
-            *(
-                Limit.from_config(name, getattr(cfg, name))
-                for name in ("anonymous", "key", "org", "failures_per_address", "failures_per_key")
-            )
-        )
+        return cls(*(Limit.from_config(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cls)))
 
 
 class BruteForceGuard:
-    """Failed verifications are limited per client address, argon2 runs per key id.
+    """Failed verifications are limited per client address, argon2 runs per key id, then per (key id,
+    address).
 
-    Checked only before expensive work (a Postgres lookup, an argon2 run), never on a cache hit. A key id
-    under attack refuses new argon2 runs, except from addresses where the key recently verified, so a
-    flood of wrong secrets costs neither an argon2 hash each nor the real holder's access. The address
-    check is a peek, so concurrent requests of one address may overshoot it by their number.
+    Checked only before expensive work (a Postgres lookup, an argon2 run), never on a cache hit. Every
+    argon2 run of a key id is charged to the key id's budget first. Once a flood of guesses has spent
+    it, an address still gets a small budget of its own for that key id (`failures_per_key_address`),
+    and addresses where the key verified in the last day are never refused: so the key's holder, even
+    at an address it never used, still verifies at its first try, while each attacking address is held
+    to that small budget, and to its own failure budget, which a refusal here is charged to as well
+    (it then stops before the Postgres lookup). What bounds argon2 work as a whole, over every key id,
+    is the hasher: `keys.verify_threads` at once, `keys.verify_queue` waiting, the rest refused.
+    The address check is a peek, so concurrent requests of one address may overshoot it by their number.
     """
 
     def __init__(self, limiter: RateLimiter, limits: Limits, client: aioredis.Redis, metrics: Metrics) -> None:
@@ -288,11 +292,20 @@ class BruteForceGuard:
             enforce([by_address], self.metrics)
 
     async def before_argon2(self, key_id: str, address: str | None) -> None:
-        """Every argon2 run for a key id is charged before it starts, so a flood of concurrent guesses
-        cannot slip past the budget. Addresses where the key verified before are never refused."""
+        """Charge an argon2 run of `key_id` before it starts, so concurrent guesses cannot slip past the
+        budgets: the key id's, else this address's for the key id. Raises RateLimited."""
         (by_key,) = await self.limiter.check([(self.limits.failures_per_key, key_id)])
-        if not by_key.allowed and not await self._known_good(key_id, address):
-            enforce([by_key], self.metrics)
+        if by_key.allowed or await self._known_good(key_id, address):
+            return
+        pair = f"{key_id}:{address or 'unknown'}"
+        (by_pair,) = await self.limiter.check([(self.limits.failures_per_key_address, pair)])
+        if by_pair.allowed:
+            return
+        await self.failed(address)  # a refused guess counts against its address like a wrong one
+        for d in (by_key, by_pair):
+            self.metrics.ratelimit.labels(d.limit.name, "refused").inc()
+        soonest = min((by_key, by_pair), key=lambda d: d.retry_after_s)  # either budget lets the next run in
+        raise RateLimited(f"too many requests ({soonest.limit.name} limit)", headers=soonest.headers())
 
     async def failed(self, address: str | None) -> Decision:
         (decision,) = await self.limiter.check([(self.limits.failures_per_address, address or "unknown")])

@@ -105,11 +105,13 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     return applied_now
 
 
+# The owner's memberships, less the orgs whose admins stopped this key there: it cannot act in those.
 _LOAD_KEY = """
 SELECT k.id, k.user_id, k.name, k.role, k.env, k.secret_hash, k.scopes, k.all_orgs, k.org_ids,
        k.all_projects, k.project_ids, k.allowed_cidrs::text[] AS allowed_cidrs, k.rate_limit,
        k.expires_at, k.revoked_at,
-       COALESCE((SELECT json_object_agg(m.org_id, m.role) FROM memberships m WHERE m.user_id = k.user_id),
+       COALESCE((SELECT json_object_agg(m.org_id, m.role) FROM memberships m WHERE m.user_id = k.user_id
+                 AND NOT EXISTS (SELECT 1 FROM key_org_blocks b WHERE b.key_id = k.id AND b.org_id = m.org_id)),
                 '{}'::json) AS memberships
 FROM api_keys k WHERE k.id = $1
 """

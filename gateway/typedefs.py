@@ -13,6 +13,7 @@ from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.config import Config
 from gateway.health import Lifecycle
+from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener
 from gateway.metrics import Metrics
@@ -35,6 +36,7 @@ AUDITOR = web.AppKey("auditor", FailureAuditor)
 PROJECTS = web.AppKey("projects", ProjectDirectory)
 LIMITS = web.AppKey("limits", Limits)
 ADMIN = web.AppKey("admin", Admin)
+INVITATIONS = web.AppKey("invitations", Invitations)
 LIMITER = web.AppKey[RateLimiter | None]("limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 LISTENER = web.AppKey("listener", InvalidationListener)

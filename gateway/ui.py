@@ -27,9 +27,9 @@ from gateway._breaker import guarded
 from gateway.authz import check_state, role_in
 from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE, KeyRecord
 from gateway.errors import AuthUnavailable, InvalidApiKey, InvalidRequest, MissingCredentials
-from gateway.forward import client_address, verified_record
+from gateway.forward import charge, client_address, key_limit, verified_record
 from gateway.store import PG_ERRORS, StoreUnavailable
-from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, REDIS, REDIS_BREAKER, STORE, TRUSTED
+from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, LIMITS, REDIS, REDIS_BREAKER, STORE, TRUSTED
 
 COOKIE = "gw_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -127,15 +127,25 @@ async def _session_view(session: Session, record: KeyRecord, request: web.Reques
 
 
 async def _save(request: web.Request, session_id: str, session: Session) -> None:
-    ttl = int(request.config_dict[CONFIG].ui.session_ttl_s)
+    cfg = request.config_dict[CONFIG].ui
+    ttl = int(cfg.session_ttl_s)
     mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
 
     async def save(redis: aioredis.Redis) -> None:
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(_redis_key(session_id), json.dumps(asdict(session)), ex=ttl)
-            pipe.sadd(mine, _redis_key(session_id))
+            pipe.zadd(mine, {_redis_key(session_id): session.created})
+            pipe.zremrangebyscore(mine, "-inf", time.time() - ttl)  # sessions already gone by themselves
             pipe.expire(mine, ttl)
-            await pipe.execute()
+            # Beyond the cap, the oldest sessions end: a user's sessions never grow without bound.
+            pipe.zrange(mine, 0, -(cfg.max_sessions_per_user + 1))
+            *_, evicted = await pipe.execute()
+        if evicted:
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in evicted:  # one DEL each: sessions live in different Cluster slots
+                    pipe.delete(key)
+                pipe.zrem(mine, *evicted)
+                await pipe.execute()
 
     await _redis(request, save)
 
@@ -151,8 +161,12 @@ async def sign_in(request: web.Request) -> web.Response:
     if parsed is None:
         raise InvalidApiKey()
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
+    # Each sign-in attempt is charged to its address, and each success to the key's own limit, as one
+    # request through the proxy would be: a session is no way around the key's rate limit.
+    await charge(app, [(app[LIMITS].sign_in, str(client_ip) if client_ip is not None else "unknown")])
     record = await verified_record(app, parsed, client_ip)
     check_state(record, client_ip, time.time())
+    await charge(app, [(key_limit(app, record.rate_limit), record.id)])
     roles = app[CONFIG].roles
     orgs = sorted(o for o in record.memberships if role_in(record, o, roles) is not None)
     session_id = secrets.token_urlsafe(32)
@@ -205,7 +219,7 @@ async def sign_out(request: web.Request) -> web.Response:
     mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
 
     async def end_all(redis: aioredis.Redis) -> None:
-        sessions = await redis.smembers(mine)
+        sessions = [k for k in await redis.zrange(mine, 0, -1) if isinstance(k, bytes | str)]
         async with redis.pipeline(transaction=False) as pipe:
             for key in sessions:  # one DEL each: sessions live in different Cluster slots
                 pipe.delete(key)

@@ -30,6 +30,12 @@ async def err(r: Any, status: int, code: str) -> dict[str, Any]:
     return body
 
 
+async def accept(client: Client, world: World, invitation: dict[str, Any]) -> None:
+    """The invited user accepts, with an all-orgs key of their own."""
+    own = await world.key(name="invited", user=invitation["user_id"], role="owner")
+    await ok(await client.post(f"/v1/invitations/{invitation['id']}/accept", headers=auth(own)))
+
+
 async def service_account_key(client: Client, org: str, admin_key: dict[str, Any]) -> tuple[Any, Any]:
     """A member-role service account of `org` and a key for it, made through the API by `admin_key`."""
     sa = await ok(
@@ -169,8 +175,10 @@ async def test_orgs_members_and_roles(client: Client, world: World) -> None:
         await client.post(
             f"/v1/orgs/{new['id']}/members", json={"email": "x@example.com", "role": "member"}, headers=auth(k)
         ),
-        201,
+        202,
     )
+    assert m["status"] == "pending"  # an invitation: x joins once x accepts it
+    await accept(client, world, m)
     members = await ok(await client.get(f"/v1/orgs/{new['id']}/members", headers=auth(k)))
     assert {x["email"]: x["role"] for x in members["items"]} == {
         "owner@example.com": "owner",
@@ -326,7 +334,8 @@ async def test_an_org_always_keeps_an_owner(client: Client, world: World) -> Non
     assert {x["email"]: x["role"] for x in members["items"]} == {"owner@example.com": "owner"}
     # With a second owner, either may step down, but not both.
     co_owner = {"email": "co@example.com", "role": "owner"}
-    other = await ok(await client.post(f"/v1/orgs/{org}/members", json=co_owner, headers=auth(k)), 201)
+    other = await ok(await client.post(f"/v1/orgs/{org}/members", json=co_owner, headers=auth(k)), 202)
+    await accept(client, world, other)
     results = await asyncio.gather(
         world.admin.set_member(org, world.user, "admin"),
         world.admin.set_member(org, other["user_id"], "member"),

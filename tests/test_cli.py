@@ -123,6 +123,29 @@ def test_full_lifecycle(cli: Cli) -> None:
     assert len(all_keys) == 2  # revoked and rotated keys stay for audit
 
 
+def test_invitations_from_the_command_line(cli: Cli) -> None:
+    org = cli.ok("orgs", "create", "Acme")
+    user = cli.ok("users", "create", "dev@example.com")
+    invited = cli.ok("members", "invite", org["id"], "dev@example.com", "member")
+    assert (invited["status"], invited["user_id"], invited["role"]) == ("pending", user["id"], "member")
+    assert [i["id"] for i in cli.ok("invitations", "list", "--user", user["id"])] == [invited["id"]]
+    assert [i["id"] for i in cli.ok("invitations", "list", "--org", org["id"])] == [invited["id"]]
+    assert cli.ok("keys", "list", "--org", org["id"]) == []  # not a member yet
+    accepted = cli.ok("invitations", "accept", invited["id"])
+    assert accepted["status"] == "accepted"
+    assert cli.ok("invitations", "list", "--user", user["id"]) == []
+    assert "is accepted" in cli.fails("invitations", "decline", invited["id"])
+    # A member's role is changed at once.
+    assert cli.ok("members", "invite", org["id"], "dev@example.com", "admin")["status"] == "member"
+    other = cli.ok("members", "invite", org["id"], "ops@example.com", "viewer")
+    assert cli.ok("invitations", "withdraw", other["id"])["status"] == "revoked"
+    assert "no invitation" in cli.fails("invitations", "accept", "inv_nope")
+    assert [e["type"] for e in cli.ok("audit", "list", "--org", org["id"])][:2] == [
+        "invitation.revoked",
+        "invitation.created",
+    ]
+
+
 def test_table_output_is_readable(cli: Cli) -> None:
     org = cli.ok("orgs", "create", "Acme")
     r = cli.run("keys", "list", json_out=False)

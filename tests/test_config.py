@@ -48,6 +48,8 @@ def test_minimal_config_is_valid() -> None:
         (_with(forward_auth__trusted_proxies=["not-a-net"]), "forward_auth.trusted_proxies[0]"),
         (_with(roles={"order": ["a", "b"], "permissions": {"a": ["*"]}}), "roles.permissions.b"),
         (_with(keys={"argon2": {"time_cost": 0}}), "keys.argon2.time_cost"),
+        (_with(keys={"verify_queue": -1}), "keys.verify_queue"),
+        (_with(rate_limits={"failures_per_key_address": {"burst": 0}}), "rate_limits.failures_per_key_address.burst"),
         (_with(server=[1, 2]), "server"),
         (_with(log_level="LOUD"), "log_level"),
     ],

@@ -123,8 +123,7 @@ async def test_denials_come_back_as_the_gateways_json(caddy: Caddy, world: World
 @pytest.mark.parametrize("trick", PATH_TRICKS)
 async def test_path_tricks_do_not_reach_protected_routes(caddy: Caddy, world: World, trick: str) -> None:
     status, headers, _ = await fetch(caddy.url, path=trick)
-    assert status == 401
-    assert headers["X-Auth-Error"] in ("missing_credentials", "invalid_request")
+    assert (status, headers["X-Auth-Error"]) == (401, "invalid_request")
 
 
 async def test_spoofed_forwarded_for_changes_nothing(caddy: Caddy, world: World) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from gateway.keys import KeyFormat
 from tests.conftest import World, corrupt, nginx_headers, poll
@@ -310,6 +311,52 @@ async def test_each_endpoint_missing_credentials(client: Client, world: World, p
 async def test_unparsable_original_request(client: Client, world: World, proxy: str, bad: dict[str, str]) -> None:
     k = (await world.key(orgs=[world.org_a]))["key"]
     r = await client.get(f"/auth/{proxy}", headers={**PROXY_HEADERS[proxy], **bad, "Authorization": f"Bearer {k}"})
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
+
+
+# Each of these reached the upstream with a valid key before issue 9, item 1 (the gateway resolved or dropped
+# what the upstream's router would read otherwise); now none is authorised, on any endpoint.
+NOT_CANONICAL = [
+    "/v1/things#/../../docs/x",
+    "/v1/things?page=2#/../../docs",
+    "/v1/things/..",
+    "/v1/x/%2e%2e/things",
+    "/v1/%74hings",
+    "/v1/things;jsessionid=x",
+    "/v1/x/..;/things",
+    "/v1/things.",
+    "/v1//things",
+    "/v1/caf%c0%af",
+]
+
+
+def _with_uri(proxy: str, uri: str) -> dict[str, str]:
+    h = dict(PROXY_HEADERS[proxy])
+    if proxy == "nginx":
+        h["X-Original-URI"] = uri
+    elif proxy == "ingress-nginx":
+        h["X-Original-URL"] = f"https://api.example.com{uri}"
+    else:
+        h["X-Forwarded-Uri"] = uri
+    return h
+
+
+@pytest.mark.parametrize(
+    ("proxy", "uri"),
+    # Envoy is left out for `#`: it refuses such a request itself, and no client library sends one.
+    [(p, u) for p in [*sorted(PROXY_HEADERS), "envoy"] for u in NOT_CANONICAL if not (p == "envoy" and "#" in u)],
+)
+async def test_non_canonical_uri_is_invalid_on_every_endpoint(
+    client: Client, world: World, proxy: str, uri: str
+) -> None:
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    if proxy == "envoy":
+        r = await client.session.get(
+            URL(f"http://127.0.0.1:{client.port}/auth/envoy{uri}", encoded=True),
+            headers={"Host": "api.example.com", "Authorization": f"Bearer {k}"},
+        )
+    else:
+        r = await client.get(f"/auth/{proxy}", headers={**_with_uri(proxy, uri), "Authorization": f"Bearer {k}"})
     assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
 
 

@@ -14,6 +14,7 @@ from gateway.keys import (
     SECRET_LEN,
     KeyFormat,
     SecretHasher,
+    VerifierBusy,
     b62encode,
     checksum,
     digest,
@@ -112,5 +113,20 @@ async def test_hashing_runs_off_the_event_loop() -> None:
         t.cancel()
         assert all(results)
         assert ticks > 0  # the loop kept running while hashes were computed
+    finally:
+        hasher.close()
+
+
+async def test_verifications_beyond_threads_and_queue_are_refused_at_once() -> None:
+    """One thread, one waiting: of five verifications at once two are admitted, three refused without
+    waiting; once they finish, verifications are admitted again."""
+    hasher = SecretHasher(Argon2Config(memory_kib=1024, time_cost=1), 1, queue=1)
+    try:
+        h = await hasher.hash("x")
+        results = await asyncio.gather(*(hasher.verify(h, "x") for _ in range(5)), return_exceptions=True)
+        assert results[:2] == [True, True]
+        assert all(isinstance(r, VerifierBusy) for r in results[2:])
+        assert hasher.admitted == 0 and not hasher.saturated
+        assert await hasher.verify(h, "x")
     finally:
         hasher.close()

@@ -8,11 +8,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.app import create_app
+from gateway.audit import CLI
 from gateway.config import Config
-from tests.conftest import ROOT, World, nginx_headers
+from gateway.invitations import Invitations
+from tests.conftest import ROOT, Services, World, make_config, nginx_headers
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "artifacts" / "screenshots"
@@ -93,6 +96,52 @@ async def test_revoking_the_key_ends_its_sessions(client: Client, world: World) 
     await world.admin.revoke_key(k["id"])
     r = await client.get("/ui/session")
     assert (r.status, (await r.json())["error"]["code"]) == (401, "revoked_api_key")
+
+
+async def test_sign_ins_spend_the_keys_own_limit(client: Client, world: World) -> None:
+    """Before, a key limited to 3/min opened 30 sessions in 0.12 s."""
+    k = await world.key(rate_limit="3/1m")
+    statuses = [(await sign_in(client, k["key"])).status for _ in range(10)]
+    assert statuses.count(200) == 3 and set(statuses[3:]) == {429}, statuses
+    r = await sign_in(client, k["key"])
+    assert (r.status, (await r.json())["error"]["code"]) == (429, "rate_limited") and "Retry-After" in r.headers
+
+
+async def test_sign_ins_are_limited_per_address(aiohttp_client: Any, services: Services, world: World) -> None:
+    """Different keys from one address: the address's sign-in budget (here 3 at once) refuses the rest."""
+    limit = {"sign_in": {"rate": "3/1m", "burst": 3}}
+    c = await aiohttp_client(create_app(make_config(services, rate_limits=limit)))
+    keys = [await world.key(name=f"k{i}") for i in range(6)]
+    statuses = [(await sign_in(c, k["key"])).status for k in keys]
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    # Another address (through a trusted proxy) still signs in.
+    r = await sign_in(c, keys[5]["key"], **{"X-Forwarded-For": "198.51.100.7"})
+    assert r.status == 200
+
+
+async def test_a_user_holds_a_bounded_number_of_sessions(
+    aiohttp_client: Any, services: Services, world: World, rclient: aioredis.Redis
+) -> None:
+    """Before, the user's session set in Redis grew without bound. Beyond the cap, the oldest end."""
+    c = await aiohttp_client(create_app(make_config(services, ui={"max_sessions_per_user": 2})))
+    k = await world.key()
+    cookies = []
+    for _ in range(4):
+        r = await sign_in(c, k["key"])
+        assert r.status == 200
+        cookies.append(r.cookies["gw_session"].value)
+        await asyncio.sleep(0.01)
+
+    async def status(cookie: str) -> int:
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as other,
+            other.get(c.make_url("/ui/session"), headers={"Cookie": f"gw_session={cookie}"}) as r,
+        ):
+            return r.status
+
+    assert [await status(cookie) for cookie in cookies] == [204, 204, 200, 200]
+    assert await rclient.zcard(f"gw:usessz:{world.user}") == 2
+    assert len(await rclient.keys("gw:sess:*")) == 2
 
 
 @pytest.mark.parametrize("body", [b"", b"[]", b'{"key": 1}', b'{"key": "x", "more": 1}'])
@@ -222,3 +271,27 @@ async def test_the_whole_flow_in_chromium(aiohttp_server: Any, cfg: Config, worl
     assert not errors, errors
     await phone.close()
     await context.close()
+
+
+async def test_accepting_an_invitation_in_chromium(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    user = (await world.admin.create_user("new@example.com"))["id"]
+    await world.admin.set_member(world.org_b, user, "member")
+    k = await world.key(name="new", user=user, role="admin")
+    invitation = await Invitations(world.admin).invite(world.org_a, "new@example.com", "viewer", CLI)
+    page = await (await browser.new_context(viewport={"width": 1280, "height": 800})).new_page()
+    await page.goto(f"{base}/ui/")
+    await page.fill("#signin-key", k["key"])
+    await page.click("#signin-form button")
+    row = page.locator(f"#invitations-table tr[data-invitation-id='{invitation['id']}']")
+    await row.wait_for()
+    assert await page.is_visible("#invitations") and "A" in (await row.text_content() or "")
+    assert await page.locator(f"#org-switch option[value='{world.org_a}']").count() == 0
+    await shot(page, "invitation")
+    await row.get_by_role("button", name="Accept").click()
+    await page.wait_for_selector(f"#org-switch option[value='{world.org_a}']", state="attached")
+    await page.wait_for_selector("#invitations", state="hidden")
+    assert await world.admin.member_role(world.org_a, user) == "viewer"

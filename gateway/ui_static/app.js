@@ -72,7 +72,28 @@ function showSecret(raw) {
 
 // --- pages ---------------------------------------------------------------------------------------
 
+async function renderInvitations() {
+  const data = await call("GET", "/v1/invitations");
+  $("invitations").hidden = data.items.length === 0;
+  $("invitations-table").querySelector("tbody").replaceChildren(...data.items.map((i) => {
+    const decide = (verb) => async () => {
+      try {
+        await call("POST", `/v1/invitations/${i.id}/${verb}`);
+        toast(verb === "accept" ? `You joined ${i.org_name}` : "Invitation declined");
+        state.session = await call("GET", "/ui/session");  // the org list changed
+      } catch (e) { toast(e.message); }
+      await show("keys");
+    };
+    return el("tr", { "data-invitation-id": i.id }, el("td", {}, i.org_name), el("td", {}, i.role),
+      el("td", {}, i.invited_by || "—"), el("td", {}, date(i.expires_at)),
+      el("td", {}, el("button", { class: "small", onclick: decide("accept") }, "Accept"), " ",
+        el("button", { class: "small secondary", onclick: decide("decline") }, "Decline")));
+  }));
+  labelCells($("invitations-table"));
+}
+
 async function renderKeys() {
+  await renderInvitations();
   const tbody = $("keys-table").querySelector("tbody");
   const data = await call("GET", "/v1/keys?limit=100");
   tbody.replaceChildren(...data.items.map((k) => {
@@ -172,14 +193,24 @@ async function renderMembers() {
               el("td", {}, remove));
   }));
   labelCells($("members-table"));
+  const invited = await call("GET", `/v1/orgs/${org}/invitations`);
+  $("org-invitations-table").querySelector("tbody").replaceChildren(...invited.items.map((i) =>
+    el("tr", {}, el("td", {}, i.email || i.user_id), el("td", {}, i.role), el("td", {}, date(i.expires_at)),
+       el("td", {}, el("button", { class: "small danger", onclick: async () => {
+         try { await call("DELETE", `/v1/orgs/${org}/invitations/${i.id}`); toast("Invitation withdrawn"); }
+         catch (e) { toast(e.message); }
+         await renderMembers();
+       } }, "Withdraw")))));
+  labelCells($("org-invitations-table"));
 }
 
 async function addMember(ev) {
   ev.preventDefault();
   $("member-error").textContent = "";
   try {
-    await call("POST", `/v1/orgs/${state.session.active_org}/members`,
-               { email: $("member-email").value.trim(), role: $("member-role").value });
+    const r = await call("POST", `/v1/orgs/${state.session.active_org}/members`,
+                         { email: $("member-email").value.trim(), role: $("member-role").value });
+    toast(r.status === "pending" ? "Invitation sent: they join once they accept" : "Role changed");
     $("member-form").reset();
     await renderMembers();
   } catch (e) {

@@ -1,0 +1,168 @@
+"""Invitations: how a user joins an org through the API, the CLI or the web page.
+
+Adding a member by email never changes that user's memberships by itself: it records an invitation,
+which only the invited user accepts (or declines), before it lapses. Until then the user's keys act
+exactly as before, everywhere. An org's admins see and withdraw their own org's pending invitations.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from gateway import constants as C
+from gateway.admin import Admin, new_id
+from gateway.audit import CLI, Actor, write_event
+from gateway.errors import Conflict, NotFound
+
+_COLUMNS = (
+    "i.id, i.org_id, o.name AS org_name, i.user_id, u.email, i.role, i.invited_by, i.created_at, i.expires_at,"
+    " i.state, i.decided_at"
+)
+_FROM = " FROM invitations i JOIN orgs o ON o.id = i.org_id JOIN users u ON u.id = i.user_id"
+
+
+def _view(row: asyncpg.Record, now: datetime) -> dict[str, Any]:
+    state = row["state"]
+    if state == "pending" and row["expires_at"] <= now:
+        state = "expired"
+    return {
+        "id": row["id"],
+        "org_id": row["org_id"],
+        "org_name": row["org_name"],
+        "user_id": row["user_id"],
+        "email": row["email"],
+        "role": row["role"],
+        "invited_by": row["invited_by"],
+        "status": state,
+        "created_at": row["created_at"].isoformat().replace("+00:00", "Z"),
+        "expires_at": row["expires_at"].isoformat().replace("+00:00", "Z"),
+    }
+
+
+class Invitations:
+    def __init__(self, admin: Admin, ttl_s: float = C.INVITATION_TTL_S) -> None:
+        self.admin = admin
+        self.ttl = timedelta(seconds=ttl_s)
+
+    async def invite(self, org_id: str, email: str, role: str, actor: Actor) -> dict[str, Any]:
+        """Invite the user with this email (created if unknown) to `org_id` as `role`. Inviting again
+        renews the open invitation with the new role. A current member's role is changed at once, as
+        `set_member` would: they have joined already."""
+        user_id = await self.admin.user_by_email(email, actor)
+        role = self.admin.role_name(role)
+        if await self.admin.member_role(org_id, user_id) is not None:
+            member = await self.admin.set_member(org_id, user_id, role, actor)
+            return {**member, "status": "member"}
+        now = datetime.now(UTC)
+        async with self.admin.pool.acquire() as conn, conn.transaction():
+            # A lapsed invitation stays lapsed: inviting again makes a new one.
+            await conn.execute(
+                "UPDATE invitations SET state = 'expired', decided_at = expires_at"
+                " WHERE org_id = $1 AND user_id = $2 AND state = 'pending' AND expires_at <= $3",
+                org_id,
+                user_id,
+                now,
+            )
+            invitation_id = await conn.fetchval(
+                "INSERT INTO invitations (id, org_id, user_id, role, invited_by, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)"
+                " ON CONFLICT (org_id, user_id) WHERE state = 'pending' DO UPDATE SET role = EXCLUDED.role,"
+                " invited_by = EXCLUDED.invited_by, created_at = now(), expires_at = EXCLUDED.expires_at"
+                " RETURNING id",
+                new_id("inv"),
+                org_id,
+                user_id,
+                role,
+                actor.id,
+                now + self.ttl,
+            )
+            await write_event(
+                conn,
+                "invitation.created",
+                actor=actor,
+                org_id=org_id,
+                user_id=user_id,
+                target=invitation_id,
+                detail={"role": role},
+            )
+            row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
+        return _view(row, now)
+
+    async def for_user(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's open invitations, oldest first."""
+        return await self._pending("i.user_id = $1", user_id)
+
+    async def for_org(self, org_id: str) -> list[dict[str, Any]]:
+        """The org's open invitations, oldest first."""
+        return await self._pending("i.org_id = $1", org_id)
+
+    async def _pending(self, where: str, value: str) -> list[dict[str, Any]]:
+        now = datetime.now(UTC)
+        async with self.admin.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS}{_FROM} WHERE {where} AND i.state = 'pending' AND i.expires_at > $2"
+                " ORDER BY i.created_at, i.id",
+                value,
+                now,
+            )
+        return [_view(r, now) for r in rows]
+
+    async def decide(self, invitation_id: str, user_id: str | None, accept: bool, actor: Actor = CLI) -> dict[str, Any]:
+        """Accept or decline an open invitation. `user_id`: the user deciding (None: the operator's
+        command line, on the invited user's behalf). Someone else's invitation is not found."""
+        now = datetime.now(UTC)
+        async with self.admin.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1 FOR UPDATE OF i", invitation_id)
+            if row is None or (user_id is not None and row["user_id"] != user_id):
+                raise NotFound(f"no invitation {invitation_id}")
+            status = _view(row, now)["status"]
+            if status != "pending":
+                raise Conflict(f"invitation {invitation_id} is {status}")
+            state = "accepted" if accept else "declined"
+            await conn.execute(
+                "UPDATE invitations SET state = $2, decided_at = $3 WHERE id = $1", invitation_id, state, now
+            )
+            await write_event(
+                conn,
+                f"invitation.{state}",
+                actor=actor,
+                org_id=row["org_id"],
+                user_id=row["user_id"],
+                target=invitation_id,
+                detail={"role": row["role"]},
+            )
+            if accept:
+                await self.admin.join(conn, row["org_id"], row["user_id"], row["role"], actor)
+            row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
+        return _view(row, now)
+
+    async def withdraw(self, org_id: str | None, invitation_id: str, actor: Actor) -> dict[str, Any]:
+        """An org's admin takes back an open invitation of that org (None: the operator, any org's)."""
+        now = datetime.now(UTC)
+        async with self.admin.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1 AND ($2::text IS NULL OR i.org_id = $2) FOR UPDATE OF i",
+                invitation_id,
+                org_id,
+            )
+            if row is None:
+                raise NotFound(f"no invitation {invitation_id}")
+            status = _view(row, now)["status"]
+            if status != "pending":
+                raise Conflict(f"invitation {invitation_id} is {status}")
+            await conn.execute(
+                "UPDATE invitations SET state = 'revoked', decided_at = $2 WHERE id = $1", invitation_id, now
+            )
+            await write_event(
+                conn,
+                "invitation.revoked",
+                actor=actor,
+                org_id=row["org_id"],
+                user_id=row["user_id"],
+                target=invitation_id,
+            )
+            row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
+        return _view(row, now)

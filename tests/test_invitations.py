@@ -1,0 +1,152 @@
+"""Joining an org is the joining user's choice, and an org's admins manage only their own org.
+
+Before: any all-orgs key could create org M, add a victim by email and at once see the victim's keys
+(with org B's id and role), revoke them everywhere (the victim lost org B), and break the victim's
+all-orgs key in org B (`org_required`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from gateway.admin import Admin
+from tests.conftest import World, nginx_headers, poll
+from tests.test_api import Client, auth, err, ok
+
+
+async def _victim(world: World) -> tuple[str, dict[str, Any]]:
+    """A user who is a member of org B only, with an all-orgs key."""
+    victim = (await world.admin.create_user("victim@example.com"))["id"]
+    await world.admin.set_member(world.org_b, victim, "admin")
+    return victim, await world.key(name="victim", user=victim, role="admin")
+
+
+async def _attacker_org(client: Client, world: World) -> tuple[dict[str, Any], str]:
+    attacker = (await world.admin.create_user("mallory@example.com"))["id"]
+    key = await world.key(name="mallory", user=attacker, role="owner")
+    org = (await ok(await client.post("/v1/orgs", json={"name": "M"}, headers=auth(key)), 201))["id"]
+    return key, org
+
+
+async def _verify(client: Client, key: dict[str, Any], org: str | None = None) -> Any:
+    extra = {"X-Org-Id": org} if org else {}
+    return await client.get("/auth/nginx", headers=nginx_headers(key["key"], **extra))
+
+
+async def test_adding_a_user_is_an_invitation_that_changes_nothing_until_accepted(client: Client, world: World) -> None:
+    victim, victim_key = await _victim(world)
+    mallory, m_org = await _attacker_org(client, world)
+    inv = await ok(
+        await client.post(
+            f"/v1/orgs/{m_org}/members", json={"email": "victim@example.com", "role": "viewer"}, headers=auth(mallory)
+        ),
+        202,
+    )
+    assert (inv["status"], inv["user_id"], inv["org_id"]) == ("pending", victim, m_org)
+    # The victim is no member of M, and their key acts exactly as before: without naming an org too.
+    assert await world.admin.member_role(m_org, victim) is None
+    r = await _verify(client, victim_key)
+    assert (r.status, r.headers["X-Org"]) == (200, world.org_b)
+    # M's owner sees nothing of the victim's keys, and cannot touch them.
+    listed = await ok(await client.get(f"/v1/keys?org={m_org}", headers=auth(mallory)))
+    assert [k["id"] for k in listed["items"]] == [mallory["id"]]
+    await err(await client.get(f"/v1/keys/{victim_key['id']}", headers=auth(mallory)), 404, "not_found")
+    await err(await client.post(f"/v1/keys/{victim_key['id']}/revoke", headers=auth(mallory)), 404, "not_found")
+    assert (await _verify(client, victim_key, world.org_b)).status == 200
+    # The org lists its open invitation; the victim sees theirs.
+    pending = await ok(await client.get(f"/v1/orgs/{m_org}/invitations", headers=auth(mallory)))
+    assert [i["id"] for i in pending["items"]] == [inv["id"]]
+    mine = await ok(await client.get("/v1/invitations", headers=auth(victim_key)))
+    assert [(i["id"], i["org_name"], i["role"]) for i in mine["items"]] == [(inv["id"], "M", "viewer")]
+    # Nobody else can accept it for them.
+    await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(mallory)), 404, "not_found")
+    # Declined: still nothing changed.
+    declined = await ok(await client.post(f"/v1/invitations/{inv['id']}/decline", headers=auth(victim_key)))
+    assert declined["status"] == "declined"
+    assert await world.admin.member_role(m_org, victim) is None
+    await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)), 409, "conflict")
+    assert (await ok(await client.get("/v1/invitations", headers=auth(victim_key))))["items"] == []
+
+
+async def test_after_joining_an_admin_can_stop_a_key_only_in_their_org(client: Client, world: World) -> None:
+    victim, victim_key = await _victim(world)
+    b_project = await world.admin.create_project(world.org_b, "secret-b")
+    scoped = await world.key(name="scoped", user=victim, role="admin", projects=[b_project["id"]])
+    mallory, m_org = await _attacker_org(client, world)
+    body = {"email": "victim@example.com", "role": "member"}
+    inv = await ok(await client.post(f"/v1/orgs/{m_org}/members", json=body, headers=auth(mallory)), 202)
+    await ok(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)))
+    assert await world.admin.member_role(m_org, victim) == "member"
+    # Naming org B, the all-orgs key works as before (without a name, two orgs now need one).
+    assert (await _verify(client, victim_key, world.org_b)).status == 200
+    assert (await _verify(client, victim_key, m_org)).headers.get("X-Role") == "member"
+    # M's owner sees the victim's keys as they act in M only: no org B id, role or project.
+    listed = await ok(await client.get(f"/v1/keys?org={m_org}", headers=auth(mallory)))
+    seen = {k["id"]: k for k in listed["items"]}
+    assert set(seen) == {mallory["id"], victim_key["id"], scoped["id"]}
+    for key_id in (victim_key["id"], scoped["id"]):
+        assert seen[key_id]["orgs"] == [m_org]
+        assert set(seen[key_id]["effective_role"]) == {m_org}
+        assert world.org_b not in str(seen[key_id]) and b_project["id"] not in str(seen[key_id])
+    shown = await ok(await client.get(f"/v1/keys/{victim_key['id']}", headers=auth(mallory)))
+    assert world.org_b not in str(shown)
+    # Revoking it stops it in M, and nowhere else.
+    stopped = await ok(await client.post(f"/v1/keys/{victim_key['id']}/revoke", headers=auth(mallory)))
+    assert stopped["revoked_in"] == [m_org]
+    r = await poll(lambda: _verify(client, victim_key, m_org), lambda r: r.status != 200)
+    assert (r.status, r.headers["X-Auth-Error"]) == (403, "org_not_allowed")
+    assert (await _verify(client, victim_key, world.org_b)).status == 200
+    assert await world.admin.member_role(world.org_b, victim) == "admin"
+    own = await ok(await client.get(f"/v1/keys/{victim_key['id']}", headers=auth(victim_key)))
+    assert (own["status"], own["stopped_in"]) == ("active", [m_org])
+    assert world.org_b in own["effective_role"] and m_org not in own["effective_role"]
+    # No longer acting in M, it is gone from M's listing.
+    listed = await ok(await client.get(f"/v1/keys?org={m_org}", headers=auth(mallory)))
+    assert victim_key["id"] not in [k["id"] for k in listed["items"]]
+
+
+async def test_a_key_confined_to_some_orgs_cannot_accept(client: Client, world: World) -> None:
+    victim, _ = await _victim(world)
+    confined = await world.key(name="confined", user=victim, role="admin", orgs=[world.org_b])
+    mallory, m_org = await _attacker_org(client, world)
+    body = {"email": "victim@example.com", "role": "viewer"}
+    inv = await ok(await client.post(f"/v1/orgs/{m_org}/members", json=body, headers=auth(mallory)), 202)
+    await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(confined)), 403, "org_not_allowed")
+    assert await world.admin.member_role(m_org, victim) is None
+
+
+async def test_invitations_expire_and_can_be_withdrawn(
+    client: Client, world: World, admin: Admin, pool: asyncpg.Pool
+) -> None:
+    victim, victim_key = await _victim(world)
+    k = await world.key(name="a", role="admin")
+    body = {"email": "victim@example.com", "role": "viewer"}
+    inv = await ok(await client.post(f"/v1/orgs/{world.org_a}/members", json=body, headers=auth(k)), 202)
+    # Inviting again renews the one open invitation.
+    again = await ok(
+        await client.post(f"/v1/orgs/{world.org_a}/members", json={**body, "role": "member"}, headers=auth(k)),
+        202,
+    )
+    assert (again["id"], again["role"]) == (inv["id"], "member")
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE invitations SET expires_at = now() - interval '1 second' WHERE id = $1", inv["id"])
+    assert (await ok(await client.get("/v1/invitations", headers=auth(victim_key))))["items"] == []
+    assert (await ok(await client.get(f"/v1/orgs/{world.org_a}/invitations", headers=auth(k))))["items"] == []
+    await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)), 409, "conflict")
+    assert await admin.member_role(world.org_a, victim) is None
+    # A new invitation, withdrawn by the org's admin before the user accepts.
+    fresh = await ok(await client.post(f"/v1/orgs/{world.org_a}/members", json=body, headers=auth(k)), 202)
+    assert fresh["id"] != inv["id"]
+    withdrawn = await ok(await client.delete(f"/v1/orgs/{world.org_a}/invitations/{fresh['id']}", headers=auth(k)))
+    assert withdrawn["status"] == "revoked"
+    await err(await client.post(f"/v1/invitations/{fresh['id']}/accept", headers=auth(victim_key)), 409, "conflict")
+    # An admin of another org cannot withdraw it.
+    other = await ok(await client.post(f"/v1/orgs/{world.org_a}/members", json=body, headers=auth(k)), 202)
+    await err(
+        await client.delete(f"/v1/orgs/{world.org_b}/invitations/{other['id']}", headers=auth(victim_key)),
+        404,
+        "not_found",
+    )
+    events = [e["type"] for e in await admin.audit(world.org_a)]
+    assert {"invitation.created", "invitation.revoked"} <= set(events)

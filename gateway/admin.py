@@ -18,7 +18,7 @@ import asyncpg
 from gateway import constants as C
 from gateway.audit import CLI, Actor, write_event
 from gateway.config import RolesConfig
-from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.errors import Conflict, InsufficientPermissions, InvalidRequest, NotFound
 from gateway.keys import ENVS, KeyFormat, SecretHasher, random_b62
 from gateway.ratelimit import parse_rate
 
@@ -487,6 +487,13 @@ class Admin:
             )
             cidrs = [str(c) for c in old["allowed_cidrs"]] if old["allowed_cidrs"] is not None else None
             new_id_, raw = await self._insert_key(conn, spec, old["expires_at"], cidrs)
+            # Stopped in an org, stopped there still: rotation is no way back in.
+            await conn.execute(
+                "INSERT INTO key_org_blocks (key_id, org_id, blocked_by)"
+                " SELECT $2, org_id, blocked_by FROM key_org_blocks WHERE key_id = $1",
+                key_id,
+                new_id_,
+            )
             await conn.execute(
                 "UPDATE api_keys SET rotated_to = $2,"
                 " expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + $3::interval) WHERE id = $1",
@@ -607,34 +614,59 @@ class Admin:
             rows = await conn.fetch("SELECT id, org_id, name FROM projects WHERE org_id = $1 ORDER BY name", org_id)
         return [dict(r) for r in rows]
 
-    async def delete_project(self, org_id: str, project_id: str, revoke_keys: bool, actor: Actor) -> dict[str, Any]:
-        """Refuses while live keys name the project, unless `revoke_keys` revokes them in the same transaction."""
+    async def delete_project(
+        self, org_id: str, project_id: str, revoke_keys: bool, actor: Actor, max_owner_role: str | None = None
+    ) -> dict[str, Any]:
+        """Refuses while live keys name the project, unless `revoke_keys` stops them in the same transaction:
+        a key that can act only in this org is revoked, any other is stopped in this org only (its owner's
+        other orgs are not this org's to touch). `max_owner_role`: the caller's role; keys of members above
+        it are refused (None: the operator's command line)."""
         async with self.pool.acquire() as conn, conn.transaction():
             found = await conn.fetchval(
                 "SELECT 1 FROM projects WHERE id = $1 AND org_id = $2 FOR UPDATE", project_id, org_id
             )
             if found is None:
                 raise NotFound(f"no project {project_id}")
-            naming = [
-                r["id"]
-                for r in await conn.fetch(
-                    "SELECT id FROM api_keys WHERE $1 = ANY(project_ids) AND revoked_at IS NULL", project_id
-                )
-            ]
+            rows = await conn.fetch(
+                "SELECT k.id, k.all_orgs, k.org_ids, m.role AS owner_role FROM api_keys k"
+                " LEFT JOIN memberships m ON m.user_id = k.user_id AND m.org_id = $2"
+                " WHERE $1 = ANY(k.project_ids) AND k.revoked_at IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM key_org_blocks b WHERE b.key_id = k.id AND b.org_id = $2)"
+                " ORDER BY k.id",
+                project_id,
+                org_id,
+            )
+            naming = [r["id"] for r in rows]
             if naming and not revoke_keys:
                 raise Conflict(f"{len(naming)} active keys name this project: revoke them, or pass revoke_keys=true")
-            if naming:
-                await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = ANY($1::text[])", naming)
-                for key_id in naming:
-                    await write_event(
-                        conn,
-                        "api_key.revoked",
-                        actor=actor,
-                        org_id=org_id,
-                        key_id=key_id,
-                        target=key_id,
-                        detail={"reason": "project deleted"},
+            if max_owner_role is not None and any(
+                r["owner_role"] in self.roles.order
+                and self.roles.rank(r["owner_role"]) > self.roles.rank(max_owner_role)
+                for r in rows
+            ):
+                raise InsufficientPermissions("a key of a member above your role names this project")
+            whole = [r["id"] for r in rows if not r["all_orgs"] and set(r["org_ids"]) <= {org_id}]
+            if whole:
+                await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = ANY($1::text[])", whole)
+            for r in rows:
+                if r["id"] not in whole:
+                    await conn.execute(
+                        "INSERT INTO key_org_blocks (key_id, org_id, blocked_by) VALUES ($1, $2, $3)"
+                        " ON CONFLICT DO NOTHING",
+                        r["id"],
+                        org_id,
+                        actor.id,
                     )
+                await write_event(
+                    conn,
+                    "api_key.revoked",
+                    actor=actor,
+                    org_id=org_id,
+                    key_id=r["id"],
+                    target=r["id"],
+                    detail={"reason": "project deleted", "scope": "key" if r["id"] in whole else "org"},
+                )
+            if naming:
                 await notify_keys(conn, naming)
             await conn.execute("DELETE FROM projects WHERE id = $1", project_id)
             await write_event(

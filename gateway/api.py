@@ -12,7 +12,7 @@ import binascii
 import ipaddress
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +51,7 @@ class Principal:
     record: KeyRecord
     actor: Actor
     roles: RolesConfig
+    stopped: tuple[str, ...] = ()  # orgs whose admins stopped this credential there
 
     @property
     def user_id(self) -> str:
@@ -124,7 +125,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     await charge(app, [(key_limit(app, record.rate_limit), record.id)])
     address = str(client_ip) if client_ip is not None else None
     actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
-    request[PRINCIPAL] = Principal(record, actor, app[CONFIG].roles)
+    stopped = tuple(await app[ADMIN].stopped_in(record.id))
+    request[PRINCIPAL] = Principal(record, actor, app[CONFIG].roles, stopped)
     return await handler(request)
 
 
@@ -214,11 +216,17 @@ _KEY_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def no_escalation(p: Principal, spec: KeySpec, verb: str = "create") -> None:
-    """A key may only create (rotate, revoke) keys that can do no more than itself."""
+def no_escalation(p: Principal, spec: KeySpec, verb: str = "create", spec_stopped: Sequence[str] = ()) -> None:
+    """A key may only create (rotate, revoke) keys that can do no more than itself. `spec_stopped`: the
+    orgs an existing key was stopped in (a new all-orgs key inherits the caller's, see `create_key`)."""
     me, roles = p.record, p.roles
     if roles.rank(spec.role) > roles.rank(me.role):
         raise InsufficientPermissions(f"a {me.role} key cannot {verb} a {spec.role} key")
+    if p.stopped and (
+        set(spec.orgs) & set(p.stopped)
+        or (not spec.orgs and verb != "create" and not set(p.stopped) <= set(spec_stopped))
+    ):
+        raise OrgNotAllowed("that key acts in an org where this key was stopped")
     if not me.all_orgs and (not spec.orgs or not set(spec.orgs) <= set(me.org_ids)):
         raise OrgNotAllowed("that key's orgs must be within this key's orgs")
     if not me.all_projects and (not spec.projects or not set(spec.projects) <= set(me.project_ids)):
@@ -315,6 +323,8 @@ async def key_access(request: web.Request, row: Any, permission: str = "keys:rea
     if not managed:
         raise InsufficientPermissions(f"requires {permission} in this key's org")
     view["orgs"] = seen_from
+    if set(acting) - set(seen_from) or row["all_orgs"]:
+        view["last_used_at"] = None  # its use in the owner's other orgs is not this org's business
     if view["projects"] != "all":
         view["projects"] = await admin.projects_in(view["projects"], seen_from)
     view["effective_role"] = _effective_roles(p, row["role"], owner_roles, seen_from)
@@ -339,6 +349,9 @@ async def create_key(request: web.Request) -> web.Response:
     for org in spec.orgs:
         p.require(org)
     created = await admin.create_key(spec, p.actor)
+    if p.stopped and not spec.orgs:
+        # An all-orgs key made by a key stopped somewhere is stopped there too: no way back in.
+        await admin.stop_key_in(created["id"], list(p.stopped), p.actor)
     row = await admin.key_row(created["id"])
     return web.json_response({**(await key_access(request, row)).view, "key": created["key"]}, status=201)
 
@@ -370,8 +383,12 @@ async def list_keys(request: web.Request) -> web.Response:
     out = []
     for k in items:
         row = await admin.key_row(k["id"])
-        if row is not None:
+        if row is None:
+            continue
+        try:
             out.append((await key_access(request, row)).view)
+        except NotFound:  # no longer acting in the org (its owner left, say): not the org's to see
+            continue
     next_cursor = None
     if len(rows) > limit:
         next_cursor = encode_cursor([items[-1]["created_at"], items[-1]["id"]])
@@ -391,7 +408,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     row = access.row
     if not access.managed:  # one's own key, if no more powerful than the credential revoking it
         if access.view["status"] == "active":
-            no_escalation(p, spec_of(row), "revoke")
+            no_escalation(p, spec_of(row), "revoke", access.view["stopped_in"])
         await admin.revoke_key(row["id"], p.actor)
         return web.json_response((await visible_key(request, row["id"])).view)
     if not row["all_orgs"] and set(row["org_ids"]) <= set(access.managed):
@@ -426,7 +443,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     if access.managed and await admin.service_org(access.row["user_id"]) not in access.managed:
         raise InsufficientPermissions("only a key's owner can rotate it; an admin can revoke it")
     if access.view["status"] == "active":
-        no_escalation(p, spec_of(access.row))
+        no_escalation(p, spec_of(access.row), "rotate", access.view.get("stopped_in", ()))
     body = await read_body(request, {"grace": str}, set())
     rotated = await admin.rotate_key(access.row["id"], body.get("grace"), p.actor)
     new = await key_access(request, await admin.key_row(rotated["id"]))
@@ -486,6 +503,10 @@ def _grantable(p: Principal, org: str, role: str, permission: str) -> None:
     mine = p.require(org, permission, ADMIN_ROLE)
     if p.roles.rank(role) > p.roles.rank(mine):
         raise InsufficientPermissions(f"an {mine} cannot grant {role}")
+    # Nor, with a scoped key, a role that may do what the key itself may not.
+    have = p.permissions_in(org)
+    if not all(granted(have, pattern) for pattern in p.roles.permissions.get(role, ())):
+        raise InsufficientPermissions(f"this key's scopes do not cover what {role} may do")
 
 
 async def add_member(request: web.Request) -> web.Response:
@@ -566,23 +587,36 @@ async def decline_invitation(request: web.Request) -> web.Response:
     return await _decide(request, accept=False)
 
 
+def _project_in_reach(p: Principal, project: str) -> None:
+    """A key confined to some projects sees and manages only those (others are 404, as elsewhere)."""
+    if not p.record.all_projects and project not in p.record.project_ids:
+        raise NotFound(f"no project {project}")
+
+
 async def create_project(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
     p.require(org, "projects:write", ADMIN_ROLE)
+    if not p.record.all_projects:
+        raise ProjectNotAllowed("a key confined to some projects cannot create one")
     body = await read_body(request, {"name": str}, {"name"})
     return web.json_response(await request.config_dict[ADMIN].create_project(org, body["name"], p.actor), status=201)
 
 
 async def list_projects(request: web.Request) -> web.Response:
     org = request.match_info["org"]
-    request[PRINCIPAL].require(org, "projects:read")
-    return web.json_response({"items": await request.config_dict[ADMIN].projects(org)})
+    p = request[PRINCIPAL]
+    p.require(org, "projects:read")
+    projects = await request.config_dict[ADMIN].projects(org)
+    return web.json_response(
+        {"items": [x for x in projects if p.record.all_projects or x["id"] in p.record.project_ids]}
+    )
 
 
 async def get_project(request: web.Request) -> web.Response:
     org, project = request.match_info["org"], request.match_info["project"]
     request[PRINCIPAL].require(org, "projects:read")
+    _project_in_reach(request[PRINCIPAL], project)
     found = [p for p in await request.config_dict[ADMIN].projects(org) if p["id"] == project]
     if not found:
         raise NotFound(f"no project {project}")
@@ -592,11 +626,16 @@ async def get_project(request: web.Request) -> web.Response:
 async def delete_project(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, project = request.match_info["org"], request.match_info["project"]
-    p.require(org, "projects:write", ADMIN_ROLE)
+    role = p.require(org, "projects:write", ADMIN_ROLE)
+    _project_in_reach(p, project)
     revoke = request.query.get("revoke_keys", "false")
     if revoke not in ("true", "false"):
         raise InvalidRequest("revoke_keys must be true or false", field="revoke_keys")
-    return web.json_response(await request.config_dict[ADMIN].delete_project(org, project, revoke == "true", p.actor))
+    if revoke == "true":
+        p.require(org, "keys:write", ADMIN_ROLE)  # it stops keys
+    return web.json_response(
+        await request.config_dict[ADMIN].delete_project(org, project, revoke == "true", p.actor, max_owner_role=role)
+    )
 
 
 async def create_service_account(request: web.Request) -> web.Response:
@@ -631,8 +670,9 @@ async def create_service_account_key(request: web.Request) -> web.Response:
     no_escalation(p, spec)
     _grantable(p, org, spec.role, "service_accounts:write")
     created = await admin.create_key(spec, p.actor)
-    access = await key_access(request, await admin.key_row(created["id"]))
-    return web.json_response({**access.view, "key": created["key"]}, status=201)
+    view = {**key_view(await admin.key_row(created["id"])), "key": created["key"]}
+    view["effective_role"] = _effective_roles(p, spec.role, {org: sa["role"]}, [org])
+    return web.json_response(view, status=201)
 
 
 async def audit(request: web.Request) -> web.Response:
@@ -641,7 +681,11 @@ async def audit(request: web.Request) -> web.Response:
     p.require(org, "audit:read", ADMIN_ROLE)
     limit, cursor = page(request)
     q = request.query
-    before = int(decode_cursor(cursor)) if cursor else None
+    before = None
+    if cursor:
+        before = decode_cursor(cursor)
+        if type(before) is not int or not 0 < before < 2**63:
+            raise InvalidRequest("cursor is not valid", field="cursor")
     items = await request.config_dict[ADMIN].audit(
         org,
         type_=q.get("type"),

@@ -34,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.keys import KeyFormat, ParsedKey
 from gateway.policy import ORG_HEADER, OriginalRequest, RouteDecision, checked_id
-from gateway.ratelimit import Decision, Limit, enforce
+from gateway.ratelimit import Decision, Limit, address_bucket, enforce
 from gateway.typedefs import (
     AUDIT_ORG,
     AUDITOR,
@@ -276,7 +276,7 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     if raw is None:
         if decision.auth == "public":
             limits = app[LIMITS]
-            return Outcome(None, decision, await charge(app, [(limits.anonymous, address or "unknown")]))
+            return Outcome(None, decision, await charge(app, [(limits.anonymous, address_bucket(address))]))
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
     parsed = fmt.parse(raw)
     if parsed is None:

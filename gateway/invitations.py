@@ -121,7 +121,11 @@ class Invitations:
             status = _view(row, now)["status"]
             if status != "pending":
                 raise Conflict(f"invitation {invitation_id} is {status}")
+            if accept:
+                await self._inviter_still_may(conn, row)
             state = "accepted" if accept else "declined"
+            # The inviting org's audit learns the answer, not where or with what the user gave it.
+            actor = Actor(actor.id)
             await conn.execute(
                 "UPDATE invitations SET state = $2, decided_at = $3 WHERE id = $1", invitation_id, state, now
             )
@@ -138,6 +142,20 @@ class Invitations:
                 await self.admin.join(conn, row["org_id"], row["user_id"], row["role"], actor)
             row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
         return _view(row, now)
+
+    async def _inviter_still_may(self, conn: asyncpg.Connection, row: asyncpg.Record) -> None:
+        """An invitation is only as good as its sender now is: one sent by a member since removed, or
+        demoted below admin or below the role it offers, is void (the operator's command line is always good)."""
+        inviter = row["invited_by"]
+        if inviter in (None, CLI.id):
+            return
+        roles = self.admin.roles
+        now_role = await conn.fetchval(
+            "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", row["org_id"], inviter
+        )
+        needed = max(roles.rank(row["role"]), roles.rank("admin") if "admin" in roles.order else 0)
+        if now_role not in roles.order or roles.rank(now_role) < needed:
+            raise Conflict("whoever sent this invitation can no longer grant its role")
 
     async def withdraw(self, org_id: str | None, invitation_id: str, actor: Actor) -> dict[str, Any]:
         """An org's admin takes back an open invitation of that org (None: the operator, any org's)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import math
 import time
@@ -148,6 +149,22 @@ class LocalLimiter:
         return _decision(
             limit, 1, math.floor((limit.tolerance_us - (new_tat - now)) / limit.interval_us), new_tat - now, 0
         )
+
+
+def address_bucket(address: str | None) -> str:
+    """Who a per-address limit charges: an IPv4 address, or the /64 of an IPv6 one (one subscriber's
+    whole allocation: anyone with a /64 could otherwise take a fresh budget with each of its addresses)."""
+    if address is None:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def redis_key(limit: Limit, ident: str) -> str:
@@ -287,7 +304,9 @@ class BruteForceGuard:
 
     async def before_lookup(self, address: str | None) -> None:
         """Before a key that is not cached is looked up: has this address failed too often?"""
-        (by_address,) = await self.limiter.check([(self.limits.failures_per_address, address or "unknown")], peek=True)
+        (by_address,) = await self.limiter.check(
+            [(self.limits.failures_per_address, address_bucket(address))], peek=True
+        )
         if not by_address.allowed:
             enforce([by_address], self.metrics)
 
@@ -297,7 +316,7 @@ class BruteForceGuard:
         (by_key,) = await self.limiter.check([(self.limits.failures_per_key, key_id)])
         if by_key.allowed or await self._known_good(key_id, address):
             return
-        pair = f"{key_id}:{address or 'unknown'}"
+        pair = f"{key_id}:{address_bucket(address)}"
         (by_pair,) = await self.limiter.check([(self.limits.failures_per_key_address, pair)])
         if by_pair.allowed:
             return
@@ -308,7 +327,7 @@ class BruteForceGuard:
         raise RateLimited(f"too many requests ({soonest.limit.name} limit)", headers=soonest.headers())
 
     async def failed(self, address: str | None) -> Decision:
-        (decision,) = await self.limiter.check([(self.limits.failures_per_address, address or "unknown")])
+        (decision,) = await self.limiter.check([(self.limits.failures_per_address, address_bucket(address))])
         return decision
 
     async def verified(self, key_id: str, address: str | None) -> None:

@@ -28,6 +28,7 @@ from gateway.authz import check_state, role_in
 from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE, KeyRecord
 from gateway.errors import AuthUnavailable, InvalidApiKey, InvalidRequest, MissingCredentials
 from gateway.forward import charge, client_address, key_limit, verified_record
+from gateway.ratelimit import address_bucket
 from gateway.store import PG_ERRORS, StoreUnavailable
 from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, LIMITS, REDIS, REDIS_BREAKER, STORE, TRUSTED
 
@@ -80,6 +81,8 @@ async def load_session(request: web.Request) -> tuple[Session, KeyRecord] | None
     if raw is None:
         return None
     session = Session(**json.loads(raw))
+    if time.time() - session.created >= app[CONFIG].ui.session_ttl_s:
+        return None  # a session ends `session_ttl_s` after sign-in, however busy it was since
     try:
         loaded = await app[STORE].load_key(session.key_id)
     except StoreUnavailable:
@@ -129,11 +132,12 @@ async def _session_view(session: Session, record: KeyRecord, request: web.Reques
 async def _save(request: web.Request, session_id: str, session: Session) -> None:
     cfg = request.config_dict[CONFIG].ui
     ttl = int(cfg.session_ttl_s)
+    left = max(1, int(session.created + ttl - time.time()))  # saving again never extends a session
     mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
 
     async def save(redis: aioredis.Redis) -> None:
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.set(_redis_key(session_id), json.dumps(asdict(session)), ex=ttl)
+            pipe.set(_redis_key(session_id), json.dumps(asdict(session)), ex=left)
             pipe.zadd(mine, {_redis_key(session_id): session.created})
             pipe.zremrangebyscore(mine, "-inf", time.time() - ttl)  # sessions already gone by themselves
             pipe.expire(mine, ttl)
@@ -163,7 +167,7 @@ async def sign_in(request: web.Request) -> web.Response:
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
     # Each sign-in attempt is charged to its address, and each success to the key's own limit, as one
     # request through the proxy would be: a session is no way around the key's rate limit.
-    await charge(app, [(app[LIMITS].sign_in, str(client_ip) if client_ip is not None else "unknown")])
+    await charge(app, [(app[LIMITS].sign_in, address_bucket(str(client_ip) if client_ip is not None else None))])
     record = await verified_record(app, parsed, client_ip)
     check_state(record, client_ip, time.time())
     await charge(app, [(key_limit(app, record.rate_limit), record.id)])
@@ -198,12 +202,14 @@ async def get_session(request: web.Request) -> web.Response:
     if found is None:
         return web.Response(status=204, headers=SECURITY_HEADERS)
     session, record = found
+    await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
     return await _session_view(session, record, request)
 
 
 async def switch_org(request: web.Request) -> web.Response:
     session_id, session, record = await current(request)
     check_csrf(request, session)
+    await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
     org = json_object(await request.read()).get("org")
     if not isinstance(org, str) or role_in(record, org, request.config_dict[CONFIG].roles) is None:
         raise InvalidRequest("not an org this key can act in", field="org")

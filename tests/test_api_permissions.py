@@ -55,6 +55,9 @@ ACTIONS: dict[str, tuple[str, str, dict[str, Any] | None, str, bool]] = {
     "read the audit": ("GET", "/v1/orgs/{org}/audit", None, "audit:read", True),
 }
 
+# Actions that hand out a role: the credential's permissions must also cover all the role may do.
+GRANTING = {"invite a member", "change a member's role"}
+
 # The owner of the credentials is an admin of org A and a viewer of org B.
 # credential: (role, scopes, the org it acts in, which permissions it has there, effective role >= admin)
 CREDENTIALS: dict[str, tuple[str, list[str] | None, str, set[str] | None, bool]] = {
@@ -64,7 +67,8 @@ CREDENTIALS: dict[str, tuple[str, list[str] | None, str, set[str] | None, bool]]
     "scoped key": ("owner", ["calls:read"], "A", set(), True),
     # An owner-role key acting in org B, where its owner is a viewer: capped to viewer.
     "capped key": ("owner", None, "B", {"projects:read"}, False),
-    # An admin key scoped to members: only the member actions.
+    # An admin key scoped to members: only the member actions, and no granting a role (even a viewer's
+    # `*:read` is more than `members:*`).
     "members-only key": ("admin", ["members:*"], "A", {"members:read", "members:write"}, True),
     # The control: an admin key without scopes may do everything here.
     "admin key": ("admin", None, "A", None, True),
@@ -101,6 +105,7 @@ async def test_each_action_needs_its_permission(client: Client, world: World, ac
     names = await _org_objects(world, client, org)
     key = await world.key(name="caller", role=role, scopes=scopes)
     allowed = (granted is None or permission in granted) and (is_admin or not needs_admin)
+    allowed = allowed and (action not in GRANTING or granted is None)
     r = await client.request(method, template.format(**names), json=body, headers=auth(key))
     data = await r.json()
     if allowed:
@@ -174,3 +179,56 @@ async def test_an_admin_cannot_stop_the_key_of_a_member_above_them(client: Clien
     r = await client.post(f"/v1/keys/{boss_key['id']}/revoke", headers=auth(admin_key))
     await err(r, 403, "insufficient_permissions")
     assert (await world.admin.show_key(boss_key["id"]))["status"] == "active"
+
+
+async def test_a_scoped_key_grants_only_roles_within_its_scopes(client: Client, world: World) -> None:
+    """Before, an admin key scoped to members:* could invite an account as admin, which then had all an
+    admin has. A role is granted only when the key's own permissions cover everything the role may do."""
+    k = await world.key(name="k", role="admin", scopes=["members:*", "*:read"])
+    url = f"/v1/orgs/{world.org_a}/members"
+    await ok(await client.post(url, json={"email": "v@example.com", "role": "viewer"}, headers=auth(k)), 202)
+    for role in ("member", "admin"):
+        r = await client.post(url, json={"email": f"{role}@example.com", "role": role}, headers=auth(k))
+        await err(r, 403, "insufficient_permissions")
+
+
+async def test_a_key_confined_to_projects_manages_only_those(client: Client, world: World) -> None:
+    """Found by review: an admin key confined to p1 read, deleted and created other projects."""
+    p1 = await world.admin.create_project(world.org_a, "p1")
+    p2 = await world.admin.create_project(world.org_a, "p2")
+    k = await world.key(name="k", role="admin", orgs=[world.org_a], projects=[p1["id"]])
+    base = f"/v1/orgs/{world.org_a}/projects"
+    assert [p["id"] for p in (await ok(await client.get(base, headers=auth(k))))["items"]] == [p1["id"]]
+    await ok(await client.get(f"{base}/{p1['id']}", headers=auth(k)))
+    await err(await client.get(f"{base}/{p2['id']}", headers=auth(k)), 404, "not_found")
+    await err(await client.delete(f"{base}/{p2['id']}", headers=auth(k)), 404, "not_found")
+    await err(await client.post(base, json={"name": "p3"}, headers=auth(k)), 403, "project_not_allowed")
+    assert len(await world.admin.projects(world.org_a)) == 2
+
+
+async def test_a_service_account_key_is_handed_out_once_made(client: Client, world: World) -> None:
+    """Found by review: a key scoped to service_accounts:* made the key, then answered 404 without it."""
+    k = await world.key(name="k", role="admin", scopes=["service_accounts:*", "*:read"])
+    sa = await ok(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/service-accounts", json={"name": "ci", "role": "viewer"}, headers=auth(k)
+        ),
+        201,
+    )
+    made = await ok(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/service-accounts/{sa['id']}/keys",
+            json={"name": "deploy", "role": "viewer", "scopes": ["*:read"]},
+            headers=auth(k),
+        ),
+        201,
+    )
+    assert made["key"].startswith("gw_live_") and made["effective_role"] == {world.org_a: "viewer"}
+
+
+@pytest.mark.parametrize("cursor", ["WzEsIDJd", "ImFiYyI", "MWUrMzA", "OTk5OTk5OTk5OTk5OTk5OTk5OTk5", "LTE"])
+async def test_a_forged_audit_cursor_is_a_bad_request(client: Client, world: World, cursor: str) -> None:
+    """Found by review: a cursor of [1,2], "abc", 1e30 or a huge number answered 503 with a traceback."""
+    k = await world.key(name="k", role="admin")
+    r = await client.get(f"/v1/orgs/{world.org_a}/audit?cursor={cursor}", headers=auth(k))
+    await err(r, 400, "invalid_request")

@@ -150,3 +150,110 @@ async def test_invitations_expire_and_can_be_withdrawn(
     )
     events = [e["type"] for e in await admin.audit(world.org_a)]
     assert {"invitation.created", "invitation.revoked"} <= set(events)
+
+
+async def _joined(client: Client, world: World) -> tuple[str, dict[str, Any], dict[str, Any], str]:
+    """The victim (admin of B, with an all-orgs key) has joined Mallory's org M as a member."""
+    victim, victim_key = await _victim(world)
+    mallory, m_org = await _attacker_org(client, world)
+    body = {"email": "victim@example.com", "role": "member"}
+    inv = await ok(await client.post(f"/v1/orgs/{m_org}/members", json=body, headers=auth(mallory)), 202)
+    await ok(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)))
+    return victim, victim_key, mallory, m_org
+
+
+async def test_a_stopped_key_cannot_mint_its_way_back(client: Client, world: World) -> None:
+    """Found by review: a key stopped in an org created an all-orgs key, or rotated itself, and the new key
+    acted in that org again."""
+    victim, victim_key, mallory, m_org = await _joined(client, world)
+    m_only = await world.key(name="m-only", user=victim, role="member", orgs=[m_org])
+    await ok(await client.post(f"/v1/keys/{victim_key['id']}/revoke", headers=auth(mallory)))
+    await poll(lambda: _verify(client, victim_key, m_org), lambda r: r.status == 403)
+    child = await ok(
+        await client.post("/v1/keys", json={"name": "child", "role": "member"}, headers=auth(victim_key)), 201
+    )
+    assert child["stopped_in"] == [m_org]
+    assert (await _verify(client, child, m_org)).status == 403
+    assert (await _verify(client, child, world.org_b)).status == 200
+    body = {"name": "m", "role": "member", "orgs": [m_org]}
+    r = await client.post("/v1/keys", json=body, headers=auth(victim_key))
+    assert r.status in (403, 404), await r.text()
+    # Nor can it act on the user's keys for that org.
+    await err(await client.post(f"/v1/keys/{m_only['id']}/revoke", headers=auth(victim_key)), 403, "org_not_allowed")
+    rotated = await ok(await client.post(f"/v1/keys/{victim_key['id']}/rotate", json={}, headers=auth(victim_key)), 201)
+    assert rotated["stopped_in"] == [m_org]
+    assert (await _verify(client, rotated, m_org)).status == 403
+    assert (await _verify(client, rotated, world.org_b)).status == 200
+
+
+async def test_deleting_a_project_stops_its_keys_in_that_org_only(client: Client, world: World) -> None:
+    """Found by review: deleting a project with revoke_keys=true revoked keys naming it everywhere,
+    including keys of members above the caller."""
+    victim, _, mallory, m_org = await _joined(client, world)
+    p_m = await ok(await client.post(f"/v1/orgs/{m_org}/projects", json={"name": "m"}, headers=auth(mallory)), 201)
+    p_b = await world.admin.create_project(world.org_b, "b")
+    both = await world.key(name="both", user=victim, role="member", projects=[p_m["id"], p_b["id"]])
+    here = await world.key(name="here", user=victim, role="member", orgs=[m_org], projects=[p_m["id"]])
+    url = f"/v1/orgs/{m_org}/projects/{p_m['id']}?revoke_keys=true"
+    gone = await ok(await client.delete(url, headers=auth(mallory)))
+    assert sorted(gone["revoked_keys"]) == sorted([both["id"], here["id"]])
+    assert (await world.admin.show_key(here["id"]))["status"] == "revoked"  # it could act only in M
+    assert (await world.admin.show_key(both["id"]))["status"] == "active"
+    assert (await _verify(client, both, m_org)).status == 403
+    r = await client.get("/auth/nginx", headers=nginx_headers(both["key"], **{"X-Org-Id": world.org_b}))
+    assert r.status == 200
+    # A key of a member above the caller is not the caller's to stop.
+    boss = (await world.admin.create_user("boss@example.com"))["id"]
+    await world.admin.set_member(world.org_a, boss, "owner")
+    p_a = await world.admin.create_project(world.org_a, "a")
+    boss_key = await world.key(name="boss", user=boss, role="owner", orgs=[world.org_a], projects=[p_a["id"]])
+    a_admin = await world.key(name="a-admin", role="admin", orgs=[world.org_a])
+    url = f"/v1/orgs/{world.org_a}/projects/{p_a['id']}?revoke_keys=true"
+    await err(await client.delete(url, headers=auth(a_admin)), 403, "insufficient_permissions")
+    assert (await world.admin.show_key(boss_key["id"]))["status"] == "active"
+
+
+async def test_an_org_learns_nothing_of_a_members_doings_elsewhere(client: Client, world: World) -> None:
+    """Found by review: M's audit held the victim's address, browser and key id when they declined, and
+    M saw the last use of a key that acts in other orgs."""
+    _, victim_key = await _victim(world)
+    mallory, m_org = await _attacker_org(client, world)
+    body = {"email": "victim@example.com", "role": "member"}
+    inv = await ok(await client.post(f"/v1/orgs/{m_org}/members", json=body, headers=auth(mallory)), 202)
+    headers = {**auth(victim_key), "User-Agent": "VictimBrowser/9", "X-Forwarded-For": "203.0.113.77"}
+    await ok(await client.post(f"/v1/invitations/{inv['id']}/decline", headers=headers))
+    events = await ok(await client.get(f"/v1/orgs/{m_org}/audit?type=invitation.declined", headers=auth(mallory)))
+    (event,) = events["items"]
+    assert event["ip"] is None and event["user_agent"] is None and victim_key["id"] not in str(event)
+    inv = await ok(await client.post(f"/v1/orgs/{m_org}/members", json=body, headers=auth(mallory)), 202)
+    await ok(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)))
+    assert (await _verify(client, victim_key, world.org_b)).status == 200
+    await poll(lambda: world.admin.show_key(victim_key["id"]), lambda k: k["last_used_at"] is not None, timeout_s=3)
+    seen = await ok(await client.get(f"/v1/keys/{victim_key['id']}", headers=auth(mallory)))
+    assert seen["last_used_at"] is None
+
+
+async def test_an_invitation_dies_with_its_senders_power(client: Client, world: World) -> None:
+    """Found by review: an admin removed from the org left invitations behind that still made admins."""
+    rogue = (await world.admin.create_user("rogue@example.com"))["id"]
+    await world.admin.set_member(world.org_a, rogue, "admin")
+    rogue_key = await world.key(name="rogue", user=rogue, role="admin", orgs=[world.org_a])
+    alt = (await world.admin.create_user("alt@example.com"))["id"]
+    alt_key = await world.key(name="alt", user=alt, role="owner")
+    body = {"email": "alt@example.com", "role": "admin"}
+    inv = await ok(await client.post(f"/v1/orgs/{world.org_a}/members", json=body, headers=auth(rogue_key)), 202)
+    await world.admin.remove_member(world.org_a, rogue)
+    await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(alt_key)), 409, "conflict")
+    assert await world.admin.member_role(world.org_a, alt) is None
+
+
+async def test_an_org_listing_skips_keys_of_members_who_left(client: Client, world: World) -> None:
+    """Found by review: once a member with an org-scoped key left, the org's key listing answered 404."""
+    dev = (await world.admin.create_user("dev@example.com"))["id"]
+    await world.admin.set_member(world.org_a, dev, "member")
+    dev_key = await world.key(name="dev", user=dev, role="member", orgs=[world.org_a])
+    k = await world.key(name="a", role="admin")
+    await world.admin.remove_member(world.org_a, dev)
+    for query in ("", "&status=active"):
+        listed = await ok(await client.get(f"/v1/keys?org={world.org_a}{query}", headers=auth(k)))
+        assert dev_key["id"] not in [x["id"] for x in listed["items"]]

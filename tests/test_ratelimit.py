@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.config import Argon2Config, LimitConfig
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
-from gateway.ratelimit import Decision, Limit, LocalLimiter, parse_rate
+from gateway.ratelimit import Decision, Limit, LocalLimiter, address_bucket, parse_rate
 from gateway.typedefs import HASHER, METRICS, RESOLVER
 from tests.conftest import ROOT, Services, World, make_config, nginx_headers, start_gateway
 
@@ -323,3 +323,17 @@ async def test_failed_keys_count_whichever_endpoint_they_come_through(
     ):
         r = await probe
         assert (r.status, (await r.json())["error"]["code"]) == (429, "rate_limited")
+
+
+@pytest.mark.parametrize(
+    ("address", "bucket"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        (None, "unknown"),
+    ],
+)
+def test_per_address_limits_charge_an_ipv6_64(address: str | None, bucket: str) -> None:
+    assert address_bucket(address) == bucket

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -142,6 +143,48 @@ async def test_a_user_holds_a_bounded_number_of_sessions(
     assert [await status(cookie) for cookie in cookies] == [204, 204, 200, 200]
     assert await rclient.zcard(f"gw:usessz:{world.user}") == 2
     assert len(await rclient.keys("gw:sess:*")) == 2
+
+
+async def test_a_session_never_outlives_its_time(
+    aiohttp_client: Any, services: Services, world: World, rclient: aioredis.Redis
+) -> None:
+    """Found by review: switching org saved the session with a fresh expiry, so a busy session lived for
+    ever (and, its sign-in aged out of the user's set, escaped sign-out and the cap)."""
+    c = await aiohttp_client(create_app(make_config(services, ui={"session_ttl_s": 60})))
+    k = await world.key()
+    session = await (await sign_in(c, k["key"])).json()
+    (name,) = await rclient.keys("gw:sess:*")
+    # As if signed in 50 s ago: switching org keeps the 10 s it has left.
+    stored = json.loads(await rclient.get(name))
+    await rclient.set(name, json.dumps({**stored, "created": stored["created"] - 50}), ex=10)
+    r = await c.post("/ui/session/org", json={"org": world.org_b}, headers={"X-CSRF-Token": session["csrf"]})
+    assert r.status == 200
+    assert 0 < await rclient.ttl(name) <= 10
+    # Past its time it is over, even if Redis still holds it.
+    stored = json.loads(await rclient.get(name))
+    await rclient.set(name, json.dumps({**stored, "created": stored["created"] - 11}), ex=30)
+    assert (await c.get("/ui/session")).status == 204
+    assert (await c.get("/v1/me")).status == 401
+
+
+async def test_session_calls_spend_the_keys_limit(client: Client, world: World) -> None:
+    """Found by review: GET /ui/session and POST /ui/session/org were never charged to the key."""
+    k = await world.key(rate_limit="3/1m")
+    session = await (await sign_in(client, k["key"])).json()
+    statuses = [(await client.get("/ui/session")).status for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    r = await client.post("/ui/session/org", json={"org": world.org_b}, headers={"X-CSRF-Token": session["csrf"]})
+    assert r.status == 429
+
+
+async def test_sign_ins_are_limited_per_ipv6_64(aiohttp_client: Any, services: Services, world: World) -> None:
+    """Found by review: each address of one IPv6 /64 had a budget of its own."""
+    limit = {"sign_in": {"rate": "3/1m", "burst": 3}}
+    c = await aiohttp_client(create_app(make_config(services, rate_limits=limit)))
+    k = await world.key()
+    statuses = [(await sign_in(c, k["key"], **{"X-Forwarded-For": f"2001:db8:1:2::{i:x}"})).status for i in range(1, 7)]
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert (await sign_in(c, k["key"], **{"X-Forwarded-For": "2001:db8:1:3::1"})).status == 200
 
 
 @pytest.mark.parametrize("body", [b"", b"[]", b'{"key": 1}', b'{"key": "x", "more": 1}'])

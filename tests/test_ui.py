@@ -155,13 +155,13 @@ async def test_a_session_never_outlives_its_time(
     session = await (await sign_in(c, k["key"])).json()
     (name,) = await rclient.keys("gw:sess:*")
     # As if signed in 50 s ago: switching org keeps the 10 s it has left.
-    stored = json.loads(await rclient.get(name))
+    stored = json.loads(await rclient.get(name) or "{}")
     await rclient.set(name, json.dumps({**stored, "created": stored["created"] - 50}), ex=10)
     r = await c.post("/ui/session/org", json={"org": world.org_b}, headers={"X-CSRF-Token": session["csrf"]})
     assert r.status == 200
     assert 0 < await rclient.ttl(name) <= 10
     # Past its time it is over, even if Redis still holds it.
-    stored = json.loads(await rclient.get(name))
+    stored = json.loads(await rclient.get(name) or "{}")
     await rclient.set(name, json.dumps({**stored, "created": stored["created"] - 11}), ex=30)
     assert (await c.get("/ui/session")).status == 204
     assert (await c.get("/v1/me")).status == 401

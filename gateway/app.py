@@ -28,7 +28,7 @@ from gateway.errors import GatewayError
 from gateway.forward import error_response, forward_handler, keys_verify
 from gateway.health import Lifecycle, backend_checks, watch_backends
 from gateway.invitations import Invitations
-from gateway.keys import KeyFormat, SecretHasher
+from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.listener import InvalidationListener, supervise
 from gateway.metrics import Metrics
 from gateway.openapi import openapi
@@ -210,7 +210,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             )
         raise
     except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
+        log.exception("unexpected error on %s %s", request.method, redact(request.path))
         return error_response(_Unavailable())
 
 

@@ -27,7 +27,7 @@ from gateway.cache import REDIS_ERRORS, RedisCache
 from gateway.config import Config, load_config, load_roles, redact_url
 from gateway.errors import ConfigError, GatewayError
 from gateway.invitations import Invitations
-from gateway.keys import KeyFormat, SecretHasher
+from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.policy import describe, load_policy
 from gateway.store import PG_ERRORS, StoreUnavailable, connect_pool, migrate
 from gateway.typedefs import LIFECYCLE
@@ -53,11 +53,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 class AccessLogger(AbstractAccessLogger):
-    """Method, path (never the query string: it may carry a key), status and time."""
+    """Method, path (never the query string, and nothing key-shaped in the path), status and time."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
-            '%s "%s %s" %s %.1fms', request.remote, request.method, request.path, response.status, time * 1000
+            '%s "%s %s" %s %.1fms', request.remote, request.method, redact(request.path), response.status, time * 1000
         )
 
     @property

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
@@ -268,6 +268,9 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     refuse_query_keys(request.query_string, fmt, cfg.forward_auth.query_credential_params)
     # The proxy forwards the raw target: only a path every router reads alike is authorised (see _paths).
     canonical(original.path)
+    if fmt.key_marker.search(unquote(original.path, errors="replace")):
+        # It would sit in every access log on its way (the proxy's, the upstream's).
+        raise InvalidRequest("API keys are not accepted in the path")
     decision = app[POLICY].decide(original, h)
     if decision.auth == "deny":
         raise RouteNotAllowed("no rule allows this route")

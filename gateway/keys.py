@@ -112,6 +112,15 @@ class KeyFormat:
         return value.startswith((f"{self.prefix}_live_", f"{self.prefix}_test_"))
 
 
+# Whatever follows `<prefix>_live_` or `<prefix>_test_`, for any prefix: what a log line must never hold.
+_KEY_TAIL = re.compile(r"(_(?:live|test)_)[A-Za-z0-9_]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with anything key-shaped cut after its `_live_`/`_test_`, for logs."""
+    return _KEY_TAIL.sub(r"\1[redacted]", text)
+
+
 def digest(pepper: bytes, raw: str) -> str:
     """HMAC-SHA256 of the whole key under the server's pepper: what caches are keyed by."""
     return hmac.new(pepper, raw.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()

@@ -95,3 +95,24 @@ async def test_malformed_requests_echo_nothing(gateway: GatewayProcess, world: W
     # A well-formed request on the same server still works.
     ok = await _exchange(gateway.port, _request(f"Authorization: Bearer {key}".encode(), b"Connection: close"))
     assert ok.startswith(b"HTTP/1.1 200 "), ok[:300]
+
+
+async def test_a_key_in_the_path_is_refused_and_never_logged(gateway: GatewayProcess, world: World) -> None:
+    """Found by review: the access log records the path, so a key a client put in a path segment (the
+    original URI, or the Envoy endpoint's own path) sat in the logs. It is refused and redacted."""
+    key = (await world.key(orgs=[world.org_a]))["key"]
+    requests = [
+        b"GET /auth/envoy/v1/things/" + key.encode() + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        _request(b"Connection: close").replace(b"X-Original-URI: /v1/things", b"X-Original-URI: /v1/" + key.encode()),
+        b"GET /nowhere/" + key.encode() + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    ]
+    answers = [await _exchange(gateway.port, r) for r in requests]
+    assert answers[0].startswith(b"HTTP/1.1 401 ") and b"invalid_request" in answers[0], answers[0][:300]
+    assert answers[1].startswith(b"HTTP/1.1 401 ") and b"invalid_request" in answers[1], answers[1][:300]
+    assert answers[2].startswith(b"HTTP/1.1 404 "), answers[2][:300]
+    await asyncio.sleep(0.2)
+    logs = gateway.logs()
+    assert "/nowhere/gw_live_[redacted]" in logs, logs[-2000:]
+    for piece in _pieces(key):
+        assert piece not in logs, (piece, logs[-3000:])
+        assert not any(piece.encode() in a for a in answers), piece

@@ -128,6 +128,16 @@ async def notify_keys(conn: asyncpg.Connection, key_ids: list[str]) -> None:
         await conn.execute("SELECT pg_notify($1, $2)", C.PG_INVALIDATION_CHANNEL, payload)
 
 
+async def _block(conn: asyncpg.Connection, key_id: str, org_id: str, actor: Actor) -> None:
+    """Stop a key acting in one org (see `Admin.stop_key_in`), inside the caller's transaction."""
+    await conn.execute(
+        "INSERT INTO key_org_blocks (key_id, org_id, blocked_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        key_id,
+        org_id,
+        actor.id,
+    )
+
+
 class Admin:
     def __init__(self, pool: asyncpg.Pool, fmt: KeyFormat, hasher: SecretHasher, roles: RolesConfig) -> None:
         self.pool = pool
@@ -425,13 +435,7 @@ class Admin:
             if row is None:
                 raise NotFound(f"no key {key_id}")
             for org_id in org_ids:
-                await conn.execute(
-                    "INSERT INTO key_org_blocks (key_id, org_id, blocked_by) VALUES ($1, $2, $3)"
-                    " ON CONFLICT DO NOTHING",
-                    key_id,
-                    org_id,
-                    actor.id,
-                )
+                await _block(conn, key_id, org_id, actor)
                 await write_event(
                     conn,
                     "api_key.revoked",
@@ -650,13 +654,7 @@ class Admin:
                 await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = ANY($1::text[])", whole)
             for r in rows:
                 if r["id"] not in whole:
-                    await conn.execute(
-                        "INSERT INTO key_org_blocks (key_id, org_id, blocked_by) VALUES ($1, $2, $3)"
-                        " ON CONFLICT DO NOTHING",
-                        r["id"],
-                        org_id,
-                        actor.id,
-                    )
+                    await _block(conn, r["id"], org_id, actor)
                 await write_event(
                     conn,
                     "api_key.revoked",

@@ -137,6 +137,8 @@ def original_ingress_nginx(request: web.Request) -> OriginalRequest:
     url = one(h, "X-Original-URL")
     if "#" in url:
         raise InvalidRequest("the original URI has a #: some routers cut the path there, others keep it")
+    # The authority is the client's Host, as sent: `host:1?/path` must not split into a public `/` path.
+    _host(url.partition("://")[2].partition("/")[0])
     try:
         parts = urlsplit(url)
     except ValueError:

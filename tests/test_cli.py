@@ -410,6 +410,7 @@ async def test_sigterm_drains_every_worker(services: Services, clean: None, tmp_
 async def test_a_worker_dying_stops_the_others(services: Services, clean: None, tmp_path: Path) -> None:
     gw = await start_gateway(services, tmp_path, "wdie", "--workers", "2")
     try:
+        await _logged(gw, "gateway serving on", 2)  # /healthz answers once one listens; kill after both do
         workers = _workers(gw.proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)

@@ -141,6 +141,18 @@ async def test_ingress_nginx_denials(gw: Client, world: World) -> None:
     assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
 
 
+@pytest.mark.parametrize(
+    "authority",
+    ["api.example.com:1?", "api.example.com?x=", "api.example.com#", "user@api.example.com", "api.example.com:1;"],
+)
+async def test_ingress_nginx_authority_must_be_a_host(gw: Client, world: World, authority: str) -> None:
+    """ingress-nginx builds X-Original-URL from the client's own Host: a Host ending in `?` once turned a
+    protected path into the query of a public `/` and was allowed anonymously."""
+    url = f"http://{authority}/v1/orgs/{world.org_b}/things"
+    r = await gw.get("/auth/ingress-nginx", headers=ingress(None, "/", **{"X-Original-URL": url}))
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
+
+
 async def test_ingress_nginx_ignores_traefik_headers(gw: Client, world: World) -> None:
     r = await gw.get("/auth/ingress-nginx", headers=ingress(None, "/v1/things", **{"X-Forwarded-Uri": "/docs/a"}))
     assert r.headers["X-Auth-Error"] == "missing_credentials"

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
-from gateway.errors import InvalidRequest
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from gateway.errors import InvalidRequest, RequestTimeout
 
 # Every body we accept is a flat object or one level deeper; anything nested further is refused before
 # Python's parser recurses into it (30,000 levels raised RecursionError, answered as an outage).
 MAX_DEPTH = 32
+
+
+async def read_raw(request: web.Request, timeout_s: float) -> bytes:
+    """The whole body, within `timeout_s` (`server.body_timeout_s`; else 408, and the connection is closed).
+    A body the parser refuses (bad chunking) is 400; a client that left mid-body raises ConnectionResetError,
+    which the errors middleware passes to aiohttp, which drops it quietly: nobody is left to answer."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout_s:g} s", headers={"Connection": "close"}
+        ) from None
+    except HttpProcessingError:
+        raise InvalidRequest("the request body is malformed", headers={"Connection": "close"}) from None
 
 
 def json_object(raw: bytes, *, empty_is_object: bool = False) -> dict[str, Any]:

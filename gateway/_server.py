@@ -6,16 +6,26 @@ it: it logs an ERROR with a traceback and answers `400` with the parser's messag
 message quotes the offending bytes, typically the whole `Authorization` line, key included. It offers no
 hook for this (aio-libs/aiohttp#3287, #9882), so the runner here builds its connections from a subclass
 of `web.RequestHandler` whose `handle_error` answers those requests with the gateway's own fixed JSON
-error and logs one line naming the error class, with no request bytes and no traceback. Every other
-error is left to aiohttp as before.
+error (a 401 when the request was a proxy's call to `/auth/...`, as every denial to a proxy) and logs
+one line naming the error class, with no request bytes and no traceback. Every other error is left to
+aiohttp as before.
+
+aiohttp also has no limit on how long a request's head may take to arrive: a client sending a byte every
+few seconds holds the connection until the keep-alive timeout (75 s), and a slow drip resets nothing. The
+same protocol starts a timer at the first byte of each request head and closes the connection when the
+head is not complete within `server.header_timeout_s` (nginx's `client_header_timeout`, Go's
+`ReadHeaderTimeout`). Bodies are bounded where they are read (`gateway._body.read_raw`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
 
 from gateway.errors import InvalidRequest
 from gateway.forward import error_response
@@ -28,7 +38,44 @@ MALFORMED = "malformed HTTP request"
 class _RequestHandler(web.RequestHandler):
     """One connection's protocol; only the answer to a request the parser refused differs."""
 
-    __slots__ = ()
+    __slots__ = ("_head_start", "_head_timeout_s", "_head_timer", "_refused")
+
+    def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_start = b""
+        self._refused = False  # the parser refused a head: what follows is its rest, not a new one
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # aiohttp ignores bytes after a refused head too; it answers and closes
+        begins = self._head_timer is None and not self._request_in_progress and not self._messages
+        if begins:
+            self._head_start = data[:512]  # enough to tell a proxy's call, should the parser refuse it
+        super().data_received(data)
+        if self._messages:  # a whole head arrived, or the parser refused one
+            self._stop_head_timer()
+            self._refused = not isinstance(self._messages[-1][0], RawRequestMessage)
+        elif begins and not self._force_close:
+            # No request being handled and no whole head yet: these bytes begin a head, which must end in
+            # time. (Body bytes read after an answer are bounded by aiohttp's own lingering time.)
+            self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_too_slow)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self._messages and not self._request_in_progress:  # still no whole head
+            log.info("request head not received within %.0f s: connection closed", self._head_timeout_s)
+            self.force_close()
 
     def handle_error(
         self,
@@ -45,22 +92,34 @@ class _RequestHandler(web.RequestHandler):
         log.log(level, "%s refused (%s) from %s", MALFORMED, type(exc).__name__, request.remote)
         if request.writer.output_size > 0:  # an answer already started: the connection is closed instead
             raise ConnectionError("cannot answer a malformed request after a response started")
-        response = error_response(InvalidRequest(MALFORMED))
+        # A proxy's call (/auth/...) gets the 401 proxies understand: nginx's auth_request would log a 400
+        # as an error, with the client's request line and query, and answer 500.
+        to_proxy = self._head_start.partition(b" ")[2].startswith(b"/auth/")
+        response = error_response(InvalidRequest(MALFORMED), to_proxy=to_proxy)
         response.force_close()
         return response
 
 
 class _Server(web.Server):
+    head_timeout_s: float
+
     def __call__(self) -> web.RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+        return _RequestHandler(self, loop=self._loop, head_timeout_s=self.head_timeout_s, **self._kwargs)
 
 
 class GatewayRunner(web.AppRunner):
-    """`web.AppRunner` whose connections answer malformed requests as `_RequestHandler` does."""
+    """`web.AppRunner` whose connections answer malformed requests as `_RequestHandler` does, and close
+    when a request head takes longer than `head_timeout_s`."""
+
+    def __init__(self, app: web.Application, *, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._head_timeout_s = head_timeout_s
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         # aiohttp's application builds a plain `web.Server`; ours differs only in the protocol its
         # connections get, so it takes the built server as it is (every attribute set by aiohttp).
         server.__class__ = _Server
+        assert isinstance(server, _Server)
+        server.head_timeout_s = self._head_timeout_s
         return server

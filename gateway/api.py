@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway._body import json_object
+from gateway._body import json_object, read_raw
 from gateway.admin import MAX_LIST, KeySpec, key_expiry, key_view
 from gateway.audit import Actor
 from gateway.authz import check_state, effective_permissions, granted, pattern_matches, role_in
@@ -130,6 +130,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
+@web.middleware
+async def valid_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every id in the path is an id: a NUL or other control byte would reach Postgres, which refuses it
+    as an error, not as a missing row; anything else unlike an id is simply nothing there to find."""
+    for name, value in request.match_info.items():
+        checked_id(value, name)
+    return await handler(request)
+
+
 # --- input ---------------------------------------------------------------------------------------
 
 
@@ -137,7 +146,7 @@ async def read_body(
     request: web.Request, fields: dict[str, type | tuple[type, ...]], required: set[str]
 ) -> dict[str, Any]:
     """A JSON object with only `fields`, each of its type; unknown fields and wrong types are refused."""
-    body = json_object(await request.read(), empty_is_object=True)
+    body = json_object(await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s), empty_is_object=True)
     for name in sorted(body):
         if name not in fields:
             raise InvalidRequest(f"unknown field {name}", field=name)
@@ -703,7 +712,7 @@ async def audit(request: web.Request) -> web.Response:
 
 def api_app() -> web.Application:
     """The /v1/ sub-application (mounted after the public /v1/keys/verify and /v1/openapi.json)."""
-    api = web.Application(middlewares=[authenticate])
+    api = web.Application(middlewares=[authenticate, valid_ids])
     r = api.router
     r.add_get("/me", me)
     r.add_post("/keys", create_key)

@@ -209,9 +209,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                 {"error": {"code": code, "message": exc.reason}}, status=exc.status, headers={"X-Auth-Error": code}
             )
         raise
+    except ConnectionResetError:
+        # The client left (mid-body, say): nobody is left to answer, and it is not an error of ours. The
+        # access log shows nginx's 499 "client closed request"; the write goes nowhere.
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, redact(request.path))
         return error_response(_Unavailable())
+
+
+CLIENT_CLOSED_REQUEST = 499
 
 
 class _Unavailable(GatewayError):

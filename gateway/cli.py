@@ -379,7 +379,12 @@ async def _serve_async(cfg: Config, host: str, port: int, reuse_port: bool, on_b
         except ConfigError as exc:  # part of starting, like the port and Postgres: exit status 1
             raise CliError(f"config error: {exc}") from None
         app.on_response_prepare.append(_close_when_draining)
-        runner = GatewayRunner(app, access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        runner = GatewayRunner(
+            app,
+            head_timeout_s=cfg.server.header_timeout_s,
+            access_log_class=AccessLogger,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        )
         try:
             if await _started(runner, host, port, reuse_port, stop):
                 on_bound()

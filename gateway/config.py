@@ -68,6 +68,10 @@ class ServerConfig:
     # After SIGTERM: /readyz answers 503 and requests are still served this long, so the proxy or
     # Kubernetes stops routing here before the listener closes. SIGINT stops at once.
     drain_s: float = C.DEFAULT_DRAIN_S
+    # A client trickling a request holds a connection: the head must arrive within header_timeout_s of its
+    # first byte (else the connection is closed), a JSON body within body_timeout_s (else 408).
+    header_timeout_s: float = C.DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = C.DEFAULT_BODY_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,8 @@ def _validate(cfg: Config) -> None:
     check(0 < cfg.server.port < 65536, "server.port", "must be between 1 and 65535")
     check(cfg.server.workers >= 1, "server.workers", "must be at least 1")
     check(0 <= cfg.server.drain_s <= 600, "server.drain_s", "must be between 0 and 600 seconds")
+    check(0 < cfg.server.header_timeout_s <= 300, "server.header_timeout_s", "must be above 0 and at most 300 seconds")
+    check(0 < cfg.server.body_timeout_s <= 300, "server.body_timeout_s", "must be above 0 and at most 300 seconds")
     check(bool(cfg.database.url.get()), "database.url", "is required (or set GATEWAY_DATABASE_URL)")
     check(
         cfg.database.url.get().startswith(("postgres://", "postgresql://")),

@@ -54,6 +54,9 @@ DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 DEFAULT_DB_TIMEOUT_MS: Final = 2000
 DEFAULT_REDIS_MAX_CONNECTIONS: Final = 64
 DEFAULT_DRAIN_S: Final = 5.0
+# A request head must arrive within this long of its first byte, a body within this long of its head.
+DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
+DEFAULT_BODY_TIMEOUT_S: Final = 10.0
 # A circuit breaker skips a failed backend this long, then lets one call probe it.
 BREAKER_COOLDOWN_S: Final = 0.5
 # How often each process checks Postgres and Redis in the background (readiness body, metrics, recovery).

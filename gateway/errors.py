@@ -76,6 +76,13 @@ class RouteNotAllowed(Forbidden):
     code = "route_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    """The request body did not arrive within `server.body_timeout_s`."""
+
+    code = "request_timeout"
+    status = 408
+
+
 class RateLimited(GatewayError):
     code = "rate_limited"
     status = 429

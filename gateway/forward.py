@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.helpers import ChainMapProxy
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway._body import json_object
+from gateway._body import json_object, read_raw
 from gateway._paths import canonical
 from gateway.authz import IP, Identity, acting_org, authorize, check_project, granted
 from gateway.cache import KeyRecord
@@ -32,7 +32,7 @@ from gateway.errors import (
     MissingCredentials,
     RouteNotAllowed,
 )
-from gateway.keys import KeyFormat, ParsedKey
+from gateway.keys import KeyFormat, ParsedKey, redact
 from gateway.policy import ORG_HEADER, OriginalRequest, RouteDecision, checked_id
 from gateway.ratelimit import Decision, Limit, address_bucket, enforce
 from gateway.typedefs import (
@@ -86,7 +86,9 @@ PROTECTED_HEADERS = frozenset(
     )
 )
 _METHOD_RE = re.compile(r"[A-Z]{1,20}")
-_HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+# `_` too: names with underscores exist (and org ids have them), and nginx sends its catch-all server name
+# `_` as the Host of an HTTP/1.0 request that had none. No host rule of a policy matches such a host.
+_HOST_RE = re.compile(r"[A-Za-z0-9._\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 _QUERY_SEPARATORS = re.compile(r"[&;]")
 
@@ -393,10 +395,14 @@ def error_response(err: GatewayError, *, to_proxy: bool = False) -> web.Response
     headers = {**err.headers, "X-Auth-Error": err.code, "Cache-Control": "no-store"}
     if status == 401:
         headers["WWW-Authenticate"] = f'Bearer error="{err.code}"'
-    body: dict[str, str] = {"code": err.code, "message": err.message}
+    # A message may quote the caller's input (a field name, an id): nothing key-shaped is echoed back.
+    body: dict[str, str] = {"code": err.code, "message": redact(err.message)}
     if err.field is not None:
-        body["field"] = err.field
-    return web.json_response({"error": body}, status=status, headers=headers)
+        body["field"] = redact(err.field)
+    response = web.json_response({"error": body}, status=status, headers=headers)
+    if headers.get("Connection") == "close":
+        response.force_close()
+    return response
 
 
 def forward_handler(proxy: str) -> Callable[[web.Request], object]:
@@ -466,7 +472,7 @@ async def keys_verify(request: web.Request) -> web.Response:
     """In-process verification for services: 200 with the verdict in the body (400 for a malformed
     body, 503 for an outage)."""
     app = request.app
-    body = _verify_body(await request.read())
+    body = _verify_body(await read_raw(request, app[CONFIG].server.body_timeout_s))
     decision = _verify_route(app, body)
     result: dict[str, object] = {
         "valid": False,

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway import constants as C
-from gateway._body import json_object
+from gateway._body import json_object, read_raw
 from gateway._breaker import guarded
 from gateway.authz import check_state, role_in
 from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE, KeyRecord
@@ -157,7 +157,7 @@ async def _save(request: web.Request, session_id: str, session: Session) -> None
 async def sign_in(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise InvalidRequest('send the key as JSON: {"key": ...}')
-    body = json_object(await request.read())
+    body = json_object(await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s))
     if set(body) != {"key"} or not isinstance(body["key"], str):
         raise InvalidRequest('the body must be {"key": "..."}', field="key")
     app = request.config_dict
@@ -210,7 +210,7 @@ async def switch_org(request: web.Request) -> web.Response:
     session_id, session, record = await current(request)
     check_csrf(request, session)
     await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
-    org = json_object(await request.read()).get("org")
+    org = json_object(await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)).get("org")
     if not isinstance(org, str) or role_in(record, org, request.config_dict[CONFIG].roles) is None:
         raise InvalidRequest("not an org this key can act in", field="org")
     session.active_org = org

@@ -361,3 +361,18 @@ async def test_a_child_key_never_has_a_higher_limit(
         await err(r, 403, "insufficient_permissions")
     else:
         await ok(r, 201)
+
+
+async def test_error_bodies_echo_nothing_key_shaped(client: Client, world: World) -> None:
+    """Error messages quoted the caller's input: `unknown field gw_live_…`, `no key gw_live_…`. A client
+    that pasted its key in the wrong place got it back in a body that proxies and clients log."""
+    owner = await world.key(orgs=[world.org_a], role="owner")
+    secret = "Zq9SecretPart0fAKey"
+    body = await err(
+        await client.post("/v1/keys", json={f"gw_live_k1_{secret}": "x"}, headers=auth(owner)), 400, "invalid_request"
+    )
+    assert secret not in str(body) and "gw_live_[redacted]" in body["error"]["message"], body
+    body = await err(await client.get(f"/v1/keys/gw_test_{secret}", headers=auth(owner)), 404, "not_found")
+    assert secret not in str(body), body
+    r = await client.post("/v1/keys/verify", json={"key": owner["key"], f"x_live_{secret}": 1})
+    assert r.status == 400 and secret not in await r.text()

@@ -37,6 +37,8 @@ def test_minimal_config_is_valid() -> None:
         (_with(server__port=0), "server.port"),
         (_with(server__port="80"), "server.port"),
         (_with(server__bogus=1), "server.bogus"),
+        (_with(server__header_timeout_s=0), "server.header_timeout_s"),
+        (_with(server__body_timeout_s=301), "server.body_timeout_s"),
         (_with(bogus=1), "bogus"),
         (_with(database__url="mysql://x"), "database.url"),
         (_with(redis__url=""), "redis.url"),

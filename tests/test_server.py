@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -71,15 +73,17 @@ async def gateway(services: Services, world: World, tmp_path: Path) -> AsyncIter
 
 
 async def test_malformed_requests_echo_nothing(gateway: GatewayProcess, world: World) -> None:
-    """A request the HTTP parser refuses gets a fixed 400 JSON error; neither the answer nor the logs hold
-    any of its bytes, and nothing is logged with a traceback (item 5 of issue 9)."""
+    """A request the HTTP parser refuses gets a fixed JSON error, 401 to a proxy's call (nginx's
+    auth_request logs any other status as an error, with the client's request line) and 400 elsewhere;
+    neither the answer nor the logs hold any of its bytes, and nothing is logged with a traceback."""
     key = (await world.key(orgs=[world.org_a]))["key"]
     answers = {}
     for name, template in MALFORMED.items():
         raw = await _exchange(gateway.port, template.replace(b"KEY", key.encode()))
         head, _, body = raw.partition(b"\r\n\r\n")
         answers[name] = raw
-        assert head.startswith(b"HTTP/1.1 400 ") or head.startswith(b"HTTP/1.0 400 "), (name, raw[:300])
+        status = b" 400 " if b" /v1/" in template.partition(b"\r\n")[0] else b" 401 "
+        assert head.startswith(b"HTTP/1.1" + status) or head.startswith(b"HTTP/1.0" + status), (name, raw[:300])
         assert b"x-auth-error: invalid_request" in head.lower(), (name, head)
         error = json.loads(body)["error"]
         assert error["code"] == "invalid_request", (name, body)
@@ -116,3 +120,109 @@ async def test_a_key_in_the_path_is_refused_and_never_logged(gateway: GatewayPro
     for piece in _pieces(key):
         assert piece not in logs, (piece, logs[-3000:])
         assert not any(piece.encode() in a for a in answers), piece
+
+
+@pytest.fixture
+async def impatient(services: Services, world: World, tmp_path: Path) -> AsyncIterator[GatewayProcess]:
+    gw = await start_gateway(
+        services, tmp_path, "impatient", config_yaml="server:\n  header_timeout_s: 1\n  body_timeout_s: 1\n"
+    )
+    yield gw
+    gw.stop()
+
+
+async def test_a_request_head_dripped_slowly_is_cut(impatient: GatewayProcess) -> None:
+    """A client sending its head a line at a time holds a connection for good unless the head has a
+    deadline: a byte every 0.3 s reset nothing, and aiohttp kept the connection 75 s (review of issue 9)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n")
+    started = time.monotonic()
+
+    async def drip() -> None:
+        with contextlib.suppress(ConnectionError):
+            for i in range(30):
+                await asyncio.sleep(0.3)
+                writer.write(b"X-Drip-%d: x\r\n" % i)
+                await writer.drain()
+
+    dripping = asyncio.create_task(drip())
+    try:
+        got = await asyncio.wait_for(reader.read(), 8)
+        waited = time.monotonic() - started
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert got == b"" and waited < 5, (got[:200], waited)
+    assert "request head not received within 1 s" in impatient.logs()
+
+
+async def test_idle_connections_and_whole_heads_are_not_cut(impatient: GatewayProcess) -> None:
+    """The deadline runs from a head's first byte: a connection idle before it (a proxy's pooled
+    keep-alive connection) is not cut, and a head that arrives in time is answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient.port)
+    try:
+        for _ in range(2):
+            await asyncio.sleep(1.5)  # idle longer than the head deadline
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n")
+            await asyncio.sleep(0.5)  # half of it arrives late, within the deadline
+            writer.write(b"Accept: */*\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_does_not_arrive_is_408(impatient: GatewayProcess) -> None:
+    """A body announced and not sent held the handler until the client gave up; now 408 within
+    server.body_timeout_s, and the connection closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient.port)
+    writer.write(
+        b"POST /v1/keys/verify HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"key": '
+    )
+    started = time.monotonic()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 8)
+    waited = time.monotonic() - started
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    body = await reader.readexactly(length)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ") and waited < 5, (head, waited)
+    assert b"connection: close" in head.lower(), head
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+async def test_a_client_leaving_mid_body_is_not_an_error(gateway: GatewayProcess) -> None:
+    """A client closing its connection half-way through a body was logged as an unexpected error with a
+    traceback (and answered 503 to nobody)."""
+    for path in (b"/v1/keys/verify", b"/v1/keys", b"/ui/session"):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(
+            b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b'Authorization: Bearer gw_live_x\r\nContent-Length: 1000\r\n\r\n{"key": "gw'
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+    await asyncio.sleep(0.5)
+    logs = gateway.logs()
+    assert "Traceback" not in logs and "unexpected error" not in logs, logs[-3000:]
+
+
+async def test_control_bytes_in_an_id_are_refused(gateway: GatewayProcess, world: World) -> None:
+    """`/v1/keys/%00` reached Postgres, which refuses a NUL in text: answered 503 auth_unavailable with a
+    traceback. Any path id that is not an id is now 400 invalid_request."""
+    key = (await world.key(orgs=[world.org_a], role="owner"))["key"]
+    for target in (b"/v1/keys/%00", b"/v1/keys/a%00b/revoke", b"/v1/orgs/%01/members", b"/v1/keys/%C3%A9"):
+        method = b"POST" if target.endswith(b"revoke") else b"GET"
+        raw = await _exchange(
+            gateway.port,
+            method + b" " + target + b" HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + key.encode() + b"\r\n"
+            b"Content-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), (target, raw[:300])
+        assert json.loads(body)["error"]["code"] == "invalid_request", (target, body)
+    await asyncio.sleep(0.2)
+    assert "Traceback" not in gateway.logs(), gateway.logs()[-3000:]

@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 
 from gateway.errors import InvalidRequest
 from gateway.forward import error_response
@@ -38,28 +39,49 @@ MALFORMED = "malformed HTTP request"
 class _RequestHandler(web.RequestHandler):
     """One connection's protocol; only the answer to a request the parser refused differs."""
 
-    __slots__ = ("_head_start", "_head_timeout_s", "_head_timer", "_refused")
+    __slots__ = ("_body", "_head_start", "_head_timeout_s", "_head_timer", "_refused")
 
     def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout_s = head_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_start = b""
+        self._body: StreamReader | None = None  # the last request's body: bytes go there until its end
         self._refused = False  # the parser refused a head: what follows is its rest, not a new one
+
+    def _between_requests(self) -> bool:
+        """No request being handled, none parsed and waiting, and the last one's body all read: the
+        next bytes begin a head (not a body aiohttp is still draining after its answer)."""
+        return (
+            not self._request_in_progress
+            and not self._messages
+            and (self._body is None or self._body.is_eof())
+            and not self._force_close
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # aiohttp ignores bytes after a refused head too; it answers and closes
-        begins = self._head_timer is None and not self._request_in_progress and not self._messages
+        # (aiohttp feeds itself b"" when it resumes reading after a pause: that begins nothing.)
+        begins = bool(data) and self._head_timer is None and self._between_requests()
         if begins:
             self._head_start = data[:512]  # enough to tell a proxy's call, should the parser refuse it
         super().data_received(data)
         if self._messages:  # a whole head arrived, or the parser refused one
             self._stop_head_timer()
-            self._refused = not isinstance(self._messages[-1][0], RawRequestMessage)
+            message, body = self._messages[-1]
+            if isinstance(message, RawRequestMessage):
+                self._body = body
+                return
+            self._refused = True
+            exc = getattr(message, "exc", None)
+            if self._body is not None and not self._body.is_eof() and isinstance(exc, HttpProcessingError):
+                # The parser refused the body being read (bad chunking): its reader gets the error (400)
+                # instead of waiting for bytes that will never count (408).
+                self._body.set_exception(exc)
         elif begins and not self._force_close:
-            # No request being handled and no whole head yet: these bytes begin a head, which must end in
-            # time. (Body bytes read after an answer are bounded by aiohttp's own lingering time.)
+            # These bytes began a head: it must end in time. (A head that begins in the chunk ending the
+            # previous body, or behind a whole request, is bounded by the keep-alive timeout instead.)
             self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_too_slow)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -73,7 +95,7 @@ class _RequestHandler(web.RequestHandler):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        if not self._messages and not self._request_in_progress:  # still no whole head
+        if self._between_requests():  # still no whole head
             log.info("request head not received within %.0f s: connection closed", self._head_timeout_s)
             self.force_close()
 

@@ -210,9 +210,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             )
         raise
     except ConnectionResetError:
-        # The client left (mid-body, say): nobody is left to answer, and it is not an error of ours. The
-        # access log shows nginx's 499 "client closed request"; the write goes nowhere.
-        return web.Response(status=CLIENT_CLOSED_REQUEST)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # The client left (mid-body, say): nobody is left to answer, and it is not an error of ours.
+            # The access log shows nginx's 499 "client closed request"; the write goes nowhere.
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
+        log.exception("unexpected error on %s %s", request.method, redact(request.path))
+        return error_response(_Unavailable())
     except Exception:
         log.exception("unexpected error on %s %s", request.method, redact(request.path))
         return error_response(_Unavailable())

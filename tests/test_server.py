@@ -226,3 +226,36 @@ async def test_control_bytes_in_an_id_are_refused(gateway: GatewayProcess, world
         assert json.loads(body)["error"]["code"] == "invalid_request", (target, body)
     await asyncio.sleep(0.2)
     assert "Traceback" not in gateway.logs(), gateway.logs()[-3000:]
+
+
+async def test_a_body_drained_after_the_answer_does_not_start_the_head_deadline(impatient: GatewayProcess) -> None:
+    """Found by review: body bytes aiohttp drains after answering (a 401 before the body was read) were
+    taken for the start of a head, so an idle keep-alive connection was cut a deadline later."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient.port)
+    try:
+        writer.write(b"POST /auth/nginx HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n\r\n")
+        for part in (b"a", b"bcd"):
+            await asyncio.sleep(0.2)
+            writer.write(part)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        await asyncio.sleep(1.5)  # idle past the head deadline
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+    finally:
+        writer.close()
+
+
+async def test_a_malformed_body_sent_later_is_400_not_408(impatient: GatewayProcess) -> None:
+    """A chunked body the parser refuses, arriving after the head, left the handler waiting for the body
+    until 408; the reader now gets the parser's error."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", impatient.port)
+    try:
+        writer.write(b"POST /v1/keys/verify HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0.2)
+        writer.write(b"zz\r\n{}\r\n0\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 400 "), head
+    finally:
+        writer.close()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from gateway.app import create_app
 from gateway.config import Config, LimitConfig
 from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, stop_process, wait_port
 from tests.conftest import ROOT, Services, World
+from tests.test_deploy_caddy import assert_no_secret, fake_key, raw_request, request_bytes
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -215,3 +218,77 @@ async def test_access_log_never_records_the_query(stack: Nginx, world: World, tm
     text = log.read_text()
     assert '"GET /v1/things HTTP/1.1" 401' in text and '"GET /docs/intro HTTP/1.1" 200' in text
     assert k["key"] not in text and "?" not in text
+
+
+def _log_text(log: Path, count: int) -> str:
+    """The log once it has `count` lines (nginx writes a request's line after answering it)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") >= count):
+        time.sleep(0.02)
+    return log.read_text()
+
+
+async def test_access_log_holds_no_key_from_basic_credentials_path_or_agent(stack: Nginx, tmp_path: Path) -> None:
+    """The format logged $remote_user (a key sent as Basic credentials: `gw_live_...:x`) and the path as
+    it came (a key in it, refused, still logged in full). Only `-` and the path cut after `_live_`/`_test_`."""
+    keys = [fake_key("live" if i % 2 else "test") for i in range(7)]
+    basic = base64.b64encode(f"{keys[0]}:x".encode()).decode()
+    sent = [
+        ("/v1/things", [("Authorization", f"Basic {basic}")], 401),
+        (f"/v1/things/{keys[1]}/x", [], 401),  # a whole key: nginx refuses it itself
+        (f"/v1/things/{keys[2].upper()}", [], 401),
+        ("/v1/x%2F" + keys[3].replace("_", "%5F"), [], 401),  # encoded: $uri is decoded
+        (f"/v1/things/{keys[4][:20]}", [], 401),  # a key's start only: the gateway refuses it
+        ("/docs/intro", [("User-Agent", f"sdk/1.0 ({keys[5]})")], 200),
+        ("/docs/intro", [("User-Agent", f"{keys[6].upper()}")], 200),
+        ("/docs/intro", [], 200),
+    ]
+    for target, headers, status in sent:
+        assert (await raw_request(stack.port, request_bytes(stack.port, target, headers)))[0] == status, target
+    text = await asyncio.to_thread(_log_text, tmp_path / "nginx" / "access.log", len(sent))
+    assert_no_secret(text.encode(), [*keys[:4], keys[4][:20], *keys[5:]])
+    lines = text.splitlines()
+    assert len(lines) == len(sent) and all(line.startswith("127.0.0.1 - - [") for line in lines), text
+    assert [line.split('"')[1] for line in lines] == [
+        "GET /v1/things HTTP/1.1",
+        "GET /v1/things/gw_live_[redacted] HTTP/1.1",
+        "GET /v1/things/GW_TEST_[redacted] HTTP/1.1",
+        "GET /v1/x/gw_live_[redacted] HTTP/1.1",
+        "GET /v1/things/gw_test_[redacted] HTTP/1.1",
+        "GET /docs/intro HTTP/1.1",
+        "GET /docs/intro HTTP/1.1",
+        "GET /docs/intro HTTP/1.1",
+    ]
+    assert [line.split('"')[3] for line in lines[-3:]] == ["sdk/1.0 (gw_live_[redacted]", "GW_TEST_[redacted]", "-"]
+
+
+async def test_error_log_holds_no_key_in_the_target_when_the_gateway_is_down(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """nginx's error line for a gateway it cannot reach quotes the raw request line and the Host: a key in
+    the query, the path or the Host went there in full. nginx now refuses those itself, asking no upstream."""
+    up = await aiohttp_server(echo_app())
+    nginx = await asyncio.to_thread(run_nginx, tmp_path / "nginx", free_port(), up.port)
+    keys = [fake_key("live" if i % 2 else "test") for i in range(6)]
+    port = nginx.port
+    requests = [
+        request_bytes(port, f"/v1/things?api_key={keys[0]}", []),
+        request_bytes(port, f"/v1/things?x=1&anything={keys[1].replace('_', '%5f')}", []),
+        request_bytes(port, f"/v1/things/{keys[2]}?page=2", []),
+        request_bytes(port, "/docs/" + keys[3].replace("_", "%5F"), []),
+        f"GET /v1/things HTTP/1.1\r\nHost: {keys[4]}\r\nConnection: close\r\n\r\n".encode(),
+        # Headers never reach nginx's error log: this one is asked about, and the gateway is down.
+        request_bytes(port, "/v1/things?page=2", [("X-Api-Key", keys[5]), ("Authorization", f"Bearer {keys[5]}")]),
+    ]
+    try:
+        answers = [await raw_request(nginx.port, request) for request in requests]
+    finally:
+        await asyncio.to_thread(nginx.stop)
+    text = (tmp_path / "nginx" / "error.log").read_text()
+    assert_no_secret(text.encode(), keys)
+    # The error log still says the gateway is down, for the one request nginx had to ask it about.
+    assert text.count("connect() failed") == 1 and 'request: "GET /v1/things?page=2 HTTP/1.1"' in text, text
+    assert [(status, headers.get("x-auth-error")) for status, headers, _ in answers] == [
+        *[(401, "invalid_request")] * 5,
+        (503, "auth_unavailable"),
+    ]

@@ -139,6 +139,7 @@ class LimitConfig:
     rate: str = "60/1m"  # N/PERIOD: the sustained rate
     burst: int = 20  # how many may arrive at once
     on_redis_error: str = "local"  # local (in-process GCRA) | open | closed
+    exact: bool = False  # one Redis round trip per request, no leases (see gateway/leases.py)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,10 @@ DEFAULT_DRAIN_S: Final = 5.0
 # A request head must arrive within this long of its first byte, a body within this long of its head.
 DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
 DEFAULT_BODY_TIMEOUT_S: Final = 10.0
+# Rate-limit leases (see gateway/leases.py): how long a lease lives, and the most tokens one may hold.
+LEASE_S: Final = 0.25
+LEASE_BURST_FRACTION: Final = 0.1
+LEASE_MAX_TOKENS: Final = 1000
 # A circuit breaker skips a failed backend this long, then lets one call probe it.
 BREAKER_COOLDOWN_S: Final = 0.5
 # How often each process checks Postgres and Redis in the background (readiness body, metrics, recovery).

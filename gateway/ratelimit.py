@@ -7,6 +7,10 @@ itself once idle. The script reads the clock from Redis, so replicas with skewed
 timeline. The limits of one request are sent as one pipeline: one round trip; with `pipeline: true`,
 the decisions of every request in one event-loop tick share a single round trip.
 
+A call may take several tokens at once (`cost`): as many as are free, up to the cost. A process spends
+them itself (leases, see `gateway.leases`), so a hot key costs a Redis call per lease, not per request;
+a limit with `exact: true` takes one token per request, as always.
+
 When Redis is slow or down, each limit follows its `on_redis_error` policy: `local` (the same algorithm,
 in this process), `open` (admit) or `closed` (refuse with 503: an outage is never reported as a verdict).
 """
@@ -27,16 +31,18 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway import constants as C
-from gateway._breaker import Breaker, guarded
+from gateway._breaker import Breaker, BreakerOpen, guarded
 from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.config import LimitConfig, RateLimitsConfig, rate_of
 from gateway.errors import AuthUnavailable, InvalidRequest, RateLimited
+from gateway.leases import Lease, Leases, max_lease
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.ratelimit")
 
-# KEYS[1]: the TAT key. ARGV: interval (µs), tolerance (µs), cost, peek (1: decide, do not record). Returns
-# {admitted 0/1, remaining, reset µs (until fully refilled), retry µs (until a request would pass)}.
+# KEYS[1]: the TAT key. ARGV: interval (µs), tolerance (µs), cost (the most tokens to take), peek (1: decide,
+# do not record). Takes as many tokens as are free, up to cost. Returns {tokens taken (0: refused),
+# remaining, reset µs (until fully refilled), retry µs (until one token would be free)}.
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -45,15 +51,15 @@ local tolerance = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
-local new_tat = tat + interval * cost
-local allow_at = new_tat - tolerance
-if now < allow_at then
-  return {0, 0, string.format('%.0f', tat - now), string.format('%.0f', allow_at - now)}
+local take = math.min(cost, math.floor((now + tolerance - tat) / interval))
+if take < 1 then
+  return {0, 0, string.format('%.0f', tat - now), string.format('%.0f', tat + interval - tolerance - now)}
 end
+local new_tat = tat + interval * take
 if ARGV[4] ~= '1' then
   redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
 end
-return {1, math.floor((tolerance - (new_tat - now)) / interval), string.format('%.0f', new_tat - now), '0'}
+return {take, math.floor((tolerance - (new_tat - now)) / interval), string.format('%.0f', new_tat - now), '0'}
 """
 
 
@@ -72,17 +78,22 @@ class Limit:
     period_ms: int
     burst: int
     on_redis_error: str = "local"
+    exact: bool = False  # one Redis call per request: no leases
 
     @classmethod
     def from_config(cls, name: str, cfg: LimitConfig) -> Limit:
         count, period = parse_rate(cfg.rate, f"rate_limits.{name}.rate")
-        return cls(name, count, period, cfg.burst, cfg.on_redis_error)
+        return cls(name, count, period, cfg.burst, cfg.on_redis_error, cfg.exact)
 
     @classmethod
     def override(cls, base: Limit, text: str) -> Limit:
         """A key's own `--rate-limit N/PERIOD`: N per period, up to N at once."""
         count, period = parse_rate(text)
-        return cls(base.name, count, period, count, base.on_redis_error)
+        return cls(base.name, count, period, count, base.on_redis_error, base.exact)
+
+    @property
+    def lease_cap(self) -> int:
+        return max_lease(self.burst, self.exact)
 
     @property
     def interval_us(self) -> float:
@@ -122,6 +133,16 @@ class Decision:
 
 def _decision(limit: Limit, admitted: int, remaining: int, reset_us: float, retry_us: float) -> Decision:
     return Decision(limit, bool(admitted), int(remaining), math.ceil(reset_us / 1e6), math.ceil(retry_us / 1e6))
+
+
+def _spend(lease: Lease, limit: Limit, now: float) -> Decision | None:
+    """A decision from this process's lease: a token it holds, or the refusal Redis gave until its retry
+    time. None: ask Redis. The headers count the lease's tokens as remaining (they are the client's)."""
+    if lease.take(now):
+        return Decision(limit, True, lease.remaining + lease.tokens, math.ceil(lease.reset_at - now), 0)
+    if lease.denied(now):
+        return Decision(limit, False, 0, math.ceil(lease.reset_at - now), math.ceil(lease.denied_until - now))
+    return None
 
 
 class LocalLimiter:
@@ -171,6 +192,12 @@ def redis_key(limit: Limit, ident: str) -> str:
     return C.REDIS_RATE_LIMIT.format(name=limit.name, ident=ident)
 
 
+# One Redis call: (limit, identity, most tokens to take, peek).
+_Call = tuple[Limit, str, int, bool]
+# What the script answers: (tokens taken, remaining, reset µs, retry µs).
+_Raw = tuple[int, int, float, float]
+
+
 class RateLimiter:
     def __init__(
         self, client: aioredis.Redis, metrics: Metrics, breaker: Breaker | None = None, *, pipeline: bool = True
@@ -179,35 +206,84 @@ class RateLimiter:
         self.metrics = metrics
         self.batching = pipeline
         self.local = LocalLimiter()
+        self.leases = Leases()
         self._script = client.register_script(GCRA_LUA)
         self.breaker = breaker or Breaker("redis")  # shared with every other Redis caller of this process
-        self._batch: list[tuple[Limit, str, bool, asyncio.Future[Decision]]] = []
+        self._batch: list[tuple[_Call, asyncio.Future[_Raw]]] = []
         self._last_warning = 0.0
 
     async def check(self, charges: Sequence[tuple[Limit, str]], *, peek: bool = False) -> list[Decision]:
-        """Charge one request against every (limit, identity), in one Redis round trip. With `peek`, only
-        say whether it would be admitted."""
-        if not charges:
-            return []
-        items = [(limit, ident, peek) for limit, ident in charges]
-        if not self.breaker.allow():
-            return [self._fallback(*item) for item in items]
-        try:
-            if self.batching:
-                return list(await asyncio.gather(*(self._enqueue(*item) for item in items)))
-            return await self._round_trip(items)
-        except REDIS_ERRORS as exc:
-            log.debug("rate limiter: redis failed: %s", exc.__class__.__name__)
-            return [self._fallback(*item) for item in items]
+        """Charge one request against every (limit, identity): from this process's leases where it holds
+        tokens, else in one Redis round trip. With `peek`, only say whether it would be admitted (always
+        asked of Redis)."""
+        if peek:
+            return await self._exact([(limit, ident, 1, True) for limit, ident in charges])
+        now = time.monotonic()
+        decisions: list[Decision | None] = [
+            _spend(self.leases.get(f"{limit.name}:{ident}"), limit, now) if limit.lease_cap > 1 else None
+            for limit, ident in charges
+        ]
+        missing = [i for i, d in enumerate(decisions) if d is None]
+        if not missing:
+            return decisions  # type: ignore[return-value]  # every one came from a lease
+        exact = [i for i in missing if charges[i][0].lease_cap <= 1]
+        leased = [i for i in missing if charges[i][0].lease_cap > 1]
+        if exact:
+            got = await self._exact([(*charges[i], 1, False) for i in exact])
+            for i, d in zip(exact, got, strict=True):
+                decisions[i] = d
+        for i in leased:  # rarely more than one at once: leases of one request run out at different times
+            decisions[i] = await self._refill(*charges[i])
+        return decisions  # type: ignore[return-value]
 
-    async def _round_trip(self, items: Sequence[tuple[Limit, str, bool]]) -> list[Decision]:
-        """One pipeline for all items; its outcome is the breaker's (the caller passed `allow()`)."""
+    async def _exact(self, calls: list[_Call]) -> list[Decision]:
+        """One token per call from Redis, or each limit's fallback when Redis cannot be reached."""
+        try:
+            raws = await self._redis(calls)
+        except REDIS_UNAVAILABLE as exc:
+            log.debug("rate limiter: redis unavailable: %s", exc.__class__.__name__)
+            return [self._fallback(limit, ident, peek) for limit, ident, _, peek in calls]
+        return [_decision(limit, *raw) for (limit, *_), raw in zip(calls, raws, strict=True)]
+
+    async def _refill(self, limit: Limit, ident: str) -> Decision:
+        """A token from a new lease. One refill per (limit, identity) at a time: concurrent requests wait
+        for it and spend from it, so a burst of requests takes one lease, not one each."""
+        lease = self.leases.get(f"{limit.name}:{ident}")
+        while True:
+            if lease.refill is not None:
+                await asyncio.shield(lease.refill)
+            else:
+                size = lease.next_size(time.monotonic(), limit.lease_cap)
+                lease.refill = asyncio.get_running_loop().create_future()
+                try:
+                    (raw,) = await self._redis([(limit, ident, size, False)])
+                except REDIS_UNAVAILABLE as exc:
+                    log.debug("rate limiter: redis unavailable: %s", exc.__class__.__name__)
+                    return self._fallback(limit, ident, False)
+                finally:
+                    lease.refill.set_result(None)
+                    lease.refill = None
+                lease.grant(time.monotonic(), *raw)
+            decision = _spend(lease, limit, time.monotonic())
+            if decision is not None:
+                return decision
+
+    async def _redis(self, calls: list[_Call]) -> list[_Raw]:
+        """The script's answers, in one round trip (shared with the tick's other calls when batching)."""
+        if not self.breaker.allow():
+            raise BreakerOpen("redis")
+        if self.batching:
+            return list(await asyncio.gather(*(self._enqueue(call) for call in calls)))
+        return await self._round_trip(calls)
+
+    async def _round_trip(self, calls: Sequence[_Call]) -> list[_Raw]:
+        """One pipeline for all calls; its outcome is the breaker's (the caller passed `allow()`)."""
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for limit, ident, peek in items:
+                for limit, ident, cost, peek in calls:
                     await self._script(
                         keys=[redis_key(limit, ident)],
-                        args=[f"{limit.interval_us:.3f}", f"{limit.tolerance_us:.3f}", 1, 1 if peek else 0],
+                        args=[f"{limit.interval_us:.3f}", f"{limit.tolerance_us:.3f}", cost, 1 if peek else 0],
                         client=pipe,
                     )
                 replies = await pipe.execute()
@@ -215,31 +291,28 @@ class RateLimiter:
             self.breaker.failed()
             raise
         self.breaker.succeeded()
-        return [
-            _decision(limit, int(r[0]), int(r[1]), float(r[2]), float(r[3]))
-            for (limit, _, _), r in zip(items, replies, strict=True)
-        ]
+        return [(int(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in replies]
 
-    def _enqueue(self, limit: Limit, ident: str, peek: bool) -> asyncio.Future[Decision]:
+    def _enqueue(self, call: _Call) -> asyncio.Future[_Raw]:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Decision] = loop.create_future()
+        fut: asyncio.Future[_Raw] = loop.create_future()
         if not self._batch:
             loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
-        self._batch.append((limit, ident, peek, fut))
+        self._batch.append((call, fut))
         return fut
 
     async def _flush(self) -> None:
         batch, self._batch = self._batch, []
         try:
-            decisions = await self._round_trip([(limit, ident, peek) for limit, ident, peek, _ in batch])
+            raws = await self._round_trip([call for call, _ in batch])
         except Exception as exc:  # every waiter gets an answer, whatever went wrong
-            for *_, fut in batch:
+            for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        for (*_, fut), decision in zip(batch, decisions, strict=True):
+        for (_, fut), raw in zip(batch, raws, strict=True):
             if not fut.done():
-                fut.set_result(decision)
+                fut.set_result(raw)
 
     def _fallback(self, limit: Limit, ident: str, peek: bool) -> Decision:
         self.metrics.ratelimit_fallback.labels(limit.name, limit.on_redis_error).inc()

@@ -104,7 +104,7 @@ async def test_retry_after_is_honoured(aiohttp_client: Any, services: Services, 
 async def test_shared_exactly_across_three_processes(
     services: Services, clean: None, world: World, tmp_path: Path
 ) -> None:
-    limits = "rate_limits: {key: {rate: 1/1h, burst: 20}}\n"
+    limits = "rate_limits: {key: {rate: 1/1h, burst: 20, exact: true}}\n"  # leases: tests/test_leases.py
     gws = [await start_gateway(services, tmp_path, f"p{i}", config_yaml=limits) for i in range(3)]
     try:
         k = await world.key(orgs=[world.org_a])

@@ -259,14 +259,14 @@ class KeyResolver:
         d = digest(self.pepper, key.raw)
         negative = self.local.get_negative(d)
         if negative is not None:
-            self.metrics.cache.labels("local_negative").inc()
+            self.metrics.child(self.metrics.cache, "local_negative").inc()
             raise InvalidApiKey(unknown_key=negative == C.NEGATIVE_UNKNOWN_KEY)
         entry = self.local.get(d)
         if entry is not None and self.local.fresh(entry):
-            self.metrics.cache.labels("local").inc()
+            self.metrics.child(self.metrics.cache, "local").inc()
             record = entry.record
         elif entry is not None and self._within_stale_limit(entry):
-            self.metrics.cache.labels("local_stale").inc()
+            self.metrics.child(self.metrics.cache, "local_stale").inc()
             self._revalidate(key, d, entry)
             record = entry.record
         else:
@@ -330,7 +330,7 @@ class KeyResolver:
             self._redis_failed(exc)
             return None, None
         if found.negative is not None:
-            self.metrics.cache.labels("redis_negative").inc()
+            self.metrics.child(self.metrics.cache, "redis_negative").inc()
             self.local.put_negative(d, found.negative, epoch)
             raise InvalidApiKey(unknown_key=found.negative == C.NEGATIVE_UNKNOWN_KEY)
         return found.entry, found.generation
@@ -344,10 +344,10 @@ class KeyResolver:
             and self.local.listening
             and self.local.trusts(redis_entry)
         ):
-            self.metrics.cache.labels("redis").inc()
+            self.metrics.child(self.metrics.cache, "redis").inc()
             self.local.put(d, redis_entry, epoch)
             return redis_entry.record
-        self.metrics.cache.labels("miss").inc()
+        self.metrics.child(self.metrics.cache, "miss").inc()
         # Taken before the read: a record counts as read no later than this (see LocalCache.trusts).
         read_at = time.time()
         if self.guard is not None and local_entry is None and redis_entry is None:
@@ -408,7 +408,7 @@ class KeyResolver:
         usable = [e for e in (local_entry, redis_entry) if e is not None and time.time() - e.loaded_at < limit]
         if not usable:
             raise AuthUnavailable("the key store is unreachable")
-        self.metrics.cache.labels("stale").inc()
+        self.metrics.child(self.metrics.cache, "stale").inc()
         if local_entry is not None:
             # Served stale: ask the store again only after the breaker's cooldown.
             local_entry.revalidate_after = time.monotonic() + C.BREAKER_COOLDOWN_S

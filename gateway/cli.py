@@ -379,11 +379,9 @@ async def _serve_async(cfg: Config, host: str, port: int, reuse_port: bool, on_b
         except ConfigError as exc:  # part of starting, like the port and Postgres: exit status 1
             raise CliError(f"config error: {exc}") from None
         app.on_response_prepare.append(_close_when_draining)
+        logging_kwargs: dict[str, Any] = {"access_log_class": AccessLogger} if cfg.log.access else {"access_log": None}
         runner = GatewayRunner(
-            app,
-            head_timeout_s=cfg.server.header_timeout_s,
-            access_log_class=AccessLogger,
-            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            app, head_timeout_s=cfg.server.header_timeout_s, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **logging_kwargs
         )
         try:
             if await _started(runner, host, port, reuse_port, stop):

@@ -187,6 +187,14 @@ class RolesConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    # One line per request (client, method, path, status, time). Off by default: the proxy in front logs
+    # every request already, and a line per decision costs a good share of one. Denials are logged either
+    # way, one line each with their code.
+    access: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -203,6 +211,7 @@ class Config:
     policy_file: str = ""
     last_used_flush_s: float = C.DEFAULT_LAST_USED_FLUSH_S
     log_level: str = "INFO"
+    log: LogConfig = field(default_factory=LogConfig)
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.forward_auth.trusted_proxies)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,8 @@ from gateway.typedefs import (
     RESOLVER,
     TRUSTED,
 )
+
+log = logging.getLogger("gateway.forward")
 
 Headers = CIMultiDictProxy[str]
 # An app, or a sub-app's view of its parents' state (request.config_dict).
@@ -424,6 +427,7 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
             address = str(client_ip) if client_ip else None
             app[AUDITOR].record(code, request.get(KEY_ID), address, request.get(AUDIT_ORG), endpoint)
             response = error_response(err, to_proxy=True)
+            log.info("denied %s %s key=%s from %s", endpoint, code, request.get(KEY_ID, "-"), address or "-")
         else:
             code = "ok"
             rl = outcome.ratelimit.headers() if outcome.ratelimit is not None else {}
@@ -431,8 +435,8 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
                 status=200, headers={**identity_headers(outcome), **rl, "Cache-Control": "no-store"}
             )
         metrics = app[METRICS]
-        metrics.decisions.labels(endpoint, code).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.child(metrics.decisions, endpoint, code).inc()
+        metrics.child(metrics.latency, endpoint).observe(time.perf_counter() - started)
         return response
 
     return handle

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 class Metrics:
     def __init__(self) -> None:
+        # Children by (metric, labels): `labels()` validates and locks on every call, a cost the hot path
+        # pays per request otherwise. Label values here are few (endpoints, codes, tiers, limit names).
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.decisions = Counter(
@@ -63,3 +70,11 @@ class Metrics:
             registry=r,
         )
         self.local_entries = Gauge("gateway_local_cache_entries", "Entries in the in-process cache", registry=r)
+
+    def child(self, metric: M, *labels: str) -> M:
+        """`metric.labels(*labels)`, bound once."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

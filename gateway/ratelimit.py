@@ -332,7 +332,7 @@ def enforce(decisions: Sequence[Decision], metrics: Metrics) -> Decision | None:
     if not decisions:
         return None
     for d in decisions:
-        metrics.ratelimit.labels(d.limit.name, "allowed" if d.allowed else "refused").inc()
+        metrics.child(metrics.ratelimit, d.limit.name, "allowed" if d.allowed else "refused").inc()
     worst = Decision.strictest(decisions)
     if not worst.allowed:
         raise RateLimited(f"too many requests ({worst.limit.name} limit)", headers=worst.headers())

@@ -90,7 +90,7 @@ async def test_unknown_routes_and_oversized_bodies(client: Client, world: World)
 
 
 async def test_no_raw_key_ever_appears_in_logs(services: Services, clean: None, world: World, tmp_path: Path) -> None:
-    gw = await start_gateway(services, tmp_path, "logs")
+    gw = await start_gateway(services, tmp_path, "logs", config_yaml="log: {access: true}\n")
     try:
         k = await world.key(orgs=[world.org_a])
         secret = k["key"].split("_")[3][:43]
@@ -227,3 +227,25 @@ async def test_keys_verify_charges_failures_to_the_caller(client: Client, world:
     assert (body["valid"], body["code"]) == (True, "VALID")
     r = await client.post("/v1/keys/verify", json={"key": fmt.generate("live")[0]}, headers=junk)
     assert (await r.json())["code"] == "RATE_LIMITED"  # the junk sender itself is slowed down
+
+
+async def test_access_log_is_off_by_default_and_denials_are_logged(
+    services: Services, clean: None, world: World, tmp_path: Path
+) -> None:
+    """A line per request costs a good share of a cached decision and the proxy logs every request
+    already: off unless `log.access: true`. Each denial still gets one line, with its code."""
+    gw = await start_gateway(services, tmp_path, "quiet")
+    try:
+        k = await world.key(orgs=[world.org_a])
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.get(gw.url + "/auth/nginx", headers=nginx_headers(k["key"])) as r:
+                    assert r.status == 200
+            async with s.get(gw.url + "/auth/nginx", headers=nginx_headers("gw_live_nope")) as r:
+                assert r.status == 401
+        await asyncio.sleep(0.2)
+    finally:
+        gw.stop()
+    logs = gw.logs()
+    assert "aiohttp.access" not in logs and '"GET /auth/nginx"' not in logs, logs[-2000:]
+    assert "denied nginx invalid_api_key key=- from 127.0.0.1" in logs, logs[-2000:]

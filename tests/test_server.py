@@ -67,7 +67,7 @@ def _pieces(key: str) -> list[str]:
 
 @pytest.fixture
 async def gateway(services: Services, world: World, tmp_path: Path) -> AsyncIterator[GatewayProcess]:
-    gw = await start_gateway(services, tmp_path, "server")
+    gw = await start_gateway(services, tmp_path, "server", config_yaml="log: {access: true}\n")
     yield gw
     gw.stop()
 

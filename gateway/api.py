@@ -11,7 +11,6 @@ import base64
 import binascii
 import ipaddress
 import json
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,12 +21,11 @@ from aiohttp import web
 from gateway._body import json_object, read_raw
 from gateway.admin import MAX_LIST, KeySpec, key_expiry, key_view
 from gateway.audit import Actor
-from gateway.authz import check_state, effective_permissions, granted, pattern_matches, role_in
+from gateway.authz import effective_permissions, granted, pattern_matches, role_in
 from gateway.cache import KeyRecord
 from gateway.config import RolesConfig
 from gateway.errors import (
     InsufficientPermissions,
-    InvalidApiKey,
     InvalidRequest,
     IpNotAllowed,
     MissingCredentials,
@@ -35,10 +33,10 @@ from gateway.errors import (
     OrgNotAllowed,
     ProjectNotAllowed,
 )
-from gateway.forward import charge, client_address, credential, key_limit, verified_record
+from gateway.forward import client_address, credential
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
-from gateway.typedefs import ADMIN, CONFIG, INVITATIONS, KEY_FORMAT, TRUSTED
+from gateway.typedefs import ADMIN, CONFIG, INVITATIONS, TRUSTED, VERIFIER
 from gateway.ui import COOKIE, check_csrf, load_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -106,10 +104,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     """Every management call carries an API key, or the web page's session cookie (and, to write, its
     CSRF token): verified, state-checked and rate-limited."""
     app = request.config_dict
+    verifier = app[VERIFIER]
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
     raw = credential(request.headers)
     if raw is None and COOKIE in request.cookies:
-        found = await load_session(request)
+        found = await load_session(request, current=True)
         if found is None:
             raise MissingCredentials("the session has ended: sign in again")
         session, record = found
@@ -117,12 +116,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     elif raw is None:
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
     else:
-        parsed = app[KEY_FORMAT].parse(raw)
-        if parsed is None:
-            raise InvalidApiKey()
-        record = await verified_record(app, parsed, client_ip)
-        check_state(record, client_ip, time.time())
-    await charge(app, [(key_limit(app, record.rate_limit), record.id)])
+        record = await verifier.current(await verifier.authenticate(verifier.parse(raw), client_ip), client_ip)
+    # Charged as a proxied request is: the key's limit, and the org's when the call acts in one of the
+    # key's orgs (a call naming another org is refused by its permission check, on the key's limit alone).
+    await verifier.charge(record, verifier.org_of(record, request.match_info.get("org")))
     address = str(client_ip) if client_ip is not None else None
     actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
     stopped = tuple(await app[ADMIN].stopped_in(record.id))

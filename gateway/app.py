@@ -54,8 +54,10 @@ from gateway.typedefs import (
     RESOLVER,
     STORE,
     TRUSTED,
+    VERIFIER,
 )
 from gateway.ui import add_routes as add_ui_routes
+from gateway.verifier import Verifier
 
 log = logging.getLogger("gateway.app")
 
@@ -150,6 +152,9 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ADMIN] = Admin(app[STORE].pool, app[KEY_FORMAT], app[HASHER], cfg.roles)
     app[INVITATIONS] = Invitations(app[ADMIN])
     app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
+    app[VERIFIER] = Verifier(
+        app[KEY_FORMAT], resolver, app[PROJECTS], app[STORE], limiter, app[LIMITS], cfg.roles, metrics
+    )
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
 
     async def on_keys(key_ids: list[str]) -> None:

@@ -160,7 +160,11 @@ def authorize(
     if record.role not in roles.order or member_role not in roles.order:
         raise InsufficientPermissions("a role this gateway does not know grants nothing")
     role = roles.lower(record.role, member_role)
-    scopes = effective_permissions(roles.permissions[role], record.scopes)
+    patterns = roles.permissions[role]
+    scopes = record.permissions(patterns)
+    if scopes is None:
+        scopes = effective_permissions(patterns, record.scopes)
+        record.remember_permissions(patterns, scopes)
     if decision.project is not None and not (record.all_projects or decision.project in record.project_ids):
         raise ProjectNotAllowed("the key may not act in this project")
     if decision.permission is not None and not granted(scopes, decision.permission):

@@ -42,11 +42,30 @@ class KeyRecord:
     revoked_at: float | None
     memberships: dict[str, str] = field(hash=False)  # owner's org id -> role, read with the key
     hash_fingerprint: str = ""  # identifies the argon2 hash the digest was verified against
+    # Compiled once per cache fill, not per request: the allowlist's networks, and the effective
+    # permissions of the key under each role it has acted with (memoised by `permissions`).
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = field(
+        init=False, compare=False, hash=False, repr=False
+    )
+    _permissions: dict[tuple[str, ...], tuple[str, ...]] = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        networks = None
+        if self.allowed_cidrs is not None:
+            networks = tuple(ipaddress.ip_network(c, strict=False) for c in self.allowed_cidrs)
+        object.__setattr__(self, "_networks", networks)
+        object.__setattr__(self, "_permissions", {})
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
-        if self.allowed_cidrs is None:
-            return None
-        return tuple(ipaddress.ip_network(c, strict=False) for c in self.allowed_cidrs)
+        return self._networks
+
+    def permissions(self, role_patterns: tuple[str, ...]) -> tuple[str, ...] | None:
+        """The memoised effective permissions under a role's patterns (None: not computed yet)."""
+        return self._permissions.get(role_patterns)
+
+    def remember_permissions(self, role_patterns: tuple[str, ...], effective: tuple[str, ...]) -> None:
+        if len(self._permissions) < 64:  # a handful of roles; bounded whatever the config
+            self._permissions[role_patterns] = effective
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -143,6 +162,14 @@ class LocalCache:
             old_digest, old = self._entries.popitem(last=False)
             self._unindex(old.record.id, old_digest)
         return True
+
+    def record_of(self, key_id: str) -> KeyRecord | None:
+        """A fresh record of this key id (under any of its digests), or None."""
+        for digest in self._by_key.get(key_id, ()):
+            entry = self._entries.get(digest)
+            if entry is not None and self.fresh(entry):
+                return entry.record
+        return None
 
     def trusts(self, entry: Entry) -> bool:
         """Was the entry read from Postgres since invalidations last (re)started reaching us?"""

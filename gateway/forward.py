@@ -23,8 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway._body import json_object, read_raw
 from gateway._paths import canonical
-from gateway.authz import IP, Identity, acting_org, authorize, check_project, granted
-from gateway.cache import KeyRecord
+from gateway.authz import IP, Identity, acting_org, granted
 from gateway.errors import (
     GatewayError,
     InsufficientPermissions,
@@ -33,22 +32,19 @@ from gateway.errors import (
     MissingCredentials,
     RouteNotAllowed,
 )
-from gateway.keys import KeyFormat, ParsedKey, redact
+from gateway.keys import KeyFormat, redact
 from gateway.policy import ORG_HEADER, OriginalRequest, RouteDecision, checked_id
-from gateway.ratelimit import Decision, Limit, address_bucket, enforce
+from gateway.ratelimit import Decision
 from gateway.typedefs import (
     AUDIT_ORG,
     AUDITOR,
     CONFIG,
     KEY_FORMAT,
     KEY_ID,
-    LIMITER,
-    LIMITS,
     METRICS,
     POLICY,
-    PROJECTS,
-    RESOLVER,
     TRUSTED,
+    VERIFIER,
 )
 
 log = logging.getLogger("gateway.forward")
@@ -104,7 +100,7 @@ def one(headers: Headers, name: str) -> str:
     if len(values) != 1:
         raise InvalidRequest(f"{name} must be sent exactly once")
     value = values[0]
-    if not value or any(ord(c) < 0x21 or ord(c) > 0x7E for c in value):
+    if not _TOKEN_RE.fullmatch(value):  # visible ASCII only, no space
         raise InvalidRequest(f"{name} is not valid")
     return value
 
@@ -282,88 +278,27 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
     if decision.auth == "deny":
         raise RouteNotAllowed("no rule allows this route")
     raw = credential(h)
-    address = str(client_ip) if client_ip is not None else None
+    verifier = app[VERIFIER]
     if raw is None:
         if decision.auth == "public":
-            limits = app[LIMITS]
-            return Outcome(None, decision, await charge(app, [(limits.anonymous, address_bucket(address))]))
+            return Outcome(None, decision, await verifier.charge_anonymous(client_ip))
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
-    parsed = fmt.parse(raw)
-    if parsed is None:
-        raise InvalidApiKey()  # no Postgres, no Redis: not even a failure counter
-
-    def name_key(record: KeyRecord | None) -> None:
-        request[KEY_ID] = parsed.key_id  # public, and what an audit of a denial needs
-        org = acting_org(record, decision, app[CONFIG].roles) if record is not None else None
+    parsed = verifier.parse(raw)
+    try:
+        record = await verifier.authenticate(parsed, client_ip)
+    except InvalidApiKey as err:
+        if not err.unknown_key:
+            request[KEY_ID] = parsed.key_id  # a real key: named in the audit (a made-up id is not)
+        raise
+    request[KEY_ID] = parsed.key_id
+    try:
+        identity = await verifier.authorize(record, decision, client_ip)
+    except GatewayError:
+        org = acting_org(record, decision, cfg.roles)
         if org is not None:
-            request[AUDIT_ORG] = org
-
-    identity = await identify(app, parsed, decision, client_ip, known=name_key)
-    return Outcome(identity, decision, await charge(app, key_charges(app, identity)))
-
-
-async def verified_record(app: AppState, parsed: ParsedKey, client_ip: IP | None) -> KeyRecord:
-    """The key's record. A failed verification counts against its address's failure budget, whichever
-    endpoint it came through."""
-    address = str(client_ip) if client_ip is not None else None
-    try:
-        return await app[RESOLVER].resolve(parsed, address)
-    except InvalidApiKey as err:
-        guard = app[RESOLVER].guard
-        if guard is not None:
-            err.headers.update((await guard.failed(address)).headers(retry=False))
+            request[AUDIT_ORG] = org  # the org's own audit shows denials of keys that act in it
         raise
-
-
-async def identify(
-    app: web.Application,
-    parsed: ParsedKey,
-    decision: RouteDecision,
-    client_ip: IP | None,
-    caller_ip: IP | None = None,
-    known: Callable[[KeyRecord | None], None] | None = None,
-) -> Identity:
-    """The key's identity for this route; failed verifications count against the brute-force limits of
-    the caller's address (`caller_ip`, by default the client's). `known` is called once the key id is
-    known to exist (with its record once verified): only then is it worth naming in the audit of a
-    denial (a made-up one is not)."""
-    try:
-        record = await verified_record(app, parsed, caller_ip or client_ip)
-    except InvalidApiKey as err:
-        if known is not None and not err.unknown_key:
-            known(None)  # a wrong secret for a real key
-        raise
-    if known is not None:
-        known(record)
-    try:
-        identity = authorize(record, decision, client_ip, app[CONFIG].roles, time.time())
-        await check_project(identity, app[PROJECTS])
-    except GatewayError as err:
-        # Refused, but the key is known: its request still counts, and the answer says where it stands.
-        limiter = app[LIMITER]
-        if limiter is not None and err.status in (401, 403):
-            (spent,) = await limiter.check([(key_limit(app, record.rate_limit), record.id)])
-            err.headers.update(spent.headers(retry=False))
-        raise
-    return identity
-
-
-def key_limit(app: AppState, override: str | None) -> Limit:
-    """The key's own `--rate-limit`, else the configured per-key limit."""
-    limits = app[LIMITS]
-    return Limit.override(limits.key, override) if override else limits.key
-
-
-def key_charges(app: AppState, identity: Identity) -> list[tuple[Limit, str]]:
-    """The limits a verified request is charged against: its key's and its org's."""
-    return [(key_limit(app, identity.rate_limit), identity.key_id), (app[LIMITS].org, identity.org)]
-
-
-async def charge(app: AppState, charges: list[tuple[Limit, str]]) -> Decision | None:
-    limiter = app[LIMITER]
-    if limiter is None:
-        return None
-    return enforce(await limiter.check(charges), app[METRICS])
+    return Outcome(identity, decision, await verifier.charge(identity, identity.org))
 
 
 def identity_headers(outcome: Outcome) -> dict[str, str]:
@@ -492,17 +427,17 @@ async def keys_verify(request: web.Request) -> web.Response:
     try:
         if decision.auth == "deny":
             raise RouteNotAllowed("no rule allows this route")
-        parsed = app[KEY_FORMAT].parse(body["key"])
-        if parsed is None:
-            raise InvalidApiKey()
+        verifier = app[VERIFIER]
+        parsed = verifier.parse(body["key"])
         result["key_id"] = parsed.key_id
         # The key's own client is not known here: an allowlisted key is refused (client None). Failures
         # count against the calling service's address, never against a budget shared by every caller.
         caller = client_address(request.remote, request.headers, app[TRUSTED])
-        identity = await identify(app, parsed, decision, None, caller)
+        record = await verifier.authenticate(parsed, caller)
+        identity = await verifier.authorize(record, decision, None)
         if "permission" in body and not granted(identity.scopes, body["permission"]):
             raise InsufficientPermissions(f"requires {body['permission']}")
-        ratelimit = await charge(app, key_charges(app, identity))
+        ratelimit = await verifier.charge(identity, identity.org)
     except GatewayError as err:
         if err.status == 503:
             raise

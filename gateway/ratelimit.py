@@ -79,6 +79,10 @@ class Limit:
     burst: int
     on_redis_error: str = "local"
     exact: bool = False  # one Redis call per request: no leases
+    lease_cap: int = dataclasses.field(init=False, compare=False)  # the most tokens a process may hold
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lease_cap", max_lease(self.burst, self.exact))
 
     @classmethod
     def from_config(cls, name: str, cfg: LimitConfig) -> Limit:
@@ -90,10 +94,6 @@ class Limit:
         """A key's own `--rate-limit N/PERIOD`: N per period, up to N at once."""
         count, period = parse_rate(text)
         return cls(base.name, count, period, count, base.on_redis_error, base.exact)
-
-    @property
-    def lease_cap(self) -> int:
-        return max_lease(self.burst, self.exact)
 
     @property
     def interval_us(self) -> float:
@@ -348,10 +348,23 @@ class Limits:
     failures_per_key: Limit
     failures_per_key_address: Limit
     sign_in: Limit
+    # Keys' own `--rate-limit` texts, parsed once each (few distinct values).
+    _overrides: dict[str, Limit] = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: RateLimitsConfig) -> Limits:
-        return cls(*(Limit.from_config(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cls)))
+        return cls(*(Limit.from_config(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cls) if f.init))
+
+    def for_key(self, override: str | None) -> Limit:
+        """The key's own `--rate-limit`, else the configured per-key limit."""
+        if not override:
+            return self.key
+        limit = self._overrides.get(override)
+        if limit is None:
+            limit = Limit.override(self.key, override)
+            if len(self._overrides) < C.DEFAULT_LOCAL_MAX_ENTRIES:
+                self._overrides[override] = limit
+        return limit
 
 
 class BruteForceGuard:

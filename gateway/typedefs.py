@@ -20,6 +20,7 @@ from gateway.metrics import Metrics
 from gateway.policy import Policy
 from gateway.ratelimit import Limits, RateLimiter
 from gateway.store import Store
+from gateway.verifier import Verifier
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -47,3 +48,5 @@ REDIS_BREAKER = web.AppKey("redis_breaker", Breaker)
 KEY_ID = web.RequestKey("key_id", str)
 # Per-request: the org a known key acts in for this request, so the org's audit shows its denials.
 AUDIT_ORG = web.RequestKey("audit_org", str)
+# The one path from a credential to a decision, for every entry point.
+VERIFIER = web.AppKey("verifier", Verifier)

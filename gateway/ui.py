@@ -24,13 +24,12 @@ from aiohttp import web
 from gateway import constants as C
 from gateway._body import json_object, read_raw
 from gateway._breaker import guarded
-from gateway.authz import check_state, role_in
+from gateway.authz import role_in
 from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE, KeyRecord
-from gateway.errors import AuthUnavailable, InvalidApiKey, InvalidRequest, MissingCredentials
-from gateway.forward import charge, client_address, key_limit, verified_record
-from gateway.ratelimit import address_bucket
-from gateway.store import PG_ERRORS, StoreUnavailable
-from gateway.typedefs import ADMIN, CONFIG, KEY_FORMAT, LIMITS, REDIS, REDIS_BREAKER, STORE, TRUSTED
+from gateway.errors import AuthUnavailable, InvalidRequest, MissingCredentials
+from gateway.forward import client_address
+from gateway.store import PG_ERRORS
+from gateway.typedefs import ADMIN, CONFIG, REDIS, REDIS_BREAKER, TRUSTED, VERIFIER
 
 COOKIE = "gw_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -71,8 +70,9 @@ def _redis_key(session_id: str) -> str:
     return C.REDIS_SESSION.format(digest=hashlib.sha256(session_id.encode()).hexdigest())
 
 
-async def load_session(request: web.Request) -> tuple[Session, KeyRecord] | None:
-    """The request's session and its key as it is now (revoked or expired keys end the session)."""
+async def load_session(request: web.Request, *, current: bool = False) -> tuple[Session, KeyRecord] | None:
+    """The request's session and its key (revoked or expired keys end the session); with `current`, the
+    key as Postgres has it now (management calls, see `Verifier.current`)."""
     session_id = request.cookies.get(COOKIE)
     if not session_id or len(session_id) > 100:
         return None
@@ -83,16 +83,9 @@ async def load_session(request: web.Request) -> tuple[Session, KeyRecord] | None
     session = Session(**json.loads(raw))
     if time.time() - session.created >= app[CONFIG].ui.session_ttl_s:
         return None  # a session ends `session_ttl_s` after sign-in, however busy it was since
-    try:
-        loaded = await app[STORE].load_key(session.key_id)
-    except StoreUnavailable:
-        raise AuthUnavailable("the key store is unreachable") from None
-    if loaded is None:
-        return None
-    record = loaded[0]
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
-    check_state(record, client_ip, time.time())
-    return session, record
+    record = await app[VERIFIER].session_record(session.key_id, client_ip, current=current)
+    return (session, record) if record is not None else None
 
 
 def check_csrf(request: web.Request, session: Session) -> None:
@@ -161,16 +154,15 @@ async def sign_in(request: web.Request) -> web.Response:
     if set(body) != {"key"} or not isinstance(body["key"], str):
         raise InvalidRequest('the body must be {"key": "..."}', field="key")
     app = request.config_dict
-    parsed = app[KEY_FORMAT].parse(body["key"].strip())
-    if parsed is None:
-        raise InvalidApiKey()
+    verifier = app[VERIFIER]
+    parsed = verifier.parse(body["key"].strip())
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
     # Each sign-in attempt is charged to its address, and each success to the key's own limit, as one
     # request through the proxy would be: a session is no way around the key's rate limit.
-    await charge(app, [(app[LIMITS].sign_in, address_bucket(str(client_ip) if client_ip is not None else None))])
-    record = await verified_record(app, parsed, client_ip)
-    check_state(record, client_ip, time.time())
-    await charge(app, [(key_limit(app, record.rate_limit), record.id)])
+    await verifier.charge_sign_in(client_ip)
+    record = await verifier.authenticate(parsed, client_ip)
+    verifier.check_state(record, client_ip)
+    await verifier.charge(record, None)
     roles = app[CONFIG].roles
     orgs = sorted(o for o in record.memberships if role_in(record, o, roles) is not None)
     session_id = secrets.token_urlsafe(32)
@@ -202,14 +194,16 @@ async def get_session(request: web.Request) -> web.Response:
     if found is None:
         return web.Response(status=204, headers=SECURITY_HEADERS)
     session, record = found
-    await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
+    verifier = request.config_dict[VERIFIER]
+    await verifier.charge(record, verifier.org_of(record, session.active_org))
     return await _session_view(session, record, request)
 
 
 async def switch_org(request: web.Request) -> web.Response:
     session_id, session, record = await current(request)
     check_csrf(request, session)
-    await charge(request.config_dict, [(key_limit(request.config_dict, record.rate_limit), record.id)])
+    verifier = request.config_dict[VERIFIER]
+    await verifier.charge(record, verifier.org_of(record, session.active_org))
     org = json_object(await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)).get("org")
     if not isinstance(org, str) or role_in(record, org, request.config_dict[CONFIG].roles) is None:
         raise InvalidRequest("not an org this key can act in", field="org")

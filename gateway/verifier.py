@@ -1,0 +1,142 @@
+"""The one path from a credential to a decision, for every entry point: the proxy endpoints (`/auth/*`),
+`POST /v1/keys/verify`, the `/v1/` API and the web page (sign-in and every session call).
+
+- `authenticate(raw, address)`: the key's record, through the cache tiers (in-process, Redis, Postgres
+  plus argon2). A failed verification is charged to the address's failure budget here, whichever entry
+  point it came through; the budgets checked before a Postgres lookup and before an argon2 run are the
+  same `BruteForceGuard`, called by the resolver at those moments.
+- `authorize(record, decision, client)`: the key's state (revoked, expired, allowlist) and what the route
+  requires, as an `Identity`. A known key refused here still spends a request of its own limit, and the
+  refusal says where it stands.
+- `charge(identity)`: the request against the key's limit and its org's, or raises `RateLimited`.
+
+Entry points differ only in where they read the credential and the route; what they are charged and
+how a failure is counted is decided here, once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.authz import IP, Identity, KeyResolver, ProjectDirectory, authorize, check_project, check_state, role_in
+from gateway.cache import KeyRecord
+from gateway.config import RolesConfig
+from gateway.errors import AuthUnavailable, GatewayError, InvalidApiKey
+from gateway.keys import KeyFormat, ParsedKey
+from gateway.metrics import Metrics
+from gateway.policy import RouteDecision
+from gateway.ratelimit import BruteForceGuard, Decision, Limit, Limits, RateLimiter, address_bucket, enforce
+from gateway.store import Store, StoreUnavailable
+
+
+class Verifier:
+    def __init__(
+        self,
+        fmt: KeyFormat,
+        resolver: KeyResolver,
+        projects: ProjectDirectory,
+        store: Store,
+        limiter: RateLimiter | None,
+        limits: Limits,
+        roles: RolesConfig,
+        metrics: Metrics,
+    ) -> None:
+        self.fmt = fmt
+        self.resolver = resolver
+        self.projects = projects
+        self.store = store
+        self.limiter = limiter
+        self.limits = limits
+        self.roles = roles
+        self.metrics = metrics
+
+    @property
+    def guard(self) -> BruteForceGuard | None:
+        return self.resolver.guard
+
+    def parse(self, raw: str) -> ParsedKey:
+        """The key's parts; a bad shape or checksum is refused with no I/O at all (not even a counter)."""
+        parsed = self.fmt.parse(raw)
+        if parsed is None:
+            raise InvalidApiKey()
+        return parsed
+
+    async def authenticate(self, key: ParsedKey, address: IP | None) -> KeyRecord:
+        """The key's record; its state is not judged yet. A failed verification counts against
+        `address`'s failure budget (the client's, or for `/v1/keys/verify` the calling service's)."""
+        where = str(address) if address is not None else None
+        try:
+            return await self.resolver.resolve(key, where)
+        except InvalidApiKey as err:
+            if self.guard is not None:
+                err.headers.update((await self.guard.failed(where)).headers(retry=False))
+            raise
+
+    async def authorize(self, record: KeyRecord, decision: RouteDecision, client: IP | None) -> Identity:
+        """The key's identity for this route (state, org, role, permission, project)."""
+        try:
+            identity = authorize(record, decision, client, self.roles, time.time())
+            await check_project(identity, self.projects)
+        except GatewayError as err:
+            # Refused, but the key is known: its request still counts, and the answer says where it stands.
+            if self.limiter is not None and err.status in (401, 403):
+                (spent,) = await self.limiter.check([(self.limits.for_key(record.rate_limit), record.id)])
+                err.headers.update(spent.headers(retry=False))
+            raise
+        return identity
+
+    def check_state(self, record: KeyRecord, client: IP | None) -> None:
+        """Revoked, expired or outside its allowlist: refused whatever the route (management calls)."""
+        check_state(record, client, time.time())
+
+    async def charge(self, record: KeyRecord | Identity, org: str | None) -> Decision | None:
+        """One request of the key, and of `org` when the request acts in one: every entry point alike."""
+        key_id = record.id if isinstance(record, KeyRecord) else record.key_id
+        charges: list[tuple[Limit, str]] = [(self.limits.for_key(record.rate_limit), key_id)]
+        if org is not None:
+            charges.append((self.limits.org, org))
+        return await self._charge(charges)
+
+    async def charge_anonymous(self, address: IP | None) -> Decision | None:
+        return await self._charge([(self.limits.anonymous, address_bucket(_text(address)))])
+
+    async def charge_sign_in(self, address: IP | None) -> Decision | None:
+        return await self._charge([(self.limits.sign_in, address_bucket(_text(address)))])
+
+    def org_of(self, record: KeyRecord, org: str | None) -> str | None:
+        """`org` if the key acts there (then its limit is charged too), else None."""
+        return org if org is not None and role_in(record, org, self.roles) is not None else None
+
+    async def session_record(self, key_id: str, client: IP | None, *, current: bool = False) -> KeyRecord | None:
+        """A web session's key: from this process's cache when it holds the key fresh (kept current by
+        invalidations), else, or when `current` is asked, from Postgres. Revoked or expired keys are
+        refused."""
+        record = None if current else self.resolver.local.record_of(key_id)
+        if record is None:
+            try:
+                loaded = await self.store.load_key(key_id)
+            except StoreUnavailable:
+                raise AuthUnavailable("the key store is unreachable") from None
+            if loaded is None:
+                return None
+            record = loaded[0]
+        self.check_state(record, client)
+        return record
+
+    async def current(self, record: KeyRecord, client: IP | None) -> KeyRecord:
+        """The key as Postgres has it now, for a management call: it acts on what it reads, so it must
+        see its own writes (an org just created, a member just added) before the cache's invalidation
+        arrives. Its secret was verified through the cache; only its state and memberships are re-read."""
+        fresh = await self.session_record(record.id, client, current=True)
+        if fresh is None:
+            raise InvalidApiKey()
+        return fresh
+
+    async def _charge(self, charges: list[tuple[Limit, str]]) -> Decision | None:
+        if self.limiter is None:
+            return None
+        return enforce(await self.limiter.check(charges), self.metrics)
+
+
+def _text(address: IP | None) -> str | None:
+    return str(address) if address is not None else None

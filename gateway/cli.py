@@ -24,7 +24,7 @@ from gateway.admin import Admin, KeySpec
 from gateway.app import create_app, redis_client
 from gateway.audit import CLI
 from gateway.cache import REDIS_ERRORS, RedisCache
-from gateway.config import Config, load_config, load_roles, redact_url
+from gateway.config import Config, WorkerCount, load_config, load_roles, redact_url
 from gateway.errors import ConfigError, GatewayError
 from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher, redact
@@ -65,6 +65,13 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
+def _workers_arg(text: str) -> WorkerCount:
+    try:
+        return WorkerCount.parse(text if text == "auto" else int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number or auto") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gateway", description="API-key authentication sidecar for reverse proxies")
     p.add_argument("--config", help="config file (else $GATEWAY_CONFIG, else config/gateway.yaml)")
@@ -75,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the verify endpoints")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int)
+    serve.add_argument(
+        "--workers", type=_workers_arg, help="processes sharing the port: a number, or auto (one per core)"
+    )
 
     policy = sub.add_parser("policy").add_subparsers(dest="action", required=True, parser_class=_Parser)
     policy.add_parser("check", help="validate a route policy file without serving").add_argument("file")

@@ -60,11 +60,22 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+class WorkerCount(int):
+    """A number of worker processes, written as a whole number or `auto`."""
+
+    @classmethod
+    def parse(cls, value: object) -> WorkerCount:
+        if value == "auto":
+            return cls(len(os.sched_getaffinity(0)) or 1)
+        return cls(int(value))  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 1
+    # Processes sharing the port (SO_REUSEPORT); `auto`: one per core this process may run on.
+    workers: WorkerCount = field(default_factory=lambda: WorkerCount(1))
     # After SIGTERM: /readyz answers 503 and requests are still served this long, so the proxy or
     # Kubernetes stops routing here before the listener closes. SIGINT stops at once.
     drain_s: float = C.DEFAULT_DRAIN_S
@@ -227,6 +238,11 @@ _SCALARS: dict[Any, tuple[Any, str, Any]] = {
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number", int),
     float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number", float),
     str: (lambda v: isinstance(v, str), "a string", str),
+    WorkerCount: (
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)),
+        "a whole number or auto",
+        WorkerCount.parse,
+    ),
 }
 
 

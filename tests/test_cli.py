@@ -389,6 +389,16 @@ async def test_stopping_at_once(services: Services, clean: None, tmp_path: Path,
     assert gw.proc.returncode == 0 and "Traceback" not in gw.logs()
 
 
+async def test_workers_auto_starts_one_per_core(services: Services, clean: None, tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    gw = await start_gateway(services, tmp_path, "wauto", "--workers", "auto")
+    try:
+        await _logged(gw, "gateway serving on", cores)
+        assert len(_workers(gw.proc.pid)) == (cores if cores > 1 else 0)  # one core: served in-process
+    finally:
+        gw.stop()
+
+
 async def test_sigterm_drains_every_worker(services: Services, clean: None, tmp_path: Path) -> None:
     gw = await start_gateway(services, tmp_path, "wdrain", "--workers", "2", config_yaml="server: {drain_s: 1.5}\n")
     try:

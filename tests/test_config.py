@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,19 @@ def test_shipped_config_is_valid() -> None:
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(str(root / "config/gateway.yaml"), env={"GATEWAY_PEPPER": "x" * 32})
     assert cfg.keys.argon2.memory_kib == 19456
+    assert cfg.server.workers == len(os.sched_getaffinity(0))  # shipped: `workers: auto`, one per core
+
+
+@pytest.mark.parametrize(("value", "ok"), [("auto", True), (3, True), ("3", False), ("many", False), (True, False)])
+def test_workers_is_a_number_or_auto(value: object, ok: bool) -> None:
+    data = {"server": {"workers": value}, "pepper": "x" * 32, "database": {"url": "postgresql://h/d"}}
+    data["redis"] = {"url": "redis://h"}
+    if ok:
+        workers = config_from_mapping(data, env={}).server.workers
+        assert workers == (len(os.sched_getaffinity(0)) if value == "auto" else value)
+    else:
+        with pytest.raises(ConfigError, match=r"server\.workers: expected a whole number or auto"):
+            config_from_mapping(data, env={})
 
 
 def test_bad_config_fails_at_start_with_a_clear_message(tmp_path: Path) -> None:

@@ -61,6 +61,8 @@ DEFAULT_BODY_TIMEOUT_S: Final = 10.0
 LEASE_S: Final = 0.25
 LEASE_BURST_FRACTION: Final = 0.1
 LEASE_MAX_TOKENS: Final = 1000
+# Route matches a policy remembers (by method, host and path) before it starts again.
+POLICY_MATCH_MEMO: Final = 4096
 # A circuit breaker skips a failed backend this long, then lets one call probe it.
 BREAKER_COOLDOWN_S: Final = 0.5
 # How often each process checks Postgres and Redis in the background (readiness body, metrics, recovery).

@@ -7,6 +7,7 @@ looks at `X-Original-URI` and `/auth/nginx` never looks at `X-Forwarded-Uri`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import re
@@ -231,24 +232,32 @@ def refuse_query_keys(query: str, fmt: KeyFormat, names: Sequence[str]) -> None:
             raise InvalidRequest("API keys are not accepted in the query string")
 
 
-def client_address(
-    peer: str | None, h: Headers, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> IP | None:
-    """The peer, or, when the peer is a trusted proxy, the right-most untrusted X-Forwarded-For hop."""
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(text: str, trusted: Networks) -> tuple[IP | None, bool]:
+    """An address and whether it is a trusted proxy's. Pure, and asked for the same few peers on every
+    request: parsed once (a bounded memo; an unparsable text is None, untrusted)."""
     try:
-        addr: IP | None = ipaddress.ip_address(peer) if peer else None
+        addr = ipaddress.ip_address(text)
     except ValueError:
-        addr = None
-    if addr is None or not any(addr in n for n in trusted):
+        return None, False
+    return addr, any(addr in n for n in trusted)
+
+
+def client_address(peer: str | None, h: Headers, trusted: Networks) -> IP | None:
+    """The peer, or, when the peer is a trusted proxy, the right-most untrusted X-Forwarded-For hop."""
+    addr, is_trusted = _address(peer, trusted) if peer else (None, False)
+    if not is_trusted:
         return addr
     hops = [x.strip() for v in h.getall("X-Forwarded-For", []) for x in v.split(",")]
     for hop in reversed(hops):
-        try:
-            hop_addr = ipaddress.ip_address(hop)
-        except ValueError:
-            raise InvalidRequest("X-Forwarded-For is not a list of addresses") from None
+        hop_addr, is_trusted = _address(hop, trusted)
+        if hop_addr is None:
+            raise InvalidRequest("X-Forwarded-For is not a list of addresses")
         addr = hop_addr
-        if not any(hop_addr in n for n in trusted):
+        if not is_trusted:
             break
     return addr
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 
 from multidict import CIMultiDictProxy
 
+from gateway import constants as C
 from gateway._paths import segments
 from gateway.config import RolesConfig, read_yaml
 from gateway.errors import ConfigError, InvalidRequest
@@ -332,8 +333,20 @@ class RoutePolicy:
         self._root = _Node()
         for rule in rules:
             _insert(self._root, rule)
+        # Matches by (method, host, path): a proxy sends the same few routes over and over. Emptied when
+        # full, so a stream of distinct paths costs what it did without it; a reload builds a new policy.
+        self._matched: dict[tuple[str, str, str], tuple[Rule, dict[str, str], dict[str, str]]] = {}
 
     def match(self, request: OriginalRequest) -> tuple[Rule, dict[str, str], dict[str, str]]:
+        memo = (request.method, request.host, request.path)
+        found = self._matched.get(memo)
+        if found is None:
+            if len(self._matched) >= C.POLICY_MATCH_MEMO:
+                self._matched.clear()
+            found = self._matched[memo] = self._match(request)
+        return found
+
+    def _match(self, request: OriginalRequest) -> tuple[Rule, dict[str, str], dict[str, str]]:
         segs = segments(request.path)
         candidates: list[int] = []
         _collect(self._root, segs, 0, candidates)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import constants as C
 from gateway.app import create_app
 from gateway.config import RolesConfig
 from gateway.errors import ConfigError, InvalidRequest
@@ -335,3 +336,21 @@ async def test_keys_verify_applies_the_route_policy(pclient: Client, world: Worl
     for path in ("/a%2Fb", f"/v1/orgs/{world.org_b}/../{world.org_a}/x", f"/v1/orgs/{world.org_a}/..;/x", "/x#y"):
         r = await pclient.post("/v1/keys/verify", json={"key": k["key"], "path": path})
         assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_request"), path
+
+
+def test_route_matches_are_remembered_within_a_bound() -> None:
+    """A proxy sends the same routes over and over: each (method, host, path) is matched once, and a
+    stream of distinct paths empties the memo instead of growing it."""
+    p = compile_policy(
+        {"rules": [{"path": "/v1/orgs/{org}/**", "methods": ["GET"], "org": {"path": "org"}}, {"path": "/**"}]},
+        ROLES,
+    )
+    headers = H()
+    first = p.decide(req("/v1/orgs/A/x"), headers)
+    assert p.decide(req("/v1/orgs/A/x"), headers) == first and first.org == "A"
+    assert p.decide(req("/v1/orgs/A/x", "POST"), headers).org is None  # the method is part of the match
+    assert p.decide(req("/v1/orgs/B/x"), headers).org == "B"
+    for i in range(C.POLICY_MATCH_MEMO + 10):
+        p.decide(req(f"/v1/orgs/o{i}/x"), headers)
+    assert len(p._matched) <= C.POLICY_MATCH_MEMO
+    assert p.decide(req("/v1/orgs/A/x"), headers) == first

@@ -72,6 +72,8 @@ LISTENER_PING_S: Final = 0.5
 DEFAULT_LAST_USED_FLUSH_S: Final = 5.0
 DEFAULT_AUDIT_FLUSH_S: Final = 1.0
 DEFAULT_AUDIT_FAILED_MAX_PER_FLUSH: Final = 50
+# The nice value of argon2 threads: the lowest priority, so hashing never takes the core from the event loop.
+ARGON2_NICE: Final = 19
 # argon2 verifications that may wait for a free `keys.verify_threads` thread; past it one is refused (503).
 DEFAULT_VERIFY_QUEUE: Final = 64
 # How long a client refused because every argon2 thread and queue slot was taken is asked to wait.

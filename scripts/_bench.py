@@ -10,7 +10,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -49,11 +51,21 @@ def local_services() -> Iterator[tuple[Path, Postgres, Redis, dict[str, str]]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def seed(env: dict[str, str], keys: int) -> list[dict[str, object]]:
-    """Migrates, then creates an org, an admin user and `keys` keys with the production argon2 parameters."""
-    cfg = config_from_mapping({}, env=env)
-    pool = await asyncpg.create_pool(cfg.database.url.get(), min_size=1, max_size=4)
-    hasher = SecretHasher(cfg.keys.argon2, 2)
+@dataclass(frozen=True)
+class World:
+    """What `seed_world` made: one org, one user (the org's admin) and that user's admin keys."""
+
+    org: str
+    user: str
+    keys: list[dict[str, object]]
+
+
+async def seed_world(env: dict[str, str], keys: int, concurrency: int = 1, config: Any = None) -> World:
+    """Migrates, then creates an org, an admin user and `keys` keys with the production argon2 parameters
+    (those of `config`, a parsed config file, else the defaults), `concurrency` at a time."""
+    cfg = config_from_mapping(config or {}, env=env)
+    pool = await asyncpg.create_pool(cfg.database.url.get(), min_size=1, max_size=max(4, concurrency + 1))
+    hasher = SecretHasher(cfg.keys.argon2, max(2, concurrency))
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
@@ -62,10 +74,21 @@ async def seed(env: dict[str, str], keys: int) -> list[dict[str, object]]:
         user = (await admin.create_user("bench@example.com"))["id"]
         await admin.set_member(org, user, "admin")
         spec = KeySpec(user_id=user, name="bench", role="admin", orgs=[], projects=[], scopes=None)
-        return [await admin.create_key(spec) for _ in range(keys)]
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> dict[str, object]:
+            async with gate:
+                return await admin.create_key(spec)
+
+        return World(org, user, list(await asyncio.gather(*(one() for _ in range(keys)))))
     finally:
         hasher.close()
         await pool.close()
+
+
+async def seed(env: dict[str, str], keys: int) -> list[dict[str, object]]:
+    """Migrates, then creates an org, an admin user and `keys` keys with the production argon2 parameters."""
+    return (await seed_world(env, keys)).keys
 
 
 def start_gateway(

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import zlib
 
 import pytest
@@ -128,5 +130,22 @@ async def test_verifications_beyond_threads_and_queue_are_refused_at_once() -> N
         assert all(isinstance(r, VerifierBusy) for r in results[2:])
         assert hasher.admitted == 0 and not hasher.saturated
         assert await hasher.verify(h, "x")
+    finally:
+        hasher.close()
+
+
+async def test_argon2_threads_run_at_the_lowest_cpu_priority() -> None:
+    """A flood of uncached keys must not take the core from the event loop that answers cached ones:
+    the hashing threads run at nice 19, the loop's thread as it was."""
+    hasher = SecretHasher(Argon2Config(memory_kib=1024, time_cost=1), 2)
+    try:
+        await hasher.hash("x")  # starts a thread
+        loop = asyncio.get_running_loop()
+
+        def own_nice() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        assert await loop.run_in_executor(hasher._pool, own_nice) == 19
+        assert own_nice() == os.getpriority(os.PRIO_PROCESS, 0) < 19
     finally:
         hasher.close()

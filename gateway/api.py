@@ -108,7 +108,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
     raw = credential(request.headers)
     if raw is None and COOKIE in request.cookies:
-        found = await load_session(request, current=True)
+        found = await load_session(request)
         if found is None:
             raise MissingCredentials("the session has ended: sign in again")
         session, record = found
@@ -116,10 +116,13 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     elif raw is None:
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
     else:
-        record = await verifier.current(await verifier.authenticate(verifier.parse(raw), client_ip), client_ip)
+        record = await verifier.authenticate(verifier.parse(raw), client_ip)
+        verifier.check_state(record, client_ip)
     # Charged as a proxied request is: the key's limit, and the org's when the call acts in one of the
     # key's orgs (a call naming another org is refused by its permission check, on the key's limit alone).
+    # Refusals so far came from the cache: only a call that will run costs a Postgres read.
     await verifier.charge(record, verifier.org_of(record, request.match_info.get("org")))
+    record = await verifier.current(record, client_ip)
     address = str(client_ip) if client_ip is not None else None
     actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
     stopped = tuple(await app[ADMIN].stopped_in(record.id))

@@ -24,10 +24,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway._body import json_object, read_raw
 from gateway._paths import canonical
-from gateway.authz import IP, Identity, acting_org, granted
+from gateway.authz import IP, Identity, acting_org
 from gateway.errors import (
     GatewayError,
-    InsufficientPermissions,
     InvalidApiKey,
     InvalidRequest,
     MissingCredentials,
@@ -307,6 +306,7 @@ async def check(request: web.Request, original: OriginalRequest, client_ip: IP |
         if org is not None:
             request[AUDIT_ORG] = org  # the org's own audit shows denials of keys that act in it
         raise
+    request[AUDIT_ORG] = identity.org  # a refusal by a limit is shown in the org's audit too
     return Outcome(identity, decision, await verifier.charge(identity, identity.org))
 
 
@@ -443,9 +443,7 @@ async def keys_verify(request: web.Request) -> web.Response:
         # count against the calling service's address, never against a budget shared by every caller.
         caller = client_address(request.remote, request.headers, app[TRUSTED])
         record = await verifier.authenticate(parsed, caller)
-        identity = await verifier.authorize(record, decision, None)
-        if "permission" in body and not granted(identity.scopes, body["permission"]):
-            raise InsufficientPermissions(f"requires {body['permission']}")
+        identity = await verifier.authorize(record, decision, None, body.get("permission"))
         ratelimit = await verifier.charge(identity, identity.org)
     except GatewayError as err:
         if err.status == 503:

@@ -251,6 +251,10 @@ class RateLimiter:
         lease = self.leases.get(f"{limit.name}:{ident}")
         while True:
             if lease.refill is not None:
+                if not self.breaker.available:
+                    # The refill in flight is the breaker's probe of a Redis that just failed: waiting
+                    # for it would cost its timeout, which the breaker is there to spare everyone else.
+                    return self._fallback(limit, ident, False)
                 await asyncio.shield(lease.refill)
             else:
                 size = lease.next_size(time.monotonic(), limit.lease_cap)

@@ -70,9 +70,8 @@ def _redis_key(session_id: str) -> str:
     return C.REDIS_SESSION.format(digest=hashlib.sha256(session_id.encode()).hexdigest())
 
 
-async def load_session(request: web.Request, *, current: bool = False) -> tuple[Session, KeyRecord] | None:
-    """The request's session and its key (revoked or expired keys end the session); with `current`, the
-    key as Postgres has it now (management calls, see `Verifier.current`)."""
+async def load_session(request: web.Request) -> tuple[Session, KeyRecord] | None:
+    """The request's session and its key (revoked or expired keys end the session)."""
     session_id = request.cookies.get(COOKIE)
     if not session_id or len(session_id) > 100:
         return None
@@ -84,7 +83,7 @@ async def load_session(request: web.Request, *, current: bool = False) -> tuple[
     if time.time() - session.created >= app[CONFIG].ui.session_ttl_s:
         return None  # a session ends `session_ttl_s` after sign-in, however busy it was since
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
-    record = await app[VERIFIER].session_record(session.key_id, client_ip, current=current)
+    record = await app[VERIFIER].session_record(session.key_id, client_ip)
     return (session, record) if record is not None else None
 
 

@@ -18,10 +18,20 @@ from __future__ import annotations
 
 import time
 
-from gateway.authz import IP, Identity, KeyResolver, ProjectDirectory, authorize, check_project, check_state, role_in
+from gateway.authz import (
+    IP,
+    Identity,
+    KeyResolver,
+    ProjectDirectory,
+    authorize,
+    check_project,
+    check_state,
+    granted,
+    role_in,
+)
 from gateway.cache import KeyRecord
 from gateway.config import RolesConfig
-from gateway.errors import AuthUnavailable, GatewayError, InvalidApiKey
+from gateway.errors import AuthUnavailable, GatewayError, InsufficientPermissions, InvalidApiKey
 from gateway.keys import KeyFormat, ParsedKey
 from gateway.metrics import Metrics
 from gateway.policy import RouteDecision
@@ -72,11 +82,16 @@ class Verifier:
                 err.headers.update((await self.guard.failed(where)).headers(retry=False))
             raise
 
-    async def authorize(self, record: KeyRecord, decision: RouteDecision, client: IP | None) -> Identity:
-        """The key's identity for this route (state, org, role, permission, project)."""
+    async def authorize(
+        self, record: KeyRecord, decision: RouteDecision, client: IP | None, permission: str | None = None
+    ) -> Identity:
+        """The key's identity for this route (state, org, role, permission, project), and `permission`
+        too when a caller asks for one (`/v1/keys/verify`)."""
         try:
             identity = authorize(record, decision, client, self.roles, time.time())
             await check_project(identity, self.projects)
+            if permission is not None and not granted(identity.scopes, permission):
+                raise InsufficientPermissions(f"requires {permission}")
         except GatewayError as err:
             # Refused, but the key is known: its request still counts, and the answer says where it stands.
             if self.limiter is not None and err.status in (401, 403):

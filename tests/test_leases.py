@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import constants as C
+from gateway._breaker import Breaker
+from gateway.app import redis_client
 from gateway.errors import AuthUnavailable
 from gateway.leases import Lease, max_lease
 from gateway.metrics import Metrics
 from gateway.ratelimit import Limit, RateLimiter
-from tests.conftest import Services, World, nginx_headers, start_gateway
+from tests._faultproxy import FaultProxy
+from tests.conftest import Services, World, make_config, nginx_headers, start_gateway
 
 
 def test_a_cold_limit_takes_one_token_and_a_hot_one_grows() -> None:
@@ -173,3 +177,31 @@ async def test_with_redis_down_leases_give_way_to_each_limits_fallback(services:
         await client.aclose()
     # The lease's tokens (charged in Redis already), then the in-process GCRA with a fresh budget.
     assert 100 <= allowed.count(True) <= 100 + local.lease_cap and not any(allowed[-40:])
+
+
+async def test_nobody_waits_for_the_breakers_probe_of_a_hung_redis(services: Services, clean: None) -> None:
+    """Found by review: once the breaker let one call probe a hung Redis, and that call was a lease
+    refill, every request for the key waited for it (the Redis timeout) instead of taking its fallback
+    at once, as `exact: true` limits did."""
+    with FaultProxy(services.redis.port) as proxy:
+        cfg = make_config(services, redis={"url": f"redis://127.0.0.1:{proxy.port}", "timeout_ms": 300})
+        client = redis_client(cfg)
+        limiter = RateLimiter(client, Metrics(), Breaker("redis", cooldown_s=0.1))
+        limit = Limit("key", 100_000, 1000, 10_000)
+        try:
+            await limiter.check([(limit, "k")])  # a lease of one, spent
+            proxy.hang()
+            await limiter.check([(limit, "k")])  # times out: the breaker opens
+            await asyncio.sleep(0.15)  # past its cooldown: the next call is its probe
+
+            async def timed() -> float:
+                started = time.monotonic()
+                (d,) = await limiter.check([(limit, "k")])
+                assert d.allowed  # the `local` fallback
+                return time.monotonic() - started
+
+            waits = sorted(await asyncio.gather(*(timed() for _ in range(10))))
+        finally:
+            proxy.pass_()
+            await client.aclose()
+    assert waits[-1] >= 0.25 and waits[-2] < 0.1, waits  # the probe waits its timeout, nobody else

@@ -3,9 +3,11 @@ web page are charged alike (the key's limit and its org's) and count failures al
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.app import create_app
+from tests._faultproxy import FaultProxy
 from tests.conftest import ROOT, Services, World, make_config, nginx_headers
 
 Client = Any
@@ -89,3 +91,51 @@ async def test_a_management_call_sees_its_own_writes(client: Client, world: Worl
         org = (await r.json())["id"]
         r = await client.get(f"/v1/orgs/{org}/members", headers=auth)
         assert r.status == 200, await r.text()
+
+
+async def test_a_refused_management_call_reads_nothing_from_postgres(
+    aiohttp_client: Any, services: Services, world: World
+) -> None:
+    """Found by review: the re-read from Postgres came before the rate-limit charge, so a key over its
+    limit cost a Postgres query per call. A refusal now comes from the cache: with Postgres unreachable
+    it is still a 429, not a 503."""
+    with FaultProxy(services.pg.port) as pg:
+        url = f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+        c = await aiohttp_client(create_app(make_config(services, database={"url": url, "timeout_ms": 300})))
+        limited = await world.key(name="limited", rate_limit="2/1h")
+        auth = {"Authorization": f"Bearer {limited['key']}"}
+        for _ in range(2):
+            assert (await c.get("/v1/me", headers=auth)).status == 200
+        pg.refuse()
+        r = await c.get("/v1/me", headers=auth)
+        assert r.status == 429, await r.text()
+        pg.pass_()
+
+
+async def test_a_refusal_by_a_limit_is_shown_in_the_orgs_audit(client: Client, world: World) -> None:
+    """Found by review: a 429 of a key acting in an org lost the org in its auth.failed row."""
+    k = await world.key(orgs=[world.org_a], rate_limit="1/1h")
+    h = nginx_headers(k["key"], f"/v1/orgs/{world.org_a}/things")
+    assert (await client.get("/auth/nginx", headers=h)).status == 200
+    assert (await client.get("/auth/nginx", headers=h)).status == 429
+    rows: list[Any] = []
+    for _ in range(50):
+        rows = await world.admin.pool.fetch(
+            "SELECT org_id, detail->>'code' AS code FROM audit_events WHERE type = 'auth.failed' AND key_id = $1",
+            k["id"],
+        )
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    assert [(r["org_id"], r["code"]) for r in rows] == [(world.org_a, "rate_limited")]
+
+
+async def test_a_permission_refused_by_keys_verify_spends_the_keys_limit(client: Client, world: World) -> None:
+    """Found by review: `/v1/keys/verify` checked its `permission` after the Verifier, so a refusal there
+    spent nothing, while the same refusal through a proxy spends a request of the key's limit."""
+    k = await world.key(role="viewer", orgs=[world.org_a], rate_limit="2/1h")
+    body = {"key": k["key"], "org": world.org_a, "permission": "calls:write"}
+    codes = [(await (await client.post("/v1/keys/verify", json=body)).json())["code"] for _ in range(2)]
+    assert codes == ["INSUFFICIENT_PERMISSIONS"] * 2
+    del body["permission"]  # the two refusals spent the key's budget of two
+    assert (await (await client.post("/v1/keys/verify", json=body)).json())["code"] == "RATE_LIMITED"

@@ -85,7 +85,7 @@ def granted(patterns: tuple[str, ...], permission: str) -> bool:
 # --- identity ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a setattr per field
 class Identity:
     key_id: str
     user_id: str
@@ -259,7 +259,8 @@ class KeyResolver:
         self.pending_invalidations: set[str] = set()
         self.last_used: dict[str, float] = {}
 
-    async def resolve(self, key: ParsedKey, address: str | None = None) -> KeyRecord:
+    async def resolve(self, key: ParsedKey, client: IP | None = None) -> KeyRecord:
+        """The key's record. `client` is who asks (for the brute-force budgets of a lookup)."""
         d = digest(self.pepper, key.raw)
         negative = self.local.get_negative(d)
         if negative is not None:
@@ -274,6 +275,7 @@ class KeyResolver:
             self._revalidate(key, d, entry)
             record = entry.record
         else:
+            address = str(client) if client is not None else None  # only a miss needs it as text
             record = await self._single_flight(key, d, lambda: self._load(key, d, entry, address))
         self.last_used[record.id] = time.time()
         return record

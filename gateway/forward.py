@@ -261,7 +261,7 @@ def client_address(peer: str | None, h: Headers, trusted: Networks) -> IP | None
     return addr
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a setattr per field
 class Outcome:
     identity: Identity | None  # None: anonymous on a public route
     decision: RouteDecision

@@ -58,7 +58,7 @@ def checksum(body: str) -> str:
     return b62encode(zlib.crc32(body.encode("ascii")), CHECKSUM_LEN)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a setattr per field
 class ParsedKey:
     raw: str
     prefix: str

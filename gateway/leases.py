@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import OrderedDict
 
 from gateway import constants as C
 
@@ -80,20 +79,21 @@ def max_lease(burst: int, exact: bool) -> int:
 
 
 class Leases:
-    """Every lease of this process, least recently used dropped first past `max_entries`."""
+    """Every lease of this process by (limit name, identity), the oldest dropped first past `max_entries`
+    (oldest by creation, not use: a busy key dropped only takes a new lease, the cost of a refusal a
+    little early at worst, and no per-request reordering)."""
 
     def __init__(self, max_entries: int = C.DEFAULT_LOCAL_MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self._leases: OrderedDict[str, Lease] = OrderedDict()
+        self._leases: dict[tuple[str, str], Lease] = {}
 
-    def get(self, key: str) -> Lease:
+    def get(self, name: str, ident: str) -> Lease:
+        key = (name, ident)
         lease = self._leases.get(key)
         if lease is None:
             lease = self._leases[key] = Lease()
             if len(self._leases) > self.max_entries:
-                self._leases.popitem(last=False)
-        else:
-            self._leases.move_to_end(key)
+                del self._leases[next(iter(self._leases))]
         return lease
 
     def __len__(self) -> int:

@@ -36,7 +36,7 @@ Headers = CIMultiDictProxy[str]
 Auth = Literal["public", "required", "deny"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a setattr per field
 class OriginalRequest:
     """The client's request as the proxy describes it; `path` is checked canonical before any policy sees it."""
 
@@ -46,7 +46,7 @@ class OriginalRequest:
     query: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: a frozen init costs a setattr per field
 class RouteDecision:
     auth: Auth = "required"
     permission: str | None = None

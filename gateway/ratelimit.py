@@ -104,7 +104,7 @@ class Limit:
         return self.interval_us * self.burst
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made on every request, and a frozen init costs a setattr per field
 class Decision:
     limit: Limit
     allowed: bool
@@ -220,7 +220,7 @@ class RateLimiter:
             return await self._exact([(limit, ident, 1, True) for limit, ident in charges])
         now = time.monotonic()
         decisions: list[Decision | None] = [
-            _spend(self.leases.get(f"{limit.name}:{ident}"), limit, now) if limit.lease_cap > 1 else None
+            _spend(self.leases.get(limit.name, ident), limit, now) if limit.lease_cap > 1 else None
             for limit, ident in charges
         ]
         missing = [i for i, d in enumerate(decisions) if d is None]
@@ -248,7 +248,7 @@ class RateLimiter:
     async def _refill(self, limit: Limit, ident: str) -> Decision:
         """A token from a new lease. One refill per (limit, identity) at a time: concurrent requests wait
         for it and spend from it, so a burst of requests takes one lease, not one each."""
-        lease = self.leases.get(f"{limit.name}:{ident}")
+        lease = self.leases.get(limit.name, ident)
         while True:
             if lease.refill is not None:
                 if not self.breaker.available:

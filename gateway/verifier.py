@@ -74,12 +74,11 @@ class Verifier:
     async def authenticate(self, key: ParsedKey, address: IP | None) -> KeyRecord:
         """The key's record; its state is not judged yet. A failed verification counts against
         `address`'s failure budget (the client's, or for `/v1/keys/verify` the calling service's)."""
-        where = str(address) if address is not None else None
         try:
-            return await self.resolver.resolve(key, where)
+            return await self.resolver.resolve(key, address)
         except InvalidApiKey as err:
             if self.guard is not None:
-                err.headers.update((await self.guard.failed(where)).headers(retry=False))
+                err.headers.update((await self.guard.failed(_text(address))).headers(retry=False))
             raise
 
     async def authorize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import json
 import logging
 import re
 import time
@@ -335,6 +336,19 @@ def identity_headers(outcome: Outcome) -> dict[str, str]:
     }
 
 
+JSON = "application/json"
+
+
+@functools.lru_cache(maxsize=1024)
+def _error_body(code: str, message: str, field: str | None) -> str:
+    """The JSON body of a denial: the same few for every junk key, so made once each (a bounded memo)."""
+    # A message may quote the caller's input (a field name, an id): nothing key-shaped is echoed back.
+    body: dict[str, str] = {"code": code, "message": redact(message)}
+    if field is not None:
+        body["field"] = redact(field)
+    return json.dumps({"error": body})
+
+
 def error_response(err: GatewayError, *, to_proxy: bool = False) -> web.Response:
     """The contract's JSON denial. To a proxy a 400 is a 401: nginx's auth_request and Traefik only
     deny on 401/403, and would turn a 400 into a 500 or pass it through as if it were the upstream's."""
@@ -342,11 +356,9 @@ def error_response(err: GatewayError, *, to_proxy: bool = False) -> web.Response
     headers = {**err.headers, "X-Auth-Error": err.code, "Cache-Control": "no-store"}
     if status == 401:
         headers["WWW-Authenticate"] = f'Bearer error="{err.code}"'
-    # A message may quote the caller's input (a field name, an id): nothing key-shaped is echoed back.
-    body: dict[str, str] = {"code": err.code, "message": redact(err.message)}
-    if err.field is not None:
-        body["field"] = redact(err.field)
-    response = web.json_response({"error": body}, status=status, headers=headers)
+    response = web.Response(
+        text=_error_body(err.code, err.message, err.field), status=status, headers=headers, content_type=JSON
+    )
     if headers.get("Connection") == "close":
         response.force_close()
     return response

@@ -134,11 +134,14 @@ class VerifierBusy(Exception):
 
 
 def _yield_to_the_event_loop() -> None:
-    """Run this argon2 thread at the lowest CPU priority (Linux: a thread's own nice value). argon2
-    releases the GIL and would otherwise take its share of the core from the event loop, so a flood of
-    uncached keys slowed every cached answer (hot p99 x9 in `make bench`); now it uses what is left."""
+    """Run this argon2 thread only when the event loop does not want the CPU (Linux: SCHED_IDLE for this
+    thread alone, else its lowest nice value). argon2 releases the GIL and would otherwise take its
+    share of the core from the event loop, so a flood of uncached keys slowed every cached answer (hot
+    p99 x9 in `make bench`); now it uses what is left, and a waking event loop preempts it at once."""
+    tid = threading.get_native_id()
     with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed: run as is
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), C.ARGON2_NICE)
+        os.setpriority(os.PRIO_PROCESS, tid, C.ARGON2_NICE)
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
 
 
 class SecretHasher:

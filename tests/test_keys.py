@@ -136,7 +136,8 @@ async def test_verifications_beyond_threads_and_queue_are_refused_at_once() -> N
 
 async def test_argon2_threads_run_at_the_lowest_cpu_priority() -> None:
     """A flood of uncached keys must not take the core from the event loop that answers cached ones:
-    the hashing threads run at nice 19, the loop's thread as it was."""
+    the hashing threads run only when the loop does not want the CPU (SCHED_IDLE, nice 19), the loop's
+    thread as it was."""
     hasher = SecretHasher(Argon2Config(memory_kib=1024, time_cost=1), 2)
     try:
         await hasher.hash("x")  # starts a thread
@@ -145,7 +146,12 @@ async def test_argon2_threads_run_at_the_lowest_cpu_priority() -> None:
         def own_nice() -> int:
             return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
+        def own_policy() -> int:
+            return os.sched_getscheduler(threading.get_native_id())
+
         assert await loop.run_in_executor(hasher._pool, own_nice) == 19
+        assert await loop.run_in_executor(hasher._pool, own_policy) == os.SCHED_IDLE
         assert own_nice() == os.getpriority(os.PRIO_PROCESS, 0) < 19
+        assert own_policy() == os.SCHED_OTHER
     finally:
         hasher.close()

@@ -146,14 +146,13 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         cfg.cache.redis_ttl_s,
         cfg.cache.stale_if_error_s,
         metrics,
-        guard,
     )
     app[RESOLVER] = resolver
     app[ADMIN] = Admin(app[STORE].pool, app[KEY_FORMAT], app[HASHER], cfg.roles)
     app[INVITATIONS] = Invitations(app[ADMIN])
     app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
     app[VERIFIER] = Verifier(
-        app[KEY_FORMAT], resolver, app[PROJECTS], app[STORE], limiter, app[LIMITS], cfg.roles, metrics
+        app[KEY_FORMAT], resolver, app[PROJECTS], app[STORE], limiter, app[LIMITS], cfg.roles, metrics, guard
     )
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
 

@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from gateway import constants as C
 from gateway._breaker import BreakerOpen
@@ -30,7 +30,6 @@ from gateway.errors import (
 from gateway.keys import ParsedKey, SecretHasher, VerifierBusy, digest
 from gateway.metrics import Metrics
 from gateway.policy import RouteDecision
-from gateway.ratelimit import BruteForceGuard
 from gateway.store import Store, StoreUnavailable
 
 log = logging.getLogger("gateway.authz")
@@ -221,6 +220,16 @@ async def check_project(identity: Identity, projects: ProjectDirectory) -> None:
 # --- key resolution ----------------------------------------------------------------------------
 
 
+class Checkpoints(Protocol):
+    """Where a load asks before its costly steps (see `gateway.verifier.Verifier`); each may raise."""
+
+    async def before_lookup(self, address: str | None) -> None: ...
+
+    async def before_argon2(self, key_id: str, address: str | None) -> None: ...
+
+    async def verified(self, key_id: str, address: str | None) -> None: ...
+
+
 class KeyResolver:
     """Finds a key's record: in-process cache, then Redis, then Postgres plus argon2.
 
@@ -229,6 +238,10 @@ class KeyResolver:
     key revalidates it (stale-while-revalidate), within the same bound as stale-if-error: no answer
     waits on a backend for a key this process already holds. Revocations still apply at once: they
     arrive by NOTIFY, drop the entry and detach loads under way; expiry is checked on every request.
+
+    What the brute-force budgets allow is not decided here: the resolver only calls its `checkpoints`
+    (the Verifier) at the two costly moments of a load, before a Postgres lookup of a key nothing is
+    known of, and before an argon2 run, and tells them of a verified secret.
     """
 
     def __init__(
@@ -241,7 +254,7 @@ class KeyResolver:
         redis_ttl_s: float,
         stale_if_error_s: float,
         metrics: Metrics,
-        guard: BruteForceGuard | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         self.pepper = pepper
         self.hasher = hasher
@@ -251,7 +264,7 @@ class KeyResolver:
         self.redis_ttl_s = redis_ttl_s
         self.stale_if_error_s = stale_if_error_s
         self.metrics = metrics
-        self.guard = guard
+        self.checkpoints = checkpoints
         # Loads under way, by digest, with their key id: an invalidation detaches them, so a request
         # that arrives after it never joins a load that read the key before it.
         self._inflight: dict[str, tuple[str, asyncio.Future[KeyRecord]]] = {}
@@ -356,8 +369,8 @@ class KeyResolver:
         self.metrics.child(self.metrics.cache, "miss").inc()
         # Taken before the read: a record counts as read no later than this (see LocalCache.trusts).
         read_at = time.time()
-        if self.guard is not None and local_entry is None and redis_entry is None:
-            await self.guard.before_lookup(address)  # nothing known of this key: the costly path
+        if self.checkpoints is not None and local_entry is None and redis_entry is None:
+            await self.checkpoints.before_lookup(address)  # nothing known of this key: the costly path
         try:
             loaded = await self.store.load_key(key.key_id)
         except StoreUnavailable:  # a failed call is counted by the store's breaker; a skipped one is not a failure
@@ -385,15 +398,15 @@ class KeyResolver:
         """Verify the secret, within the brute-force budgets and the hasher's bound."""
         if self.hasher.saturated:
             self._busy()  # before any budget is charged for a run that cannot start
-        if self.guard is not None:
-            await self.guard.before_argon2(key.key_id, address)
+        if self.checkpoints is not None:
+            await self.checkpoints.before_argon2(key.key_id, address)
         try:
             verified = await self.hasher.verify(secret_hash, key.secret)
         except VerifierBusy:
             self._busy()
         self.metrics.argon2.inc()
-        if verified and self.guard is not None:
-            await self.guard.verified(key.key_id, address)
+        if verified and self.checkpoints is not None:
+            await self.checkpoints.verified(key.key_id, address)
         return verified
 
     def _busy(self) -> NoReturn:

@@ -2,9 +2,10 @@
 `POST /v1/keys/verify`, the `/v1/` API and the web page (sign-in and every session call).
 
 - `authenticate(raw, address)`: the key's record, through the cache tiers (in-process, Redis, Postgres
-  plus argon2). A failed verification is charged to the address's failure budget here, whichever entry
-  point it came through; the budgets checked before a Postgres lookup and before an argon2 run are the
-  same `BruteForceGuard`, called by the resolver at those moments.
+  plus argon2). All brute-force accounting is here: a failed verification is charged to the address's
+  failure budget, whichever entry point it came through, and the budgets checked before a Postgres
+  lookup and before an argon2 run are this object's `before_lookup` and `before_argon2`, which the
+  resolver calls at those moments of a load (it decides nothing about budgets itself).
 - `authorize(record, decision, client)`: the key's state (revoked, expired, allowlist) and what the route
   requires, as an `Identity`. A known key refused here still spends a request of its own limit, and the
   refusal says where it stands.
@@ -50,9 +51,12 @@ class Verifier:
         limits: Limits,
         roles: RolesConfig,
         metrics: Metrics,
+        guard: BruteForceGuard | None,
     ) -> None:
         self.fmt = fmt
+        self.guard = guard
         self.resolver = resolver
+        resolver.checkpoints = self  # its loads ask this object before a lookup and before an argon2 run
         self.projects = projects
         self.store = store
         self.limiter = limiter
@@ -60,9 +64,19 @@ class Verifier:
         self.roles = roles
         self.metrics = metrics
 
-    @property
-    def guard(self) -> BruteForceGuard | None:
-        return self.resolver.guard
+    # --- the resolver's checkpoints (see authz.Checkpoints) --------------------------------------
+
+    async def before_lookup(self, address: str | None) -> None:
+        if self.guard is not None:
+            await self.guard.before_lookup(address)
+
+    async def before_argon2(self, key_id: str, address: str | None) -> None:
+        if self.guard is not None:
+            await self.guard.before_argon2(key_id, address)
+
+    async def verified(self, key_id: str, address: str | None) -> None:
+        if self.guard is not None:
+            await self.guard.verified(key_id, address)
 
     def parse(self, raw: str) -> ParsedKey:
         """The key's parts; a bad shape or checksum is refused with no I/O at all (not even a counter)."""

@@ -277,14 +277,14 @@ class KeyResolver:
         d = digest(self.pepper, key.raw)
         negative = self.local.get_negative(d)
         if negative is not None:
-            self.metrics.child(self.metrics.cache, "local_negative").inc()
+            self.metrics.cache.inc("local_negative")
             raise InvalidApiKey(unknown_key=negative == C.NEGATIVE_UNKNOWN_KEY)
         entry = self.local.get(d)
         if entry is not None and self.local.fresh(entry):
-            self.metrics.child(self.metrics.cache, "local").inc()
+            self.metrics.cache.inc("local")
             record = entry.record
         elif entry is not None and self._within_stale_limit(entry):
-            self.metrics.child(self.metrics.cache, "local_stale").inc()
+            self.metrics.cache.inc("local_stale")
             self._revalidate(key, d, entry)
             record = entry.record
         else:
@@ -349,7 +349,7 @@ class KeyResolver:
             self._redis_failed(exc)
             return None, None
         if found.negative is not None:
-            self.metrics.child(self.metrics.cache, "redis_negative").inc()
+            self.metrics.cache.inc("redis_negative")
             self.local.put_negative(d, found.negative, epoch)
             raise InvalidApiKey(unknown_key=found.negative == C.NEGATIVE_UNKNOWN_KEY)
         return found.entry, found.generation
@@ -363,10 +363,10 @@ class KeyResolver:
             and self.local.listening
             and self.local.trusts(redis_entry)
         ):
-            self.metrics.child(self.metrics.cache, "redis").inc()
+            self.metrics.cache.inc("redis")
             self.local.put(d, redis_entry, epoch)
             return redis_entry.record
-        self.metrics.child(self.metrics.cache, "miss").inc()
+        self.metrics.cache.inc("miss")
         # Taken before the read: a record counts as read no later than this (see LocalCache.trusts).
         read_at = time.time()
         if self.checkpoints is not None and local_entry is None and redis_entry is None:
@@ -427,7 +427,7 @@ class KeyResolver:
         usable = [e for e in (local_entry, redis_entry) if e is not None and time.time() - e.loaded_at < limit]
         if not usable:
             raise AuthUnavailable("the key store is unreachable")
-        self.metrics.child(self.metrics.cache, "stale").inc()
+        self.metrics.cache.inc("stale")
         if local_entry is not None:
             # Served stale: ask the store again only after the breaker's cooldown.
             local_entry.revalidate_after = time.monotonic() + C.BREAKER_COOLDOWN_S

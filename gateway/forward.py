@@ -391,8 +391,8 @@ def forward_handler(proxy: str) -> Callable[[web.Request], object]:
                 status=200, headers={**identity_headers(outcome), **rl, "Cache-Control": "no-store"}
             )
         metrics = app[METRICS]
-        metrics.child(metrics.decisions, endpoint, code).inc()
-        metrics.child(metrics.latency, endpoint).observe(time.perf_counter() - started)
+        metrics.decisions.inc(endpoint, code)
+        metrics.latency.observe(endpoint, time.perf_counter() - started)
         return response
 
     return handle

@@ -336,7 +336,7 @@ def enforce(decisions: Sequence[Decision], metrics: Metrics) -> Decision | None:
     if not decisions:
         return None
     for d in decisions:
-        metrics.child(metrics.ratelimit, d.limit.name, "allowed" if d.allowed else "refused").inc()
+        metrics.ratelimit.inc(d.limit.name, "allowed" if d.allowed else "refused")
     worst = Decision.strictest(decisions)
     if not worst.allowed:
         raise RateLimited(f"too many requests ({worst.limit.name} limit)", headers=worst.headers())
@@ -412,7 +412,7 @@ class BruteForceGuard:
             return
         await self.failed(address)  # a refused guess counts against its address like a wrong one
         for d in (by_key, by_pair):
-            self.metrics.ratelimit.labels(d.limit.name, "refused").inc()
+            self.metrics.ratelimit.inc(d.limit.name, "refused")
         soonest = min((by_key, by_pair), key=lambda d: d.retry_after_s)  # either budget lets the next run in
         raise RateLimited(f"too many requests ({soonest.limit.name} limit)", headers=soonest.headers())
 

@@ -194,9 +194,9 @@ def refuse_tricks(h: Headers) -> None:
         if name in h:
             raise InvalidRequest(f"{name} is not accepted")
     for name in h:
-        folded = name.lower().replace("_", "-").replace(".", "-")
-        # Some upstream stacks (CGI, WSGI, PHP) read `X_Org` as `X-Org`: no alias gets past us.
-        if folded in ALIASED_HEADERS and folded != name.lower():
+        # Some upstream stacks (CGI, WSGI, PHP) read `X_Org` as `X-Org`: no alias gets past us. (Only a
+        # name with `_` or `.` can be an alias; the others are skipped without folding.)
+        if ("_" in name or "." in name) and name.lower().replace("_", "-").replace(".", "-") in ALIASED_HEADERS:
             raise InvalidRequest("underscore or dot aliases of credential or identity headers are not accepted")
     for value in h.getall("Connection", []):
         named = {t.strip().lower() for t in value.split(",")}
@@ -223,6 +223,8 @@ def credential(h: Headers) -> str | None:
 def refuse_query_keys(query: str, fmt: KeyFormat, names: Sequence[str]) -> None:
     """Refuse a query carrying a credential, whatever separates its parameters (`&`, `;` for some
     frameworks, or nothing we know of): any key-shaped text in it counts, decoded or not."""
+    if not query:
+        return
     decoded = unquote_plus(query, errors="replace")
     if fmt.key_marker.search(query) or fmt.key_marker.search(decoded):
         raise InvalidRequest("API keys are not accepted in the query string")

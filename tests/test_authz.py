@@ -15,7 +15,7 @@ from gateway.authz import effective_permissions, granted, pattern_matches
 from gateway.config import Argon2Config
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener
-from gateway.typedefs import LISTENER, METRICS
+from gateway.typedefs import HASHER, LISTENER, METRICS
 from tests._faultproxy import FaultProxy
 from tests.conftest import Services, World, make_config, nginx_headers, poll, until
 
@@ -165,7 +165,7 @@ async def test_a_request_after_a_revocation_never_joins_a_load_that_read_the_key
     await _until_listening(c)
     k = await _slow_key(world, 65536, 4)  # ~0.2 s of argon2 per check
     first = asyncio.ensure_future(c.get("/auth/nginx", headers=nginx_headers(k["key"])))
-    await asyncio.sleep(0.05)  # the load has read the key and is checking its secret
+    await until(lambda: c.app[HASHER].admitted > 0)  # the load has read the key and is checking its secret
     invalidations = c.app[METRICS].invalidations
     seen = invalidations._value.get()
     await world.admin.revoke_key(k["id"])
@@ -185,7 +185,7 @@ async def test_a_revocation_lost_in_a_listener_gap_is_not_undone_by_a_load_that_
     listener = await _until_listening(c)
     k = await _slow_key(world, 131072, 8)  # ~0.8 s of argon2: longer than the gap
     first = asyncio.ensure_future(c.get("/auth/nginx", headers=nginx_headers(k["key"])))
-    await asyncio.sleep(0.05)
+    await until(lambda: c.app[HASHER].admitted > 0)  # the load has read the key and is checking its secret
     await _terminate_listener(services)
     await asyncio.sleep(0.05)
     await world.admin.revoke_key(k["id"])

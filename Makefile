@@ -37,6 +37,7 @@ bench-extra: $(STAMP) system-deps
 	$(BIN)/python scripts/bench_ratelimit.py
 	$(BIN)/python scripts/bench_flood.py
 	$(BIN)/python scripts/bench_tiers.py
+	$(BIN)/python scripts/bench_handler.py
 
 clean:
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -95,6 +95,3 @@ class Leases:
             if len(self._leases) > self.max_entries:
                 del self._leases[next(iter(self._leases))]
         return lease
-
-    def __len__(self) -> int:
-        return len(self._leases)

@@ -216,6 +216,8 @@ class RateLimiter:
         """Charge one request against every (limit, identity): from this process's leases where it holds
         tokens, else in one Redis round trip. With `peek`, only say whether it would be admitted (always
         asked of Redis)."""
+        if not charges:
+            return []  # nothing to ask (and no Redis call, which could take a breaker's probe turn)
         if peek:
             return await self._exact([(limit, ident, 1, True) for limit, ident in charges])
         now = time.monotonic()

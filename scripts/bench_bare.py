@@ -15,16 +15,8 @@ import signal
 import uvloop
 from aiohttp import web
 
-IDENTITY_HEADERS = (
-    "X-Org",
-    "X-Role",
-    "X-User",
-    "X-Key-Id",
-    "X-Scopes",
-    "X-Project",
-    "X-Key-Env",
-    "X-Auth-Method",
-)
+from gateway.forward import IDENTITY_HEADERS  # the headers the gateway answers with, exactly
+
 EXAMPLE = {
     "X-Org": "org_0123456789abcdef",
     "X-Role": "admin",

@@ -24,8 +24,8 @@ from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.cache import LocalCache, RedisCache
 from gateway.config import Config
-from gateway.errors import GatewayError
-from gateway.forward import error_response, forward_handler, keys_verify
+from gateway.errors import AuthUnavailable, GatewayError
+from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth, error_response
 from gateway.health import Lifecycle, backend_checks, watch_backends
 from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher, redact
@@ -39,6 +39,7 @@ from gateway.typedefs import (
     ADMIN,
     AUDITOR,
     CONFIG,
+    FORWARD,
     HASHER,
     INVITATIONS,
     KEY_FORMAT,
@@ -155,6 +156,9 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         app[KEY_FORMAT], resolver, app[PROJECTS], app[STORE], limiter, app[LIMITS], cfg.roles, metrics, guard
     )
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
+    app[FORWARD] = ForwardAuth(
+        cfg, app[KEY_FORMAT], app[POLICY], app[VERIFIER], app[AUDITOR], metrics, app[TRUSTED], app[LIFECYCLE]
+    )
 
     async def on_keys(key_ids: list[str]) -> None:
         metrics.invalidations.inc(len(key_ids))
@@ -220,18 +224,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             # The access log shows nginx's 499 "client closed request"; the write goes nowhere.
             return web.Response(status=CLIENT_CLOSED_REQUEST)
         log.exception("unexpected error on %s %s", request.method, redact(request.path))
-        return error_response(_Unavailable())
+        return error_response(AuthUnavailable())
     except Exception:
         log.exception("unexpected error on %s %s", request.method, redact(request.path))
-        return error_response(_Unavailable())
+        return error_response(AuthUnavailable())
 
 
 CLIENT_CLOSED_REQUEST = 499
-
-
-class _Unavailable(GatewayError):
-    code = "auth_unavailable"
-    status = 503
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -282,6 +281,19 @@ async def _lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LIFECYCLE].ready = False
 
 
+def _forward(endpoint: str) -> Handler:
+    """A route to one `/auth/` endpoint (`gateway serve` answers these before routing; see `_server`)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await request.app[FORWARD].handle(request, endpoint)
+
+    return handle
+
+
+async def _keys_verify(request: web.Request) -> web.StreamResponse:
+    return await request.app[FORWARD].keys_verify(request)
+
+
 def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
     app[CONFIG] = cfg
@@ -295,12 +307,11 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
-    for proxy in ("nginx", "ingress-nginx", "traefik", "caddy", "verify"):
-        handler = forward_handler(proxy)
-        app.router.add_route("*", f"/auth/{proxy}", handler)  # type: ignore[arg-type]
+    for endpoint in ENDPOINTS:
+        app.router.add_route("*", f"/auth/{endpoint}", _forward(endpoint))
     # Envoy appends the original path to its path_prefix.
-    app.router.add_route("*", "/auth/envoy/{tail:.*}", forward_handler("envoy"))  # type: ignore[arg-type]
-    app.router.add_post("/v1/keys/verify", keys_verify)
+    app.router.add_route("*", ENVOY_PREFIX + "/{tail:.*}", _forward("envoy"))
+    app.router.add_post("/v1/keys/verify", _keys_verify)
     app.router.add_get("/v1/openapi.json", openapi_handler)
     add_ui_routes(app)
     app.add_subapp("/v1/", api_app())

@@ -84,7 +84,7 @@ def granted(patterns: tuple[str, ...], permission: str) -> bool:
 # --- identity ----------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)  # made per request: a frozen init costs a setattr per field
+@dataclass(frozen=True, slots=True)  # made once per (key, org, project) and cache fill; shared by requests
 class Identity:
     key_id: str
     user_id: str
@@ -95,6 +95,7 @@ class Identity:
     project: str | None
     expires_at: float | None
     rate_limit: str | None
+    headers: dict[str, str]  # the identity headers a proxy is answered with (forward.IDENTITY_HEADERS)
 
 
 def active_org(record: KeyRecord, requested: str | None) -> str:
@@ -155,21 +156,28 @@ def authorize(
     """Check the key's state and what the route requires. Raises the contract's errors."""
     check_state(record, client_ip, now)
     org = active_org(record, decision.org)
+    identity = record.identity(org, decision.project)
+    if identity is None:
+        identity = _identity(record, org, decision.project, roles)
+        record.remember_identity(org, decision.project, identity)
+    if decision.project is not None and not (record.all_projects or decision.project in record.project_ids):
+        raise ProjectNotAllowed("the key may not act in this project")
+    if decision.permission is not None and not granted(identity.scopes, decision.permission):
+        raise InsufficientPermissions(f"requires {decision.permission}")
+    if decision.role is not None and roles.rank(identity.role) < roles.rank(decision.role):
+        raise InsufficientPermissions(f"requires role {decision.role}")
+    return identity
+
+
+def _identity(record: KeyRecord, org: str, project: str | None, roles: RolesConfig) -> Identity:
+    """The key acting in `org` (and `project`): its effective role and permissions, and the identity
+    headers it is answered with. Depends on the record and the roles config only, so a cached record
+    keeps it (see `KeyRecord.identity`) until the key is invalidated."""
     member_role = record.memberships[org]
     if record.role not in roles.order or member_role not in roles.order:
         raise InsufficientPermissions("a role this gateway does not know grants nothing")
     role = roles.lower(record.role, member_role)
-    patterns = roles.permissions[role]
-    scopes = record.permissions(patterns)
-    if scopes is None:
-        scopes = effective_permissions(patterns, record.scopes)
-        record.remember_permissions(patterns, scopes)
-    if decision.project is not None and not (record.all_projects or decision.project in record.project_ids):
-        raise ProjectNotAllowed("the key may not act in this project")
-    if decision.permission is not None and not granted(scopes, decision.permission):
-        raise InsufficientPermissions(f"requires {decision.permission}")
-    if decision.role is not None and roles.rank(role) < roles.rank(decision.role):
-        raise InsufficientPermissions(f"requires role {decision.role}")
+    scopes = effective_permissions(roles.permissions[role], record.scopes)
     return Identity(
         key_id=record.id,
         user_id=record.user_id,
@@ -177,9 +185,19 @@ def authorize(
         role=role,
         scopes=scopes,
         env=record.env,
-        project=decision.project,
+        project=project,
         expires_at=record.expires_at,
         rate_limit=record.rate_limit,
+        headers={
+            "X-Org": org,
+            "X-Role": role,
+            "X-User": record.user_id,
+            "X-Key-Id": record.id,
+            "X-Scopes": ",".join(scopes),
+            "X-Project": project or "",
+            "X-Key-Env": record.env,
+            "X-Auth-Method": "api_key",
+        },
     )
 
 

@@ -13,13 +13,16 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import constants as C
 from gateway._breaker import Breaker, BreakerOpen, guarded
+
+if TYPE_CHECKING:
+    from gateway.authz import Identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,30 +45,30 @@ class KeyRecord:
     revoked_at: float | None
     memberships: dict[str, str] = field(hash=False)  # owner's org id -> role, read with the key
     hash_fingerprint: str = ""  # identifies the argon2 hash the digest was verified against
-    # Compiled once per cache fill, not per request: the allowlist's networks, and the effective
-    # permissions of the key under each role it has acted with (memoised by `permissions`).
+    # Compiled once per cache fill, not per request: the allowlist's networks, and the key's identity in
+    # each (org, project) it has acted in (role, permissions, ready headers; see `authz.authorize`).
     _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = field(
         init=False, compare=False, hash=False, repr=False
     )
-    _permissions: dict[tuple[str, ...], tuple[str, ...]] = field(init=False, compare=False, hash=False, repr=False)
+    _identities: dict[tuple[str, str | None], Identity] = field(init=False, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         networks = None
         if self.allowed_cidrs is not None:
             networks = tuple(ipaddress.ip_network(c, strict=False) for c in self.allowed_cidrs)
         object.__setattr__(self, "_networks", networks)
-        object.__setattr__(self, "_permissions", {})
+        object.__setattr__(self, "_identities", {})
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
         return self._networks
 
-    def permissions(self, role_patterns: tuple[str, ...]) -> tuple[str, ...] | None:
-        """The memoised effective permissions under a role's patterns (None: not computed yet)."""
-        return self._permissions.get(role_patterns)
+    def identity(self, org: str, project: str | None) -> Identity | None:
+        """The key's memoised identity in (org, project); None: not computed yet."""
+        return self._identities.get((org, project))
 
-    def remember_permissions(self, role_patterns: tuple[str, ...], effective: tuple[str, ...]) -> None:
-        if len(self._permissions) < 64:  # a handful of roles; bounded whatever the config
-            self._permissions[role_patterns] = effective
+    def remember_identity(self, org: str, project: str | None, identity: Identity) -> None:
+        if len(self._identities) < C.IDENTITIES_PER_KEY:  # bounded, whatever projects a key is asked for
+            self._identities[(org, project)] = identity
 
     def to_json(self) -> dict[str, Any]:
         return {

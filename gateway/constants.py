@@ -78,3 +78,5 @@ ARGON2_NICE: Final = 19
 DEFAULT_VERIFY_QUEUE: Final = 64
 # How long a client refused because every argon2 thread and queue slot was taken is asked to wait.
 VERIFY_BUSY_RETRY_AFTER_S: Final = 1
+GOOD_PATHS_MEMO: Final = 4096  # original paths a process remembers as canonical and key-free
+IDENTITIES_PER_KEY: Final = 64  # (org, project) pairs whose identity a cached key keeps

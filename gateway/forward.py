@@ -13,46 +13,38 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from aiohttp import web
-from aiohttp.helpers import ChainMapProxy
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import constants as C
 from gateway._body import json_object, read_raw
 from gateway._paths import canonical
-from gateway.authz import IP, Identity, acting_org
+from gateway.audit import FailureAuditor
+from gateway.authz import IP, acting_org
+from gateway.config import Config
 from gateway.errors import (
+    AuthUnavailable,
     GatewayError,
     InvalidApiKey,
     InvalidRequest,
     MissingCredentials,
     RouteNotAllowed,
 )
+from gateway.health import Lifecycle
 from gateway.keys import KeyFormat, redact
-from gateway.policy import ORG_HEADER, OriginalRequest, RouteDecision, checked_id
+from gateway.metrics import Metrics
+from gateway.policy import ORG_HEADER, OriginalRequest, Policy, RouteDecision, checked_id
 from gateway.ratelimit import Decision
-from gateway.typedefs import (
-    AUDIT_ORG,
-    AUDITOR,
-    CONFIG,
-    KEY_FORMAT,
-    KEY_ID,
-    METRICS,
-    POLICY,
-    TRUSTED,
-    VERIFIER,
-)
+from gateway.verifier import Verifier
 
 log = logging.getLogger("gateway.forward")
 
 Headers = CIMultiDictProxy[str]
-# An app, or a sub-app's view of its parents' state (request.config_dict).
-AppState = web.Application | ChainMapProxy
 
 METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
@@ -128,13 +120,13 @@ def _uri(value: str) -> tuple[str, str]:
     return path, query
 
 
-def original_nginx(request: web.Request) -> OriginalRequest:
+def original_nginx(request: web.BaseRequest) -> OriginalRequest:
     h = request.headers
     path, query = _uri(one(h, "X-Original-URI"))
     return OriginalRequest(_method(one(h, "X-Original-Method")), _host(one(h, "Host")), path, query)
 
 
-def original_ingress_nginx(request: web.Request) -> OriginalRequest:
+def original_ingress_nginx(request: web.BaseRequest) -> OriginalRequest:
     h = request.headers
     url = one(h, "X-Original-URL")
     if "#" in url:
@@ -152,7 +144,7 @@ def original_ingress_nginx(request: web.Request) -> OriginalRequest:
     return OriginalRequest(_method(one(h, "X-Original-Method")), _host(parts.netloc), path, parts.query)
 
 
-def original_traefik(request: web.Request) -> OriginalRequest:
+def original_traefik(request: web.BaseRequest) -> OriginalRequest:
     h = request.headers
     if one(h, "X-Forwarded-Proto") not in ("http", "https"):
         raise InvalidRequest("X-Forwarded-Proto must be http or https")
@@ -160,7 +152,7 @@ def original_traefik(request: web.Request) -> OriginalRequest:
     return OriginalRequest(_method(one(h, "X-Forwarded-Method")), _host(one(h, "X-Forwarded-Host")), path, query)
 
 
-def original_caddy(request: web.Request) -> OriginalRequest:
+def original_caddy(request: web.BaseRequest) -> OriginalRequest:
     h = request.headers
     path, query = _uri(one(h, "X-Forwarded-Uri"))
     return OriginalRequest(_method(one(h, "X-Forwarded-Method")), _host(one(h, "Host")), path, query)
@@ -169,7 +161,7 @@ def original_caddy(request: web.Request) -> OriginalRequest:
 ENVOY_PREFIX = "/auth/envoy"
 
 
-def original_envoy(request: web.Request) -> OriginalRequest:
+def original_envoy(request: web.BaseRequest) -> OriginalRequest:
     """Envoy's HTTP ext_authz sends the original method, `path_prefix` + the original path and query
     (undecoded: read the raw path), and the original Host."""
     raw = request.raw_path
@@ -179,7 +171,7 @@ def original_envoy(request: web.Request) -> OriginalRequest:
     return OriginalRequest(_method(request.method), _host(one(request.headers, "Host")), path, query)
 
 
-READERS: dict[str, Callable[[web.Request], OriginalRequest]] = {
+READERS: dict[str, Callable[[web.BaseRequest], OriginalRequest]] = {
     "envoy": original_envoy,
     "nginx": original_nginx,
     "ingress-nginx": original_ingress_nginx,
@@ -237,167 +229,279 @@ def refuse_query_keys(query: str, fmt: KeyFormat, names: Sequence[str]) -> None:
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
+Client = tuple[IP | None, str | None]  # the client's address, and its text (for the audit)
+_NO_CLIENT: Client = (None, None)
+
+
 @functools.lru_cache(maxsize=4096)
-def _address(text: str, trusted: Networks) -> tuple[IP | None, bool]:
-    """An address and whether it is a trusted proxy's. Pure, and asked for the same few peers on every
-    request: parsed once (a bounded memo; an unparsable text is None, untrusted)."""
+def _address(text: str, trusted: Networks) -> tuple[Client, bool]:
+    """An address (with its canonical text) and whether it is a trusted proxy's. Pure, and asked for the
+    same few peers on every request: parsed once (a bounded memo; an unparsable text is None, untrusted)."""
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
-        return None, False
-    return addr, any(addr in n for n in trusted)
+        return _NO_CLIENT, False
+    return (addr, str(addr)), any(addr in n for n in trusted)
+
+
+def client_of(peer: str | None, h: Headers, trusted: Networks) -> Client:
+    """The peer, or, when the peer is a trusted proxy, the right-most untrusted X-Forwarded-For hop."""
+    client, is_trusted = _address(peer, trusted) if peer else (_NO_CLIENT, False)
+    if not is_trusted:
+        return client
+    hops = [x.strip() for v in h.getall("X-Forwarded-For", []) for x in v.split(",")]
+    for hop in reversed(hops):
+        client, is_trusted = _address(hop, trusted)
+        if client[0] is None:
+            raise InvalidRequest("X-Forwarded-For is not a list of addresses")
+        if not is_trusted:
+            break
+    return client
 
 
 def client_address(peer: str | None, h: Headers, trusted: Networks) -> IP | None:
-    """The peer, or, when the peer is a trusted proxy, the right-most untrusted X-Forwarded-For hop."""
-    addr, is_trusted = _address(peer, trusted) if peer else (None, False)
-    if not is_trusted:
-        return addr
-    hops = [x.strip() for v in h.getall("X-Forwarded-For", []) for x in v.split(",")]
-    for hop in reversed(hops):
-        hop_addr, is_trusted = _address(hop, trusted)
-        if hop_addr is None:
-            raise InvalidRequest("X-Forwarded-For is not a list of addresses")
-        addr = hop_addr
-        if not is_trusted:
-            break
-    return addr
-
-
-@dataclass(slots=True)  # made per request: a frozen init costs a setattr per field
-class Outcome:
-    identity: Identity | None  # None: anonymous on a public route
-    decision: RouteDecision
-    ratelimit: Decision | None = None
-
-
-async def check(request: web.Request, original: OriginalRequest, client_ip: IP | None) -> Outcome:
-    """Everything a forward-auth answer depends on. Raises a GatewayError on denial."""
-    app = request.app
-    cfg = app[CONFIG]
-    fmt = app[KEY_FORMAT]
-    h = request.headers
-    refuse_tricks(h)
-    refuse_query_keys(original.query, fmt, cfg.forward_auth.query_credential_params)
-    refuse_query_keys(request.query_string, fmt, cfg.forward_auth.query_credential_params)
-    # The proxy forwards the raw target: only a path every router reads alike is authorised (see _paths).
-    canonical(original.path)
-    if fmt.key_marker.search(unquote(original.path, errors="replace")):
-        # It would sit in every access log on its way (the proxy's, the upstream's).
-        raise InvalidRequest("API keys are not accepted in the path")
-    decision = app[POLICY].decide(original, h)
-    if decision.auth == "deny":
-        raise RouteNotAllowed("no rule allows this route")
-    raw = credential(h)
-    verifier = app[VERIFIER]
-    if raw is None:
-        if decision.auth == "public":
-            return Outcome(None, decision, await verifier.charge_anonymous(client_ip))
-        raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
-    parsed = verifier.parse(raw)
-    try:
-        record = await verifier.authenticate(parsed, client_ip)
-    except InvalidApiKey as err:
-        if not err.unknown_key:
-            request[KEY_ID] = parsed.key_id  # a real key: named in the audit (a made-up id is not)
-        raise
-    request[KEY_ID] = parsed.key_id
-    try:
-        identity = await verifier.authorize(record, decision, client_ip)
-    except GatewayError:
-        org = acting_org(record, decision, cfg.roles)
-        if org is not None:
-            request[AUDIT_ORG] = org  # the org's own audit shows denials of keys that act in it
-        raise
-    request[AUDIT_ORG] = identity.org  # a refusal by a limit is shown in the org's audit too
-    return Outcome(identity, decision, await verifier.charge(identity, identity.org))
-
-
-def identity_headers(outcome: Outcome) -> dict[str, str]:
-    i = outcome.identity
-    if i is None:
-        return {
-            "X-Org": "",
-            "X-Role": "",
-            "X-User": "",
-            "X-Key-Id": "",
-            "X-Scopes": "",
-            "X-Project": outcome.decision.project or "",
-            "X-Key-Env": "",
-            "X-Auth-Method": "anonymous",
-        }
-    return {
-        "X-Org": i.org,
-        "X-Role": i.role,
-        "X-User": i.user_id,
-        "X-Key-Id": i.key_id,
-        "X-Scopes": ",".join(i.scopes),
-        "X-Project": i.project or "",
-        "X-Key-Env": i.env,
-        "X-Auth-Method": "api_key",
-    }
+    return client_of(peer, h, trusted)[0]
 
 
 JSON = "application/json"
+ENDPOINTS = ("nginx", "ingress-nginx", "traefik", "caddy", "verify")  # each at /auth/<name>; envoy below
 
 
 @functools.lru_cache(maxsize=1024)
-def _error_body(code: str, message: str, field: str | None) -> str:
+def _denial(code: str, message: str, field: str | None) -> bytes:
     """The JSON body of a denial: the same few for every junk key, so made once each (a bounded memo)."""
     # A message may quote the caller's input (a field name, an id): nothing key-shaped is echoed back.
     body: dict[str, str] = {"code": code, "message": redact(message)}
     if field is not None:
         body["field"] = redact(field)
-    return json.dumps({"error": body})
+    return json.dumps({"error": body}).encode()
 
 
 def error_response(err: GatewayError, *, to_proxy: bool = False) -> web.Response:
     """The contract's JSON denial. To a proxy a 400 is a 401: nginx's auth_request and Traefik only
     deny on 401/403, and would turn a 400 into a 500 or pass it through as if it were the upstream's."""
     status = 401 if to_proxy and err.status == 400 else err.status
-    headers = {**err.headers, "X-Auth-Error": err.code, "Cache-Control": "no-store"}
-    if status == 401:
-        headers["WWW-Authenticate"] = f'Bearer error="{err.code}"'
-    response = web.Response(
-        text=_error_body(err.code, err.message, err.field), status=status, headers=headers, content_type=JSON
-    )
-    if headers.get("Connection") == "close":
+    base = _denial_headers(err.code, status)
+    headers = {**err.headers, **base} if err.headers else base
+    response = web.Response(body=_denial(err.code, err.message, err.field), status=status, headers=headers)
+    if err.headers.get("Connection") == "close":
         response.force_close()
     return response
 
 
-def forward_handler(proxy: str) -> Callable[[web.Request], object]:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        app = request.app
-        name = app[CONFIG].forward_auth.proxy if proxy == "verify" else proxy
-        endpoint = proxy
+@functools.lru_cache(maxsize=256)
+def _denial_headers(code: str, status: int) -> dict[str, str]:
+    """A denial's own headers (a memo: never modified; `web.Response` copies what it is given)."""
+    headers = {"Content-Type": JSON, "X-Auth-Error": code, "Cache-Control": "no-store"}
+    if status == 401:
+        headers["WWW-Authenticate"] = f'Bearer error="{code}"'
+    return headers
+
+
+class _Trail:
+    """What a decision learnt before it was refused, for the audit: the key (when it exists) and the org
+    it acts in (so the org's own audit shows denials of keys that act in it)."""
+
+    __slots__ = ("key_id", "org")
+
+    def __init__(self) -> None:
+        self.key_id: str | None = None
+        self.org: str | None = None
+
+
+class ForwardAuth:
+    """The proxy endpoints (`/auth/<proxy>`) and `POST /v1/keys/verify`, bound once at start-up to what a
+    decision needs. `gateway serve` calls `handle` straight from the HTTP server for `/auth/*` (see
+    `gateway._server`); the app's routes call it too, for the test client and unusual spellings."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        fmt: KeyFormat,
+        policy: Policy,
+        verifier: Verifier,
+        auditor: FailureAuditor,
+        metrics: Metrics,
+        trusted: Networks,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self.fmt = fmt
+        self.policy = policy
+        self.verifier = verifier
+        self.auditor = auditor
+        self.metrics = metrics
+        self.trusted = trusted
+        self.lifecycle = lifecycle
+        self.query_names = cfg.forward_auth.query_credential_params
+        self.body_timeout_s = cfg.server.body_timeout_s
+        self.readers = {**READERS, "verify": READERS[cfg.forward_auth.proxy]}
+        self.paths = {f"/auth/{name}": name for name in ENDPOINTS}
+        self._good_paths: set[str] = set()  # original paths already found canonical and key-free
+
+    def endpoint(self, target: str) -> str | None:
+        """The endpoint a raw request target names exactly (`/auth/nginx?...`, `/auth/envoy/...`), or None."""
+        path = target.partition("?")[0]
+        if path.startswith(ENVOY_PREFIX + "/"):
+            return "envoy"
+        return self.paths.get(path)
+
+    async def handle(self, request: web.BaseRequest, endpoint: str) -> web.StreamResponse:
+        """One proxy's call: 200 with the identity headers, or the denial (never an exception)."""
         started = time.perf_counter()
-        client_ip: IP | None = None
+        client_ip, address = _NO_CLIENT
+        trail = _Trail()
         try:
-            client_ip = client_address(request.remote, request.headers, app[TRUSTED])
-            original = READERS[name](request)
-            outcome = await check(request, original, client_ip)
+            client_ip, address = client_of(request.remote, request.headers, self.trusted)
+            original = self.readers[endpoint](request)
+            response = await self._decide(request, original, client_ip, trail)
+            code = "ok"
         except GatewayError as err:
             code = err.code
-            # Only a caller whose secret verified learns that its key expired or was revoked:
-            # those errors are raised after verification, so nothing to hide here.
-            # Named only when the key exists (see identify): made-up ids are counted per address, not a row each.
-            address = str(client_ip) if client_ip else None
-            app[AUDITOR].record(code, request.get(KEY_ID), address, request.get(AUDIT_ORG), endpoint)
+            # Only a caller whose secret verified learns that its key expired or was revoked: those
+            # errors are raised after verification, so nothing to hide here. The key is named only when
+            # it exists: made-up ids are counted per address, not a row each.
+            self.auditor.record(code, trail.key_id, address, trail.org, endpoint)
             response = error_response(err, to_proxy=True)
-            log.info("denied %s %s key=%s from %s", endpoint, code, request.get(KEY_ID, "-"), address or "-")
-        else:
-            code = "ok"
-            rl = outcome.ratelimit.headers() if outcome.ratelimit is not None else {}
-            response = web.Response(
-                status=200, headers={**identity_headers(outcome), **rl, "Cache-Control": "no-store"}
-            )
-        metrics = app[METRICS]
-        metrics.decisions.inc(endpoint, code)
-        metrics.latency.observe(endpoint, time.perf_counter() - started)
+            log.info("denied %s %s key=%s from %s", endpoint, code, trail.key_id or "-", address or "-")
+        except Exception:  # a bug: answered like the app's error middleware, never a traceback to the proxy
+            log.exception("unexpected error on %s %s", request.method, redact(request.path))
+            code = AuthUnavailable.code
+            response = error_response(AuthUnavailable())
+        if self.lifecycle.draining:  # ask the proxy to move its keep-alive connection to another replica
+            response.force_close()
+            response.headers["Connection"] = "close"
+        self.metrics.decisions.inc(endpoint, code)
+        self.metrics.latency.observe(endpoint, time.perf_counter() - started)
         return response
 
-    return handle
+    async def _decide(
+        self, request: web.BaseRequest, original: OriginalRequest, client_ip: IP | None, trail: _Trail
+    ) -> web.Response:
+        """Everything a forward-auth answer depends on. Raises a GatewayError on denial."""
+        fmt, h = self.fmt, request.headers
+        refuse_tricks(h)
+        refuse_query_keys(original.query, fmt, self.query_names)
+        refuse_query_keys(request.query_string, fmt, self.query_names)
+        self._check_path(original.path)
+        decision = self.policy.decide(original, h)
+        if decision.auth == "deny":
+            raise RouteNotAllowed("no rule allows this route")
+        raw = credential(h)
+        verifier = self.verifier
+        if raw is None:
+            if decision.auth == "public":
+                spent = await verifier.charge_anonymous(client_ip)
+                return _answer(_anonymous_headers(decision.project), spent)
+            raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
+        parsed = verifier.parse(raw)
+        try:
+            record = await verifier.authenticate(parsed, client_ip)
+        except InvalidApiKey as err:
+            if not err.unknown_key:
+                trail.key_id = parsed.key_id  # a real key: named in the audit (a made-up id is not)
+            raise
+        trail.key_id = parsed.key_id
+        try:
+            identity = await verifier.authorize(record, decision, client_ip)
+        except GatewayError:
+            trail.org = acting_org(record, decision, verifier.roles)
+            raise
+        trail.org = identity.org  # a refusal by a limit is shown in the org's audit too
+        return _answer(identity.headers, await verifier.charge(identity, identity.org))
+
+    def _check_path(self, path: str) -> None:
+        """The proxy forwards the raw target: only a path every router reads alike is authorised (see
+        _paths), and none carrying a key. Paths found good are remembered (a bounded set)."""
+        if path in self._good_paths:
+            return
+        canonical(path)
+        if self.fmt.key_marker.search(unquote(path, errors="replace")):
+            # It would sit in every access log on its way (the proxy's, the upstream's).
+            raise InvalidRequest("API keys are not accepted in the path")
+        if len(self._good_paths) >= C.GOOD_PATHS_MEMO:
+            self._good_paths.clear()
+        self._good_paths.add(path)
+
+    async def keys_verify(self, request: web.Request) -> web.Response:
+        """`POST /v1/keys/verify`, in-process verification for services: 200 with the verdict in the body
+        (400 for a malformed body, 503 for an outage)."""
+        body = _verify_body(await read_raw(request, self.body_timeout_s))
+        decision = self._verify_route(body)
+        result: dict[str, object] = {
+            "valid": False,
+            "code": "",
+            "key_id": None,
+            "org": None,
+            "role": None,
+            "scopes": [],
+            "env": None,
+            "expires_at": None,
+            "ratelimit": None,
+        }
+        verifier = self.verifier
+        try:
+            if decision.auth == "deny":
+                raise RouteNotAllowed("no rule allows this route")
+            parsed = verifier.parse(body["key"])
+            result["key_id"] = parsed.key_id
+            # The key's own client is not known here: an allowlisted key is refused (client None). Failures
+            # count against the calling service's address, never against a budget shared by every caller.
+            caller = client_address(request.remote, request.headers, self.trusted)
+            record = await verifier.authenticate(parsed, caller)
+            identity = await verifier.authorize(record, decision, None, body.get("permission"))
+            ratelimit = await verifier.charge(identity, identity.org)
+        except GatewayError as err:
+            if err.status == 503:
+                raise
+            result["code"] = err.code.upper()
+            return web.json_response(result)
+        result.update(
+            valid=True,
+            code="VALID",
+            org=identity.org,
+            role=identity.role,
+            scopes=list(identity.scopes),
+            env=identity.env,
+            expires_at=_iso(identity.expires_at),
+            ratelimit=None
+            if ratelimit is None
+            else {"limit": ratelimit.limit.burst, "remaining": ratelimit.remaining, "reset": ratelimit.reset_s},
+        )
+        return web.json_response(result)
+
+    def _verify_route(self, body: dict[str, str]) -> RouteDecision:
+        """With `path` (and `method`), the route policy decides as it would for a proxy."""
+        org = checked_id(body["org"], "org") if "org" in body else None
+        if "path" not in body:
+            return RouteDecision(org=org)
+        path, query = _uri(body["path"])
+        original = OriginalRequest(_method(body.get("method", "GET")), "", canonical(path), query)
+        headers = CIMultiDictProxy(CIMultiDict({ORG_HEADER: org} if org else {}))
+        decision = self.policy.decide(original, headers)
+        return dataclasses.replace(decision, org=decision.org or org)
+
+
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _answer(identity: Mapping[str, str], spent: Decision | None) -> web.Response:
+    """The 200 to a proxy: the identity headers, and where the limit stands (when one was charged)."""
+    if spent is None:
+        return web.Response(headers={**identity, **_NO_STORE})
+    return web.Response(headers={**identity, **spent.headers(), **_NO_STORE})
+
+
+def _anonymous_headers(project: str | None) -> dict[str, str]:
+    return {
+        "X-Org": "",
+        "X-Role": "",
+        "X-User": "",
+        "X-Key-Id": "",
+        "X-Scopes": "",
+        "X-Project": project or "",
+        "X-Key-Env": "",
+        "X-Auth-Method": "anonymous",
+    }
 
 
 # --- POST /v1/keys/verify ----------------------------------------------------------------------
@@ -416,67 +520,6 @@ def _verify_body(raw: bytes) -> dict[str, str]:
     if "key" not in body:
         raise InvalidRequest("key is required", field="key")
     return body
-
-
-def _verify_route(app: web.Application, body: dict[str, str]) -> RouteDecision:
-    """With `path` (and `method`), the route policy decides as it would for a proxy."""
-    org = checked_id(body["org"], "org") if "org" in body else None
-    if "path" not in body:
-        return RouteDecision(org=org)
-    path, query = _uri(body["path"])
-    original = OriginalRequest(_method(body.get("method", "GET")), "", canonical(path), query)
-    headers = CIMultiDictProxy(CIMultiDict({ORG_HEADER: org} if org else {}))
-    decision = app[POLICY].decide(original, headers)
-    return dataclasses.replace(decision, org=decision.org or org)
-
-
-async def keys_verify(request: web.Request) -> web.Response:
-    """In-process verification for services: 200 with the verdict in the body (400 for a malformed
-    body, 503 for an outage)."""
-    app = request.app
-    body = _verify_body(await read_raw(request, app[CONFIG].server.body_timeout_s))
-    decision = _verify_route(app, body)
-    result: dict[str, object] = {
-        "valid": False,
-        "code": "",
-        "key_id": None,
-        "org": None,
-        "role": None,
-        "scopes": [],
-        "env": None,
-        "expires_at": None,
-        "ratelimit": None,
-    }
-    try:
-        if decision.auth == "deny":
-            raise RouteNotAllowed("no rule allows this route")
-        verifier = app[VERIFIER]
-        parsed = verifier.parse(body["key"])
-        result["key_id"] = parsed.key_id
-        # The key's own client is not known here: an allowlisted key is refused (client None). Failures
-        # count against the calling service's address, never against a budget shared by every caller.
-        caller = client_address(request.remote, request.headers, app[TRUSTED])
-        record = await verifier.authenticate(parsed, caller)
-        identity = await verifier.authorize(record, decision, None, body.get("permission"))
-        ratelimit = await verifier.charge(identity, identity.org)
-    except GatewayError as err:
-        if err.status == 503:
-            raise
-        result["code"] = err.code.upper()
-        return web.json_response(result)
-    result.update(
-        valid=True,
-        code="VALID",
-        org=identity.org,
-        role=identity.role,
-        scopes=list(identity.scopes),
-        env=identity.env,
-        expires_at=_iso(identity.expires_at),
-        ratelimit=None
-        if ratelimit is None
-        else {"limit": ratelimit.limit.burst, "remaining": ratelimit.remaining, "reset": ratelimit.reset_s},
-    )
-    return web.json_response(result)
 
 
 def _iso(ts: float | None) -> str | None:

@@ -366,23 +366,21 @@ class RoutePolicy:
 
     def decide(self, request: OriginalRequest, headers: Headers) -> RouteDecision:
         rule, path_params, host_params = self.match(request)
+        org = project = None
+        if rule.org is not None:
+            org = _resolve(rule.org, "org", headers, path_params, host_params)
+        if rule.project is not None:
+            project = _resolve(rule.project, "project", headers, path_params, host_params)
+        return RouteDecision(rule.auth, rule.permission, rule.role, org, project, rule.label)
 
-        def resolve(src: Source | None, what: str) -> str | None:
-            if src is None:
-                return None
-            if src.kind == "header":
-                return header_org(headers, src.name)
-            value = (path_params if src.kind == "path" else host_params)[src.name]
-            return checked_id(value, f"the {what} in the {src.kind}")
 
-        return RouteDecision(
-            auth=rule.auth,
-            permission=rule.permission,
-            role=rule.role,
-            org=resolve(rule.org, "org"),
-            project=resolve(rule.project, "project"),
-            rule=rule.label,
-        )
+def _resolve(
+    src: Source, what: str, headers: Headers, path_params: dict[str, str], host_params: dict[str, str]
+) -> str | None:
+    if src.kind == "header":
+        return header_org(headers, src.name)
+    value = (path_params if src.kind == "path" else host_params)[src.name]
+    return checked_id(value, f"the {what} in the {src.kind}")
 
 
 def compile_policy(data: Any, roles: RolesConfig, source: str = "") -> RoutePolicy:

@@ -12,6 +12,7 @@ from gateway.admin import Admin
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.config import Config
+from gateway.forward import ForwardAuth
 from gateway.health import Lifecycle
 from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher
@@ -44,9 +45,7 @@ LISTENER = web.AppKey("listener", InvalidationListener)
 # One breaker per store, shared by all its callers: Postgres's is the Store's own (STORE.breaker).
 REDIS_BREAKER = web.AppKey("redis_breaker", Breaker)
 
-# Per-request: the key id once the key is known, for the audit of a denial.
-KEY_ID = web.RequestKey("key_id", str)
-# Per-request: the org a known key acts in for this request, so the org's audit shows its denials.
-AUDIT_ORG = web.RequestKey("audit_org", str)
 # The one path from a credential to a decision, for every entry point.
 VERIFIER = web.AppKey("verifier", Verifier)
+# The proxy endpoints, bound to the objects a decision needs.
+FORWARD = web.AppKey("forward", ForwardAuth)

@@ -15,8 +15,7 @@ import asyncio
 import cProfile
 import pstats
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from _bench import ROOT, local_services, seed_world
 from aiohttp import web
@@ -24,7 +23,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.app import create_app
 from gateway.config import config_from_mapping
-from gateway.forward import forward_handler
+from gateway.typedefs import FORWARD
 
 RAISED = {"rate": "1000000/1s", "burst": 1000000}
 
@@ -53,7 +52,11 @@ async def measure(env: dict[str, str], calls: int, profile: bool) -> None:
     app = create_app(cfg)
     runner = web.AppRunner(app)
     await runner.setup()
-    handle = cast(Callable[[web.Request], Awaitable[web.StreamResponse]], forward_handler("nginx"))
+    forward = app[FORWARD]
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await forward.handle(request, "nginx")
+
     base = {"X-Original-URI": "/v1/things", "X-Original-Method": "GET", "X-Org-Id": world.org, "Host": "api"}
 
     def requests(raw: str) -> list[web.Request]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
 from gateway import constants as C
+from gateway._answer import header_block
 from gateway._breaker import BreakerOpen
 from gateway.cache import REDIS_UNAVAILABLE, Entry, KeyRecord, LocalCache, RedisCache
 from gateway.config import RolesConfig
@@ -95,7 +96,7 @@ class Identity:
     project: str | None
     expires_at: float | None
     rate_limit: str | None
-    headers: dict[str, str]  # the identity headers a proxy is answered with (forward.IDENTITY_HEADERS)
+    head: bytes  # the identity headers a proxy is answered with, ready to send (forward.IDENTITY_HEADERS)
 
 
 def active_org(record: KeyRecord, requested: str | None) -> str:
@@ -188,16 +189,18 @@ def _identity(record: KeyRecord, org: str, project: str | None, roles: RolesConf
         project=project,
         expires_at=record.expires_at,
         rate_limit=record.rate_limit,
-        headers={
-            "X-Org": org,
-            "X-Role": role,
-            "X-User": record.user_id,
-            "X-Key-Id": record.id,
-            "X-Scopes": ",".join(scopes),
-            "X-Project": project or "",
-            "X-Key-Env": record.env,
-            "X-Auth-Method": "api_key",
-        },
+        head=header_block(
+            [
+                ("X-Org", org),
+                ("X-Role", role),
+                ("X-User", record.user_id),
+                ("X-Key-Id", record.id),
+                ("X-Scopes", ",".join(scopes)),
+                ("X-Project", project or ""),
+                ("X-Key-Env", record.env),
+                ("X-Auth-Method", "api_key"),
+            ]
+        ),
     )
 
 

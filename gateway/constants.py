@@ -80,3 +80,4 @@ DEFAULT_VERIFY_QUEUE: Final = 64
 VERIFY_BUSY_RETRY_AFTER_S: Final = 1
 GOOD_PATHS_MEMO: Final = 4096  # original paths a process remembers as canonical and key-free
 IDENTITIES_PER_KEY: Final = 64  # (org, project) pairs whose identity a cached key keeps
+CLIENT_ADDRESS_MEMO: Final = 4096  # peer and X-Forwarded-For texts a process remembers parsed

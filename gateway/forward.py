@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
@@ -22,6 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import constants as C
+from gateway._answer import Answer, header_block
 from gateway._body import json_object, read_raw
 from gateway._paths import canonical
 from gateway.audit import FailureAuditor
@@ -233,34 +234,47 @@ Client = tuple[IP | None, str | None]  # the client's address, and its text (for
 _NO_CLIENT: Client = (None, None)
 
 
-@functools.lru_cache(maxsize=4096)
-def _address(text: str, trusted: Networks) -> tuple[Client, bool]:
-    """An address (with its canonical text) and whether it is a trusted proxy's. Pure, and asked for the
-    same few peers on every request: parsed once (a bounded memo; an unparsable text is None, untrusted)."""
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return _NO_CLIENT, False
-    return (addr, str(addr)), any(addr in n for n in trusted)
+class Clients:
+    """Who a request comes from: the peer, or, when the peer is a trusted proxy, the right-most untrusted
+    X-Forwarded-For hop. The same few peers ask on every request: each address text is parsed once (a
+    bounded memo; an unparsable text is None, untrusted)."""
 
+    def __init__(self, trusted: Networks) -> None:
+        self.trusted = trusted
+        self._memo: dict[str, tuple[Client, bool]] = {}
 
-def client_of(peer: str | None, h: Headers, trusted: Networks) -> Client:
-    """The peer, or, when the peer is a trusted proxy, the right-most untrusted X-Forwarded-For hop."""
-    client, is_trusted = _address(peer, trusted) if peer else (_NO_CLIENT, False)
-    if not is_trusted:
-        return client
-    hops = [x.strip() for v in h.getall("X-Forwarded-For", []) for x in v.split(",")]
-    for hop in reversed(hops):
-        client, is_trusted = _address(hop, trusted)
-        if client[0] is None:
-            raise InvalidRequest("X-Forwarded-For is not a list of addresses")
+    def address(self, text: str) -> tuple[Client, bool]:
+        """The address with its canonical text, and whether it is a trusted proxy's."""
+        found = self._memo.get(text)
+        if found is None:
+            try:
+                addr = ipaddress.ip_address(text)
+            except ValueError:
+                found = (_NO_CLIENT, False)
+            else:
+                found = ((addr, str(addr)), any(addr in n for n in self.trusted))
+            if len(self._memo) >= C.CLIENT_ADDRESS_MEMO:
+                self._memo.clear()
+            self._memo[text] = found
+        return found
+
+    def of(self, peer: str | None, h: Headers) -> Client:
+        client, is_trusted = self.address(peer) if peer else (_NO_CLIENT, False)
         if not is_trusted:
-            break
-    return client
+            return client
+        hops = [x.strip() for v in h.getall("X-Forwarded-For", []) for x in v.split(",")]
+        for hop in reversed(hops):
+            client, is_trusted = self.address(hop)
+            if client[0] is None:
+                raise InvalidRequest("X-Forwarded-For is not a list of addresses")
+            if not is_trusted:
+                break
+        return client
 
 
 def client_address(peer: str | None, h: Headers, trusted: Networks) -> IP | None:
-    return client_of(peer, h, trusted)[0]
+    """`Clients.of` for one request (management calls: no memo)."""
+    return Clients(trusted).of(peer, h)[0]
 
 
 JSON = "application/json"
@@ -298,6 +312,24 @@ def _denial_headers(code: str, status: int) -> dict[str, str]:
     return headers
 
 
+def denial(err: GatewayError) -> Answer:
+    """`error_response(err, to_proxy=True)` as a ready-made `Answer` (see `gateway._answer`)."""
+    status = 401 if err.status == 400 else err.status
+    head, body = _denial_block(err.code, err.message, err.field, status)
+    if not err.headers:
+        return Answer(status, head, body)
+    extra = {k: v for k, v in err.headers.items() if k.lower() != "connection"}
+    answer = Answer(status, header_block(extra.items()) + head, body)
+    if err.headers.get("Connection") == "close":
+        answer.force_close()
+    return answer
+
+
+@functools.lru_cache(maxsize=1024)
+def _denial_block(code: str, message: str, field: str | None, status: int) -> tuple[bytes, bytes]:
+    return header_block(_denial_headers(code, status).items()), _denial(code, message, field)
+
+
 class _Trail:
     """What a decision learnt before it was refused, for the audit: the key (when it exists) and the org
     it acts in (so the org's own audit shows denials of keys that act in it)."""
@@ -331,6 +363,7 @@ class ForwardAuth:
         self.auditor = auditor
         self.metrics = metrics
         self.trusted = trusted
+        self.clients = Clients(trusted)
         self.lifecycle = lifecycle
         self.query_names = cfg.forward_auth.query_credential_params
         self.body_timeout_s = cfg.server.body_timeout_s
@@ -351,7 +384,7 @@ class ForwardAuth:
         client_ip, address = _NO_CLIENT
         trail = _Trail()
         try:
-            client_ip, address = client_of(request.remote, request.headers, self.trusted)
+            client_ip, address = self.clients.of(request.remote, request.headers)
             original = self.readers[endpoint](request)
             response = await self._decide(request, original, client_ip, trail)
             code = "ok"
@@ -361,22 +394,21 @@ class ForwardAuth:
             # errors are raised after verification, so nothing to hide here. The key is named only when
             # it exists: made-up ids are counted per address, not a row each.
             self.auditor.record(code, trail.key_id, address, trail.org, endpoint)
-            response = error_response(err, to_proxy=True)
+            response = denial(err)
             log.info("denied %s %s key=%s from %s", endpoint, code, trail.key_id or "-", address or "-")
         except Exception:  # a bug: answered like the app's error middleware, never a traceback to the proxy
             log.exception("unexpected error on %s %s", request.method, redact(request.path))
             code = AuthUnavailable.code
-            response = error_response(AuthUnavailable())
+            response = denial(AuthUnavailable())
         if self.lifecycle.draining:  # ask the proxy to move its keep-alive connection to another replica
-            response.force_close()
-            response.headers["Connection"] = "close"
+            response.force_close()  # says `Connection: close` too
         self.metrics.decisions.inc(endpoint, code)
         self.metrics.latency.observe(endpoint, time.perf_counter() - started)
         return response
 
     async def _decide(
         self, request: web.BaseRequest, original: OriginalRequest, client_ip: IP | None, trail: _Trail
-    ) -> web.Response:
+    ) -> Answer:
         """Everything a forward-auth answer depends on. Raises a GatewayError on denial."""
         fmt, h = self.fmt, request.headers
         refuse_tricks(h)
@@ -391,7 +423,7 @@ class ForwardAuth:
         if raw is None:
             if decision.auth == "public":
                 spent = await verifier.charge_anonymous(client_ip)
-                return _answer(_anonymous_headers(decision.project), spent)
+                return _answer(_anonymous_head(decision.project), spent)
             raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
         parsed = verifier.parse(raw)
         try:
@@ -407,7 +439,7 @@ class ForwardAuth:
             trail.org = acting_org(record, decision, verifier.roles)
             raise
         trail.org = identity.org  # a refusal by a limit is shown in the org's audit too
-        return _answer(identity.headers, await verifier.charge(identity, identity.org))
+        return _answer(identity.head, await verifier.charge(identity, identity.org))
 
     def _check_path(self, path: str) -> None:
         """The proxy forwards the raw target: only a path every router reads alike is authorised (see
@@ -481,27 +513,35 @@ class ForwardAuth:
         return dataclasses.replace(decision, org=decision.org or org)
 
 
-_NO_STORE = {"Cache-Control": "no-store"}
+_NO_STORE = b"Cache-Control: no-store\r\n"
 
 
-def _answer(identity: Mapping[str, str], spent: Decision | None) -> web.Response:
+def _answer(identity: bytes, spent: Decision | None) -> Answer:
     """The 200 to a proxy: the identity headers, and where the limit stands (when one was charged)."""
     if spent is None:
-        return web.Response(headers={**identity, **_NO_STORE})
-    return web.Response(headers={**identity, **spent.headers(), **_NO_STORE})
+        return Answer(200, identity + _NO_STORE)
+    limits = b"RateLimit-Limit: %d\r\nRateLimit-Remaining: %d\r\nRateLimit-Reset: %d\r\n" % (
+        spent.limit.burst,
+        max(spent.remaining, 0),
+        spent.reset_s,
+    )
+    return Answer(200, identity + limits + _NO_STORE)
 
 
-def _anonymous_headers(project: str | None) -> dict[str, str]:
-    return {
-        "X-Org": "",
-        "X-Role": "",
-        "X-User": "",
-        "X-Key-Id": "",
-        "X-Scopes": "",
-        "X-Project": project or "",
-        "X-Key-Env": "",
-        "X-Auth-Method": "anonymous",
-    }
+@functools.lru_cache(maxsize=1024)
+def _anonymous_head(project: str | None) -> bytes:
+    return header_block(
+        [
+            ("X-Org", ""),
+            ("X-Role", ""),
+            ("X-User", ""),
+            ("X-Key-Id", ""),
+            ("X-Scopes", ""),
+            ("X-Project", project or ""),
+            ("X-Key-Env", ""),
+            ("X-Auth-Method", "anonymous"),
+        ]
+    )
 
 
 # --- POST /v1/keys/verify ----------------------------------------------------------------------

@@ -114,10 +114,18 @@ class Decision:
 
     @staticmethod
     def strictest(decisions: Sequence[Decision]) -> Decision:
-        denied = [d for d in decisions if not d.allowed]
-        if denied:
-            return max(denied, key=lambda d: d.retry_after_s)
-        return min(decisions, key=lambda d: (d.remaining, -d.reset_s))
+        """The refusal with the longest wait, else the admission with the fewest left (the first of equals)."""
+        worst = decisions[0]
+        for d in decisions[1:]:
+            if d.allowed != worst.allowed:
+                if not d.allowed:
+                    worst = d
+            elif not d.allowed:
+                if d.retry_after_s > worst.retry_after_s:
+                    worst = d
+            elif d.remaining < worst.remaining or (d.remaining == worst.remaining and d.reset_s > worst.reset_s):
+                worst = d
+        return worst
 
     def headers(self, *, retry: bool = True) -> dict[str, str]:
         """The RateLimit-* headers; with Retry-After when this decision refused (and `retry`)."""
@@ -221,13 +229,16 @@ class RateLimiter:
         if peek:
             return await self._exact([(limit, ident, 1, True) for limit, ident in charges])
         now = time.monotonic()
-        decisions: list[Decision | None] = [
-            _spend(self.leases.get(limit.name, ident), limit, now) if limit.lease_cap > 1 else None
-            for limit, ident in charges
-        ]
-        missing = [i for i, d in enumerate(decisions) if d is None]
-        if not missing:
+        leases = self.leases
+        decisions: list[Decision | None] = []
+        complete = True
+        for limit, ident in charges:
+            d = _spend(leases.get(limit.name, ident), limit, now) if limit.lease_cap > 1 else None
+            complete = complete and d is not None
+            decisions.append(d)
+        if complete:
             return decisions  # type: ignore[return-value]  # every one came from a lease
+        missing = [i for i, d in enumerate(decisions) if d is None]
         exact = [i for i in missing if charges[i][0].lease_cap <= 1]
         leased = [i for i in missing if charges[i][0].lease_cap > 1]
         if exact:

@@ -75,9 +75,18 @@ def test_checksum_is_six_base62_chars() -> None:
     assert len(checksum("gw_live_x")) == CHECKSUM_LEN
 
 
+def test_checksum_is_crc32_in_base62() -> None:
+    """The table-driven checksum is exactly the documented one: CRC32 as six base62 digits."""
+    bodies = ["", "gw_live_x", *(f"gw_test_{i:016d}_{'z' * (i % 43)}" for i in range(2000))]
+    for body in bodies:
+        assert checksum(body) == b62encode(zlib.crc32(body.encode()), CHECKSUM_LEN), body
+
+
 def test_digest_is_keyed_by_pepper() -> None:
     assert digest(b"a" * 32, "k") != digest(b"b" * 32, "k")
     assert "k" not in digest(b"a" * 32, "k")
+    assert digest(b"a" * 32, "k") == digest(b"a" * 32, "k") and len(digest(b"p" * 100, "k")) == 64
+    assert digest(b"a" * 32, "k1") != digest(b"a" * 32, "k2")
 
 
 def test_parsed_key_repr_hides_secret() -> None:

@@ -39,9 +39,7 @@ async def _answers(port: int, data: bytes, count: int) -> tuple[list[tuple[bytes
         out = []
         for _ in range(count):
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            length = next(
-                int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
-            )
+            length = int(_headers(head)["content-length"][0])
             body = await asyncio.wait_for(reader.readexactly(length), 10) if length and b"HEAD" not in data else b""
             out.append((head, body))
         try:

@@ -74,7 +74,7 @@ class _RequestHandler(web.RequestHandler):
         # (aiohttp feeds itself b"" when it resumes reading after a pause: that begins nothing.)
         begins = bool(data) and self._head_timer is None and self._between_requests()
         if begins:
-            self._head_start = data[:512]  # enough to tell a proxy's call, should the parser refuse it
+            self._head_start = data  # to tell a proxy's call, should the parser refuse it (no copy)
         super().data_received(data)
         if self._messages:  # a whole head arrived, or the parser refused one
             self._stop_head_timer()

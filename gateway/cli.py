@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import multiprocessing
@@ -394,6 +395,9 @@ async def _serve_async(cfg: Config, host: str, port: int, reuse_port: bool, on_b
         )
         try:
             if await _started(runner, host, port, reuse_port, stop):
+                # What start-up made (modules, config, pools) lives as long as the process: out of the
+                # collector's sight, so the full collections that per-request garbage triggers skip it.
+                gc.freeze()
                 on_bound()
                 await _serve_until_stopped(app, stop, cfg.server.drain_s)
         finally:

@@ -103,12 +103,11 @@ class Rule:
     role: str | None = None
     org: Source | None = None
     project: Source | None = None
+    label: str = field(init=False, compare=False)  # how errors and decisions name the rule
 
-    @property
-    def label(self) -> str:
-        if self.index < 0:
-            return "default"
-        return f"rules[{self.index}] ({self.name})" if self.name else f"rules[{self.index}]"
+    def __post_init__(self) -> None:
+        named = f"rules[{self.index}] ({self.name})" if self.name else f"rules[{self.index}]"
+        object.__setattr__(self, "label", "default" if self.index < 0 else named)
 
 
 def _is_param(seg: str) -> bool:

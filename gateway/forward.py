@@ -362,7 +362,6 @@ class ForwardAuth:
         self.verifier = verifier
         self.auditor = auditor
         self.metrics = metrics
-        self.trusted = trusted
         self.clients = Clients(trusted)
         self.lifecycle = lifecycle
         self.query_names = cfg.forward_auth.query_credential_params
@@ -478,7 +477,7 @@ class ForwardAuth:
             result["key_id"] = parsed.key_id
             # The key's own client is not known here: an allowlisted key is refused (client None). Failures
             # count against the calling service's address, never against a budget shared by every caller.
-            caller = client_address(request.remote, request.headers, self.trusted)
+            caller = self.clients.of(request.remote, request.headers)[0]
             record = await verifier.authenticate(parsed, caller)
             identity = await verifier.authorize(record, decision, None, body.get("permission"))
             ratelimit = await verifier.charge(identity, identity.org)

@@ -84,6 +84,9 @@ def granted(patterns: tuple[str, ...], permission: str) -> bool:
 
 # --- identity ----------------------------------------------------------------------------------
 
+# What a proxy is answered with, in this order, for every credential (empty values for anonymous calls).
+IDENTITY_HEADERS = ("X-Org", "X-Role", "X-User", "X-Key-Id", "X-Scopes", "X-Project", "X-Key-Env", "X-Auth-Method")
+
 
 @dataclass(frozen=True, slots=True)  # made once per (key, org, project) and cache fill; shared by requests
 class Identity:
@@ -96,7 +99,7 @@ class Identity:
     project: str | None
     expires_at: float | None
     rate_limit: str | None
-    head: bytes  # the identity headers a proxy is answered with, ready to send (forward.IDENTITY_HEADERS)
+    head: bytes  # the IDENTITY_HEADERS a proxy is answered with, ready to send
 
 
 def active_org(record: KeyRecord, requested: str | None) -> str:
@@ -190,16 +193,11 @@ def _identity(record: KeyRecord, org: str, project: str | None, roles: RolesConf
         expires_at=record.expires_at,
         rate_limit=record.rate_limit,
         head=header_block(
-            [
-                ("X-Org", org),
-                ("X-Role", role),
-                ("X-User", record.user_id),
-                ("X-Key-Id", record.id),
-                ("X-Scopes", ",".join(scopes)),
-                ("X-Project", project or ""),
-                ("X-Key-Env", record.env),
-                ("X-Auth-Method", "api_key"),
-            ]
+            zip(
+                IDENTITY_HEADERS,
+                (org, role, record.user_id, record.id, ",".join(scopes), project or "", record.env, "api_key"),
+                strict=True,
+            )
         ),
     )
 

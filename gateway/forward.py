@@ -26,7 +26,7 @@ from gateway._answer import Answer, header_block
 from gateway._body import json_object, read_raw
 from gateway._paths import canonical
 from gateway.audit import FailureAuditor
-from gateway.authz import IP, acting_org
+from gateway.authz import IDENTITY_HEADERS, IP, acting_org
 from gateway.config import Config
 from gateway.errors import (
     AuthUnavailable,
@@ -49,16 +49,6 @@ Headers = CIMultiDictProxy[str]
 
 METHOD_OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
-IDENTITY_HEADERS = (
-    "X-Org",
-    "X-Role",
-    "X-User",
-    "X-Key-Id",
-    "X-Scopes",
-    "X-Project",
-    "X-Key-Env",
-    "X-Auth-Method",
-)
 ALIASED_HEADERS = frozenset([*CREDENTIAL_HEADERS, *(h.lower() for h in IDENTITY_HEADERS), "x-org-id"])
 # Headers that may not be named in `Connection:` (a hop-by-hop trick to strip them before us).
 PROTECTED_HEADERS = frozenset(
@@ -529,18 +519,7 @@ def _answer(identity: bytes, spent: Decision | None) -> Answer:
 
 @functools.lru_cache(maxsize=1024)
 def _anonymous_head(project: str | None) -> bytes:
-    return header_block(
-        [
-            ("X-Org", ""),
-            ("X-Role", ""),
-            ("X-User", ""),
-            ("X-Key-Id", ""),
-            ("X-Scopes", ""),
-            ("X-Project", project or ""),
-            ("X-Key-Env", ""),
-            ("X-Auth-Method", "anonymous"),
-        ]
-    )
+    return header_block(zip(IDENTITY_HEADERS, ("", "", "", "", "", project or "", "", "anonymous"), strict=True))
 
 
 # --- POST /v1/keys/verify ----------------------------------------------------------------------

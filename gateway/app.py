@@ -108,7 +108,10 @@ def _breaker(name: str, metrics: Metrics) -> Breaker:
 
 async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    app[HASHER] = SecretHasher(cfg.keys.argon2, cfg.keys.verify_threads, cfg.keys.verify_queue)
+    threads = cfg.keys.verify_threads.per_process(cfg.server.workers)
+    app[HASHER] = SecretHasher(cfg.keys.argon2, threads, cfg.keys.verify_queue)
+    app[METRICS].argon2_threads.set(threads)
+    log.info("argon2: %d verification thread(s) in this process, %d more may wait", threads, cfg.keys.verify_queue)
     yield
     app[HASHER].close()
 

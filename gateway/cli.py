@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -424,6 +425,8 @@ def serve(cfg: Config, args: argparse.Namespace) -> None:
     workers = args.workers if args.workers is not None else cfg.server.workers
     if workers < 1 or not 0 < port < 65536:
         raise CliError("--workers must be at least 1 and --port between 1 and 65535")
+    # Each process sizes its share of the machine (argon2 threads) by the count actually started.
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, workers=WorkerCount(workers)))
     if workers == 1:
         _serve_one(cfg, host, port, False)
         return

@@ -66,8 +66,25 @@ class WorkerCount(int):
     @classmethod
     def parse(cls, value: object) -> WorkerCount:
         if value == "auto":
-            return cls(len(os.sched_getaffinity(0)) or 1)
+            return cls(cores())
         return cls(int(value))  # type: ignore[call-overload]
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, as `taskset` or a cpuset sets it)."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
+class ThreadCount(int):
+    """Threads per worker process, written as a whole number or `auto` (held as 0): the process's share
+    of the cores, `cores() // workers`, at least 1."""
+
+    @classmethod
+    def parse(cls, value: object) -> ThreadCount:
+        return cls(0) if value == "auto" else cls(int(value))  # type: ignore[call-overload]
+
+    def per_process(self, workers: int) -> int:
+        return int(self) if self else max(1, cores() // max(workers, 1))
 
 
 @dataclass(frozen=True)
@@ -113,7 +130,9 @@ class Argon2Config:
 class KeysConfig:
     prefix: str = "gw"
     argon2: Argon2Config = field(default_factory=Argon2Config)
-    verify_threads: int = 4
+    # argon2 threads per worker process. More than the process's share of the cores adds no throughput,
+    # only preemptions of the event loop (see SecretHasher): `auto` is that share.
+    verify_threads: ThreadCount = field(default_factory=lambda: ThreadCount(0))
     # Verifications that may wait for a free thread; past it a request is refused with 503 at once.
     verify_queue: int = C.DEFAULT_VERIFY_QUEUE
 
@@ -243,6 +262,11 @@ _SCALARS: dict[Any, tuple[Any, str, Any]] = {
         "a whole number or auto",
         WorkerCount.parse,
     ),
+    ThreadCount: (
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "a whole number of at least 1, or auto",
+        ThreadCount.parse,
+    ),
 }
 
 
@@ -322,7 +346,6 @@ def _validate(cfg: Config) -> None:
     check(a.memory_kib >= 8 * a.parallelism, "keys.argon2.memory_kib", "too small for the parallelism")
     check(a.time_cost >= 1, "keys.argon2.time_cost", "must be at least 1")
     check(a.parallelism >= 1, "keys.argon2.parallelism", "must be at least 1")
-    check(cfg.keys.verify_threads >= 1, "keys.verify_threads", "must be at least 1")
     check(cfg.keys.verify_queue >= 0, "keys.verify_queue", "must not be negative")
     for name in ("local_ttl_s", "redis_ttl_s", "negative_ttl_s", "stale_if_error_s"):
         check(getattr(cfg.cache, name) >= 0, f"cache.{name}", "must not be negative")

@@ -88,6 +88,9 @@ class Metrics:
         )
         self.cache = Tally("gateway_key_cache", "Key lookups by where they were answered", ["tier"], r)
         self.argon2 = Counter("gateway_argon2_verifications", "argon2id verifications run", registry=r)
+        self.argon2_threads = Gauge(
+            "gateway_argon2_threads", "argon2id verification threads in this process (keys.verify_threads)", registry=r
+        )
         self.argon2_busy = Counter(
             "gateway_argon2_busy",
             "Verifications refused (503) because every argon2 thread and queue slot was taken",

@@ -410,8 +410,11 @@ def verdict(ok: bool, text: str) -> str:
 
 
 class Bench:
-    def __init__(self, tmp: Path, env: dict[str, str], redis_url: str, world: World, seconds: int) -> None:
+    def __init__(
+        self, tmp: Path, env: dict[str, str], redis_url: str, world: World, seconds: int, only: set[str] | None
+    ) -> None:
         self.tmp = tmp
+        self.only = only  # row numbers to run (`--rows`); None: every row
         self.env = env
         self.redis_url = redis_url
         self.world = world
@@ -445,6 +448,9 @@ class Bench:
     def row(self, num: str, what: str, body: Callable[[Row], None]) -> None:
         r = Row(num, what)
         self.rows[num] = r
+        if self.only is not None and num.rstrip("ab") not in self.only:
+            r.rps = "skipped (--rows)"
+            return
         self.started.append((datetime.now(), num))  # naive local time, as the logs
         print(f"  row {num}: {what} ...", flush=True)
         try:
@@ -665,6 +671,7 @@ class Bench:
         proc, url = self.gateways.start("gw-cold", raised())
         try:
             asyncio.run(self.probe(url, self.hot))  # connections to Postgres and Redis made, not measured
+            threads = asyncio.run(metrics(url)).get("gateway_argon2_threads", 0.0)
             run, d = self.measured(
                 url, "row 7", lambda: self.wrk.run(url + "/auth/nginx", CONNS, COLD_S, self.cold_file, warm=False)
             )
@@ -672,7 +679,10 @@ class Bench:
             self.children.stop(proc)
         self.fill(r, run, self.ref("1"))
         argon2 = d.get("gateway_argon2_verifications_total", 0.0)
-        r.note = f"{argon2:.0f} argon2 runs for {run.requests} answers (keys.verify_threads: 4, all on core 0)"
+        r.note = (
+            f"{argon2:.0f} argon2 runs for {run.requests} answers ({threads:.0f} argon2 thread(s): "
+            "`keys.verify_threads: auto`, on core 0)"
+        )
 
     def revocation_row(self, r: Row) -> None:
         a, url_a = self.gateways.start("gw-a", raised())
@@ -861,8 +871,9 @@ of that org. "Key/org limits raised": `rate_limits.key` and `.org` set to `rate:
    and wrk's Lua script sending {REVOCATIONS} keys in turn, so the one entry kept is never the next key
    asked for (and concurrent requests rarely share a key, whose lookups would be coalesced).
 7. Cold misses: keys never seen by this process nor cached in Redis (flushed before), each request a
-   new key: a Redis miss, a Postgres read and an argon2id verification (m=19456 KiB, t=2) on one of
-   `keys.verify_threads` (4) threads, all on core 0. {COLD_S} s at -c{CONNS}: the p99 is mostly the
+   new key: a Redis miss, a Postgres read and an argon2id verification (m=19456 KiB, t=2) on the
+   process's argon2 threads (`keys.verify_threads: auto`: one per core the process may use, so one
+   here), on core 0. {COLD_S} s at -c{CONNS}: the p99 is mostly the
    queue (Little's law: {CONNS} requests in flight over the verification rate).
 8. 8a: row 2's process at -c{FEW_CONNS}. 8b: the same, measured while a second wrk (also on core 1)
    floods the process with cold misses at -c{FLOOD_CONNS}, started 1 s before and ending 1 s after.
@@ -885,7 +896,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run")
     ap.add_argument("--no-doc", action="store_true", help="print the table only; leave docs/benchmarks.md")
+    ap.add_argument("--rows", help="run only these rows, e.g. 1,2,5 (implies --no-doc); row 1 is the ceiling")
     a = ap.parse_args()
+    only = {n.strip() for n in a.rows.split(",")} if a.rows else None
     if os.cpu_count() is None or (os.cpu_count() or 0) < 2 or shutil.which("wrk") is None:
         sys.exit("make bench needs 2 cores and wrk (scripts/system-deps.sh installs it)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleans up like Ctrl-C
@@ -898,14 +911,14 @@ def main() -> None:
             n = 2 + REVOCATIONS + COLD_POOL
             world = asyncio.run(seed_world(env, n, concurrency=2, config=shipped_cfg))
             print(f"created {n} keys in {time.perf_counter() - t:.1f} s", flush=True)
-        bench = Bench(tmp, env, rd.url, world, a.duration)
+        bench = Bench(tmp, env, rd.url, world, a.duration, only)
         try:
             bench.all_rows()
         finally:
             bench.children.stop_all()
         bench.gateway_problems()
         text = report(bench, host, started, time.monotonic() - t0, (load0, os.getloadavg()[0]))
-    if not a.no_doc:
+    if not a.no_doc and only is None:
         DOC.write_text(text)
     print()
     print(text)

@@ -395,6 +395,17 @@ async def test_workers_auto_starts_one_per_core(services: Services, clean: None,
     try:
         await _logged(gw, "gateway serving on", cores)
         assert len(_workers(gw.proc.pid)) == (cores if cores > 1 else 0)  # one core: served in-process
+        # argon2 threads: each process takes its share of the cores (`keys.verify_threads: auto`).
+        await _logged(gw, "argon2: 1 verification thread(s) in this process", cores)
+    finally:
+        gw.stop()
+
+
+async def test_one_worker_takes_every_core_for_argon2(services: Services, clean: None, tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    gw = await start_gateway(services, tmp_path, "wone", "--workers", "1")
+    try:
+        await _logged(gw, f"argon2: {cores} verification thread(s) in this process", 1)
     finally:
         gw.stop()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Secret, config_from_mapping, load_config, redact_url
+from gateway.config import Secret, ThreadCount, config_from_mapping, load_config, redact_url
 from gateway.errors import ConfigError
 
 BASE = {"database": {"url": "postgresql://u:pw@db/x"}, "redis": {"url": "redis://r:6379/0"}, "pepper": "p" * 32}
@@ -120,6 +120,7 @@ def test_shipped_config_is_valid() -> None:
     cfg = load_config(str(root / "config/gateway.yaml"), env={"GATEWAY_PEPPER": "x" * 32})
     assert cfg.keys.argon2.memory_kib == 19456
     assert cfg.server.workers == len(os.sched_getaffinity(0))  # shipped: `workers: auto`, one per core
+    assert cfg.keys.verify_threads.per_process(cfg.server.workers) == 1  # shipped: auto, one per worker
 
 
 @pytest.mark.parametrize(("value", "ok"), [("auto", True), (3, True), ("3", False), ("many", False), (True, False)])
@@ -132,6 +133,29 @@ def test_workers_is_a_number_or_auto(value: object, ok: bool) -> None:
     else:
         with pytest.raises(ConfigError, match=r"server\.workers: expected a whole number or auto"):
             config_from_mapping(data, env={})
+
+
+@pytest.mark.parametrize(("value", "ok"), [("auto", True), (3, True), (0, False), ("2", False), (True, False)])
+def test_verify_threads_is_a_number_or_auto(value: object, ok: bool) -> None:
+    data = _with(keys__verify_threads=value)
+    if not ok:
+        with pytest.raises(ConfigError, match=r"keys\.verify_threads: expected a whole number of at least 1, or auto"):
+            config_from_mapping(data, env={})
+        return
+    threads = config_from_mapping(data, env={}).keys.verify_threads
+    cores = len(os.sched_getaffinity(0))
+    for workers in (1, 2, 3, 64):
+        # auto: the process's share of its cores, at least one (more only preempts the event loop).
+        assert threads.per_process(workers) == (max(1, cores // workers) if value == "auto" else value)
+
+
+def test_auto_threads_follow_the_cores_a_process_may_use() -> None:
+    """`taskset -c 0 gateway serve`: one core, so one argon2 thread, whatever the machine has."""
+    code = "import os; from gateway.config import ThreadCount as T; os.sched_setaffinity(0, {0}); "
+    code += "print(T(0).per_process(1))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
+    assert ThreadCount.parse("auto").per_process(1) == len(os.sched_getaffinity(0))
 
 
 def test_bad_config_fails_at_start_with_a_clear_message(tmp_path: Path) -> None:

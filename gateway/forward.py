@@ -79,11 +79,15 @@ Proxy = Literal["nginx", "ingress-nginx", "traefik", "caddy", "verify"]
 
 
 def one(headers: Headers, name: str) -> str:
-    """The single value of a header the proxy must set: missing or repeated is invalid_request."""
+    """The single value of a header the proxy must set: missing or repeated is invalid_request. (Its
+    text is checked with the rest of the original request, see `Reader`.)"""
     values = headers.getall(name, [])
     if len(values) != 1:
         raise InvalidRequest(f"{name} must be sent exactly once")
-    value = values[0]
+    return values[0]
+
+
+def _token(value: str, name: str) -> str:
     if not _TOKEN_RE.fullmatch(value):  # visible ASCII only, no space
         raise InvalidRequest(f"{name} is not valid")
     return value
@@ -111,15 +115,29 @@ def _uri(value: str) -> tuple[str, str]:
     return path, query
 
 
-def original_nginx(request: web.BaseRequest) -> OriginalRequest:
-    h = request.headers
-    path, query = _uri(one(h, "X-Original-URI"))
-    return OriginalRequest(_method(one(h, "X-Original-Method")), _host(one(h, "Host")), path, query)
+# Each proxy describes the original request in its own headers. A reader is split in two: `texts` takes
+# those headers from a request (each sent exactly once), `build` checks the texts and makes the
+# OriginalRequest. A proxy sends the same few texts over and over, so ForwardAuth remembers what `build`
+# made of them (see ForwardAuth.original).
 
 
-def original_ingress_nginx(request: web.BaseRequest) -> OriginalRequest:
+def _nginx_texts(request: web.BaseRequest) -> tuple[str, ...]:
     h = request.headers
-    url = one(h, "X-Original-URL")
+    return one(h, "X-Original-URI"), one(h, "X-Original-Method"), one(h, "Host")
+
+
+def _nginx_build(uri: str, method: str, host: str) -> OriginalRequest:
+    path, query = _uri(_token(uri, "X-Original-URI"))
+    return OriginalRequest(_method(_token(method, "X-Original-Method")), _host(_token(host, "Host")), path, query)
+
+
+def _ingress_nginx_texts(request: web.BaseRequest) -> tuple[str, ...]:
+    h = request.headers
+    return one(h, "X-Original-URL"), one(h, "X-Original-Method")
+
+
+def _ingress_nginx_build(url: str, method: str) -> OriginalRequest:
+    _token(url, "X-Original-URL")
     if "#" in url:
         raise InvalidRequest("the original URI has a #: some routers cut the path there, others keep it")
     # The authority is the client's Host, as sent: `host:1?/path` must not split into a public `/` path.
@@ -132,42 +150,65 @@ def original_ingress_nginx(request: web.BaseRequest) -> OriginalRequest:
         raise InvalidRequest("X-Original-URL must be an absolute http(s) URL")
     path = parts.path or "/"
     _uri(path)
-    return OriginalRequest(_method(one(h, "X-Original-Method")), _host(parts.netloc), path, parts.query)
+    return OriginalRequest(_method(_token(method, "X-Original-Method")), _host(parts.netloc), path, parts.query)
 
 
-def original_traefik(request: web.BaseRequest) -> OriginalRequest:
+def _traefik_texts(request: web.BaseRequest) -> tuple[str, ...]:
     h = request.headers
-    if one(h, "X-Forwarded-Proto") not in ("http", "https"):
+    return (
+        one(h, "X-Forwarded-Proto"),
+        one(h, "X-Forwarded-Uri"),
+        one(h, "X-Forwarded-Method"),
+        one(h, "X-Forwarded-Host"),
+    )
+
+
+def _traefik_build(proto: str, uri: str, method: str, host: str) -> OriginalRequest:
+    if _token(proto, "X-Forwarded-Proto") not in ("http", "https"):
         raise InvalidRequest("X-Forwarded-Proto must be http or https")
-    path, query = _uri(one(h, "X-Forwarded-Uri"))
-    return OriginalRequest(_method(one(h, "X-Forwarded-Method")), _host(one(h, "X-Forwarded-Host")), path, query)
+    path, query = _uri(_token(uri, "X-Forwarded-Uri"))
+    method, host = _token(method, "X-Forwarded-Method"), _token(host, "X-Forwarded-Host")
+    return OriginalRequest(_method(method), _host(host), path, query)
 
 
-def original_caddy(request: web.BaseRequest) -> OriginalRequest:
+def _caddy_texts(request: web.BaseRequest) -> tuple[str, ...]:
     h = request.headers
-    path, query = _uri(one(h, "X-Forwarded-Uri"))
-    return OriginalRequest(_method(one(h, "X-Forwarded-Method")), _host(one(h, "Host")), path, query)
+    return one(h, "X-Forwarded-Uri"), one(h, "X-Forwarded-Method"), one(h, "Host")
+
+
+def _caddy_build(uri: str, method: str, host: str) -> OriginalRequest:
+    path, query = _uri(_token(uri, "X-Forwarded-Uri"))
+    return OriginalRequest(_method(_token(method, "X-Forwarded-Method")), _host(_token(host, "Host")), path, query)
 
 
 ENVOY_PREFIX = "/auth/envoy"
 
 
-def original_envoy(request: web.BaseRequest) -> OriginalRequest:
+def _envoy_texts(request: web.BaseRequest) -> tuple[str, ...]:
     """Envoy's HTTP ext_authz sends the original method, `path_prefix` + the original path and query
     (undecoded: read the raw path), and the original Host."""
-    raw = request.raw_path
+    return request.raw_path, request.method, one(request.headers, "Host")
+
+
+def _envoy_build(raw: str, method: str, host: str) -> OriginalRequest:
     if not raw.startswith(ENVOY_PREFIX + "/"):
         raise InvalidRequest("the original path is missing after /auth/envoy")
     path, query = _uri(raw[len(ENVOY_PREFIX) :])
-    return OriginalRequest(_method(request.method), _host(one(request.headers, "Host")), path, query)
+    return OriginalRequest(_method(method), _host(_token(host, "Host")), path, query)
 
 
-READERS: dict[str, Callable[[web.BaseRequest], OriginalRequest]] = {
-    "envoy": original_envoy,
-    "nginx": original_nginx,
-    "ingress-nginx": original_ingress_nginx,
-    "traefik": original_traefik,
-    "caddy": original_caddy,
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    texts: Callable[[web.BaseRequest], tuple[str, ...]]
+    build: Callable[..., OriginalRequest]
+
+
+READERS: dict[str, Reader] = {
+    "envoy": Reader(_envoy_texts, _envoy_build),
+    "nginx": Reader(_nginx_texts, _nginx_build),
+    "ingress-nginx": Reader(_ingress_nginx_texts, _ingress_nginx_build),
+    "traefik": Reader(_traefik_texts, _traefik_build),
+    "caddy": Reader(_caddy_texts, _caddy_build),
 }
 
 
@@ -358,7 +399,8 @@ class ForwardAuth:
         self.body_timeout_s = cfg.server.body_timeout_s
         self.readers = {**READERS, "verify": READERS[cfg.forward_auth.proxy]}
         self.paths = {f"/auth/{name}": name for name in ENDPOINTS}
-        self._good_paths: set[str] = set()  # original paths already found canonical and key-free
+        # What each proxy's texts were found to describe: checked, canonical and key-free (a bounded memo).
+        self._originals: dict[tuple[str, tuple[str, ...]], OriginalRequest] = {}
 
     def endpoint(self, target: str) -> str | None:
         """The endpoint a raw request target names exactly (`/auth/nginx?...`, `/auth/envoy/...`), or None."""
@@ -374,7 +416,7 @@ class ForwardAuth:
         trail = _Trail()
         try:
             client_ip, address = self.clients.of(request.remote, request.headers)
-            original = self.readers[endpoint](request)
+            original = self.original(request, endpoint)
             response = await self._decide(request, original, client_ip, trail)
             code = "ok"
         except GatewayError as err:
@@ -401,9 +443,7 @@ class ForwardAuth:
         """Everything a forward-auth answer depends on. Raises a GatewayError on denial."""
         fmt, h = self.fmt, request.headers
         refuse_tricks(h)
-        refuse_query_keys(original.query, fmt, self.query_names)
         refuse_query_keys(request.query_string, fmt, self.query_names)
-        self._check_path(original.path)
         decision = self.policy.decide(original, h)
         if decision.auth == "deny":
             raise RouteNotAllowed("no rule allows this route")
@@ -430,18 +470,23 @@ class ForwardAuth:
         trail.org = identity.org  # a refusal by a limit is shown in the org's audit too
         return _answer(identity.head, await verifier.charge(identity, identity.org))
 
-    def _check_path(self, path: str) -> None:
-        """The proxy forwards the raw target: only a path every router reads alike is authorised (see
-        _paths), and none carrying a key. Paths found good are remembered (a bounded set)."""
-        if path in self._good_paths:
-            return
-        canonical(path)
-        if self.fmt.key_marker.search(unquote(path, errors="replace")):
-            # It would sit in every access log on its way (the proxy's, the upstream's).
-            raise InvalidRequest("API keys are not accepted in the path")
-        if len(self._good_paths) >= C.GOOD_PATHS_MEMO:
-            self._good_paths.clear()
-        self._good_paths.add(path)
+    def original(self, request: web.BaseRequest, endpoint: str) -> OriginalRequest:
+        """The original request the proxy describes. Only a path every router reads alike is authorised
+        (see _paths), and none carrying a key in its path or query: it would sit in every access log on
+        its way (the proxy's, the upstream's)."""
+        reader = self.readers[endpoint]
+        texts = reader.texts(request)
+        found = self._originals.get((endpoint, texts))
+        if found is None:
+            found = reader.build(*texts)
+            canonical(found.path)
+            if self.fmt.key_marker.search(unquote(found.path, errors="replace")):
+                raise InvalidRequest("API keys are not accepted in the path")
+            refuse_query_keys(found.query, self.fmt, self.query_names)
+            if len(self._originals) >= C.ORIGINALS_MEMO:
+                self._originals.clear()
+            self._originals[endpoint, texts] = found
+        return found
 
     async def keys_verify(self, request: web.Request) -> web.Response:
         """`POST /v1/keys/verify`, in-process verification for services: 200 with the verdict in the body

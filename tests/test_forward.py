@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from yarl import URL
 
+from gateway import constants as C
 from gateway.keys import KeyFormat
+from gateway.typedefs import FORWARD
 from tests.conftest import World, corrupt, nginx_headers, poll
 
 Client = Any
@@ -438,3 +441,47 @@ async def test_query_params_by_name_and_by_shape(client: Client, world: World) -
     assert r.headers["X-Auth-Error"] == "invalid_request"
     r = await client.get("/auth/nginx", headers=nginx_headers(k, uri="/v1/x?page_token=abc&key=cache1"))
     assert r.status == 200  # generic names with values that are not keys belong to the upstream
+
+
+@pytest.mark.parametrize("proxy", sorted(PROXY_HEADERS))
+async def test_a_remembered_original_request_is_still_judged_each_time(
+    client: Client, world: World, proxy: str
+) -> None:
+    """The gateway remembers what a proxy's texts describe (ForwardAuth.original), never a verdict: the
+    same original request again is judged anew (its key, a repeated header, a trick), a bad one is
+    refused every time, and the same texts on another endpoint mean nothing there."""
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    own = {**PROXY_HEADERS[proxy], "Authorization": f"Bearer {k}"}
+    for _ in range(2):
+        r = await client.get(f"/auth/{proxy}", headers=own)
+        assert r.status == 200, await r.text()
+    assert (await client.get(f"/auth/{proxy}", headers={**own, "Authorization": f"Bearer {corrupt(k)}"})).headers[
+        "X-Auth-Error"
+    ] == "invalid_api_key"
+    repeated = [*own.items(), *((h, v) for h, v in PROXY_HEADERS[proxy].items() if h != "Host")]
+    assert (await client.get(f"/auth/{proxy}", headers=repeated)).headers["X-Auth-Error"] == "invalid_request"
+    trick = {**own, "X-HTTP-Method-Override": "DELETE"}
+    assert (await client.get(f"/auth/{proxy}", headers=trick)).headers["X-Auth-Error"] == "invalid_request"
+    bad = {**_with_uri(proxy, "/v1/things/.."), "Authorization": f"Bearer {k}"}
+    for _ in range(2):
+        assert (await client.get(f"/auth/{proxy}", headers=bad)).headers["X-Auth-Error"] == "invalid_request"
+    other = "caddy" if proxy in ("nginx", "ingress-nginx") else "nginx"  # (traefik's headers include caddy's)
+    r = await client.get(f"/auth/{other}", headers=own)
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
+
+
+async def test_remembered_original_requests_are_bounded(client: Client, world: World) -> None:
+    """A stream of distinct paths (a scanner) empties the memo when it is full instead of growing it."""
+    forward = client.app[FORWARD]
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    assert (await client.get("/auth/nginx", headers=nginx_headers(k))).status == 200
+    assert 1 <= len(forward._originals) <= 2
+    for i in range(C.ORIGINALS_MEMO + 10):
+        forward.original(_mocked(f"/v1/things/{i}"), "nginx")
+        assert len(forward._originals) <= C.ORIGINALS_MEMO
+    assert (await client.get("/auth/nginx", headers=nginx_headers(k))).status == 200
+
+
+def _mocked(uri: str) -> Any:
+    headers = {"X-Original-URI": uri, "X-Original-Method": "GET", "Host": "a"}
+    return make_mocked_request("GET", "/auth/nginx", headers=headers)

@@ -111,7 +111,6 @@ async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
     threads = cfg.keys.verify_threads.per_process(cfg.server.workers)
     app[HASHER] = SecretHasher(cfg.keys.argon2, threads, cfg.keys.verify_queue)
     app[METRICS].argon2_threads.set(threads)
-    log.info("argon2: %d verification thread(s) in this process, %d more may wait", threads, cfg.keys.verify_queue)
     yield
     app[HASHER].close()
 

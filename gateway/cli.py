@@ -32,7 +32,7 @@ from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.policy import describe, load_policy
 from gateway.store import PG_ERRORS, StoreUnavailable, connect_pool, migrate
-from gateway.typedefs import LIFECYCLE
+from gateway.typedefs import HASHER, LIFECYCLE
 
 log = logging.getLogger("gateway")
 
@@ -400,6 +400,10 @@ async def _serve_async(cfg: Config, host: str, port: int, reuse_port: bool, on_b
                 # collector's sight, so the full collections that per-request garbage triggers skip it.
                 gc.freeze()
                 on_bound()
+                hasher = app[HASHER]
+                log.info(
+                    "argon2: %d verification thread(s) in this process, %d more may wait", hasher.threads, hasher.queue
+                )
                 await _serve_until_stopped(app, stop, cfg.server.drain_s)
         finally:
             await runner.cleanup()  # closes the listener, waits for requests in flight, runs cleanup_ctx

@@ -181,6 +181,8 @@ class SecretHasher:
         self._pool = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="argon2", initializer=_yield_to_the_event_loop
         )
+        self.threads = threads
+        self.queue = queue
         self._capacity = threads + queue
         self._admitted = 0  # verifications running or waiting (only touched on the event loop)
 

@@ -108,7 +108,7 @@ def _breaker(name: str, metrics: Metrics) -> Breaker:
 
 async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    threads = cfg.keys.verify_threads.per_process(cfg.server.workers)
+    threads = cfg.keys.verify_threads.per_process(cfg.server.workers, cfg.keys.argon2.parallelism)
     app[HASHER] = SecretHasher(cfg.keys.argon2, threads, cfg.keys.verify_queue)
     app[METRICS].argon2_threads.set(threads)
     yield

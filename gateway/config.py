@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import typing
@@ -70,21 +71,32 @@ class WorkerCount(int):
         return cls(int(value))  # type: ignore[call-overload]
 
 
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity, as `taskset` or a cpuset sets it)."""
-    return len(os.sched_getaffinity(0)) or 1
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def cores(cpu_max: Path = CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity (`taskset`, a cpuset), capped by its cgroup's CPU
+    limit rounded up (a container's `limits.cpu`: the affinity mask counts every core of the node)."""
+    n = len(os.sched_getaffinity(0)) or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        limit = math.ceil(int(quota) / int(period))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 limit ("max"), or none readable
+        return n
+    return max(1, min(n, limit))
 
 
 class ThreadCount(int):
-    """Threads per worker process, written as a whole number or `auto` (held as 0): the process's share
-    of the cores, `cores() // workers`, at least 1."""
+    """argon2 threads per worker process, written as a whole number or `auto` (held as 0): the process's
+    share of the cores, `cores() // (workers * parallelism)` (each hash keeps `parallelism` lanes busy),
+    at least 1."""
 
     @classmethod
     def parse(cls, value: object) -> ThreadCount:
         return cls(0) if value == "auto" else cls(int(value))  # type: ignore[call-overload]
 
-    def per_process(self, workers: int) -> int:
-        return int(self) if self else max(1, cores() // max(workers, 1))
+    def per_process(self, workers: int, parallelism: int = 1) -> int:
+        return int(self) if self else max(1, cores() // max(workers * parallelism, 1))
 
 
 @dataclass(frozen=True)

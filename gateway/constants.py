@@ -78,6 +78,7 @@ ARGON2_NICE: Final = 19
 DEFAULT_VERIFY_QUEUE: Final = 64
 # How long a client refused because every argon2 thread and queue slot was taken is asked to wait.
 VERIFY_BUSY_RETRY_AFTER_S: Final = 1
-ORIGINALS_MEMO: Final = 4096  # proxies' descriptions of original requests a process remembers checked
+ORIGINALS_MEMO: Final = 4096  # proxies' descriptions of original requests (and paths) a process remembers checked
+MEMO_TEXT_MAX: Final = 1024  # longer texts are checked each time, never remembered (memory stays bounded)
 IDENTITIES_PER_KEY: Final = 64  # (org, project) pairs whose identity a cached key keeps
 CLIENT_ADDRESS_MEMO: Final = 4096  # peer and X-Forwarded-For texts a process remembers parsed

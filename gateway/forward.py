@@ -399,8 +399,10 @@ class ForwardAuth:
         self.body_timeout_s = cfg.server.body_timeout_s
         self.readers = {**READERS, "verify": READERS[cfg.forward_auth.proxy]}
         self.paths = {f"/auth/{name}": name for name in ENDPOINTS}
-        # What each proxy's texts were found to describe: checked, canonical and key-free (a bounded memo).
+        # What each proxy's texts were found to describe: checked, canonical and key-free (a bounded memo),
+        # and the paths found canonical and key-free, for the same path with another query or host.
         self._originals: dict[tuple[str, tuple[str, ...]], OriginalRequest] = {}
+        self._good_paths: set[str] = set()
 
     def endpoint(self, target: str) -> str | None:
         """The endpoint a raw request target names exactly (`/auth/nginx?...`, `/auth/envoy/...`), or None."""
@@ -477,12 +479,17 @@ class ForwardAuth:
         reader = self.readers[endpoint]
         texts = reader.texts(request)
         found = self._originals.get((endpoint, texts))
-        if found is None:
-            found = reader.build(*texts)
-            canonical(found.path)
-            if self.fmt.key_marker.search(unquote(found.path, errors="replace")):
+        if found is not None:
+            return found
+        found = reader.build(*texts)
+        path = found.path
+        if path not in self._good_paths:
+            canonical(path)
+            if self.fmt.key_marker.search(unquote(path, errors="replace")):
                 raise InvalidRequest("API keys are not accepted in the path")
-            refuse_query_keys(found.query, self.fmt, self.query_names)
+            _remember(self._good_paths, path)
+        refuse_query_keys(found.query, self.fmt, self.query_names)
+        if sum(map(len, texts)) <= C.MEMO_TEXT_MAX:  # a long URI is checked each time, not kept
             if len(self._originals) >= C.ORIGINALS_MEMO:
                 self._originals.clear()
             self._originals[endpoint, texts] = found
@@ -545,6 +552,16 @@ class ForwardAuth:
         headers = CIMultiDictProxy(CIMultiDict({ORG_HEADER: org} if org else {}))
         decision = self.policy.decide(original, headers)
         return dataclasses.replace(decision, org=decision.org or org)
+
+
+def _remember(memo: set[str], text: str) -> None:
+    """Add to a bounded memo: emptied when full, so a stream of distinct texts costs what it did without
+    it. Long texts are not kept."""
+    if len(text) > C.MEMO_TEXT_MAX:
+        return
+    if len(memo) >= C.ORIGINALS_MEMO:
+        memo.clear()
+    memo.add(text)
 
 
 _NO_STORE = b"Cache-Control: no-store\r\n"

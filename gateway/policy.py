@@ -36,7 +36,7 @@ Headers = CIMultiDictProxy[str]
 Auth = Literal["public", "required", "deny"]
 
 
-@dataclass(slots=True)  # made per request: a frozen init costs a setattr per field
+@dataclass(frozen=True, slots=True)  # shared: ForwardAuth remembers one per distinct set of proxy headers
 class OriginalRequest:
     """The client's request as the proxy describes it; `path` is checked canonical before any policy sees it."""
 

@@ -51,6 +51,7 @@ WARMUP_S = 2
 COLD_S = 5
 REVOCATIONS = 100
 POLL_S = 0.002
+ROWS = frozenset(["1", "2", "3", "4", "5", "6", "7", "8", "8a", "8b", "9", "9a", "9b", "10"])
 COLD_POOL = 600  # cold keys: each is verified (argon2) once per fresh Redis; rows 7 and 8 use them in turn
 
 WRK_DONE = r"""
@@ -448,7 +449,7 @@ class Bench:
     def row(self, num: str, what: str, body: Callable[[Row], None]) -> None:
         r = Row(num, what)
         self.rows[num] = r
-        if self.only is not None and num.rstrip("ab") not in self.only:
+        if self.only is not None and num not in self.only and num.rstrip("ab") not in self.only:
             r.rps = "skipped (--rows)"
             return
         self.started.append((datetime.now(), num))  # naive local time, as the logs
@@ -899,6 +900,9 @@ def main() -> None:
     ap.add_argument("--rows", help="run only these rows, e.g. 1,2,5 (implies --no-doc); row 1 is the ceiling")
     a = ap.parse_args()
     only = {n.strip() for n in a.rows.split(",")} if a.rows else None
+    unknown = sorted((only or set()) - ROWS)
+    if unknown:
+        sys.exit(f"--rows: no row {unknown[0]} (rows: {', '.join(sorted(ROWS, key=lambda r: (len(r), r)))})")
     if os.cpu_count() is None or (os.cpu_count() or 0) < 2 or shutil.which("wrk") is None:
         sys.exit("make bench needs 2 cores and wrk (scripts/system-deps.sh installs it)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleans up like Ctrl-C

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Secret, ThreadCount, config_from_mapping, load_config, redact_url
+from gateway.config import Secret, ThreadCount, config_from_mapping, cores, load_config, redact_url
 from gateway.errors import ConfigError
 
 BASE = {"database": {"url": "postgresql://u:pw@db/x"}, "redis": {"url": "redis://r:6379/0"}, "pepper": "p" * 32}
@@ -156,6 +156,26 @@ def test_auto_threads_follow_the_cores_a_process_may_use() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
     assert ThreadCount.parse("auto").per_process(1) == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1), ("400000 100000", 4), ("junk", None), ("", None)],
+)
+def test_cores_are_capped_by_a_cgroup_cpu_limit(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+    """A container's `limits.cpu` (cgroup v2 cpu.max), rounded up, caps the affinity count (which sees
+    every core of the node); no limit, or none readable, leaves the affinity count."""
+    affinity = len(os.sched_getaffinity(0))
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max + "\n")
+    assert cores(path) == min(affinity, expected or affinity)
+    assert cores(tmp_path / "absent") == affinity
+
+
+def test_auto_threads_count_argon2_lanes() -> None:
+    per_lane = len(os.sched_getaffinity(0))
+    assert ThreadCount(0).per_process(1, 2) == max(1, per_lane // 2)
+    assert ThreadCount(3).per_process(1, 2) == 3  # a number is taken as written
 
 
 def test_bad_config_fails_at_start_with_a_clear_message(tmp_path: Path) -> None:

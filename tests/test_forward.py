@@ -479,7 +479,29 @@ async def test_remembered_original_requests_are_bounded(client: Client, world: W
     for i in range(C.ORIGINALS_MEMO + 10):
         forward.original(_mocked(f"/v1/things/{i}"), "nginx")
         assert len(forward._originals) <= C.ORIGINALS_MEMO
+        assert len(forward._good_paths) <= C.ORIGINALS_MEMO
+    forward._originals.clear()
+    forward._good_paths.clear()
+    long = "/v1/" + "x" * C.MEMO_TEXT_MAX  # checked each time, never kept
+    assert forward.original(_mocked(long), "nginx").path == long
+    assert not forward._originals and not forward._good_paths
     assert (await client.get("/auth/nginx", headers=nginx_headers(k))).status == 200
+
+
+async def test_envoy_and_verify_judge_remembered_requests_each_time(client: Client, world: World) -> None:
+    """Envoy's original request is its path and method: a remembered one is judged anew like the others'."""
+    k = (await world.key(orgs=[world.org_a]))["key"]
+    url = f"http://127.0.0.1:{client.port}/auth/envoy/v1/things?page=1"
+    for key, code in ((k, None), (k, None), (corrupt(k), "invalid_api_key"), (None, "missing_credentials")):
+        headers = {"Host": "api.example.com"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        r = await client.session.get(URL(url, encoded=True), headers=headers)
+        assert r.headers.get("X-Auth-Error") == code
+    bad = f"http://127.0.0.1:{client.port}/auth/envoy/v1/things/..?page=1"
+    for _ in range(2):
+        r = await client.session.get(URL(bad, encoded=True), headers={"Authorization": f"Bearer {k}"})
+        assert r.headers["X-Auth-Error"] == "invalid_request"
+    for key, status in ((k, 200), (k, 200), (corrupt(k), 401)):
+        assert (await client.get("/auth/verify", headers=nginx_headers(key))).status == status
 
 
 def _mocked(uri: str) -> Any:

@@ -22,10 +22,11 @@ from gateway.admin import Admin
 from gateway.api import api_app
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
+from gateway.backends import OUTAGES
 from gateway.cache import LocalCache, RedisCache
 from gateway.config import Config
 from gateway.errors import AuthUnavailable, GatewayError
-from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth, error_response
+from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth, error_response, unexpected
 from gateway.health import Lifecycle, backend_checks, watch_backends
 from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher, redact
@@ -205,7 +206,9 @@ async def _flush_forever(app: web.Application) -> None:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map errors to the contract's JSON; anything unexpected is a 503, never a 500 or a traceback."""
+    """Map errors to the contract's JSON: a store's outage that escaped its mapping is 503
+    auth_unavailable; anything else unexpected is a bug, 500 internal_error with the request id it was
+    logged under (never a traceback to the client, never disguised as an outage)."""
     try:
         return await handler(request)
     except GatewayError as err:
@@ -225,11 +228,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             # The client left (mid-body, say): nobody is left to answer, and it is not an error of ours.
             # The access log shows nginx's 499 "client closed request"; the write goes nowhere.
             return web.Response(status=CLIENT_CLOSED_REQUEST)
-        log.exception("unexpected error on %s %s", request.method, redact(request.path))
+        return error_response(unexpected(request))
+    except OUTAGES as exc:
+        log.warning("%s on %s %s: answered 503", type(exc).__name__, request.method, redact(request.path))
         return error_response(AuthUnavailable())
     except Exception:
-        log.exception("unexpected error on %s %s", request.method, redact(request.path))
-        return error_response(AuthUnavailable())
+        return error_response(unexpected(request))
 
 
 CLIENT_CLOSED_REQUEST = 499

@@ -17,8 +17,9 @@ from typing import Any
 
 import asyncpg
 
+from gateway.backends import StoreUnavailable
 from gateway.metrics import Metrics
-from gateway.store import Store, StoreUnavailable
+from gateway.store import Store
 
 log = logging.getLogger("gateway.audit")
 

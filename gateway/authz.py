@@ -14,7 +14,8 @@ from typing import NoReturn, Protocol
 from gateway import constants as C
 from gateway._answer import header_block
 from gateway._breaker import BreakerOpen
-from gateway.cache import REDIS_UNAVAILABLE, Entry, KeyRecord, LocalCache, RedisCache
+from gateway.backends import REDIS_UNAVAILABLE, StoreUnavailable
+from gateway.cache import Entry, KeyRecord, LocalCache, RedisCache
 from gateway.config import RolesConfig
 from gateway.errors import (
     AuthUnavailable,
@@ -31,7 +32,7 @@ from gateway.errors import (
 from gateway.keys import ParsedKey, SecretHasher, VerifierBusy, digest
 from gateway.metrics import Metrics
 from gateway.policy import RouteDecision
-from gateway.store import Store, StoreUnavailable
+from gateway.store import Store
 
 log = logging.getLogger("gateway.authz")
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway import constants as C
-from gateway._breaker import Breaker, BreakerOpen, guarded
+from gateway._breaker import Breaker, guarded
+from gateway.backends import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from gateway.authz import Identity
@@ -327,11 +327,3 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-# What a failed Redis call raises (these trip the breaker). RuntimeError: under uvloop, redis-py writing on
-# a connection the server has just reset raises it instead of a connection error (uvloop issue #506); the
-# calls wrapped with these are single Redis commands or pipelines, so nothing else raises it there.
-REDIS_ERRORS = (RedisError, OSError, TimeoutError, RuntimeError)
-# ... and what a caller that falls back must catch: those, or the breaker skipping Redis.
-REDIS_UNAVAILABLE = (*REDIS_ERRORS, BreakerOpen)

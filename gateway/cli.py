@@ -25,13 +25,14 @@ from gateway._server import GatewayRunner
 from gateway.admin import Admin, KeySpec
 from gateway.app import create_app, redis_client
 from gateway.audit import CLI
-from gateway.cache import REDIS_ERRORS, RedisCache
+from gateway.backends import PG_ERRORS, REDIS_ERRORS, StoreUnavailable
+from gateway.cache import RedisCache
 from gateway.config import Config, WorkerCount, load_config, load_roles, redact_url
 from gateway.errors import ConfigError, GatewayError
 from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.policy import describe, load_policy
-from gateway.store import PG_ERRORS, StoreUnavailable, connect_pool, migrate
+from gateway.store import connect_pool, migrate
 from gateway.typedefs import HASHER, LIFECYCLE
 
 log = logging.getLogger("gateway")

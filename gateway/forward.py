@@ -27,14 +27,17 @@ from gateway._body import json_object, read_raw
 from gateway._paths import canonical
 from gateway.audit import FailureAuditor
 from gateway.authz import IDENTITY_HEADERS, IP, acting_org
+from gateway.backends import OUTAGES
 from gateway.config import Config
 from gateway.errors import (
     AuthUnavailable,
     GatewayError,
+    InternalError,
     InvalidApiKey,
     InvalidRequest,
     MissingCredentials,
     RouteNotAllowed,
+    request_id,
 )
 from gateway.health import Lifecycle
 from gateway.keys import KeyFormat, redact
@@ -343,6 +346,13 @@ def _denial_headers(code: str, status: int) -> dict[str, str]:
     return headers
 
 
+def unexpected(request: web.BaseRequest) -> InternalError:
+    """The error of a bug, logged with its traceback under the request id it is answered with."""
+    rid = request_id(request.headers.get("X-Request-Id"))
+    log.exception("unexpected error (request id %s) on %s %s", rid, request.method, redact(request.path))
+    return InternalError(rid)
+
+
 def denial(err: GatewayError) -> Answer:
     """`error_response(err, to_proxy=True)` as a ready-made `Answer` (see `gateway._answer`)."""
     status = 401 if err.status == 400 else err.status
@@ -429,10 +439,14 @@ class ForwardAuth:
             self.auditor.record(code, trail.key_id, address, trail.org, endpoint)
             response = denial(err)
             log.info("denied %s %s key=%s from %s", endpoint, code, trail.key_id or "-", address or "-")
-        except Exception:  # a bug: answered like the app's error middleware, never a traceback to the proxy
-            log.exception("unexpected error on %s %s", request.method, redact(request.path))
+        except OUTAGES as exc:  # a store's outage that escaped its mapping: still an outage
+            log.warning("%s on %s: answered 503", type(exc).__name__, endpoint)
             code = AuthUnavailable.code
             response = denial(AuthUnavailable())
+        except Exception:  # a bug: answered like the app's error middleware, never a traceback to the proxy
+            bug = unexpected(request)
+            code = bug.code
+            response = denial(bug)
         if self.lifecycle.draining:  # ask the proxy to move its keep-alive connection to another replica
             response.force_close()  # says `Connection: close` too
         self.metrics.decisions.inc(endpoint, code)

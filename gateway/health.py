@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway._breaker import Breaker, guarded
-from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE
-from gateway.store import Store, StoreUnavailable
+from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE, StoreUnavailable
+from gateway.store import Store
 
 
 @dataclass

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from gateway import constants as C
 from gateway._breaker import Breaker, BreakerOpen, guarded
-from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE
+from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.config import LimitConfig, RateLimitsConfig, rate_of
 from gateway.errors import AuthUnavailable, InvalidRequest, RateLimited
 from gateway.leases import Lease, Leases, max_lease

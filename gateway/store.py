@@ -16,28 +16,11 @@ import asyncpg
 
 from gateway import constants as C
 from gateway._breaker import Breaker
+from gateway.backends import PG_ERRORS, StoreUnavailable
 from gateway.cache import KeyRecord
 from gateway.config import DatabaseConfig, redact_url
 
 log = logging.getLogger("gateway.store")
-
-# What Postgres being unable to serve looks like from asyncpg: refused, reset, timed out, and the
-# server's own "not now" classes: 08 connection exceptions, 53 insufficient resources (too many
-# connections, out of memory, disk full), 57 operator intervention (shutting down, crashed, starting,
-# query cancelled), 58 system errors (I/O).
-PG_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.PostgresSystemError,
-)
-
-
-class StoreUnavailable(Exception):
-    """Postgres could not be reached in time."""
 
 
 def ts(value: datetime | None) -> float | None:

@@ -25,10 +25,10 @@ from gateway import constants as C
 from gateway._body import json_object, read_raw
 from gateway._breaker import guarded
 from gateway.authz import role_in
-from gateway.cache import REDIS_ERRORS, REDIS_UNAVAILABLE, KeyRecord
+from gateway.backends import PG_ERRORS, REDIS_ERRORS, REDIS_UNAVAILABLE
+from gateway.cache import KeyRecord
 from gateway.errors import AuthUnavailable, InvalidRequest, MissingCredentials
 from gateway.forward import client_address
-from gateway.store import PG_ERRORS
 from gateway.typedefs import ADMIN, CONFIG, REDIS, REDIS_BREAKER, TRUSTED, VERIFIER
 
 COOKIE = "gw_session"

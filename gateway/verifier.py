@@ -30,6 +30,7 @@ from gateway.authz import (
     granted,
     role_in,
 )
+from gateway.backends import StoreUnavailable
 from gateway.cache import KeyRecord
 from gateway.config import RolesConfig
 from gateway.errors import AuthUnavailable, GatewayError, InsufficientPermissions, InvalidApiKey
@@ -37,7 +38,7 @@ from gateway.keys import KeyFormat, ParsedKey
 from gateway.metrics import Metrics
 from gateway.policy import RouteDecision
 from gateway.ratelimit import BruteForceGuard, Decision, Limit, Limits, RateLimiter, address_bucket, enforce
-from gateway.store import Store, StoreUnavailable
+from gateway.store import Store
 
 
 class Verifier:

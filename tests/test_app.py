@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.app import create_app
+from tests._faultproxy import FaultProxy
 from tests.conftest import Services, World, corrupt, make_config, nginx_headers, poll, start_gateway
 
 Client = Any
@@ -249,3 +250,51 @@ async def test_access_log_is_off_by_default_and_denials_are_logged(
     logs = gw.logs()
     assert "aiohttp.access" not in logs and '"GET /auth/nginx"' not in logs, logs[-2000:]
     assert "denied nginx invalid_api_key key=- from 127.0.0.1" in logs, logs[-2000:]
+
+
+CUSTOM_ROLES = {
+    "order": ["viewer", "editor", "owner"],
+    "permissions": {"viewer": ["*:read"], "editor": ["*:read", "*:write"], "owner": ["*"]},
+}
+
+
+@pytest.mark.parametrize("sent", [None, "req-42.a:b", "not a plain id\u00e9"])
+async def test_a_bug_is_500_internal_error_with_its_request_id(
+    aiohttp_client: Any, services: Services, world: World, caplog: pytest.LogCaptureFixture, sent: str | None
+) -> None:
+    """Issue 11: the catch-all answered a bug 503 auth_unavailable, an outage a client retries and an
+    operator looks for in Postgres and Redis. Now 500 internal_error, logged with its traceback under the
+    request id it answers with (the proxy's plain X-Request-Id, else a new one). The bug used: roles
+    customised without `admin`, which the org-admin checks still name (roles.rank raises ValueError)."""
+    c = await aiohttp_client(create_app(make_config(services, roles=CUSTOM_ROLES)))
+    await world.admin.set_member(world.org_a, world.user, "owner")
+    k = await world.key(role="owner", orgs=[world.org_a])
+    headers = {"Authorization": f"Bearer {k['key']}"} | ({"X-Request-Id": sent} if sent else {})
+    r = await c.get(f"/v1/orgs/{world.org_a}/members", headers=headers)
+    body = await r.json()
+    assert (r.status, r.headers["X-Auth-Error"], body["error"]["code"]) == (500, "internal_error", "internal_error")
+    rid = r.headers["X-Request-Id"]
+    if sent == "req-42.a:b":
+        assert rid == sent
+    else:
+        assert len(rid) == 32 and rid != sent
+    assert rid in body["error"]["message"]
+    logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None and logged[0].exc_info[0] is ValueError
+
+
+async def test_a_store_outage_that_escaped_its_mapping_is_still_503(
+    aiohttp_client: Any, services: Services, clean: None, world: World
+) -> None:
+    """A management call whose Postgres connection is refused answers 503 auth_unavailable, not 500:
+    only a bug is internal_error."""
+    with FaultProxy(services.pg.port) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+        c = await aiohttp_client(create_app(make_config(services, database={"url": url, "timeout_ms": 300})))
+        k = await world.key(orgs=[world.org_a])
+        headers = {"Authorization": f"Bearer {k['key']}"}
+        assert (await c.get(f"/v1/orgs/{world.org_a}/members", headers=headers)).status == 200
+        proxy.refuse()
+        for path in (f"/v1/orgs/{world.org_a}/members", "/v1/keys", f"/v1/orgs/{world.org_a}/audit"):
+            r = await c.get(path, headers=headers)
+            assert (r.status, r.headers["X-Auth-Error"]) == (503, "auth_unavailable"), path

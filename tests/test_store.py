@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from gateway.store import Store, StoreUnavailable
+from gateway.backends import StoreUnavailable
+from gateway.store import Store
 from tests._faultproxy import FaultProxy
 from tests.conftest import Services
 

@@ -1,0 +1,44 @@
+"""What the backing stores' failures look like, in one leaf module: the exception classes of an outage
+(mapped to `503 auth_unavailable`, never a verdict on a key) as opposed to a bug (`500 internal_error`)."""
+
+from __future__ import annotations
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from gateway._breaker import BreakerOpen
+from gateway.errors import AuthUnavailable
+
+# What Postgres being unable to serve looks like from asyncpg: refused, reset, timed out, and the
+# server's own "not now" classes: 08 connection exceptions, 53 insufficient resources (too many
+# connections, out of memory, disk full), 57 operator intervention (shutting down, crashed, starting,
+# query cancelled), 58 system errors (I/O).
+_ASYNCPG_OUTAGES: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.PostgresSystemError,
+)
+PG_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, *_ASYNCPG_OUTAGES)
+
+# What a failed Redis call raises (these trip the breaker). RuntimeError: under uvloop, redis-py writing on
+# a connection the server has just reset raises it instead of a connection error (uvloop issue #506); the
+# calls wrapped with these are single Redis commands or pipelines, so nothing else raises it there.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, RuntimeError)
+# ... and what a caller that falls back must catch: those, or the breaker skipping Redis.
+REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, BreakerOpen)
+
+# An outage of either store that reached a request handler unmapped: still answered 503, not 500. Narrower
+# than the tuples above (no bare OSError or RuntimeError, which a bug raises too).
+OUTAGES: tuple[type[BaseException], ...] = (
+    *_ASYNCPG_OUTAGES,
+    RedisError,
+    BreakerOpen,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class StoreUnavailable(AuthUnavailable):
+    """Postgres could not be reached in time (or its breaker is open): an outage, answered 503."""

@@ -1,0 +1,49 @@
+"""The stores' failures: what counts as an outage (503) and what is left to be a bug (500)."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gateway._breaker import BreakerOpen
+from gateway.backends import OUTAGES, PG_ERRORS, REDIS_UNAVAILABLE, StoreUnavailable
+from gateway.errors import AuthUnavailable, request_id
+
+
+def test_a_store_outage_is_auth_unavailable() -> None:
+    err = StoreUnavailable("the key store is unreachable")
+    assert isinstance(err, AuthUnavailable)
+    assert (err.status, err.code) == (503, "auth_unavailable")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionRefusedError(),
+        TimeoutError(),
+        asyncpg.exceptions.TooManyConnectionsError(),
+        asyncpg.exceptions.AdminShutdownError(),
+        RedisConnectionError(),
+        BreakerOpen(),
+    ],
+)
+def test_what_an_outage_looks_like(exc: BaseException) -> None:
+    assert isinstance(exc, OUTAGES)
+    assert isinstance(exc, (*PG_ERRORS, *REDIS_UNAVAILABLE))  # the wider tuples, which the stores use
+
+
+@pytest.mark.parametrize(
+    "exc", [ValueError(), KeyError(), RuntimeError(), FileNotFoundError(), asyncpg.exceptions.UniqueViolationError()]
+)
+def test_a_bug_is_not_an_outage(exc: BaseException) -> None:
+    """A bare RuntimeError or OSError is left to be a bug when it escapes: only the calls wrapped with the
+    wider PG_ERRORS / REDIS_ERRORS treat those as the store's failure."""
+    assert not isinstance(exc, OUTAGES)
+
+
+def test_request_ids() -> None:
+    assert request_id("abc-1.2:x_y") == "abc-1.2:x_y"
+    for sent in (None, "", "a b", "x" * 65, "é", "a\r\nb"):
+        made = request_id(sent)
+        assert len(made) == 32 and made != request_id(sent)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from aiohttp import web
 
 from gateway import constants as C
 from gateway.audit import CLI, Actor, write_event
@@ -709,3 +710,6 @@ class Admin:
             }
             for r in rows
         ]
+
+
+ADMIN = web.AppKey("admin", Admin)

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway._body import json_object, read_raw
-from gateway.admin import MAX_LIST, KeySpec, key_expiry, key_view
+from gateway.admin import ADMIN, MAX_LIST, KeySpec, key_expiry, key_view
 from gateway.audit import Actor
 from gateway.authz import effective_permissions, granted, pattern_matches, role_in
 from gateway.cache import KeyRecord
@@ -34,9 +34,10 @@ from gateway.errors import (
     ProjectNotAllowed,
 )
 from gateway.forward import client_address, credential
+from gateway.invitations import INVITATIONS
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
-from gateway.typedefs import ADMIN, CONFIG, INVITATIONS, TRUSTED, VERIFIER
+from gateway.typedefs import CONFIG, TRUSTED, VERIFIER
 from gateway.ui import COOKIE, check_csrf, load_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import constants as C
 from gateway._breaker import CLOSED, OPEN, Breaker
-from gateway.admin import Admin
+from gateway.admin import ADMIN, Admin
 from gateway.api import api_app
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
@@ -28,7 +28,7 @@ from gateway.config import Config
 from gateway.errors import AuthUnavailable, GatewayError
 from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth, error_response, unexpected
 from gateway.health import Lifecycle, backend_checks, watch_backends
-from gateway.invitations import Invitations
+from gateway.invitations import INVITATIONS, Invitations
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.listener import InvalidationListener, supervise
 from gateway.metrics import Metrics
@@ -37,12 +37,10 @@ from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
 from gateway.ratelimit import BruteForceGuard, Limits, RateLimiter
 from gateway.store import Store, connect_pool
 from gateway.typedefs import (
-    ADMIN,
     AUDITOR,
     CONFIG,
     FORWARD,
     HASHER,
-    INVITATIONS,
     KEY_FORMAT,
     LIFECYCLE,
     LIMITER,

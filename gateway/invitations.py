@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from aiohttp import web
 
 from gateway import constants as C
 from gateway.admin import Admin, new_id
@@ -184,3 +185,6 @@ class Invitations:
             )
             row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
         return _view(row, now)
+
+
+INVITATIONS = web.AppKey("invitations", Invitations)

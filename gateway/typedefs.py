@@ -1,4 +1,5 @@
-"""Typed application keys: every shared object a handler may reach, declared in one place."""
+"""Typed application keys: every shared object a decision may reach, declared in one place. The management
+layer's own (ADMIN, INVITATIONS) live beside their classes, so nothing here imports management code."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway._breaker import Breaker
-from gateway.admin import Admin
 from gateway.audit import FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.config import Config
 from gateway.forward import ForwardAuth
 from gateway.health import Lifecycle
-from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener
 from gateway.metrics import Metrics
@@ -37,8 +36,6 @@ RESOLVER = web.AppKey("resolver", KeyResolver)
 AUDITOR = web.AppKey("auditor", FailureAuditor)
 PROJECTS = web.AppKey("projects", ProjectDirectory)
 LIMITS = web.AppKey("limits", Limits)
-ADMIN = web.AppKey("admin", Admin)
-INVITATIONS = web.AppKey("invitations", Invitations)
 LIMITER = web.AppKey[RateLimiter | None]("limiter")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 LISTENER = web.AppKey("listener", InvalidationListener)

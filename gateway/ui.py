@@ -24,12 +24,13 @@ from aiohttp import web
 from gateway import constants as C
 from gateway._body import json_object, read_raw
 from gateway._breaker import guarded
+from gateway.admin import ADMIN
 from gateway.authz import role_in
 from gateway.backends import PG_ERRORS, REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.cache import KeyRecord
 from gateway.errors import AuthUnavailable, InvalidRequest, MissingCredentials
 from gateway.forward import client_address
-from gateway.typedefs import ADMIN, CONFIG, REDIS, REDIS_BREAKER, TRUSTED, VERIFIER
+from gateway.typedefs import CONFIG, REDIS, REDIS_BREAKER, TRUSTED, VERIFIER
 
 COOKIE = "gw_session"
 CSRF_HEADER = "X-CSRF-Token"

@@ -1,0 +1,38 @@
+"""Import layering: the decision path (the server's dispatch, forward auth, the Verifier and the AppKeys
+it reaches) loads nothing of management, and the leaf modules load nothing but leaves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+MANAGEMENT = {"gateway.admin", "gateway.api", "gateway.ui", "gateway.openapi", "gateway.invitations", "gateway.cli"}
+
+
+def _loaded(*modules: str) -> set[str]:
+    code = f"import sys\nimport {', '.join(modules)}\nprint(__import__('json').dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return {m for m in json.loads(out) if m.startswith("gateway")}
+
+
+def test_the_decision_path_imports_no_management_code() -> None:
+    """Issue 11: typedefs imported admin, so `/auth/*` loaded the management SQL with it."""
+    loaded = _loaded("gateway._server", "gateway.forward", "gateway.verifier", "gateway.typedefs")
+    assert "gateway.forward" in loaded
+    assert not loaded & MANAGEMENT, sorted(loaded & MANAGEMENT)
+
+
+@pytest.mark.parametrize(
+    ("leaf", "allowed"),
+    [
+        ("gateway.constants", set()),
+        ("gateway.errors", set()),
+        ("gateway._breaker", {"gateway.constants"}),
+        ("gateway.backends", {"gateway.errors", "gateway._breaker", "gateway.constants"}),
+    ],
+)
+def test_leaf_modules_import_only_leaves(leaf: str, allowed: set[str]) -> None:
+    assert _loaded(leaf) - {"gateway", leaf} <= allowed

@@ -20,12 +20,11 @@ from gateway import constants as C
 from gateway.audit import CLI, Actor, write_event
 from gateway.config import RolesConfig
 from gateway.errors import Conflict, InsufficientPermissions, InvalidRequest, NotFound
+from gateway.formats import PERMISSION_RE, UNIT_S, iso, parse_iso
 from gateway.keys import ENVS, KeyFormat, SecretHasher, random_b62
 from gateway.ratelimit import parse_rate
 
 _DURATION_RE = re.compile(r"([0-9]{1,9})(s|m|h|d|w)")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_PERMISSION_RE = re.compile(r"\*|[a-z0-9_*.-]{1,64}(:[a-z0-9_*.-]{1,64}){1,3}")
 _EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
 MAX_NAME = 200
 MAX_LIST = 100
@@ -35,7 +34,7 @@ def parse_duration(text: str, what: str = "duration") -> timedelta:
     m = _DURATION_RE.fullmatch(text.strip())
     if m is None:
         raise InvalidRequest(f"{what}: expected a number and a unit s, m, h, d or w, such as 30d", field=what)
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    return timedelta(seconds=int(m.group(1)) * UNIT_S[m.group(2)])
 
 
 def parse_rate_limit(text: str) -> str:
@@ -52,10 +51,6 @@ def _name(value: str, what: str = "name") -> str:
     if not value or len(value) > MAX_NAME or any(ord(c) < 0x20 for c in value):
         raise InvalidRequest(f"{what} must be 1-{MAX_NAME} printable characters", field=what)
     return value
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 def key_status(row: asyncpg.Record, now: datetime) -> str:
@@ -81,10 +76,10 @@ def key_view(row: asyncpg.Record) -> dict[str, Any]:
         "allowed_ips": [str(c) for c in row["allowed_cidrs"]] if row["allowed_cidrs"] is not None else None,
         "rate_limit": row["rate_limit"],
         "status": key_status(row, now),
-        "expires_at": _iso(row["expires_at"]),
-        "created_at": _iso(row["created_at"]),
-        "last_used_at": _iso(row["last_used_at"]),
-        "revoked_at": _iso(row["revoked_at"]),
+        "expires_at": iso(row["expires_at"]),
+        "created_at": iso(row["created_at"]),
+        "last_used_at": iso(row["last_used_at"]),
+        "revoked_at": iso(row["revoked_at"]),
         "rotated_to": row["rotated_to"],
     }
 
@@ -98,7 +93,7 @@ def key_expiry(spec: KeySpec) -> datetime | None:
     if not spec.expires_at:
         return None
     try:
-        expires = datetime.fromisoformat(spec.expires_at.replace("Z", "+00:00"))
+        expires = parse_iso(spec.expires_at)
     except ValueError:
         raise InvalidRequest("expires_at must be an ISO 8601 time", field="expires_at") from None
     if expires.tzinfo is None:
@@ -281,7 +276,7 @@ class Admin:
             raise InvalidRequest("env must be live or test", field="env")
         expires = key_expiry(spec)
         for scope in spec.scopes or []:
-            if not _PERMISSION_RE.fullmatch(scope):
+            if not PERMISSION_RE.fullmatch(scope):
                 raise InvalidRequest(f"scope {scope!r} is not a resource:action pattern", field="scopes")
         cidrs = None
         if spec.allow_ips is not None:
@@ -705,7 +700,7 @@ class Admin:
         return [
             {
                 **dict(r),
-                "at": _iso(r["at"]),
+                "at": iso(r["at"]),
                 "detail": json.loads(r["detail"]) if isinstance(r["detail"], str) else r["detail"],
             }
             for r in rows

@@ -13,7 +13,7 @@ import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -33,6 +33,7 @@ from gateway.errors import (
     OrgNotAllowed,
     ProjectNotAllowed,
 )
+from gateway.formats import parse_iso
 from gateway.forward import client_address, credential
 from gateway.invitations import INVITATIONS
 from gateway.policy import checked_id
@@ -204,10 +205,9 @@ def _time(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_iso(value)
     except ValueError:
         raise InvalidRequest(f"{name} must be an ISO 8601 time", field=name) from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ async def list_keys(request: web.Request) -> web.Response:
     if cursor is not None:
         try:
             at, key_id = decode_cursor(cursor)
-            after = (datetime.fromisoformat(str(at).replace("Z", "+00:00")), str(key_id))
+            after = (parse_iso(str(at)), str(key_id))
         except (ValueError, TypeError):
             raise InvalidRequest("cursor is not valid", field="cursor") from None
     admin = request.config_dict[ADMIN]

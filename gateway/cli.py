@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, NoReturn
 
 from aiohttp import hdrs, web
@@ -29,6 +29,7 @@ from gateway.backends import PG_ERRORS, REDIS_ERRORS, StoreUnavailable
 from gateway.cache import RedisCache
 from gateway.config import Config, WorkerCount, load_config, load_roles, redact_url
 from gateway.errors import ConfigError, GatewayError
+from gateway.formats import parse_iso
 from gateway.invitations import Invitations
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.policy import describe, load_policy
@@ -168,10 +169,9 @@ def _limit(text: str) -> int:
 
 def _iso_time(text: str) -> datetime:
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_iso(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _table(data: Any) -> str:

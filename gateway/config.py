@@ -22,6 +22,7 @@ import yaml
 
 from gateway import constants as C
 from gateway.errors import ConfigError
+from gateway.formats import UNIT_S
 
 # Proxies whose headers /auth/verify can read (Envoy has its own path-based endpoint).
 PROXIES = ("nginx", "ingress-nginx", "traefik", "caddy")
@@ -383,7 +384,6 @@ def _validate(cfg: Config) -> None:
 
 
 _RATE_RE = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,5})?(s|m|h|d)")
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 def rate_of(text: str) -> tuple[int, int] | None:
@@ -391,7 +391,7 @@ def rate_of(text: str) -> tuple[int, int] | None:
     m = _RATE_RE.fullmatch(text.strip())
     if m is None:
         return None
-    return int(m.group(1)), int(m.group(2) or 1) * _UNIT_MS[m.group(3)]
+    return int(m.group(1)), int(m.group(2) or 1) * UNIT_S[m.group(3)] * 1000
 
 
 def _validate_limits(limits: RateLimitsConfig) -> None:

@@ -14,8 +14,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from aiohttp import web
@@ -28,7 +26,7 @@ from gateway._paths import canonical
 from gateway.audit import FailureAuditor
 from gateway.authz import IDENTITY_HEADERS, IP, acting_org
 from gateway.backends import OUTAGES
-from gateway.config import Config
+from gateway.config import PROXIES, Config
 from gateway.errors import (
     AuthUnavailable,
     GatewayError,
@@ -39,6 +37,7 @@ from gateway.errors import (
     RouteNotAllowed,
     request_id,
 )
+from gateway.formats import iso
 from gateway.health import Lifecycle
 from gateway.keys import KeyFormat, redact
 from gateway.metrics import Metrics
@@ -77,8 +76,6 @@ _METHOD_RE = re.compile(r"[A-Z]{1,20}")
 _HOST_RE = re.compile(r"[A-Za-z0-9._\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")
 _QUERY_SEPARATORS = re.compile(r"[&;]")
-
-Proxy = Literal["nginx", "ingress-nginx", "traefik", "caddy", "verify"]
 
 
 def one(headers: Headers, name: str) -> str:
@@ -312,7 +309,7 @@ def client_address(peer: str | None, h: Headers, trusted: Networks) -> IP | None
 
 
 JSON = "application/json"
-ENDPOINTS = ("nginx", "ingress-nginx", "traefik", "caddy", "verify")  # each at /auth/<name>; envoy below
+ENDPOINTS = (*PROXIES, "verify")  # each at /auth/<name>; envoy below
 
 
 @functools.lru_cache(maxsize=1024)
@@ -549,7 +546,7 @@ class ForwardAuth:
             role=identity.role,
             scopes=list(identity.scopes),
             env=identity.env,
-            expires_at=_iso(identity.expires_at),
+            expires_at=iso(identity.expires_at),
             ratelimit=None
             if ratelimit is None
             else {"limit": ratelimit.limit.burst, "remaining": ratelimit.remaining, "reset": ratelimit.reset_s},
@@ -614,9 +611,3 @@ def _verify_body(raw: bytes) -> dict[str, str]:
     if "key" not in body:
         raise InvalidRequest("key is required", field="key")
     return body
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")

@@ -17,6 +17,7 @@ from gateway import constants as C
 from gateway.admin import Admin, new_id
 from gateway.audit import CLI, Actor, write_event
 from gateway.errors import Conflict, NotFound
+from gateway.formats import iso
 
 _COLUMNS = (
     "i.id, i.org_id, o.name AS org_name, i.user_id, u.email, i.role, i.invited_by, i.created_at, i.expires_at,"
@@ -38,8 +39,8 @@ def _view(row: asyncpg.Record, now: datetime) -> dict[str, Any]:
         "role": row["role"],
         "invited_by": row["invited_by"],
         "status": state,
-        "created_at": row["created_at"].isoformat().replace("+00:00", "Z"),
-        "expires_at": row["expires_at"].isoformat().replace("+00:00", "Z"),
+        "created_at": iso(row["created_at"]),
+        "expires_at": iso(row["expires_at"]),
     }
 
 

@@ -19,6 +19,7 @@ from gateway import constants as C
 from gateway._paths import segments
 from gateway.config import RolesConfig, read_yaml
 from gateway.errors import ConfigError, InvalidRequest
+from gateway.formats import PERMISSION_RE
 
 log = logging.getLogger("gateway.policy")
 
@@ -28,7 +29,6 @@ _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,31})\}")
 # Plain characters only: a request may not percent-encode them (see _paths), so every router reads a literal alike.
 _LITERAL_SEG_RE = re.compile(r"[A-Za-z0-9._~-]+")
 _HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_PERMISSION_RE = re.compile(r"[a-z0-9_.*-]{1,64}(:[a-z0-9_.*-]{1,64}){1,3}")
 _HEADER_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 _METHOD_RE = re.compile(r"[A-Z]{1,20}")
 
@@ -245,7 +245,7 @@ class _RuleParser:
         if not isinstance(raw, dict) or set(map(str, raw)) - {"permission", "role"}:
             raise ConfigError(f"{where}: require takes permission and/or role")
         permission, role = raw.get("permission"), raw.get("role")
-        if permission is not None and not (isinstance(permission, str) and _PERMISSION_RE.fullmatch(permission)):
+        if permission is not None and not (isinstance(permission, str) and PERMISSION_RE.fullmatch(permission)):
             raise ConfigError(f"{where}: require.permission must be resource:action, such as projects:read")
         if role is not None and role not in self.roles.order:
             raise ConfigError(f"{where}: require.role {role!r} is not a role ({', '.join(self.roles.order)})")

@@ -1,0 +1,28 @@
+"""The textual forms of values the contract shares across modules, each defined once: permission
+patterns, time units and ISO 8601 times."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+# A permission (`calls:read`) or a pattern of them (`*:read`, `projects:*`), or `*` for everything: lower
+# case, two to four `:`-separated parts. Key scopes, role permissions and route requirements alike.
+PERMISSION_RE = re.compile(r"\*|[a-z0-9_.*-]{1,64}(:[a-z0-9_.*-]{1,64}){1,3}")
+
+# Seconds per unit, for durations (`30d`, `12h`) and rates (`100/1m`).
+UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def iso(value: datetime | float | None) -> str | None:
+    """A time as the API writes it: ISO 8601 in UTC with `Z` (a datetime, or a Unix timestamp)."""
+    if value is None:
+        return None
+    t = datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else value.astimezone(UTC)
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    """An ISO 8601 time as the API reads it (`Z` or an offset; none means UTC). ValueError if it is not one."""
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=UTC)

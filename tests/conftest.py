@@ -33,6 +33,9 @@ from tests._proxies import stop_process
 PEPPER = "test-pepper-0123456789-abcdefghijklmnop"
 ROOT = Path(__file__).resolve().parent.parent
 
+# The test client of a gateway app, as the `client` fixture and `aiohttp_client(create_app(...))` give it.
+Client = TestClient[web.Request, web.Application]
+
 
 @dataclass
 class Services:
@@ -161,8 +164,8 @@ async def world(admin: Admin) -> World:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, cfg: Config) -> TestClient[web.Request, web.Application]:
-    c: TestClient[web.Request, web.Application] = await aiohttp_client(create_app(cfg))
+async def client(aiohttp_client: Any, cfg: Config) -> Client:
+    c: Client = await aiohttp_client(create_app(cfg))
     return c
 
 

@@ -8,9 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.api import api_app
-from tests.conftest import World, nginx_headers, poll
-
-Client = Any
+from tests.conftest import Client, World, nginx_headers, poll
 
 
 def auth(key: dict[str, Any] | str, **extra: str) -> dict[str, str]:

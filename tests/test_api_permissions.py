@@ -11,8 +11,8 @@ import pytest
 
 from gateway.audit import CLI
 from gateway.invitations import Invitations
-from tests.conftest import World, nginx_headers
-from tests.test_api import Client, auth, err, ok
+from tests.conftest import Client, World, nginx_headers
+from tests.test_api import auth, err, ok
 
 # action: (method, path, body, permission, needs an admin role). `{org}` and the other names are filled
 # from the objects of the org the credential acts in.

@@ -11,9 +11,7 @@ import redis.asyncio as aioredis
 
 from gateway.app import create_app
 from tests._faultproxy import FaultProxy
-from tests.conftest import Services, World, corrupt, make_config, nginx_headers, poll, start_gateway
-
-Client = Any
+from tests.conftest import Client, Services, World, corrupt, make_config, nginx_headers, poll, start_gateway
 
 
 async def test_healthz_readyz_metrics(client: Client, world: World) -> None:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 import asyncpg
 
@@ -10,9 +9,7 @@ from gateway.audit import FailureAuditor
 from gateway.keys import KeyFormat, new_secret
 from gateway.metrics import Metrics
 from gateway.store import Store
-from tests.conftest import World, nginx_headers
-
-Client = Any
+from tests.conftest import Client, World, nginx_headers
 
 
 async def _rows(pool: asyncpg.Pool, type_: str) -> list[asyncpg.Record]:

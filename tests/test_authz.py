@@ -17,9 +17,7 @@ from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener
 from gateway.typedefs import HASHER, LISTENER, METRICS
 from tests._faultproxy import FaultProxy
-from tests.conftest import Services, World, make_config, nginx_headers, poll, until
-
-Client = Any
+from tests.conftest import Client, Services, World, make_config, nginx_headers, poll, until
 
 
 @pytest.mark.parametrize(

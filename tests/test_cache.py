@@ -15,9 +15,7 @@ import redis.asyncio as aioredis
 from gateway import constants as C
 from gateway.cache import Entry, LocalCache, RedisCache
 from gateway.keys import digest
-from tests.conftest import PEPPER, GatewayProcess, Services, World, corrupt, nginx_headers, poll, start_gateway
-
-Client = Any
+from tests.conftest import PEPPER, Client, GatewayProcess, Services, World, corrupt, nginx_headers, poll, start_gateway
 
 
 async def _get(session: aiohttp.ClientSession, gw: GatewayProcess, key: str) -> tuple[int, str]:

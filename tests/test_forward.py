@@ -12,9 +12,7 @@ from yarl import URL
 from gateway import constants as C
 from gateway.keys import KeyFormat
 from gateway.typedefs import FORWARD
-from tests.conftest import World, corrupt, nginx_headers, poll
-
-Client = Any
+from tests.conftest import Client, World, corrupt, nginx_headers, poll
 
 IDENTITY = ("X-Org", "X-Role", "X-User", "X-Key-Id", "X-Scopes", "X-Project", "X-Key-Env", "X-Auth-Method")
 

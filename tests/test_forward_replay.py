@@ -9,15 +9,14 @@ import pytest
 from yarl import URL
 
 from gateway.app import create_app
-from tests.conftest import ROOT, Services, World, make_config
-
-Client = Any
+from tests.conftest import ROOT, Client, Services, World, make_config
 
 
 @pytest.fixture
 async def gw(aiohttp_client: Any, services: Services, clean: None) -> Client:
     cfg = make_config(services, policy_file=str(ROOT / "config/policy.yaml"))
-    return await aiohttp_client(create_app(cfg))
+    c: Client = await aiohttp_client(create_app(cfg))
+    return c
 
 
 def traefik(key: str | None, uri: str, method: str = "GET", **extra: str) -> dict[str, str]:

@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 
 from gateway.admin import Admin
-from tests.conftest import World, nginx_headers, poll
-from tests.test_api import Client, auth, err, ok
+from tests.conftest import Client, World, nginx_headers, poll
+from tests.test_api import auth, err, ok
 
 
 async def _victim(world: World) -> tuple[str, dict[str, Any]]:

@@ -21,8 +21,6 @@ from gateway.typedefs import LISTENER
 from tests._faultproxy import FaultProxy
 from tests.conftest import Services, World, make_config, nginx_headers, until
 
-Client = Any
-
 
 async def _notify(url: str, key_ids: list[str]) -> None:
     conn = await asyncpg.connect(url)

@@ -18,7 +18,7 @@ from gateway.config import RolesConfig
 from gateway.errors import ConfigError, InvalidRequest
 from gateway.policy import OriginalRequest, RoutePolicy, compile_policy, load_policy
 from tests._proxies import PATH_TRICKS
-from tests.conftest import ROOT, Services, World, corrupt, make_config, nginx_headers
+from tests.conftest import ROOT, Client, Services, World, corrupt, make_config, nginx_headers
 
 SHIPPED = ROOT / "config/policy.yaml"
 ROLES = RolesConfig()
@@ -205,13 +205,12 @@ def test_policy_check_command(tmp_path: Path) -> None:
 
 # --- through the gateway -----------------------------------------------------------------------
 
-Client = Any
-
 
 @pytest.fixture
 async def pclient(aiohttp_client: Any, services: Services, clean: None) -> Client:
     cfg = make_config(services, policy_file=str(SHIPPED))
-    return await aiohttp_client(create_app(cfg))
+    c: Client = await aiohttp_client(create_app(cfg))
+    return c
 
 
 async def test_upper_case_literals_take_the_orgs_rule(pclient: Client, world: World) -> None:

@@ -20,14 +20,14 @@ from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Limit, LocalLimiter, address_bucket, parse_rate
 from gateway.typedefs import HASHER, METRICS, RESOLVER
-from tests.conftest import ROOT, Services, World, make_config, nginx_headers, start_gateway
+from tests.conftest import ROOT, Client, Services, World, make_config, nginx_headers, start_gateway
 
-Client = Any
 PUBLIC = str(ROOT / "config/policy.yaml")
 
 
 async def app_with(aiohttp_client: Any, services: Services, **limits: Any) -> Client:
-    return await aiohttp_client(create_app(make_config(services, rate_limits=limits, policy_file=PUBLIC)))
+    c: Client = await aiohttp_client(create_app(make_config(services, rate_limits=limits, policy_file=PUBLIC)))
+    return c
 
 
 async def statuses(c: Client, n: int, **kw: Any) -> list[int]:

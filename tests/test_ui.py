@@ -16,11 +16,10 @@ from gateway.app import create_app
 from gateway.audit import CLI
 from gateway.config import Config
 from gateway.invitations import Invitations
-from tests.conftest import ROOT, Services, World, make_config, nginx_headers
+from tests.conftest import ROOT, Client, Services, World, make_config, nginx_headers
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "artifacts" / "screenshots"
-Client = Any
 
 
 # --- the session layer ---------------------------------------------------------------------------

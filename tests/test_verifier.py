@@ -8,14 +8,14 @@ from typing import Any
 
 from gateway.app import create_app
 from tests._faultproxy import FaultProxy
-from tests.conftest import ROOT, Services, World, make_config, nginx_headers
+from tests.conftest import ROOT, Client, Services, World, make_config, nginx_headers
 
-Client = Any
 POLICY = str(ROOT / "config/policy.yaml")
 
 
 async def _client(aiohttp_client: Any, services: Services, **limits: Any) -> Client:
-    return await aiohttp_client(create_app(make_config(services, rate_limits=limits, policy_file=POLICY)))
+    c: Client = await aiohttp_client(create_app(make_config(services, rate_limits=limits, policy_file=POLICY)))
+    return c
 
 
 def _calls(world: World, key: str) -> dict[str, tuple[str, str, dict[str, Any]]]:

@@ -19,7 +19,7 @@ run: $(STAMP) system-deps
 	$(BIN)/python -m gateway._dev
 
 test: $(STAMP) system-deps
-	$(BIN)/pytest --cov=gateway --cov-branch --cov-report=term:skip-covered
+	$(BIN)/pytest --cov=gateway --cov-report=term:skip-covered  # coverage settings: pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests scripts

@@ -43,7 +43,6 @@ from gateway.ui import COOKIE, check_csrf, load_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 100
-ADMIN_ROLE = "admin"
 
 
 @dataclass(frozen=True)
@@ -68,24 +67,21 @@ class Principal:
             return ()
         return effective_permissions(self.roles.permissions.get(role, ()), self.record.scopes)
 
-    def may(self, org: str, permission: str, minimum: str | None = ADMIN_ROLE) -> bool:
+    def may(self, org: str, permission: str) -> bool:
+        """Whether this credential administers `org` (`roles.admin` or above) with `permission`."""
         role = self.role_in(org)
-        return (
-            role is not None
-            and granted(self.permissions_in(org), permission)
-            and (minimum is None or self.roles.rank(role) >= self.roles.rank(minimum))
-        )
+        return role is not None and granted(self.permissions_in(org), permission) and self.roles.administers(role)
 
-    def require(self, org: str, permission: str | None = None, minimum: str | None = None) -> str:
-        """The effective role in `org`, which must grant `permission` (and reach `minimum`): an org the
-        credential cannot act in is 404, too little power 403."""
+    def require(self, org: str, permission: str | None = None, *, admin: bool = False) -> str:
+        """The effective role in `org`, which must grant `permission` (and with `admin`, reach
+        `roles.admin`): an org the credential cannot act in is 404, too little power 403."""
         role = self.role_in(org)
         if role is None:
             raise NotFound(f"no org {org}")
         if permission is not None and not granted(self.permissions_in(org), permission):
             raise InsufficientPermissions(f"requires {permission} in this org")
-        if minimum is not None and self.roles.rank(role) < self.roles.rank(minimum):
-            raise InsufficientPermissions(f"requires role {minimum} in this org")
+        if admin and not self.roles.administers(role):
+            raise InsufficientPermissions(f"requires role {self.roles.admin} in this org")
         return role
 
     def require_own(self, permission: str) -> None:
@@ -375,7 +371,7 @@ async def list_keys(request: web.Request) -> web.Response:
     if status not in (None, "active", "expired", "revoked"):
         raise InvalidRequest("status must be active, expired or revoked", field="status")
     if org is not None:
-        p.require(checked_id(org, "org"), "keys:read", ADMIN_ROLE)  # every key of an org: its admins only
+        p.require(checked_id(org, "org"), "keys:read", admin=True)  # every key of an org: its admins only
     elif owner not in (None, p.user_id):
         raise InvalidRequest("owner needs org: list another member's keys within an org you administer", field="owner")
     else:
@@ -502,7 +498,7 @@ async def get_org(request: web.Request) -> web.Response:
 
 async def list_members(request: web.Request) -> web.Response:
     org = request.match_info["org"]
-    request[PRINCIPAL].require(org, "members:read", ADMIN_ROLE)
+    request[PRINCIPAL].require(org, "members:read", admin=True)
     return web.json_response({"items": await request.config_dict[ADMIN].members(org)})
 
 
@@ -510,7 +506,7 @@ def _grantable(p: Principal, org: str, role: str, permission: str) -> None:
     """Nobody grants a role above their own effective one."""
     if role not in p.roles.order:
         raise InvalidRequest(f"role must be one of {', '.join(p.roles.order)}", field="role")
-    mine = p.require(org, permission, ADMIN_ROLE)
+    mine = p.require(org, permission, admin=True)
     if p.roles.rank(role) > p.roles.rank(mine):
         raise InsufficientPermissions(f"an {mine} cannot grant {role}")
     # Nor, with a scoped key, a role that may do what the key itself may not.
@@ -536,7 +532,7 @@ async def _guard_target(request: web.Request, org: str, user_id: str) -> None:
     """A member whose role is above the caller's cannot be changed or removed by the caller."""
     p = request[PRINCIPAL]
     current = await request.config_dict[ADMIN].member_role(org, user_id)
-    mine = p.require(org, "members:write", ADMIN_ROLE)
+    mine = p.require(org, "members:write", admin=True)
     if current is not None and p.roles.rank(current) > p.roles.rank(mine):
         raise InsufficientPermissions(f"an {mine} cannot change an {current}")
 
@@ -555,21 +551,21 @@ async def set_member(request: web.Request) -> web.Response:
 async def remove_member(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, user_id = request.match_info["org"], request.match_info["user_id"]
-    p.require(org, "members:write", ADMIN_ROLE)
+    p.require(org, "members:write", admin=True)
     await _guard_target(request, org, user_id)
     return web.json_response(await request.config_dict[ADMIN].remove_member(org, user_id, p.actor))
 
 
 async def list_org_invitations(request: web.Request) -> web.Response:
     org = request.match_info["org"]
-    request[PRINCIPAL].require(org, "members:read", ADMIN_ROLE)
+    request[PRINCIPAL].require(org, "members:read", admin=True)
     return web.json_response({"items": await request.config_dict[INVITATIONS].for_org(org)})
 
 
 async def withdraw_invitation(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
-    p.require(org, "members:write", ADMIN_ROLE)
+    p.require(org, "members:write", admin=True)
     invitation = checked_id(request.match_info["invitation"], "invitation")
     return web.json_response(await request.config_dict[INVITATIONS].withdraw(org, invitation, p.actor))
 
@@ -606,7 +602,7 @@ def _project_in_reach(p: Principal, project: str) -> None:
 async def create_project(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
-    p.require(org, "projects:write", ADMIN_ROLE)
+    p.require(org, "projects:write", admin=True)
     if not p.record.all_projects:
         raise ProjectNotAllowed("a key confined to some projects cannot create one")
     body = await read_body(request, {"name": str}, {"name"})
@@ -636,13 +632,13 @@ async def get_project(request: web.Request) -> web.Response:
 async def delete_project(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, project = request.match_info["org"], request.match_info["project"]
-    role = p.require(org, "projects:write", ADMIN_ROLE)
+    role = p.require(org, "projects:write", admin=True)
     _project_in_reach(p, project)
     revoke = request.query.get("revoke_keys", "false")
     if revoke not in ("true", "false"):
         raise InvalidRequest("revoke_keys must be true or false", field="revoke_keys")
     if revoke == "true":
-        p.require(org, "keys:write", ADMIN_ROLE)  # it stops keys
+        p.require(org, "keys:write", admin=True)  # it stops keys
     return web.json_response(
         await request.config_dict[ADMIN].delete_project(org, project, revoke == "true", p.actor, max_owner_role=role)
     )
@@ -660,7 +656,7 @@ async def create_service_account(request: web.Request) -> web.Response:
 
 async def list_service_accounts(request: web.Request) -> web.Response:
     org = request.match_info["org"]
-    request[PRINCIPAL].require(org, "service_accounts:read", ADMIN_ROLE)
+    request[PRINCIPAL].require(org, "service_accounts:read", admin=True)
     return web.json_response({"items": await request.config_dict[ADMIN].service_accounts(org)})
 
 
@@ -668,7 +664,7 @@ async def create_service_account_key(request: web.Request) -> web.Response:
     """The org's own keys: owned by the service account, scoped to its one org."""
     p = request[PRINCIPAL]
     org, sa_id = request.match_info["org"], request.match_info["sa"]
-    p.require(org, "service_accounts:write", ADMIN_ROLE)
+    p.require(org, "service_accounts:write", admin=True)
     admin = request.config_dict[ADMIN]
     sa = await admin.service_account(org, sa_id)
     if sa is None:
@@ -688,7 +684,7 @@ async def create_service_account_key(request: web.Request) -> web.Response:
 async def audit(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
-    p.require(org, "audit:read", ADMIN_ROLE)
+    p.require(org, "audit:read", admin=True)
     limit, cursor = page(request)
     q = request.query
     before = None

@@ -222,8 +222,15 @@ class RolesConfig:
         }
     )
 
+    # The least role that administers an org: sees all of its keys, members, invitations, projects,
+    # service accounts and audit, and changes them (within what its permissions grant).
+    admin: str = "admin"
+
     def rank(self, role: str) -> int:
         return self.order.index(role)
+
+    def administers(self, role: str) -> bool:
+        return self.rank(role) >= self.rank(self.admin)
 
     def lower(self, a: str, b: str) -> str:
         return a if self.rank(a) <= self.rank(b) else b
@@ -417,6 +424,10 @@ def _validate_roles(roles: RolesConfig) -> None:
     for role in roles.order:
         if role not in roles.permissions:
             raise ConfigError(f"roles.permissions.{role}: is missing")
+    if roles.admin not in roles.order:
+        raise ConfigError(
+            f"roles.admin: {roles.admin!r} is not a role in roles.order (name the least role that administers an org)"
+        )
 
 
 def config_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Config:

@@ -155,7 +155,7 @@ class Invitations:
         now_role = await conn.fetchval(
             "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", row["org_id"], inviter
         )
-        needed = max(roles.rank(row["role"]), roles.rank("admin") if "admin" in roles.order else 0)
+        needed = max(roles.rank(row["role"]), roles.rank(roles.admin))
         if now_role not in roles.order or roles.rank(now_role) < needed:
             raise Conflict("whoever sent this invitation can no longer grant its role")
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -28,6 +28,7 @@ from gateway.admin import ADMIN
 from gateway.authz import role_in
 from gateway.backends import PG_ERRORS, REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.cache import KeyRecord
+from gateway.config import RolesConfig
 from gateway.errors import AuthUnavailable, InvalidRequest, MissingCredentials
 from gateway.forward import client_address
 from gateway.typedefs import CONFIG, REDIS, REDIS_BREAKER, TRUSTED, VERIFIER
@@ -115,11 +116,17 @@ async def _session_view(session: Session, record: KeyRecord, request: web.Reques
         "user_id": session.user_id,
         "key_id": session.key_id,
         "active_org": session.active_org,
-        "orgs": [{**o, "role": role_in(record, o["id"], roles)} for o in orgs],
+        "orgs": [_org_view(o, role_in(record, o["id"], roles), roles) for o in orgs],
         "csrf": session.csrf,
         "roles": list(roles.order),
     }
     return web.json_response(view, headers=SECURITY_HEADERS)
+
+
+def _org_view(org: dict[str, Any], role: str | None, roles: RolesConfig) -> dict[str, Any]:
+    """An org as the page shows it: whether this key administers it (`roles.admin` or above) is decided
+    here, by the same rule as the API's, so the page never guesses from role names."""
+    return {**org, "role": role, "admin": role is not None and roles.administers(role)}
 
 
 async def _save(request: web.Request, session_id: str, session: Session) -> None:

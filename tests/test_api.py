@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from gateway.api import api_app
-from tests.conftest import Client, World, nginx_headers, poll
+from gateway.app import create_app
+from gateway.errors import ConfigError
+from tests.conftest import Client, Services, World, make_config, nginx_headers, poll
 
 
 def auth(key: dict[str, Any] | str, **extra: str) -> dict[str, str]:
@@ -374,3 +376,28 @@ async def test_error_bodies_echo_nothing_key_shaped(client: Client, world: World
     assert secret not in str(body), body
     r = await client.post("/v1/keys/verify", json={"key": owner["key"], f"x_live_{secret}": 1})
     assert r.status == 400 and secret not in await r.text()
+
+
+CUSTOM_ROLES = {
+    "order": ["viewer", "editor", "owner"],
+    "permissions": {"viewer": ["*:read"], "editor": ["*:read", "*:write"], "owner": ["*"]},
+}
+
+
+async def test_customised_roles_name_their_admin(aiohttp_client: Any, services: Services, world: World) -> None:
+    """Issue 11: with roles customised without `admin`, the org-admin checks still named it and raised
+    ValueError (answered 503). `roles.admin` names the least role that administers an org."""
+    cfg = make_config(services, roles={**CUSTOM_ROLES, "admin": "owner"})
+    c = await aiohttp_client(create_app(cfg))
+    await world.admin.set_member(world.org_a, world.user, "owner")
+    owner = await world.key(role="owner", orgs=[world.org_a])
+    viewer = await world.key(name="v", role="viewer", orgs=[world.org_a])
+    r = await c.get(f"/v1/orgs/{world.org_a}/members", headers=auth(owner["key"]))
+    assert r.status == 200, await r.text()
+    r = await c.get(f"/v1/orgs/{world.org_a}/members", headers=auth(viewer["key"]))
+    assert (r.status, (await r.json())["error"]["message"]) == (403, "requires role owner in this org")
+
+
+def test_roles_without_their_admin_are_refused_at_start(services: Services) -> None:
+    with pytest.raises(ConfigError, match=r"roles\.admin: 'admin' is not a role in roles\.order"):
+        make_config(services, roles=CUSTOM_ROLES)

@@ -337,3 +337,14 @@ async def test_accepting_an_invitation_in_chromium(
     await page.wait_for_selector(f"#org-switch option[value='{world.org_a}']", state="attached")
     await page.wait_for_selector("#invitations", state="hidden")
     assert await world.admin.member_role(world.org_a, user) == "viewer"
+
+
+async def test_the_page_is_told_which_orgs_the_key_administers(client: Client, world: World) -> None:
+    """Issue 11: the page guessed admin rights from role names (`["admin", "owner"]`); the session now
+    says, per org, what the API decides (`roles.admin` or above)."""
+    k = await world.key()  # admin of org A, viewer of org B (the owner's roles there)
+    body = await (await sign_in(client, k["key"])).json()
+    assert {o["id"]: (o["role"], o["admin"]) for o in body["orgs"]} == {
+        world.org_a: ("admin", True),
+        world.org_b: ("viewer", False),
+    }

@@ -62,8 +62,9 @@ function confirmAction(text, label) {
 
 const orgName = (id) => (state.session.orgs.find((o) => o.id === id) || { name: id }).name;
 const date = (iso) => (iso ? new Date(iso).toISOString().slice(0, 10) : "—");
-const activeRole = () => (state.session.orgs.find((o) => o.id === state.session.active_org) || {}).role;
-const isAdmin = () => ["admin", "owner"].includes(activeRole());
+const activeOrg = () => state.session.orgs.find((o) => o.id === state.session.active_org) || {};
+const activeRole = () => activeOrg().role;
+const isAdmin = () => activeOrg().admin === true; // decided by the gateway (roles.admin), as the API does
 
 function showSecret(raw) {
   $("secret-value").textContent = raw;

@@ -22,7 +22,6 @@ from gateway._body import json_object, read_raw
 from gateway.admin import ADMIN, MAX_LIST, KeySpec, key_expiry, key_view
 from gateway.audit import Actor
 from gateway.authz import effective_permissions, granted, pattern_matches, role_in
-from gateway.cache import KeyRecord
 from gateway.config import RolesConfig
 from gateway.errors import (
     InsufficientPermissions,
@@ -36,6 +35,7 @@ from gateway.errors import (
 from gateway.formats import parse_iso
 from gateway.forward import client_address, credential
 from gateway.invitations import INVITATIONS
+from gateway.models import KeyRecord
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
 from gateway.typedefs import CONFIG, TRUSTED, VERIFIER

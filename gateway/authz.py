@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
 from gateway import constants as C
 from gateway._answer import header_block
 from gateway._breaker import BreakerOpen
 from gateway.backends import REDIS_UNAVAILABLE, StoreUnavailable
-from gateway.cache import Entry, KeyRecord, LocalCache, RedisCache
+from gateway.cache import Entry, LocalCache, RedisCache
 from gateway.config import RolesConfig
 from gateway.errors import (
     AuthUnavailable,
@@ -31,12 +29,11 @@ from gateway.errors import (
 )
 from gateway.keys import ParsedKey, SecretHasher, VerifierBusy, digest
 from gateway.metrics import Metrics
+from gateway.models import IDENTITY_HEADERS, IP, Identity, KeyRecord
 from gateway.policy import RouteDecision
 from gateway.store import Store
 
 log = logging.getLogger("gateway.authz")
-
-IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 # --- permissions -------------------------------------------------------------------------------
@@ -84,23 +81,6 @@ def granted(patterns: tuple[str, ...], permission: str) -> bool:
 
 
 # --- identity ----------------------------------------------------------------------------------
-
-# What a proxy is answered with, in this order, for every credential (empty values for anonymous calls).
-IDENTITY_HEADERS = ("X-Org", "X-Role", "X-User", "X-Key-Id", "X-Scopes", "X-Project", "X-Key-Env", "X-Auth-Method")
-
-
-@dataclass(frozen=True, slots=True)  # made once per (key, org, project) and cache fill; shared by requests
-class Identity:
-    key_id: str
-    user_id: str
-    org: str
-    role: str
-    scopes: tuple[str, ...]
-    env: str
-    project: str | None
-    expires_at: float | None
-    rate_limit: str | None
-    head: bytes  # the IDENTITY_HEADERS a proxy is answered with, ready to send
 
 
 def active_org(record: KeyRecord, requested: str | None) -> str:

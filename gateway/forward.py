@@ -24,7 +24,7 @@ from gateway._answer import Answer, header_block
 from gateway._body import json_object, read_raw
 from gateway._paths import canonical
 from gateway.audit import FailureAuditor
-from gateway.authz import IDENTITY_HEADERS, IP, acting_org
+from gateway.authz import acting_org
 from gateway.backends import OUTAGES
 from gateway.config import PROXIES, Config
 from gateway.errors import (
@@ -41,6 +41,7 @@ from gateway.formats import iso
 from gateway.health import Lifecycle
 from gateway.keys import KeyFormat, redact
 from gateway.metrics import Metrics
+from gateway.models import IDENTITY_HEADERS, IP
 from gateway.policy import ORG_HEADER, OriginalRequest, Policy, RouteDecision, checked_id
 from gateway.ratelimit import Decision
 from gateway.verifier import Verifier

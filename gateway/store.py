@@ -17,8 +17,8 @@ import asyncpg
 from gateway import constants as C
 from gateway._breaker import Breaker
 from gateway.backends import PG_ERRORS, StoreUnavailable
-from gateway.cache import KeyRecord
 from gateway.config import DatabaseConfig, redact_url
+from gateway.models import KeyRecord
 
 log = logging.getLogger("gateway.store")
 

@@ -27,10 +27,10 @@ from gateway._breaker import guarded
 from gateway.admin import ADMIN
 from gateway.authz import role_in
 from gateway.backends import PG_ERRORS, REDIS_ERRORS, REDIS_UNAVAILABLE
-from gateway.cache import KeyRecord
 from gateway.config import RolesConfig
 from gateway.errors import AuthUnavailable, InvalidRequest, MissingCredentials
 from gateway.forward import client_address
+from gateway.models import KeyRecord
 from gateway.typedefs import CONFIG, REDIS, REDIS_BREAKER, TRUSTED, VERIFIER
 
 COOKIE = "gw_session"

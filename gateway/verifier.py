@@ -20,8 +20,6 @@ from __future__ import annotations
 import time
 
 from gateway.authz import (
-    IP,
-    Identity,
     KeyResolver,
     ProjectDirectory,
     authorize,
@@ -31,11 +29,11 @@ from gateway.authz import (
     role_in,
 )
 from gateway.backends import StoreUnavailable
-from gateway.cache import KeyRecord
 from gateway.config import RolesConfig
 from gateway.errors import AuthUnavailable, GatewayError, InsufficientPermissions, InvalidApiKey
 from gateway.keys import KeyFormat, ParsedKey
 from gateway.metrics import Metrics
+from gateway.models import IP, Identity, KeyRecord
 from gateway.policy import RouteDecision
 from gateway.ratelimit import BruteForceGuard, Decision, Limit, Limits, RateLimiter, address_bucket, enforce
 from gateway.store import Store

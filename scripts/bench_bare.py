@@ -15,7 +15,7 @@ import signal
 import uvloop
 from aiohttp import web
 
-from gateway.authz import IDENTITY_HEADERS  # the headers the gateway answers with, exactly
+from gateway.models import IDENTITY_HEADERS  # the headers the gateway answers with, exactly
 
 EXAMPLE = {
     "X-Org": "org_0123456789abcdef",

@@ -9,10 +9,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.authz import IDENTITY_HEADERS
 from gateway.cli import SHUTDOWN_TIMEOUT_S
 from gateway.config import config_from_mapping
 from gateway.forward import ENVOY_PREFIX
+from gateway.models import IDENTITY_HEADERS
 from gateway.policy import compile_policy
 from tests.conftest import ROOT
 

@@ -169,7 +169,7 @@ async def test_supervise_restarts_a_task_that_dies(caplog: pytest.LogCaptureFixt
 
 
 def _record() -> Any:
-    from gateway.cache import KeyRecord
+    from gateway.models import KeyRecord
 
     return KeyRecord(
         id="k",

@@ -32,7 +32,15 @@ def test_the_decision_path_imports_no_management_code() -> None:
         ("gateway.errors", set()),
         ("gateway._breaker", {"gateway.constants"}),
         ("gateway.backends", {"gateway.errors", "gateway._breaker", "gateway.constants"}),
+        ("gateway.models", {"gateway.constants"}),
+        ("gateway.formats", set()),
     ],
 )
 def test_leaf_modules_import_only_leaves(leaf: str, allowed: set[str]) -> None:
+    """Models, errors and backend failures sit in leaves (issue 11: `store` imported `cache` for
+    KeyRecord, and the records' types dragged the cache tiers in wherever a record was named)."""
     assert _loaded(leaf) - {"gateway", leaf} <= allowed
+
+
+def test_the_data_layer_does_not_import_the_caches() -> None:
+    assert "gateway.cache" not in _loaded("gateway.store")

@@ -6,9 +6,12 @@ same transaction as the change: the invalidation is delivered exactly when the c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,8 +21,9 @@ from aiohttp import web
 
 from gateway import constants as C
 from gateway.audit import CLI, Actor, write_event
+from gateway.backends import PG_ERRORS, StoreUnavailable
 from gateway.config import RolesConfig
-from gateway.errors import Conflict, InsufficientPermissions, InvalidRequest, NotFound
+from gateway.errors import Conflict, GatewayError, InsufficientPermissions, InvalidRequest, NotFound
 from gateway.formats import PERMISSION_RE, UNIT_S, iso, parse_iso
 from gateway.keys import ENVS, KeyFormat, SecretHasher, random_b62
 from gateway.ratelimit import parse_rate
@@ -135,12 +139,52 @@ async def _block(conn: asyncpg.Connection, key_id: str, org_id: str, actor: Acto
 
 
 class Admin:
-    def __init__(self, pool: asyncpg.Pool, fmt: KeyFormat, hasher: SecretHasher, roles: RolesConfig) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        fmt: KeyFormat,
+        hasher: SecretHasher,
+        roles: RolesConfig,
+        timeout_s: float = C.DEFAULT_MANAGEMENT_TIMEOUT_MS / 1000,
+    ) -> None:
         self.pool = pool
         self.fmt = fmt
         self.hasher = hasher
         self.roles = roles
+        self.timeout_s = timeout_s
         self.invalidated: list[str] = []  # key ids invalidated by the last call, for the Redis tier
+
+    @contextlib.asynccontextmanager
+    async def connect(self, *, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for one management call, in a transaction if asked: the whole call within
+        `timeout_s`, and a database that cannot answer in time is StoreUnavailable (503). A connection
+        that timed out or failed is closed rather than rolled back: a ROLLBACK to a server that does not
+        answer would hang the call (closing it ends the transaction on the server)."""
+        conn: asyncpg.Connection | None = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                conn = await self.pool.acquire()
+                tx = conn.transaction() if transaction else None
+                if tx is not None:
+                    await tx.start()
+                try:
+                    yield conn
+                except (GatewayError, asyncpg.PostgresError):
+                    # Refused by the call or by the server, which answered: undo, keep the connection.
+                    if tx is not None:
+                        await tx.rollback()
+                    raise
+                if tx is not None:
+                    await tx.commit()
+        except BaseException as exc:
+            if conn is not None and not isinstance(exc, GatewayError | asyncpg.PostgresError):
+                conn.terminate()
+            if isinstance(exc, PG_ERRORS):
+                raise StoreUnavailable(f"the database did not answer in time ({type(exc).__name__})") from None
+            raise
+        finally:
+            if conn is not None:
+                await self.pool.release(conn, timeout=self.timeout_s)
 
     def role_name(self, role: str) -> str:
         """`role`, if this gateway knows it; else InvalidRequest naming the field."""
@@ -152,7 +196,7 @@ class Admin:
 
     async def create_org(self, name: str, actor: Actor = CLI) -> dict[str, Any]:
         org_id = new_id("org")
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             await conn.execute("INSERT INTO orgs (id, name) VALUES ($1, $2)", org_id, _name(name))
             await write_event(conn, "org.created", actor=actor, org_id=org_id, detail={"name": name})
         return {"id": org_id, "name": name.strip()}
@@ -162,7 +206,7 @@ class Admin:
         if not _EMAIL_RE.fullmatch(email):
             raise InvalidRequest("email is not a valid address", field="email")
         user_id = new_id("usr")
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             try:
                 await conn.execute("INSERT INTO users (id, email) VALUES ($1, $2)", user_id, email)
             except asyncpg.UniqueViolationError:
@@ -213,7 +257,7 @@ class Admin:
 
     async def set_member(self, org_id: str, user_id: str, role: str, actor: Actor = CLI) -> dict[str, Any]:
         role = self.role_name(role)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             await self._must_exist(conn, "orgs", org_id)
             await self._must_exist(conn, "users", user_id)
             await self._keep_an_owner(conn, org_id, user_id, role)
@@ -244,7 +288,7 @@ class Admin:
             await self._membership_changed(conn, org_id, user_id, None, role, actor)
 
     async def remove_member(self, org_id: str, user_id: str, actor: Actor = CLI) -> dict[str, Any]:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             await self._keep_an_owner(conn, org_id, user_id, None)
             old = await conn.fetchval(
                 "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2 RETURNING role", org_id, user_id
@@ -256,7 +300,7 @@ class Admin:
 
     async def create_project(self, org_id: str, name: str, actor: Actor = CLI) -> dict[str, Any]:
         project_id = new_id("prj")
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             await self._must_exist(conn, "orgs", org_id)
             try:
                 await conn.execute(
@@ -360,7 +404,7 @@ class Admin:
 
     async def create_key(self, spec: KeySpec, actor: Actor = CLI) -> dict[str, Any]:
         expires, cidrs = self.validate_spec(spec)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             await self._check_scope(conn, spec)
             key_id, raw = await self._insert_key(conn, spec, expires, cidrs)
             await self._key_event(conn, "api_key.created", key_id, actor, {"role": spec.role, "env": spec.env})
@@ -377,7 +421,7 @@ class Admin:
     ) -> list[dict[str, Any]]:
         """Keys, oldest first: of one owner, and/or that can act in one org, in one status."""
         now = datetime.now(UTC)
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch(
                 "SELECT k.* FROM api_keys k WHERE ($1::text IS NULL OR k.user_id = $1)"
                 " AND ($2::text IS NULL OR (($2 = ANY(k.org_ids) OR (k.all_orgs AND EXISTS ("
@@ -400,19 +444,19 @@ class Admin:
         return [key_view(r) for r in rows]
 
     async def key_row(self, key_id: str) -> asyncpg.Record | None:
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             row: asyncpg.Record | None = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
         return row
 
     async def show_key(self, key_id: str) -> dict[str, Any]:
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
         if row is None:
             raise NotFound(f"no key {key_id}")
         return key_view(row)
 
     async def revoke_key(self, key_id: str, actor: Actor = CLI) -> dict[str, Any]:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             row = await conn.fetchrow(
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING *", key_id
             )
@@ -426,7 +470,7 @@ class Admin:
     async def stop_key_in(self, key_id: str, org_ids: list[str], actor: Actor) -> dict[str, Any]:
         """Stop a key acting in `org_ids` only (what an org's admin can do to a key that also acts in
         other orgs): its owner's other orgs are untouched."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
             if row is None:
                 raise NotFound(f"no key {key_id}")
@@ -447,19 +491,19 @@ class Admin:
 
     async def stopped_in(self, key_id: str) -> list[str]:
         """The orgs a key was stopped in by their admins."""
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch("SELECT org_id FROM key_org_blocks WHERE key_id = $1 ORDER BY org_id", key_id)
         return [r["org_id"] for r in rows]
 
     async def member_roles(self, user_id: str) -> dict[str, str]:
         """The user's role in each org they belong to."""
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch("SELECT org_id, role FROM memberships WHERE user_id = $1", user_id)
         return {r["org_id"]: r["role"] for r in rows}
 
     async def projects_in(self, project_ids: list[str], org_ids: list[str]) -> list[str]:
         """Those of `project_ids` that belong to one of `org_ids`."""
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch(
                 "SELECT id FROM projects WHERE id = ANY($1::text[]) AND org_id = ANY($2::text[]) ORDER BY id",
                 project_ids,
@@ -469,7 +513,7 @@ class Admin:
 
     async def rotate_key(self, key_id: str, grace: str | None, actor: Actor = CLI) -> dict[str, Any]:
         grace_td = parse_duration(grace, "grace") if grace else timedelta(0)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             old = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1 FOR UPDATE", key_id)
             if old is None:
                 raise NotFound(f"no key {key_id}")
@@ -518,7 +562,7 @@ class Admin:
     async def create_org_owned(self, name: str, owner: str, actor: Actor) -> dict[str, Any]:
         """A new org with `owner` as its owner, in one transaction."""
         org_id = new_id("org")
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             await conn.execute("INSERT INTO orgs (id, name) VALUES ($1, $2)", org_id, _name(name))
             await conn.execute(
                 "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)",
@@ -531,12 +575,12 @@ class Admin:
         return {"id": org_id, "name": name.strip()}
 
     async def orgs(self, org_ids: list[str]) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch("SELECT id, name FROM orgs WHERE id = ANY($1::text[]) ORDER BY name, id", org_ids)
         return [dict(r) for r in rows]
 
     async def members(self, org_id: str) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch(
                 "SELECT u.id AS user_id, u.email, u.kind, u.name, m.role FROM memberships m"
                 " JOIN users u ON u.id = m.user_id WHERE m.org_id = $1 ORDER BY u.kind, u.email, u.name, u.id",
@@ -545,7 +589,7 @@ class Admin:
         return [dict(r) for r in rows]
 
     async def member_role(self, org_id: str, user_id: str) -> str | None:
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             role: str | None = await conn.fetchval(
                 "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
             )
@@ -556,7 +600,7 @@ class Admin:
         email = email.strip().lower()
         if not _EMAIL_RE.fullmatch(email):
             raise InvalidRequest("email is not a valid address", field="email")
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             found: str | None = await conn.fetchval("SELECT id FROM users WHERE email = $1", email)
             if found is not None:
                 return found
@@ -569,7 +613,7 @@ class Admin:
         """A non-human member of one org: its keys are the org's, and outlive whoever made them."""
         self.role_name(role)
         user_id = new_id("svc")
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             await self._must_exist(conn, "orgs", org_id)
             await conn.execute(
                 "INSERT INTO users (id, kind, name, service_org) VALUES ($1, 'service', $2, $3)",
@@ -593,12 +637,12 @@ class Admin:
 
     async def service_org(self, user_id: str) -> str | None:
         """The org a service account belongs to; None for a person."""
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             org: str | None = await conn.fetchval("SELECT service_org FROM users WHERE id = $1", user_id)
         return org
 
     async def service_accounts(self, org_id: str) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch(
                 "SELECT u.id, u.name, m.role FROM users u JOIN memberships m ON m.user_id = u.id AND m.org_id = $1"
                 " WHERE u.kind = 'service' AND u.service_org = $1 ORDER BY u.name, u.id",
@@ -610,7 +654,7 @@ class Admin:
         return next((sa for sa in await self.service_accounts(org_id) if sa["id"] == user_id), None)
 
     async def projects(self, org_id: str) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch("SELECT id, org_id, name FROM projects WHERE org_id = $1 ORDER BY name", org_id)
         return [dict(r) for r in rows]
 
@@ -621,7 +665,7 @@ class Admin:
         a key that can act only in this org is revoked, any other is stopped in this org only (its owner's
         other orgs are not this org's to touch). `max_owner_role`: the caller's role; keys of members above
         it are refused (None: the operator's command line)."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connect(transaction=True) as conn:
             found = await conn.fetchval(
                 "SELECT 1 FROM projects WHERE id = $1 AND org_id = $2 FOR UPDATE", project_id, org_id
             )
@@ -681,7 +725,7 @@ class Admin:
         limit: int = 50,
     ) -> list[dict[str, Any]]:
         """An org's audit events, newest first."""
-        async with self.pool.acquire() as conn:
+        async with self.connect() as conn:
             rows = await conn.fetch(
                 "SELECT id, at, type, actor, org_id, user_id, key_id, target, host(ip) AS ip, user_agent, count, detail"
                 " FROM audit_events WHERE org_id = $1 AND ($2::text IS NULL OR type = $2)"

@@ -150,7 +150,8 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics,
     )
     app[RESOLVER] = resolver
-    app[ADMIN] = Admin(app[STORE].pool, app[KEY_FORMAT], app[HASHER], cfg.roles)
+    admin_timeout_s = cfg.database.management_timeout_ms / 1000
+    app[ADMIN] = Admin(app[STORE].pool, app[KEY_FORMAT], app[HASHER], cfg.roles, admin_timeout_s)
     app[INVITATIONS] = Invitations(app[ADMIN])
     app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
     app[VERIFIER] = Verifier(

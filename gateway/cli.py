@@ -203,7 +203,8 @@ async def _with_admin(cfg: Config, fn: Callable[[Admin], Awaitable[Any]]) -> Any
         raise CliError(str(exc)) from None
     hasher = SecretHasher(cfg.keys.argon2, 1)
     try:
-        admin = Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles)
+        timeout_s = cfg.database.management_timeout_ms / 1000
+        admin = Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles, timeout_s)
         try:
             result = await fn(admin)
         except PG_ERRORS as exc:

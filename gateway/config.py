@@ -121,6 +121,8 @@ class DatabaseConfig:
     pool_min: int = 1
     pool_max: int = 10
     timeout_ms: int = C.DEFAULT_DB_TIMEOUT_MS
+    # The bound on one management call's database work (see constants); timeout_ms bounds each lookup.
+    management_timeout_ms: int = C.DEFAULT_MANAGEMENT_TIMEOUT_MS
     connect_retries: int = 5
 
 
@@ -340,6 +342,11 @@ def _validate(cfg: Config) -> None:
     check(0 < cfg.server.header_timeout_s <= 300, "server.header_timeout_s", "must be above 0 and at most 300 seconds")
     check(0 < cfg.server.body_timeout_s <= 300, "server.body_timeout_s", "must be above 0 and at most 300 seconds")
     check(bool(cfg.database.url.get()), "database.url", "is required (or set GATEWAY_DATABASE_URL)")
+    check(
+        0 < cfg.database.management_timeout_ms <= 600_000,
+        "database.management_timeout_ms",
+        "must be above 0 and at most 600000 (10 minutes)",
+    )
     check(
         cfg.database.url.get().startswith(("postgres://", "postgresql://")),
         "database.url",

@@ -52,6 +52,9 @@ DEFAULT_STALE_IF_ERROR_S: Final = 300.0
 DEFAULT_LOCAL_MAX_ENTRIES: Final = 100_000
 DEFAULT_REDIS_TIMEOUT_MS: Final = 50
 DEFAULT_DB_TIMEOUT_MS: Final = 2000
+# A management call's database work, from waiting for a connection to the commit (a new key's argon2
+# hash included): past it the call answers 503 and its connection is closed, never left hanging.
+DEFAULT_MANAGEMENT_TIMEOUT_MS: Final = 10_000
 DEFAULT_REDIS_MAX_CONNECTIONS: Final = 64
 DEFAULT_DRAIN_S: Final = 5.0
 # A request head must arrive within this long of its first byte, a body within this long of its head.

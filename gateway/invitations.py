@@ -59,7 +59,7 @@ class Invitations:
             member = await self.admin.set_member(org_id, user_id, role, actor)
             return {**member, "status": "member"}
         now = datetime.now(UTC)
-        async with self.admin.pool.acquire() as conn, conn.transaction():
+        async with self.admin.connect(transaction=True) as conn:
             # A lapsed invitation stays lapsed: inviting again makes a new one.
             await conn.execute(
                 "UPDATE invitations SET state = 'expired', decided_at = expires_at"
@@ -103,7 +103,7 @@ class Invitations:
 
     async def _pending(self, where: str, value: str) -> list[dict[str, Any]]:
         now = datetime.now(UTC)
-        async with self.admin.pool.acquire() as conn:
+        async with self.admin.connect() as conn:
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS}{_FROM} WHERE {where} AND i.state = 'pending' AND i.expires_at > $2"
                 " ORDER BY i.created_at, i.id",
@@ -116,7 +116,7 @@ class Invitations:
         """Accept or decline an open invitation. `user_id`: the user deciding (None: the operator's
         command line, on the invited user's behalf). Someone else's invitation is not found."""
         now = datetime.now(UTC)
-        async with self.admin.pool.acquire() as conn, conn.transaction():
+        async with self.admin.connect(transaction=True) as conn:
             row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1 FOR UPDATE OF i", invitation_id)
             if row is None or (user_id is not None and row["user_id"] != user_id):
                 raise NotFound(f"no invitation {invitation_id}")
@@ -162,7 +162,7 @@ class Invitations:
     async def withdraw(self, org_id: str | None, invitation_id: str, actor: Actor) -> dict[str, Any]:
         """An org's admin takes back an open invitation of that org (None: the operator, any org's)."""
         now = datetime.now(UTC)
-        async with self.admin.pool.acquire() as conn, conn.transaction():
+        async with self.admin.connect(transaction=True) as conn:
             row = await conn.fetchrow(
                 f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1 AND ($2::text IS NULL OR i.org_id = $2) FOR UPDATE OF i",
                 invitation_id,

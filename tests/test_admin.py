@@ -1,0 +1,76 @@
+"""Management calls' use of Postgres (gateway/admin.py): bounded, and an outage is a 503."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.admin import Admin
+from gateway.app import create_app
+from gateway.backends import StoreUnavailable
+from gateway.config import Config, RolesConfig
+from gateway.keys import KeyFormat, SecretHasher
+from tests._faultproxy import FaultProxy
+from tests.conftest import Services, World, make_config
+
+
+async def test_a_hung_database_is_a_bounded_503_and_the_pool_recovers(
+    aiohttp_client: Any, services: Services, clean: None, world: World
+) -> None:
+    """Issue 11: management calls took pool connections with no deadline and no error mapping, so a
+    Postgres that stopped answering held the call (and its connection) until the client gave up. Now the
+    call answers 503 auth_unavailable once `database.management_timeout_ms` has passed, the connection is
+    closed instead of rolled back, and the next calls work as soon as Postgres answers again."""
+    with FaultProxy(services.pg.port) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+        cfg = make_config(services, database={"url": url, "timeout_ms": 300, "management_timeout_ms": 600})
+        c = await aiohttp_client(create_app(cfg))
+        k = await world.key(orgs=[world.org_a])
+        headers = {"Authorization": f"Bearer {k['key']}"}
+        members = f"/v1/orgs/{world.org_a}/members"
+        assert (await c.get(members, headers=headers)).status == 200  # the key is cached from here on
+        new_key = {"name": "x", "role": "viewer", "orgs": [world.org_a]}
+        proxy.hang()
+        for method, path, body in (("GET", members, None), ("POST", "/v1/keys", new_key)):
+            started = time.monotonic()
+            r = await asyncio.wait_for(c.request(method, path, json=body, headers=headers), timeout=10)
+            took = time.monotonic() - started
+            assert (r.status, r.headers["X-Auth-Error"]) == (503, "auth_unavailable"), await r.text()
+            assert took < 5, took
+        proxy.pass_()
+        for _ in range(50):  # the breaker's probe, then connections anew
+            r = await c.get(members, headers=headers)
+            if r.status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert r.status == 200
+        r = await c.post("/v1/keys", json=new_key, headers=headers)
+        assert r.status == 201, await r.text()
+
+
+async def test_every_management_call_has_a_deadline(services: Services, clean: None, cfg: Config) -> None:
+    """Issue 11: `Admin` took pool connections with no timeout or error mapping (unlike the hot path's
+    `Store`): with Postgres hung after the connection was made, a read or a write waited for ever. Now both
+    raise StoreUnavailable (503) after `timeout_s`, and the pool serves again once Postgres answers."""
+    with FaultProxy(services.pg.port) as proxy:
+        pool = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres", min_size=1, max_size=2)
+        hasher = SecretHasher(cfg.keys.argon2, 1)
+        try:
+            admin = Admin(pool, KeyFormat("gw"), hasher, RolesConfig(), timeout_s=0.5)
+            org = (await admin.create_org("A"))["id"]
+            proxy.hang()
+            for call in (admin.members(org), admin.create_org("B")):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await asyncio.wait_for(call, timeout=5)
+                assert time.monotonic() - started < 2
+            proxy.pass_()
+            assert await admin.members(org) == []
+            assert (await admin.create_org("C"))["name"] == "C"
+        finally:
+            hasher.close()
+            await pool.close()

@@ -50,6 +50,13 @@ def new_id(kind: str) -> str:
     return f"{kind}_{random_b62(16)}"
 
 
+def _email(value: str) -> str:
+    email = value.strip().lower()
+    if not _EMAIL_RE.fullmatch(email):
+        raise InvalidRequest("email is not a valid address", field="email")
+    return email
+
+
 def _name(value: str, what: str = "name") -> str:
     value = value.strip()
     if not value or len(value) > MAX_NAME or any(ord(c) < 0x20 for c in value):
@@ -122,10 +129,30 @@ class KeySpec:
     rate_limit: str | None = None
 
 
+@dataclass(frozen=True)
+class CheckedSpec:
+    """A KeySpec that passed `Admin.validate_spec`, with what the check worked out."""
+
+    spec: KeySpec
+    expires: datetime | None
+    cidrs: list[str] | None  # the allowlist as normalised networks
+
+
 async def notify_keys(conn: asyncpg.Connection, key_ids: list[str]) -> None:
     for i in range(0, len(key_ids), C.PG_NOTIFY_BATCH):
         payload = json.dumps({"k": key_ids[i : i + C.PG_NOTIFY_BATCH]})
         await conn.execute("SELECT pg_notify($1, $2)", C.PG_INVALIDATION_CHANNEL, payload)
+
+
+_KEY = "SELECT * FROM api_keys WHERE id = $1"
+_KEY_FOR_UPDATE = "SELECT * FROM api_keys WHERE id = $1 FOR UPDATE"
+
+
+async def _key(conn: asyncpg.Connection, key_id: str, *, lock: bool = False) -> asyncpg.Record | None:
+    """A key's row; with `lock`, held until the transaction ends (FOR UPDATE)."""
+    query = _KEY_FOR_UPDATE if lock else _KEY
+    row: asyncpg.Record | None = await conn.fetchrow(query, key_id)
+    return row
 
 
 async def _block(conn: asyncpg.Connection, key_id: str, org_id: str, actor: Actor) -> None:
@@ -194,25 +221,51 @@ class Admin:
 
     # --- orgs, users, members, projects ---------------------------------------------------------
 
-    async def create_org(self, name: str, actor: Actor = CLI) -> dict[str, Any]:
+    async def create_org(self, name: str, actor: Actor = CLI, owner: str | None = None) -> dict[str, Any]:
+        """A new org; with `owner`, that user is its owner (the highest role), in the same transaction."""
         org_id = new_id("org")
         async with self.connect(transaction=True) as conn:
             await conn.execute("INSERT INTO orgs (id, name) VALUES ($1, $2)", org_id, _name(name))
-            await write_event(conn, "org.created", actor=actor, org_id=org_id, detail={"name": name})
+            await write_event(conn, "org.created", actor=actor, org_id=org_id, target=org_id, detail={"name": name})
+            if owner is not None:
+                role = self.roles.order[-1]
+                await conn.execute(
+                    "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)", org_id, owner, role
+                )
+                await self._membership_changed(conn, org_id, owner, None, role, actor)
         return {"id": org_id, "name": name.strip()}
 
     async def create_user(self, email: str, actor: Actor = CLI) -> dict[str, Any]:
-        email = email.strip().lower()
-        if not _EMAIL_RE.fullmatch(email):
-            raise InvalidRequest("email is not a valid address", field="email")
-        user_id = new_id("usr")
+        """A new user; Conflict when one has this email (see `user_by_email` to reuse it)."""
+        email = _email(email)
         async with self.connect(transaction=True) as conn:
-            try:
-                await conn.execute("INSERT INTO users (id, email) VALUES ($1, $2)", user_id, email)
-            except asyncpg.UniqueViolationError:
-                raise Conflict(f"a user with email {email} exists") from None
-            await write_event(conn, "user.created", actor=actor, user_id=user_id)
+            user_id = await self._insert_user(conn, email, actor)
+        if user_id is None:
+            raise Conflict(f"a user with email {email} exists")
         return {"id": user_id, "email": email}
+
+    async def user_by_email(self, email: str, actor: Actor) -> str:
+        """The id of the user with this email, created if there is none."""
+        email = _email(email)
+        async with self.connect(transaction=True) as conn:
+            query = "SELECT id FROM users WHERE email = $1"
+            found: str | None = await conn.fetchval(query, email) or await self._insert_user(conn, email, actor)
+            if found is None:  # made by a concurrent call since we looked
+                found = await conn.fetchval(query, email)
+        if found is None:
+            raise Conflict(f"the user with email {email} could not be read back")
+        return found
+
+    async def _insert_user(self, conn: asyncpg.Connection, email: str, actor: Actor) -> str | None:
+        """The new user's id; None when the email is taken (nothing written)."""
+        user_id = new_id("usr")
+        added = await conn.fetchval(
+            "INSERT INTO users (id, email) VALUES ($1, $2) ON CONFLICT (email) DO NOTHING RETURNING id", user_id, email
+        )
+        if added is None:
+            return None
+        await write_event(conn, "user.created", actor=actor, user_id=user_id, target=user_id)
+        return user_id
 
     async def _must_exist(self, conn: asyncpg.Connection, table: str, id_: str) -> None:
         queries = {
@@ -313,7 +366,8 @@ class Admin:
 
     # --- keys -------------------------------------------------------------------------------------
 
-    def validate_spec(self, spec: KeySpec) -> tuple[datetime | None, list[str] | None]:
+    def validate_spec(self, spec: KeySpec) -> CheckedSpec:
+        """The spec checked on its own (no database): InvalidRequest naming the field, else ready to mint."""
         _name(spec.name)
         self.role_name(spec.role)
         if spec.env not in ENVS:
@@ -338,7 +392,7 @@ class Admin:
                 raise InvalidRequest(f"at most {MAX_LIST} {what}", field=what)
         if spec.rate_limit is not None:
             parse_rate_limit(spec.rate_limit)
-        return expires, cidrs
+        return CheckedSpec(spec, expires, cidrs)
 
     async def _check_scope(self, conn: asyncpg.Connection, spec: KeySpec) -> None:
         await self._must_exist(conn, "users", spec.user_id)
@@ -403,13 +457,20 @@ class Admin:
             )
 
     async def create_key(self, spec: KeySpec, actor: Actor = CLI) -> dict[str, Any]:
-        expires, cidrs = self.validate_spec(spec)
+        row, raw = await self.mint(self.validate_spec(spec), actor)
+        return {**key_view(row), "key": raw}
+
+    async def mint(self, checked: CheckedSpec, actor: Actor) -> tuple[asyncpg.Record, str]:
+        """A new key from a checked spec (its user and projects checked here): its row and the raw key,
+        shown this once."""
+        spec = checked.spec
         async with self.connect(transaction=True) as conn:
             await self._check_scope(conn, spec)
-            key_id, raw = await self._insert_key(conn, spec, expires, cidrs)
+            key_id, raw = await self._insert_key(conn, spec, checked.expires, checked.cidrs)
             await self._key_event(conn, "api_key.created", key_id, actor, {"role": spec.role, "env": spec.env})
-            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
-        return {**key_view(row), "key": raw}
+            row = await _key(conn, key_id)
+        assert row is not None  # inserted just now, in this transaction
+        return row, raw
 
     async def list_keys(
         self,
@@ -420,6 +481,17 @@ class Admin:
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """Keys, oldest first: of one owner, and/or that can act in one org, in one status."""
+        return [key_view(r) for r in await self.key_rows(user_id, org_id, status, after, limit)]
+
+    async def key_rows(
+        self,
+        user_id: str | None = None,
+        org_id: str | None = None,
+        status: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[asyncpg.Record]:
+        """`list_keys`'s rows."""
         now = datetime.now(UTC)
         async with self.connect() as conn:
             rows = await conn.fetch(
@@ -441,16 +513,14 @@ class Admin:
                 after[1] if after else None,
                 limit,
             )
-        return [key_view(r) for r in rows]
+        return list(rows)
 
     async def key_row(self, key_id: str) -> asyncpg.Record | None:
         async with self.connect() as conn:
-            row: asyncpg.Record | None = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
-        return row
+            return await _key(conn, key_id)
 
     async def show_key(self, key_id: str) -> dict[str, Any]:
-        async with self.connect() as conn:
-            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+        row = await self.key_row(key_id)
         if row is None:
             raise NotFound(f"no key {key_id}")
         return key_view(row)
@@ -471,7 +541,7 @@ class Admin:
         """Stop a key acting in `org_ids` only (what an org's admin can do to a key that also acts in
         other orgs): its owner's other orgs are untouched."""
         async with self.connect(transaction=True) as conn:
-            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+            row = await _key(conn, key_id)
             if row is None:
                 raise NotFound(f"no key {key_id}")
             for org_id in org_ids:
@@ -491,15 +561,33 @@ class Admin:
 
     async def stopped_in(self, key_id: str) -> list[str]:
         """The orgs a key was stopped in by their admins."""
-        async with self.connect() as conn:
-            rows = await conn.fetch("SELECT org_id FROM key_org_blocks WHERE key_id = $1 ORDER BY org_id", key_id)
-        return [r["org_id"] for r in rows]
+        return (await self.stopped_in_each([key_id]))[key_id]
 
     async def member_roles(self, user_id: str) -> dict[str, str]:
         """The user's role in each org they belong to."""
+        return (await self.member_roles_of([user_id]))[user_id]
+
+    async def member_roles_of(self, user_ids: list[str]) -> dict[str, dict[str, str]]:
+        """`member_roles` of several users at once (one query for a page of keys)."""
+        roles: dict[str, dict[str, str]] = {u: {} for u in user_ids}
         async with self.connect() as conn:
-            rows = await conn.fetch("SELECT org_id, role FROM memberships WHERE user_id = $1", user_id)
-        return {r["org_id"]: r["role"] for r in rows}
+            rows = await conn.fetch(
+                "SELECT user_id, org_id, role FROM memberships WHERE user_id = ANY($1::text[])", user_ids
+            )
+        for r in rows:
+            roles[r["user_id"]][r["org_id"]] = r["role"]
+        return roles
+
+    async def stopped_in_each(self, key_ids: list[str]) -> dict[str, list[str]]:
+        """`stopped_in` of several keys at once."""
+        stopped: dict[str, list[str]] = {k: [] for k in key_ids}
+        async with self.connect() as conn:
+            rows = await conn.fetch(
+                "SELECT key_id, org_id FROM key_org_blocks WHERE key_id = ANY($1::text[]) ORDER BY org_id", key_ids
+            )
+        for r in rows:
+            stopped[r["key_id"]].append(r["org_id"])
+        return stopped
 
     async def projects_in(self, project_ids: list[str], org_ids: list[str]) -> list[str]:
         """Those of `project_ids` that belong to one of `org_ids`."""
@@ -514,7 +602,7 @@ class Admin:
     async def rotate_key(self, key_id: str, grace: str | None, actor: Actor = CLI) -> dict[str, Any]:
         grace_td = parse_duration(grace, "grace") if grace else timedelta(0)
         async with self.connect(transaction=True) as conn:
-            old = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1 FOR UPDATE", key_id)
+            old = await _key(conn, key_id, lock=True)
             if old is None:
                 raise NotFound(f"no key {key_id}")
             if key_status(old, datetime.now(UTC)) != "active":
@@ -554,25 +642,10 @@ class Admin:
             )
             self.invalidated = [key_id]
             await notify_keys(conn, self.invalidated)
-            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", new_id_)
+            row = await _key(conn, new_id_)
         return {**key_view(row), "key": raw, "rotated_from": key_id}
 
     # --- self-serve queries and writes ------------------------------------------------------------
-
-    async def create_org_owned(self, name: str, owner: str, actor: Actor) -> dict[str, Any]:
-        """A new org with `owner` as its owner, in one transaction."""
-        org_id = new_id("org")
-        async with self.connect(transaction=True) as conn:
-            await conn.execute("INSERT INTO orgs (id, name) VALUES ($1, $2)", org_id, _name(name))
-            await conn.execute(
-                "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)",
-                org_id,
-                owner,
-                self.roles.order[-1],
-            )
-            await write_event(conn, "org.created", actor=actor, org_id=org_id, target=org_id, detail={"name": name})
-            await self._membership_changed(conn, org_id, owner, None, self.roles.order[-1], actor)
-        return {"id": org_id, "name": name.strip()}
 
     async def orgs(self, org_ids: list[str]) -> list[dict[str, Any]]:
         async with self.connect() as conn:
@@ -594,20 +667,6 @@ class Admin:
                 "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", org_id, user_id
             )
         return role
-
-    async def user_by_email(self, email: str, actor: Actor) -> str:
-        """The id of the user with this email, created if there is none."""
-        email = email.strip().lower()
-        if not _EMAIL_RE.fullmatch(email):
-            raise InvalidRequest("email is not a valid address", field="email")
-        async with self.connect(transaction=True) as conn:
-            found: str | None = await conn.fetchval("SELECT id FROM users WHERE email = $1", email)
-            if found is not None:
-                return found
-            user_id = new_id("usr")
-            await conn.execute("INSERT INTO users (id, email) VALUES ($1, $2)", user_id, email)
-            await write_event(conn, "user.created", actor=actor, user_id=user_id, target=user_id)
-        return user_id
 
     async def create_service_account(self, org_id: str, name: str, role: str, actor: Actor) -> dict[str, Any]:
         """A non-human member of one org: its keys are the org's, and outlive whoever made them."""

@@ -32,7 +32,7 @@ from gateway.errors import (
     OrgNotAllowed,
     ProjectNotAllowed,
 )
-from gateway.formats import parse_iso
+from gateway.formats import iso, parse_iso
 from gateway.forward import client_address, credential
 from gateway.invitations import INVITATIONS
 from gateway.models import KeyRecord
@@ -305,14 +305,21 @@ class KeyAccess:
     managed: list[str]
 
 
-async def key_access(request: web.Request, row: Any, permission: str = "keys:read") -> KeyAccess:
+async def key_access(
+    request: web.Request,
+    row: Any,
+    permission: str = "keys:read",
+    known: tuple[dict[str, str], list[str]] | None = None,
+) -> KeyAccess:
     """The caller's own key in full. Another user's key only as seen from the orgs where the caller is an
     admin with `keys:read` and the key acts: nothing of its owner's other orgs. 404 when there is none
-    (as for a key that does not exist), 403 when the caller can see it but lacks `permission`."""
+    (as for a key that does not exist), 403 when the caller can see it but lacks `permission`. `known`:
+    its owner's roles and the orgs it was stopped in, when read already (a page of keys at once)."""
     p = request[PRINCIPAL]
     admin = request.config_dict[ADMIN]
-    owner_roles = await admin.member_roles(row["user_id"])
-    stopped = await admin.stopped_in(row["id"])
+    if known is None:
+        known = (await admin.member_roles(row["user_id"]), await admin.stopped_in(row["id"]))
+    owner_roles, stopped = known
     view = key_view(row)
     acting = _acting_orgs(row, owner_roles, stopped)
     if row["user_id"] == p.user_id:
@@ -350,16 +357,15 @@ async def create_key(request: web.Request) -> web.Response:
     body = await read_body(request, _KEY_FIELDS, {"name", "role"})
     spec = spec_from(body, p.user_id)
     admin = request.config_dict[ADMIN]
-    admin.validate_spec(spec)
+    checked = admin.validate_spec(spec)
     no_escalation(p, spec)
     for org in spec.orgs:
         p.require(org)
-    created = await admin.create_key(spec, p.actor)
+    row, raw = await admin.mint(checked, p.actor)
     if p.stopped and not spec.orgs:
         # An all-orgs key made by a key stopped somewhere is stopped there too: no way back in.
-        await admin.stop_key_in(created["id"], list(p.stopped), p.actor)
-    row = await admin.key_row(created["id"])
-    return web.json_response({**(await key_access(request, row)).view, "key": created["key"]}, status=201)
+        await admin.stop_key_in(row["id"], list(p.stopped), p.actor)
+    return web.json_response({**(await key_access(request, row)).view, "key": raw}, status=201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -384,20 +390,20 @@ async def list_keys(request: web.Request) -> web.Response:
         except (ValueError, TypeError):
             raise InvalidRequest("cursor is not valid", field="cursor") from None
     admin = request.config_dict[ADMIN]
-    rows = await admin.list_keys(owner, org, status, after, limit + 1)
+    rows = await admin.key_rows(owner, org, status, after, limit + 1)
     items = rows[:limit]
+    # A page costs a few queries whatever its length: the owners' roles and the stops, read at once.
+    roles = await admin.member_roles_of(sorted({r["user_id"] for r in items}))
+    stops = await admin.stopped_in_each([r["id"] for r in items])
     out = []
-    for k in items:
-        row = await admin.key_row(k["id"])
-        if row is None:
-            continue
+    for row in items:
         try:
-            out.append((await key_access(request, row)).view)
+            out.append((await key_access(request, row, known=(roles[row["user_id"]], stops[row["id"]]))).view)
         except NotFound:  # no longer acting in the org (its owner left, say): not the org's to see
             continue
     next_cursor = None
     if len(rows) > limit:
-        next_cursor = encode_cursor([items[-1]["created_at"], items[-1]["id"]])
+        next_cursor = encode_cursor([iso(items[-1]["created_at"]), items[-1]["id"]])
     return web.json_response({"items": out, "next_cursor": next_cursor})
 
 
@@ -478,7 +484,7 @@ async def create_org(request: web.Request) -> web.Response:
     p.require_own("orgs:write")
     body = await read_body(request, {"name": str}, {"name"})
     return web.json_response(
-        await request.config_dict[ADMIN].create_org_owned(body["name"], p.user_id, p.actor), status=201
+        await request.config_dict[ADMIN].create_org(body["name"], p.actor, owner=p.user_id), status=201
     )
 
 
@@ -672,11 +678,11 @@ async def create_service_account_key(request: web.Request) -> web.Response:
     body = await read_body(request, _KEY_FIELDS, {"name", "role"})
     body["orgs"] = [org]
     spec = spec_from(body, sa_id)
-    admin.validate_spec(spec)
+    checked = admin.validate_spec(spec)
     no_escalation(p, spec)
     _grantable(p, org, spec.role, "service_accounts:write")
-    created = await admin.create_key(spec, p.actor)
-    view = {**key_view(await admin.key_row(created["id"])), "key": created["key"]}
+    row, raw = await admin.mint(checked, p.actor)
+    view = {**key_view(row), "key": raw}
     view["effective_role"] = _effective_roles(p, spec.role, {org: sa["role"]}, [org])
     return web.json_response(view, status=201)
 

@@ -57,7 +57,8 @@ async def test_every_management_call_has_a_deadline(services: Services, clean: N
     `Store`): with Postgres hung after the connection was made, a read or a write waited for ever. Now both
     raise StoreUnavailable (503) after `timeout_s`, and the pool serves again once Postgres answers."""
     with FaultProxy(services.pg.port) as proxy:
-        pool = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres", min_size=1, max_size=2)
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
         hasher = SecretHasher(cfg.keys.argon2, 1)
         try:
             admin = Admin(pool, KeyFormat("gw"), hasher, RolesConfig(), timeout_s=0.5)

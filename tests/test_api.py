@@ -9,6 +9,7 @@ import pytest
 
 from gateway.api import api_app
 from gateway.app import create_app
+from gateway.audit import CLI
 from gateway.errors import ConfigError
 from tests.conftest import Client, Services, World, make_config, nginx_headers, poll
 
@@ -401,3 +402,30 @@ async def test_customised_roles_name_their_admin(aiohttp_client: Any, services: 
 def test_roles_without_their_admin_are_refused_at_start(services: Services) -> None:
     with pytest.raises(ConfigError, match=r"roles\.admin: 'admin' is not a role in roles\.order"):
         make_config(services, roles=CUSTOM_ROLES)
+
+
+async def test_a_page_of_keys_shows_each_key_as_its_own_page_does(client: Client, world: World) -> None:
+    """Issue 11: the listing read each key again, its owner's roles and its stops, one key at a time (three
+    queries per key); it now reads them for the whole page at once. What it shows is unchanged: each item
+    equals the key's own GET, for keys of several owners, an all-orgs key, and a key stopped in an org."""
+    me = await world.key(name="admin", orgs=[world.org_a])
+    other = (await world.admin.create_user("dev@example.com"))["id"]
+    await world.admin.set_member(world.org_a, other, "member")
+    await world.admin.set_member(world.org_b, other, "member")
+    for i in range(3):
+        await world.key(name=f"dev{i}", role="member", user=other, orgs=[] if i == 0 else [world.org_a])
+    stopped = await world.key(name="stopped", role="member", user=other)
+    await world.admin.stop_key_in(stopped["id"], [world.org_b], CLI)
+    items = (await ok(await client.get(f"/v1/keys?org={world.org_a}&limit=3", headers=auth(me))))["items"]
+    cursor = ""
+    seen: list[dict[str, Any]] = []
+    while True:
+        page = await ok(await client.get(f"/v1/keys?org={world.org_a}&limit=3{cursor}", headers=auth(me)))
+        seen.extend(page["items"])
+        if not page["next_cursor"]:
+            break
+        cursor = f"&cursor={page['next_cursor']}"
+    assert len(items) == 3 and len(seen) == 5  # mine, the three dev keys and the stopped one, over two pages
+    for item in seen:
+        assert item == await ok(await client.get(f"/v1/keys/{item['id']}", headers=auth(me)))
+    assert {i["name"] for i in seen} >= {"dev0", "dev1", "dev2", "stopped"}

@@ -11,7 +11,7 @@ import contextlib
 import ipaddress
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -173,13 +173,16 @@ class Admin:
         hasher: SecretHasher,
         roles: RolesConfig,
         timeout_s: float = C.DEFAULT_MANAGEMENT_TIMEOUT_MS / 1000,
+        on_invalidate: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.pool = pool
         self.fmt = fmt
         self.hasher = hasher
         self.roles = roles
         self.timeout_s = timeout_s
-        self.invalidated: list[str] = []  # key ids invalidated by the last call, for the Redis tier
+        # Told the key ids each change invalidates (the CLI drops them from Redis itself): a callback of the
+        # caller's, not state kept here, since one Admin serves concurrent calls.
+        self.on_invalidate = on_invalidate
 
     @contextlib.asynccontextmanager
     async def connect(self, *, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
@@ -212,6 +215,12 @@ class Admin:
         finally:
             if conn is not None:
                 await self.pool.release(conn, timeout=self.timeout_s)
+
+    async def _invalidate(self, conn: asyncpg.Connection, key_ids: list[str]) -> None:
+        """Every process drops these keys when the caller's transaction commits (NOTIFY)."""
+        await notify_keys(conn, key_ids)
+        if self.on_invalidate is not None:
+            self.on_invalidate(key_ids)
 
     def role_name(self, role: str) -> str:
         """`role`, if this gateway knows it; else InvalidRequest naming the field."""
@@ -291,8 +300,7 @@ class Admin:
             target=user_id,
             detail={"from": old, "to": new},
         )
-        self.invalidated = await self._user_keys(conn, user_id)
-        await notify_keys(conn, self.invalidated)
+        await self._invalidate(conn, await self._user_keys(conn, user_id))
 
     async def _keep_an_owner(self, conn: asyncpg.Connection, org_id: str, user_id: str, new: str | None) -> None:
         """An org always keeps an owner: the last one can be neither removed nor demoted. The org row is
@@ -533,8 +541,7 @@ class Admin:
             if row is None:
                 raise NotFound(f"no key {key_id}")
             await self._key_event(conn, "api_key.revoked", key_id, actor)
-            self.invalidated = [key_id]
-            await notify_keys(conn, self.invalidated)
+            await self._invalidate(conn, [key_id])
         return key_view(row)
 
     async def stop_key_in(self, key_id: str, org_ids: list[str], actor: Actor) -> dict[str, Any]:
@@ -555,8 +562,7 @@ class Admin:
                     target=key_id,
                     detail={"scope": "org"},
                 )
-            self.invalidated = [key_id]
-            await notify_keys(conn, self.invalidated)
+            await self._invalidate(conn, [key_id])
         return key_view(row)
 
     async def stopped_in(self, key_id: str) -> list[str]:
@@ -640,8 +646,7 @@ class Admin:
                 actor,
                 {"new_key_id": new_id_, "grace_s": int(grace_td.total_seconds())},
             )
-            self.invalidated = [key_id]
-            await notify_keys(conn, self.invalidated)
+            await self._invalidate(conn, [key_id])
             row = await _key(conn, new_id_)
         return {**key_view(row), "key": raw, "rotated_from": key_id}
 
@@ -764,7 +769,7 @@ class Admin:
                     detail={"reason": "project deleted", "scope": "key" if r["id"] in whole else "org"},
                 )
             if naming:
-                await notify_keys(conn, naming)
+                await self._invalidate(conn, naming)
             await conn.execute("DELETE FROM projects WHERE id = $1", project_id)
             await write_event(
                 conn, "project.deleted", actor=actor, org_id=org_id, target=project_id, detail={"revoked_keys": naming}

@@ -204,13 +204,14 @@ async def _with_admin(cfg: Config, fn: Callable[[Admin], Awaitable[Any]]) -> Any
     hasher = SecretHasher(cfg.keys.argon2, 1)
     try:
         timeout_s = cfg.database.management_timeout_ms / 1000
-        admin = Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles, timeout_s)
+        invalidated: list[str] = []
+        admin = Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles, timeout_s, invalidated.extend)
         try:
             result = await fn(admin)
         except PG_ERRORS as exc:
             raise CliError(f"database error: {exc.__class__.__name__}") from None
-        if admin.invalidated:
-            await _invalidate_redis(cfg, admin.invalidated)
+        if invalidated:
+            await _invalidate_redis(cfg, invalidated)
         return result
     finally:
         hasher.close()

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.admin import Admin
 from gateway.app import create_app
+from gateway.audit import CLI
 from gateway.backends import StoreUnavailable
 from gateway.config import Config, RolesConfig
 from gateway.keys import KeyFormat, SecretHasher
@@ -75,3 +76,20 @@ async def test_every_management_call_has_a_deadline(services: Services, clean: N
         finally:
             hasher.close()
             await pool.close()
+
+
+async def test_each_call_reports_what_it_invalidated(cfg: Config, pool: asyncpg.Pool, world: World) -> None:
+    """Issue 11: `Admin.invalidated` held the key ids of "the last call" on an object that serves
+    concurrent calls, so one call's list could be another's. Each change now hands its own ids to the
+    caller's `on_invalidate` (the CLI drops them from Redis): two changes at once report both."""
+    k1 = await world.key(name="one", orgs=[world.org_a])
+    k2 = await world.key(name="two", orgs=[world.org_a])
+    got: list[list[str]] = []
+    hasher = SecretHasher(cfg.keys.argon2, 1)
+    try:
+        admin = Admin(pool, KeyFormat("gw"), hasher, cfg.roles, on_invalidate=got.append)
+        await asyncio.gather(admin.revoke_key(k1["id"], CLI), admin.set_member(world.org_b, world.user, "member"))
+    finally:
+        hasher.close()
+    assert [k1["id"]] in got
+    assert sorted(k2["id"] in ids and k1["id"] in ids for ids in got) == [False, True]  # all the user's keys

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from gateway._services import Postgres, Redis, free_port
-from gateway.admin import KeySpec
-from gateway.cli import CliError, _migrate, _serve_one, _with_admin
+from gateway.cli import CliError, Management, _migrate, _serve_one, with_management
 from gateway.config import load_config
+from gateway.keyring import KeySpec
 
 LOCAL = Path(".local")
 
@@ -48,16 +48,16 @@ async def _demo(config_path: str | None) -> None:
         return
     cfg = load_config(config_path)
 
-    async def setup(admin):  # type: ignore[no-untyped-def]
-        org = await admin.create_org("Demo")
-        user = await admin.create_user(f"demo-{secrets.token_hex(3)}@example.com")
-        await admin.set_member(org["id"], user["id"], "owner")
-        key = await admin.create_key(
+    async def setup(m: Management):  # type: ignore[no-untyped-def]
+        org = await m.directory.create_org("Demo")
+        user = await m.directory.create_user(f"demo-{secrets.token_hex(3)}@example.com")
+        await m.directory.set_member(org["id"], user["id"], "owner")
+        key = await m.keyring.create_key(
             KeySpec(user_id=user["id"], name="demo", role="admin", orgs=[], projects=[], scopes=None)
         )
         return org, user, key
 
-    org, user, key = await _with_admin(cfg, setup)
+    org, user, key = await with_management(cfg, setup)
     marker.write_text(json.dumps({"org": org["id"], "user": user["id"], "key_id": key["id"]}))
     port = cfg.server.port
     print("\n  Demo API key (shown this once, keep it):\n")

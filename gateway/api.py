@@ -19,10 +19,10 @@ from typing import Any
 from aiohttp import web
 
 from gateway._body import json_object, read_raw
-from gateway.admin import ADMIN, MAX_LIST, KeySpec, key_expiry, key_view
-from gateway.audit import Actor
+from gateway.audit import AUDIT_LOG, Actor
 from gateway.authz import effective_permissions, granted, pattern_matches, role_in
 from gateway.config import RolesConfig
+from gateway.directory import DIRECTORY
 from gateway.errors import (
     InsufficientPermissions,
     InvalidRequest,
@@ -35,6 +35,7 @@ from gateway.errors import (
 from gateway.formats import iso, parse_iso
 from gateway.forward import client_address, credential
 from gateway.invitations import INVITATIONS
+from gateway.keyring import KEYRING, MAX_LIST, KeySpec, key_expiry, key_view
 from gateway.models import KeyRecord
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
@@ -123,7 +124,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     record = await verifier.current(record, client_ip)
     address = str(client_ip) if client_ip is not None else None
     actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
-    stopped = tuple(await app[ADMIN].stopped_in(record.id))
+    stopped = tuple(await app[KEYRING].stopped_in(record.id))
     request[PRINCIPAL] = Principal(record, actor, app[CONFIG].roles, stopped)
     return await handler(request)
 
@@ -316,9 +317,9 @@ async def key_access(
     (as for a key that does not exist), 403 when the caller can see it but lacks `permission`. `known`:
     its owner's roles and the orgs it was stopped in, when read already (a page of keys at once)."""
     p = request[PRINCIPAL]
-    admin = request.config_dict[ADMIN]
+    directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
     if known is None:
-        known = (await admin.member_roles(row["user_id"]), await admin.stopped_in(row["id"]))
+        known = (await directory.member_roles(row["user_id"]), await keyring.stopped_in(row["id"]))
     owner_roles, stopped = known
     view = key_view(row)
     acting = _acting_orgs(row, owner_roles, stopped)
@@ -339,13 +340,13 @@ async def key_access(
     if set(acting) - set(seen_from) or row["all_orgs"]:
         view["last_used_at"] = None  # its use in the owner's other orgs is not this org's business
     if view["projects"] != "all":
-        view["projects"] = await admin.projects_in(view["projects"], seen_from)
+        view["projects"] = await directory.projects_in(view["projects"], seen_from)
     view["effective_role"] = _effective_roles(p, row["role"], owner_roles, seen_from)
     return KeyAccess(row, view, managed)
 
 
 async def visible_key(request: web.Request, key_id: str, permission: str = "keys:read") -> KeyAccess:
-    row = await request.config_dict[ADMIN].key_row(key_id)
+    row = await request.config_dict[KEYRING].key_row(key_id)
     if row is None:
         raise NotFound(f"no key {key_id}")
     return await key_access(request, row, permission)
@@ -356,15 +357,15 @@ async def create_key(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     body = await read_body(request, _KEY_FIELDS, {"name", "role"})
     spec = spec_from(body, p.user_id)
-    admin = request.config_dict[ADMIN]
-    checked = admin.validate_spec(spec)
+    keyring = request.config_dict[KEYRING]
+    checked = keyring.validate_spec(spec)
     no_escalation(p, spec)
     for org in spec.orgs:
         p.require(org)
-    row, raw = await admin.mint(checked, p.actor)
+    row, raw = await keyring.mint(checked, p.actor)
     if p.stopped and not spec.orgs:
         # An all-orgs key made by a key stopped somewhere is stopped there too: no way back in.
-        await admin.stop_key_in(row["id"], list(p.stopped), p.actor)
+        await keyring.stop_key_in(row["id"], list(p.stopped), p.actor)
     return web.json_response({**(await key_access(request, row)).view, "key": raw}, status=201)
 
 
@@ -389,12 +390,12 @@ async def list_keys(request: web.Request) -> web.Response:
             after = (parse_iso(str(at)), str(key_id))
         except (ValueError, TypeError):
             raise InvalidRequest("cursor is not valid", field="cursor") from None
-    admin = request.config_dict[ADMIN]
-    rows = await admin.key_rows(owner, org, status, after, limit + 1)
+    directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
+    rows = await keyring.key_rows(owner, org, status, after, limit + 1)
     items = rows[:limit]
     # A page costs a few queries whatever its length: the owners' roles and the stops, read at once.
-    roles = await admin.member_roles_of(sorted({r["user_id"] for r in items}))
-    stops = await admin.stopped_in_each([r["id"] for r in items])
+    roles = await directory.member_roles_of(sorted({r["user_id"] for r in items}))
+    stops = await keyring.stopped_in_each([r["id"] for r in items])
     out = []
     for row in items:
         try:
@@ -415,18 +416,18 @@ async def revoke_key(request: web.Request) -> web.Response:
     """Its owner revokes a key everywhere. An org's admin stops it in that org: the whole key only when it
     can act nowhere else (scoped to orgs the admin manages, or a service account's), else just there."""
     p = request[PRINCIPAL]
-    admin = request.config_dict[ADMIN]
+    keyring = request.config_dict[KEYRING]
     access = await visible_key(request, request.match_info["key_id"], "keys:write")
     row = access.row
     if not access.managed:  # one's own key, if no more powerful than the credential revoking it
         if access.view["status"] == "active":
             no_escalation(p, spec_of(row), "revoke", access.view["stopped_in"])
-        await admin.revoke_key(row["id"], p.actor)
+        await keyring.revoke_key(row["id"], p.actor)
         return web.json_response((await visible_key(request, row["id"])).view)
     if not row["all_orgs"] and set(row["org_ids"]) <= set(access.managed):
-        revoked = await admin.revoke_key(row["id"], p.actor)
+        revoked = await keyring.revoke_key(row["id"], p.actor)
         return web.json_response({**access.view, "status": "revoked", "revoked_at": revoked["revoked_at"]})
-    await admin.stop_key_in(row["id"], access.managed, p.actor)
+    await keyring.stop_key_in(row["id"], access.managed, p.actor)
     return web.json_response({**access.view, "status": "revoked", "revoked_in": access.managed})
 
 
@@ -450,15 +451,15 @@ async def rotate_key(request: web.Request) -> web.Response:
     """Rotation hands out a new raw key: only to its owner, or to an admin of a service account's org,
     and never to a key less powerful than the one rotated."""
     p = request[PRINCIPAL]
-    admin = request.config_dict[ADMIN]
+    directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
     access = await visible_key(request, request.match_info["key_id"], "keys:write")
-    if access.managed and await admin.service_org(access.row["user_id"]) not in access.managed:
+    if access.managed and await directory.service_org(access.row["user_id"]) not in access.managed:
         raise InsufficientPermissions("only a key's owner can rotate it; an admin can revoke it")
     if access.view["status"] == "active":
         no_escalation(p, spec_of(access.row), "rotate", access.view.get("stopped_in", ()))
     body = await read_body(request, {"grace": str}, set())
-    rotated = await admin.rotate_key(access.row["id"], body.get("grace"), p.actor)
-    new = await key_access(request, await admin.key_row(rotated["id"]))
+    rotated = await keyring.rotate_key(access.row["id"], body.get("grace"), p.actor)
+    new = await key_access(request, await keyring.key_row(rotated["id"]))
     return web.json_response({**new.view, "key": rotated["key"], "rotated_from": access.row["id"]}, status=201)
 
 
@@ -467,7 +468,7 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 async def me(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
-    orgs = await request.config_dict[ADMIN].orgs(p.orgs())
+    orgs = await request.config_dict[DIRECTORY].orgs(p.orgs())
     return web.json_response(
         {
             "user_id": p.user_id,
@@ -484,13 +485,13 @@ async def create_org(request: web.Request) -> web.Response:
     p.require_own("orgs:write")
     body = await read_body(request, {"name": str}, {"name"})
     return web.json_response(
-        await request.config_dict[ADMIN].create_org(body["name"], p.actor, owner=p.user_id), status=201
+        await request.config_dict[DIRECTORY].create_org(body["name"], p.actor, owner=p.user_id), status=201
     )
 
 
 async def list_orgs(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
-    orgs = await request.config_dict[ADMIN].orgs(p.orgs())
+    orgs = await request.config_dict[DIRECTORY].orgs(p.orgs())
     return web.json_response({"items": [{**o, "role": p.role_in(o["id"])} for o in orgs]})
 
 
@@ -498,14 +499,14 @@ async def get_org(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
     role = p.require(org)
-    (found,) = await request.config_dict[ADMIN].orgs([org])
+    (found,) = await request.config_dict[DIRECTORY].orgs([org])
     return web.json_response({**found, "role": role})
 
 
 async def list_members(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     request[PRINCIPAL].require(org, "members:read", admin=True)
-    return web.json_response({"items": await request.config_dict[ADMIN].members(org)})
+    return web.json_response({"items": await request.config_dict[DIRECTORY].members(org)})
 
 
 def _grantable(p: Principal, org: str, role: str, permission: str) -> None:
@@ -527,8 +528,8 @@ async def add_member(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     body = await read_body(request, {"email": str, "role": str}, {"email", "role"})
     _grantable(p, org, body["role"], "members:write")
-    admin = request.config_dict[ADMIN]
-    user_id = await admin.user_by_email(body["email"], p.actor)
+    directory = request.config_dict[DIRECTORY]
+    user_id = await directory.user_by_email(body["email"], p.actor)
     await _guard_target(request, org, user_id)
     result = await request.config_dict[INVITATIONS].invite(org, body["email"], body["role"], p.actor)
     return web.json_response(result, status=200 if result["status"] == "member" else 202)
@@ -537,7 +538,7 @@ async def add_member(request: web.Request) -> web.Response:
 async def _guard_target(request: web.Request, org: str, user_id: str) -> None:
     """A member whose role is above the caller's cannot be changed or removed by the caller."""
     p = request[PRINCIPAL]
-    current = await request.config_dict[ADMIN].member_role(org, user_id)
+    current = await request.config_dict[DIRECTORY].member_role(org, user_id)
     mine = p.require(org, "members:write", admin=True)
     if current is not None and p.roles.rank(current) > p.roles.rank(mine):
         raise InsufficientPermissions(f"an {mine} cannot change an {current}")
@@ -548,10 +549,10 @@ async def set_member(request: web.Request) -> web.Response:
     org, user_id = request.match_info["org"], request.match_info["user_id"]
     body = await read_body(request, {"role": str}, {"role"})
     _grantable(p, org, body["role"], "members:write")
-    if await request.config_dict[ADMIN].member_role(org, user_id) is None:
+    if await request.config_dict[DIRECTORY].member_role(org, user_id) is None:
         raise NotFound(f"no member {user_id}")
     await _guard_target(request, org, user_id)
-    return web.json_response(await request.config_dict[ADMIN].set_member(org, user_id, body["role"], p.actor))
+    return web.json_response(await request.config_dict[DIRECTORY].set_member(org, user_id, body["role"], p.actor))
 
 
 async def remove_member(request: web.Request) -> web.Response:
@@ -559,7 +560,7 @@ async def remove_member(request: web.Request) -> web.Response:
     org, user_id = request.match_info["org"], request.match_info["user_id"]
     p.require(org, "members:write", admin=True)
     await _guard_target(request, org, user_id)
-    return web.json_response(await request.config_dict[ADMIN].remove_member(org, user_id, p.actor))
+    return web.json_response(await request.config_dict[DIRECTORY].remove_member(org, user_id, p.actor))
 
 
 async def list_org_invitations(request: web.Request) -> web.Response:
@@ -612,14 +613,16 @@ async def create_project(request: web.Request) -> web.Response:
     if not p.record.all_projects:
         raise ProjectNotAllowed("a key confined to some projects cannot create one")
     body = await read_body(request, {"name": str}, {"name"})
-    return web.json_response(await request.config_dict[ADMIN].create_project(org, body["name"], p.actor), status=201)
+    return web.json_response(
+        await request.config_dict[DIRECTORY].create_project(org, body["name"], p.actor), status=201
+    )
 
 
 async def list_projects(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     p = request[PRINCIPAL]
     p.require(org, "projects:read")
-    projects = await request.config_dict[ADMIN].projects(org)
+    projects = await request.config_dict[DIRECTORY].projects(org)
     return web.json_response(
         {"items": [x for x in projects if p.record.all_projects or x["id"] in p.record.project_ids]}
     )
@@ -629,7 +632,7 @@ async def get_project(request: web.Request) -> web.Response:
     org, project = request.match_info["org"], request.match_info["project"]
     request[PRINCIPAL].require(org, "projects:read")
     _project_in_reach(request[PRINCIPAL], project)
-    found = [p for p in await request.config_dict[ADMIN].projects(org) if p["id"] == project]
+    found = [p for p in await request.config_dict[DIRECTORY].projects(org) if p["id"] == project]
     if not found:
         raise NotFound(f"no project {project}")
     return web.json_response(found[0])
@@ -646,7 +649,9 @@ async def delete_project(request: web.Request) -> web.Response:
     if revoke == "true":
         p.require(org, "keys:write", admin=True)  # it stops keys
     return web.json_response(
-        await request.config_dict[ADMIN].delete_project(org, project, revoke == "true", p.actor, max_owner_role=role)
+        await request.config_dict[DIRECTORY].delete_project(
+            org, project, revoke == "true", p.actor, max_owner_role=role
+        )
     )
 
 
@@ -656,14 +661,15 @@ async def create_service_account(request: web.Request) -> web.Response:
     body = await read_body(request, {"name": str, "role": str}, {"name", "role"})
     _grantable(p, org, body["role"], "service_accounts:write")
     return web.json_response(
-        await request.config_dict[ADMIN].create_service_account(org, body["name"], body["role"], p.actor), status=201
+        await request.config_dict[DIRECTORY].create_service_account(org, body["name"], body["role"], p.actor),
+        status=201,
     )
 
 
 async def list_service_accounts(request: web.Request) -> web.Response:
     org = request.match_info["org"]
     request[PRINCIPAL].require(org, "service_accounts:read", admin=True)
-    return web.json_response({"items": await request.config_dict[ADMIN].service_accounts(org)})
+    return web.json_response({"items": await request.config_dict[DIRECTORY].service_accounts(org)})
 
 
 async def create_service_account_key(request: web.Request) -> web.Response:
@@ -671,17 +677,17 @@ async def create_service_account_key(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, sa_id = request.match_info["org"], request.match_info["sa"]
     p.require(org, "service_accounts:write", admin=True)
-    admin = request.config_dict[ADMIN]
-    sa = await admin.service_account(org, sa_id)
+    directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
+    sa = await directory.service_account(org, sa_id)
     if sa is None:
         raise NotFound(f"no service account {sa_id}")
     body = await read_body(request, _KEY_FIELDS, {"name", "role"})
     body["orgs"] = [org]
     spec = spec_from(body, sa_id)
-    checked = admin.validate_spec(spec)
+    checked = keyring.validate_spec(spec)
     no_escalation(p, spec)
     _grantable(p, org, spec.role, "service_accounts:write")
-    row, raw = await admin.mint(checked, p.actor)
+    row, raw = await keyring.mint(checked, p.actor)
     view = {**key_view(row), "key": raw}
     view["effective_role"] = _effective_roles(p, spec.role, {org: sa["role"]}, [org])
     return web.json_response(view, status=201)
@@ -698,7 +704,7 @@ async def audit(request: web.Request) -> web.Response:
         before = decode_cursor(cursor)
         if type(before) is not int or not 0 < before < 2**63:
             raise InvalidRequest("cursor is not valid", field="cursor")
-    items = await request.config_dict[ADMIN].audit(
+    items = await request.config_dict[AUDIT_LOG].events(
         org,
         type_=q.get("type"),
         key_id=q.get("key_id"),

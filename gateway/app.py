@@ -18,17 +18,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import constants as C
 from gateway._breaker import CLOSED, OPEN, Breaker
-from gateway.admin import ADMIN, Admin
 from gateway.api import api_app
-from gateway.audit import FailureAuditor
+from gateway.audit import AUDIT_LOG, AuditLog, FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.backends import OUTAGES
 from gateway.cache import LocalCache, RedisCache
 from gateway.config import Config
+from gateway.db import Database
+from gateway.directory import DIRECTORY, Directory
 from gateway.errors import AuthUnavailable, GatewayError
 from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth, error_response, unexpected
 from gateway.health import Lifecycle, backend_checks, watch_backends
 from gateway.invitations import INVITATIONS, Invitations
+from gateway.keyring import KEYRING, Keyring
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.listener import InvalidationListener, supervise
 from gateway.metrics import Metrics
@@ -150,9 +152,11 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics,
     )
     app[RESOLVER] = resolver
-    admin_timeout_s = cfg.database.management_timeout_ms / 1000
-    app[ADMIN] = Admin(app[STORE].pool, app[KEY_FORMAT], app[HASHER], cfg.roles, admin_timeout_s)
-    app[INVITATIONS] = Invitations(app[ADMIN])
+    db = Database(app[STORE].pool, cfg.database.management_timeout_ms / 1000)
+    app[KEYRING] = Keyring(db, app[KEY_FORMAT], app[HASHER], cfg.roles)
+    app[DIRECTORY] = Directory(db, cfg.roles)
+    app[AUDIT_LOG] = AuditLog(db)
+    app[INVITATIONS] = Invitations(app[DIRECTORY])
     app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
     app[VERIFIER] = Verifier(
         app[KEY_FORMAT], resolver, app[PROJECTS], app[STORE], limiter, app[LIMITS], cfg.roles, metrics, guard

@@ -13,13 +13,18 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from aiohttp import web
 
 from gateway.backends import StoreUnavailable
+from gateway.formats import iso
 from gateway.metrics import Metrics
 from gateway.store import Store
+
+if TYPE_CHECKING:  # the management layer's, not imported by the hot path that records denials
+    from gateway.db import Database
 
 log = logging.getLogger("gateway.audit")
 
@@ -106,3 +111,51 @@ class FailureAuditor:
             total = sum(r[7] for r in rows)
             self.metrics.audit_dropped.inc(total)
             log.warning("audit store unreachable: %d auth.failed events not written", total)
+
+
+class AuditLog:
+    """An org's audit, as its admins read it."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def events(
+        self,
+        org_id: str,
+        *,
+        type_: str | None = None,
+        key_id: str | None = None,
+        actor: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """An org's audit events, newest first."""
+        async with self.db.connect() as conn:
+            rows = await conn.fetch(
+                "SELECT id, at, type, actor, org_id, user_id, key_id, target, host(ip) AS ip, user_agent, count, detail"
+                " FROM audit_events WHERE org_id = $1 AND ($2::text IS NULL OR type = $2)"
+                " AND ($3::text IS NULL OR key_id = $3) AND ($4::text IS NULL OR actor = $4)"
+                " AND ($5::timestamptz IS NULL OR at >= $5) AND ($6::timestamptz IS NULL OR at < $6)"
+                " AND ($7::bigint IS NULL OR id < $7) ORDER BY id DESC LIMIT $8",
+                org_id,
+                type_,
+                key_id,
+                actor,
+                since,
+                until,
+                before_id,
+                limit,
+            )
+        return [
+            {
+                **dict(r),
+                "at": iso(r["at"]),
+                "detail": json.loads(r["detail"]) if isinstance(r["detail"], str) else r["detail"],
+            }
+            for r in rows
+        ]
+
+
+AUDIT_LOG = web.AppKey("audit_log", AuditLog)

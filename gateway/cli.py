@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, NoReturn
 
@@ -22,15 +23,17 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway._server import GatewayRunner
-from gateway.admin import Admin, KeySpec
 from gateway.app import create_app, redis_client
-from gateway.audit import CLI
+from gateway.audit import CLI, AuditLog
 from gateway.backends import PG_ERRORS, REDIS_ERRORS, StoreUnavailable
 from gateway.cache import RedisCache
 from gateway.config import Config, WorkerCount, load_config, load_roles, redact_url
+from gateway.db import Database
+from gateway.directory import Directory
 from gateway.errors import ConfigError, GatewayError
 from gateway.formats import parse_iso
 from gateway.invitations import Invitations
+from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.policy import describe, load_policy
 from gateway.store import connect_pool, migrate
@@ -196,7 +199,20 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-async def _with_admin(cfg: Config, fn: Callable[[Admin], Awaitable[Any]]) -> Any:
+@dataclass(frozen=True)
+class Management:
+    """The management rooms a command works in, over one connection pool."""
+
+    keyring: Keyring
+    directory: Directory
+    audit_log: AuditLog
+
+    @property
+    def invitations(self) -> Invitations:
+        return Invitations(self.directory)
+
+
+async def with_management(cfg: Config, fn: Callable[[Management], Awaitable[Any]]) -> Any:
     try:
         pool = await connect_pool(cfg.database)
     except StoreUnavailable as exc:
@@ -205,9 +221,12 @@ async def _with_admin(cfg: Config, fn: Callable[[Admin], Awaitable[Any]]) -> Any
     try:
         timeout_s = cfg.database.management_timeout_ms / 1000
         invalidated: list[str] = []
-        admin = Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles, timeout_s, invalidated.extend)
+        db = Database(pool, timeout_s, invalidated.extend)
+        rooms = Management(
+            Keyring(db, KeyFormat(cfg.keys.prefix), hasher, cfg.roles), Directory(db, cfg.roles), AuditLog(db)
+        )
         try:
-            result = await fn(admin)
+            result = await fn(rooms)
         except PG_ERRORS as exc:
             raise CliError(f"database error: {exc.__class__.__name__}") from None
         if invalidated:
@@ -229,26 +248,26 @@ async def _invalidate_redis(cfg: Config, key_ids: list[str]) -> None:
         await client.aclose()
 
 
-def _admin_call(args: argparse.Namespace) -> Callable[[Admin], Awaitable[Any]]:
+def _management_call(args: argparse.Namespace) -> Callable[[Management], Awaitable[Any]]:
     cmd, action = args.command, getattr(args, "action", None)
-    calls: dict[tuple[str, str | None], Callable[[Admin], Awaitable[Any]]] = {
-        ("orgs", "create"): lambda a: a.create_org(args.name),
-        ("users", "create"): lambda a: a.create_user(args.email),
-        ("members", "set"): lambda a: a.set_member(args.org_id, args.user_id, args.role),
-        ("members", "remove"): lambda a: a.remove_member(args.org_id, args.user_id),
-        ("members", "invite"): lambda a: Invitations(a).invite(args.org_id, args.email, args.role, CLI),
-        ("invitations", "list"): lambda a: (
-            Invitations(a).for_user(args.user) if args.user else Invitations(a).for_org(args.org)
+    calls: dict[tuple[str, str | None], Callable[[Management], Awaitable[Any]]] = {
+        ("orgs", "create"): lambda m: m.directory.create_org(args.name),
+        ("users", "create"): lambda m: m.directory.create_user(args.email),
+        ("members", "set"): lambda m: m.directory.set_member(args.org_id, args.user_id, args.role),
+        ("members", "remove"): lambda m: m.directory.remove_member(args.org_id, args.user_id),
+        ("members", "invite"): lambda m: m.invitations.invite(args.org_id, args.email, args.role, CLI),
+        ("invitations", "list"): lambda m: (
+            m.invitations.for_user(args.user) if args.user else m.invitations.for_org(args.org)
         ),
-        ("invitations", "accept"): lambda a: Invitations(a).decide(args.invitation_id, None, True),
-        ("invitations", "decline"): lambda a: Invitations(a).decide(args.invitation_id, None, False),
-        ("invitations", "withdraw"): lambda a: Invitations(a).withdraw(None, args.invitation_id, CLI),
-        ("projects", "create"): lambda a: a.create_project(args.org_id, args.name),
-        ("keys", "list"): lambda a: a.list_keys(args.user, args.org),
-        ("keys", "show"): lambda a: a.show_key(args.key_id),
-        ("keys", "revoke"): lambda a: a.revoke_key(args.key_id),
-        ("keys", "rotate"): lambda a: a.rotate_key(args.key_id, args.grace),
-        ("audit", "list"): lambda a: a.audit(
+        ("invitations", "accept"): lambda m: m.invitations.decide(args.invitation_id, None, True),
+        ("invitations", "decline"): lambda m: m.invitations.decide(args.invitation_id, None, False),
+        ("invitations", "withdraw"): lambda m: m.invitations.withdraw(None, args.invitation_id, CLI),
+        ("projects", "create"): lambda m: m.directory.create_project(args.org_id, args.name),
+        ("keys", "list"): lambda m: m.keyring.list_keys(args.user, args.org),
+        ("keys", "show"): lambda m: m.keyring.show_key(args.key_id),
+        ("keys", "revoke"): lambda m: m.keyring.revoke_key(args.key_id),
+        ("keys", "rotate"): lambda m: m.keyring.rotate_key(args.key_id, args.grace),
+        ("audit", "list"): lambda m: m.audit_log.events(
             args.org,
             type_=args.type,
             key_id=args.key_id,
@@ -272,7 +291,7 @@ def _admin_call(args: argparse.Namespace) -> Callable[[Admin], Awaitable[Any]]:
             allow_ips=args.allow_ip,
             rate_limit=args.rate_limit,
         )
-        return lambda a: a.create_key(spec)
+        return lambda m: m.keyring.create_key(spec)
     return calls[(cmd, action)]
 
 
@@ -581,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied = asyncio.run(_migrate(cfg))
             _print({"applied": applied}, args.json)
             return 0
-        result = asyncio.run(_with_admin(cfg, _admin_call(args)))
+        result = asyncio.run(with_management(cfg, _management_call(args)))
         _print(result, args.json)
         return 0
     except (ConfigError, GatewayError, CliError) as exc:

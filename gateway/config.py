@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from gateway import constants as C
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, InvalidRequest
 from gateway.formats import UNIT_S
 
 # Proxies whose headers /auth/verify can read (Envoy has its own path-based endpoint).
@@ -233,6 +233,12 @@ class RolesConfig:
 
     def administers(self, role: str) -> bool:
         return self.rank(role) >= self.rank(self.admin)
+
+    def named(self, role: str) -> str:
+        """`role`, if this gateway knows it; else InvalidRequest naming the field."""
+        if role not in self.order:
+            raise InvalidRequest(f"role must be one of {', '.join(self.order)}", field="role")
+        return role
 
     def lower(self, a: str, b: str) -> str:
         return a if self.rank(a) <= self.rank(b) else b

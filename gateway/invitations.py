@@ -14,8 +14,9 @@ import asyncpg
 from aiohttp import web
 
 from gateway import constants as C
-from gateway.admin import Admin, new_id
 from gateway.audit import CLI, Actor, write_event
+from gateway.db import new_id
+from gateway.directory import Directory
 from gateway.errors import Conflict, NotFound
 from gateway.formats import iso
 
@@ -45,21 +46,21 @@ def _view(row: asyncpg.Record, now: datetime) -> dict[str, Any]:
 
 
 class Invitations:
-    def __init__(self, admin: Admin, ttl_s: float = C.INVITATION_TTL_S) -> None:
-        self.admin = admin
+    def __init__(self, directory: Directory, ttl_s: float = C.INVITATION_TTL_S) -> None:
+        self.directory = directory
         self.ttl = timedelta(seconds=ttl_s)
 
     async def invite(self, org_id: str, email: str, role: str, actor: Actor) -> dict[str, Any]:
         """Invite the user with this email (created if unknown) to `org_id` as `role`. Inviting again
         renews the open invitation with the new role. A current member's role is changed at once, as
         `set_member` would: they have joined already."""
-        user_id = await self.admin.user_by_email(email, actor)
-        role = self.admin.role_name(role)
-        if await self.admin.member_role(org_id, user_id) is not None:
-            member = await self.admin.set_member(org_id, user_id, role, actor)
+        user_id = await self.directory.user_by_email(email, actor)
+        role = self.directory.roles.named(role)
+        if await self.directory.member_role(org_id, user_id) is not None:
+            member = await self.directory.set_member(org_id, user_id, role, actor)
             return {**member, "status": "member"}
         now = datetime.now(UTC)
-        async with self.admin.connect(transaction=True) as conn:
+        async with self.directory.db.connect(transaction=True) as conn:
             # A lapsed invitation stays lapsed: inviting again makes a new one.
             await conn.execute(
                 "UPDATE invitations SET state = 'expired', decided_at = expires_at"
@@ -103,7 +104,7 @@ class Invitations:
 
     async def _pending(self, where: str, value: str) -> list[dict[str, Any]]:
         now = datetime.now(UTC)
-        async with self.admin.connect() as conn:
+        async with self.directory.db.connect() as conn:
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS}{_FROM} WHERE {where} AND i.state = 'pending' AND i.expires_at > $2"
                 " ORDER BY i.created_at, i.id",
@@ -116,7 +117,7 @@ class Invitations:
         """Accept or decline an open invitation. `user_id`: the user deciding (None: the operator's
         command line, on the invited user's behalf). Someone else's invitation is not found."""
         now = datetime.now(UTC)
-        async with self.admin.connect(transaction=True) as conn:
+        async with self.directory.db.connect(transaction=True) as conn:
             row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1 FOR UPDATE OF i", invitation_id)
             if row is None or (user_id is not None and row["user_id"] != user_id):
                 raise NotFound(f"no invitation {invitation_id}")
@@ -141,7 +142,7 @@ class Invitations:
                 detail={"role": row["role"]},
             )
             if accept:
-                await self.admin.join(conn, row["org_id"], row["user_id"], row["role"], actor)
+                await self.directory.join(conn, row["org_id"], row["user_id"], row["role"], actor)
             row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
         return _view(row, now)
 
@@ -151,7 +152,7 @@ class Invitations:
         inviter = row["invited_by"]
         if inviter in (None, CLI.id):
             return
-        roles = self.admin.roles
+        roles = self.directory.roles
         now_role = await conn.fetchval(
             "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", row["org_id"], inviter
         )
@@ -162,7 +163,7 @@ class Invitations:
     async def withdraw(self, org_id: str | None, invitation_id: str, actor: Actor) -> dict[str, Any]:
         """An org's admin takes back an open invitation of that org (None: the operator, any org's)."""
         now = datetime.now(UTC)
-        async with self.admin.connect(transaction=True) as conn:
+        async with self.directory.db.connect(transaction=True) as conn:
             row = await conn.fetchrow(
                 f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1 AND ($2::text IS NULL OR i.org_id = $2) FOR UPDATE OF i",
                 invitation_id,

@@ -1,5 +1,6 @@
 """Typed application keys: every shared object a decision may reach, declared in one place. The management
-layer's own (ADMIN, INVITATIONS) live beside their classes, so nothing here imports management code."""
+layer's own (KEYRING, DIRECTORY, AUDIT_LOG, INVITATIONS) live beside their classes, so nothing here
+imports management code."""
 
 from __future__ import annotations
 

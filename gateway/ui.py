@@ -24,10 +24,10 @@ from aiohttp import web
 from gateway import constants as C
 from gateway._body import json_object, read_raw
 from gateway._breaker import guarded
-from gateway.admin import ADMIN
 from gateway.authz import role_in
 from gateway.backends import PG_ERRORS, REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.config import RolesConfig
+from gateway.directory import DIRECTORY
 from gateway.errors import AuthUnavailable, InvalidRequest, MissingCredentials
 from gateway.forward import client_address
 from gateway.models import KeyRecord
@@ -109,7 +109,7 @@ async def _session_view(session: Session, record: KeyRecord, request: web.Reques
     roles = request.config_dict[CONFIG].roles
     ids = [o for o in record.memberships if role_in(record, o, roles) is not None]
     try:
-        orgs = await request.config_dict[ADMIN].orgs(ids)
+        orgs = await request.config_dict[DIRECTORY].orgs(ids)
     except PG_ERRORS:
         raise AuthUnavailable("the key store is unreachable") from None
     view = {

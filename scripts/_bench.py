@@ -18,8 +18,10 @@ import aiohttp
 import asyncpg
 
 from gateway._services import Postgres, Redis, free_port
-from gateway.admin import Admin, KeySpec
 from gateway.config import config_from_mapping
+from gateway.db import Database
+from gateway.directory import Directory
+from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.store import migrate
 
@@ -69,16 +71,17 @@ async def seed_world(env: dict[str, str], keys: int, concurrency: int = 1, confi
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
-        admin = Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles)
-        org = (await admin.create_org("bench"))["id"]
-        user = (await admin.create_user("bench@example.com"))["id"]
-        await admin.set_member(org, user, "admin")
+        db = Database(pool)
+        directory, keyring = Directory(db, cfg.roles), Keyring(db, KeyFormat(cfg.keys.prefix), hasher, cfg.roles)
+        org = (await directory.create_org("bench"))["id"]
+        user = (await directory.create_user("bench@example.com"))["id"]
+        await directory.set_member(org, user, "admin")
         spec = KeySpec(user_id=user, name="bench", role="admin", orgs=[], projects=[], scopes=None)
         gate = asyncio.Semaphore(concurrency)
 
         async def one() -> dict[str, object]:
             async with gate:
-                return await admin.create_key(spec)
+                return await keyring.create_key(spec)
 
         return World(org, user, list(await asyncio.gather(*(one() for _ in range(keys)))))
     finally:

@@ -23,9 +23,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway._services import Postgres, Redis, free_port
-from gateway.admin import Admin, KeySpec
 from gateway.app import create_app
 from gateway.config import Config, config_from_mapping
+from gateway.db import Database
+from gateway.directory import Directory
+from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.store import migrate
 from tests._proxies import stop_process
@@ -114,10 +116,15 @@ async def pool(services: Services, clean: None) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
-async def admin(cfg: Config, pool: asyncpg.Pool) -> AsyncIterator[Admin]:
+async def keyring(cfg: Config, pool: asyncpg.Pool) -> AsyncIterator[Keyring]:
     hasher = SecretHasher(cfg.keys.argon2, 2)
-    yield Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles)
+    yield Keyring(Database(pool), KeyFormat(cfg.keys.prefix), hasher, cfg.roles)
     hasher.close()
+
+
+@pytest.fixture
+def directory(cfg: Config, pool: asyncpg.Pool) -> Directory:
+    return Directory(Database(pool), cfg.roles)
 
 
 @pytest.fixture
@@ -131,7 +138,8 @@ async def rclient(services: Services) -> AsyncIterator[aioredis.Redis]:
 class World:
     """A small tenant set-up: org A and B, a user who is admin of A and viewer of B."""
 
-    admin: Admin
+    keyring: Keyring
+    directory: Directory
     org_a: str = ""
     org_b: str = ""
     user: str = ""
@@ -147,19 +155,23 @@ class World:
             scopes=kw.pop("scopes", None),
             **kw,
         )
-        created = await self.admin.create_key(spec)
+        created = await self.keyring.create_key(spec)
         self.keys[name] = created
         return created
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.keyring.db.pool
+
 
 @pytest.fixture
-async def world(admin: Admin) -> World:
-    w = World(admin)
-    w.org_a = (await admin.create_org("A"))["id"]
-    w.org_b = (await admin.create_org("B"))["id"]
-    w.user = (await admin.create_user("owner@example.com"))["id"]
-    await admin.set_member(w.org_a, w.user, "admin")
-    await admin.set_member(w.org_b, w.user, "viewer")
+async def world(keyring: Keyring, directory: Directory) -> World:
+    w = World(keyring, directory)
+    w.org_a = (await directory.create_org("A"))["id"]
+    w.org_b = (await directory.create_org("B"))["id"]
+    w.user = (await directory.create_user("owner@example.com"))["id"]
+    await directory.set_member(w.org_a, w.user, "admin")
+    await directory.set_member(w.org_b, w.user, "viewer")
     return w
 
 

@@ -63,7 +63,7 @@ async def test_authentication(client: Client, world: World) -> None:
     me = await ok(await client.get("/v1/me", headers=auth(k)))
     assert me["user_id"] == world.user and me["key_id"] == k["id"]
     assert {o["id"]: o["role"] for o in me["orgs"]} == {world.org_a: "admin", world.org_b: "viewer"}
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     r = await poll(lambda: client.get("/v1/me", headers=auth(k)), lambda r: r.status != 200)
     await err(r, 401, "revoked_api_key")
 
@@ -149,8 +149,8 @@ async def test_no_key_creates_a_more_powerful_key(
 
 async def test_org_admin_sees_every_key_of_the_org_and_nobody_else_does(client: Client, world: World) -> None:
     admin_key = await world.key(name="admin")
-    other = (await world.admin.create_user("dev@example.com"))["id"]
-    await world.admin.set_member(world.org_a, other, "member")
+    other = (await world.directory.create_user("dev@example.com"))["id"]
+    await world.directory.set_member(world.org_a, other, "member")
     dev_key = await world.key(name="dev", user=other, role="member")
     listed = await ok(await client.get(f"/v1/keys?org={world.org_a}", headers=auth(admin_key)))
     assert {k["name"] for k in listed["items"]} == {"admin", "dev"}
@@ -159,7 +159,7 @@ async def test_org_admin_sees_every_key_of_the_org_and_nobody_else_does(client: 
     await err(await client.get(f"/v1/keys/{admin_key['id']}", headers=auth(dev_key)), 404, "not_found")
     # In org B the first user is only a viewer: B's keys are not theirs to list.
     await err(await client.get(f"/v1/keys?org={world.org_b}", headers=auth(admin_key)), 403, "insufficient_permissions")
-    stranger_org = (await world.admin.create_org("Elsewhere"))["id"]
+    stranger_org = (await world.directory.create_org("Elsewhere"))["id"]
     await err(await client.get(f"/v1/keys?org={stranger_org}", headers=auth(admin_key)), 404, "not_found")
     await err(await client.get(f"/v1/orgs/{stranger_org}", headers=auth(admin_key)), 404, "not_found")
     await err(await client.get("/v1/keys/nope", headers=auth(admin_key)), 404, "not_found")
@@ -211,13 +211,13 @@ async def test_projects(client: Client, world: World) -> None:
     await err(await client.delete(f"/v1/orgs/{world.org_a}/projects/{p['id']}", headers=auth(k)), 409, "conflict")
     gone = await ok(await client.delete(f"/v1/orgs/{world.org_a}/projects/{p['id']}?revoke_keys=true", headers=auth(k)))
     assert gone["revoked_keys"] == [naming["id"]]
-    assert (await world.admin.show_key(naming["id"]))["status"] == "revoked"
+    assert (await world.keyring.show_key(naming["id"]))["status"] == "revoked"
     assert (await ok(await client.get(f"/v1/orgs/{world.org_a}/projects", headers=auth(k))))["items"] == []
 
 
 async def test_service_accounts_outlive_their_creator(client: Client, world: World) -> None:
-    creator = (await world.admin.create_user("admin2@example.com"))["id"]
-    await world.admin.set_member(world.org_a, creator, "admin")
+    creator = (await world.directory.create_user("admin2@example.com"))["id"]
+    await world.directory.set_member(world.org_a, creator, "admin")
     k = await world.key(name="creator", user=creator)
     await err(
         await client.post(
@@ -228,7 +228,7 @@ async def test_service_accounts_outlive_their_creator(client: Client, world: Wor
     )
     sa, sa_key = await service_account_key(client, world.org_a, k)
     assert sa_key["user_id"] == sa["id"] and sa_key["orgs"] == [world.org_a]
-    await world.admin.remove_member(world.org_a, creator)  # the person who made it leaves
+    await world.directory.remove_member(world.org_a, creator)  # the person who made it leaves
     await asyncio.sleep(0.3)
     r = await client.get("/auth/nginx", headers=nginx_headers(sa_key["key"]))
     assert (r.status, r.headers["X-Org"], r.headers["X-Role"], r.headers["X-User"]) == (
@@ -315,8 +315,8 @@ async def test_rotation_hands_out_keys_only_to_their_owner(client: Client, world
     # A weaker key of the same owner cannot rotate the stronger one into its hands...
     await err(await client.post(f"/v1/keys/{strong['id']}/rotate", headers=auth(weak)), 403, "insufficient_permissions")
     # ...nor can an admin obtain a new raw key of another member's key (revoking it is fine).
-    other = (await world.admin.create_user("dev@example.com"))["id"]
-    await world.admin.set_member(world.org_a, other, "member")
+    other = (await world.directory.create_user("dev@example.com"))["id"]
+    await world.directory.set_member(world.org_a, other, "member")
     dev = await world.key(name="dev", user=other, role="member", orgs=[world.org_a])
     await err(await client.post(f"/v1/keys/{dev['id']}/rotate", headers=auth(strong)), 403, "insufficient_permissions")
     # An admin may rotate the org's service-account keys.
@@ -338,8 +338,8 @@ async def test_an_org_always_keeps_an_owner(client: Client, world: World) -> Non
     other = await ok(await client.post(f"/v1/orgs/{org}/members", json=co_owner, headers=auth(k)), 202)
     await accept(client, world, other)
     results = await asyncio.gather(
-        world.admin.set_member(org, world.user, "admin"),
-        world.admin.set_member(org, other["user_id"], "member"),
+        world.directory.set_member(org, world.user, "admin"),
+        world.directory.set_member(org, other["user_id"], "member"),
         return_exceptions=True,
     )
     assert sorted(type(r).__name__ for r in results) == ["Conflict", "dict"]
@@ -390,7 +390,7 @@ async def test_customised_roles_name_their_admin(aiohttp_client: Any, services: 
     ValueError (answered 503). `roles.admin` names the least role that administers an org."""
     cfg = make_config(services, roles={**CUSTOM_ROLES, "admin": "owner"})
     c = await aiohttp_client(create_app(cfg))
-    await world.admin.set_member(world.org_a, world.user, "owner")
+    await world.directory.set_member(world.org_a, world.user, "owner")
     owner = await world.key(role="owner", orgs=[world.org_a])
     viewer = await world.key(name="v", role="viewer", orgs=[world.org_a])
     r = await c.get(f"/v1/orgs/{world.org_a}/members", headers=auth(owner["key"]))
@@ -409,13 +409,13 @@ async def test_a_page_of_keys_shows_each_key_as_its_own_page_does(client: Client
     queries per key); it now reads them for the whole page at once. What it shows is unchanged: each item
     equals the key's own GET, for keys of several owners, an all-orgs key, and a key stopped in an org."""
     me = await world.key(name="admin", orgs=[world.org_a])
-    other = (await world.admin.create_user("dev@example.com"))["id"]
-    await world.admin.set_member(world.org_a, other, "member")
-    await world.admin.set_member(world.org_b, other, "member")
+    other = (await world.directory.create_user("dev@example.com"))["id"]
+    await world.directory.set_member(world.org_a, other, "member")
+    await world.directory.set_member(world.org_b, other, "member")
     for i in range(3):
         await world.key(name=f"dev{i}", role="member", user=other, orgs=[] if i == 0 else [world.org_a])
     stopped = await world.key(name="stopped", role="member", user=other)
-    await world.admin.stop_key_in(stopped["id"], [world.org_b], CLI)
+    await world.keyring.stop_key_in(stopped["id"], [world.org_b], CLI)
     items = (await ok(await client.get(f"/v1/keys?org={world.org_a}&limit=3", headers=auth(me))))["items"]
     cursor = ""
     seen: list[dict[str, Any]] = []

@@ -77,7 +77,7 @@ CREDENTIALS: dict[str, tuple[str, list[str] | None, str, set[str] | None, bool]]
 
 async def _org_objects(world: World, client: Client, org: str) -> dict[str, str]:
     """A member with a key, a service account with a key, a project and an invitation, in `org`."""
-    admin = world.admin
+    admin = world.directory
     dev = (await admin.create_user(f"dev-{org}@example.com"))["id"]
     await admin.set_member(org, dev, "member")
     dev_key = await world.key(name="dev", user=dev, role="member", orgs=[org])
@@ -113,19 +113,19 @@ async def test_each_action_needs_its_permission(client: Client, world: World, ac
         return
     assert (r.status, data["error"]["code"]) in ((403, "insufficient_permissions"), (404, "not_found")), data
     # And nothing changed: the org's admin (the CLI here) still sees everything as it was.
-    assert await world.admin.member_role(org, names["dev"]) == "member"
-    assert (await world.admin.show_key(names["dev_key"]))["status"] == "active"
-    assert (await world.admin.show_key(names["sa_key"]))["rotated_to"] is None
-    assert [p["id"] for p in await world.admin.projects(org)] == [names["project"]]
-    assert [i["id"] for i in await Invitations(world.admin).for_org(org)] == [names["invitation"]]
-    assert [sa["id"] for sa in await world.admin.service_accounts(org)] == [names["sa"]]
+    assert await world.directory.member_role(org, names["dev"]) == "member"
+    assert (await world.keyring.show_key(names["dev_key"]))["status"] == "active"
+    assert (await world.keyring.show_key(names["sa_key"]))["rotated_to"] is None
+    assert [p["id"] for p in await world.directory.projects(org)] == [names["project"]]
+    assert [i["id"] for i in await Invitations(world.directory).for_org(org)] == [names["invitation"]]
+    assert [sa["id"] for sa in await world.directory.service_accounts(org)] == [names["sa"]]
 
 
 async def test_a_read_only_key_cannot_make_anyone_an_admin(client: Client, world: World) -> None:
     """The issue's case: Alice's owner-role key scoped to calls:read added Mallory as an admin (201), and
     Mallory's key then got X-Role: admin, X-Scopes: *."""
     alice = await world.key(name="alice", role="owner", scopes=["calls:read"])
-    mallory = (await world.admin.create_user("mallory@example.com"))["id"]
+    mallory = (await world.directory.create_user("mallory@example.com"))["id"]
     mallory_key = await world.key(name="mallory", user=mallory, role="owner")
     body = {"email": "mallory@example.com", "role": "admin"}
     await err(
@@ -133,8 +133,8 @@ async def test_a_read_only_key_cannot_make_anyone_an_admin(client: Client, world
         403,
         "insufficient_permissions",
     )
-    assert await world.admin.member_role(world.org_a, mallory) is None
-    assert await Invitations(world.admin).for_user(mallory) == []
+    assert await world.directory.member_role(world.org_a, mallory) is None
+    assert await Invitations(world.directory).for_user(mallory) == []
     r = await client.get("/auth/nginx", headers=nginx_headers(mallory_key["key"], **{"X-Org-Id": world.org_a}))
     assert r.status == 403 and r.headers.get("X-Role") is None
 
@@ -150,7 +150,7 @@ async def test_a_weaker_key_cannot_revoke_its_owners_stronger_keys(
     strong = await world.key(name="strong", role="owner")
     weak = await world.key(name="weak", role=role, scopes=scopes)
     await err(await client.post(f"/v1/keys/{strong['id']}/revoke", headers=auth(weak)), 403, "insufficient_permissions")
-    assert (await world.admin.show_key(strong["id"]))["status"] == "active"
+    assert (await world.keyring.show_key(strong["id"]))["status"] == "active"
     weaker = await world.key(name="weaker", role="viewer", scopes=scopes or ["calls:read"])
     assert (await ok(await client.post(f"/v1/keys/{weaker['id']}/revoke", headers=auth(weak))))["status"] == "revoked"
     assert (await ok(await client.post(f"/v1/keys/{weak['id']}/revoke", headers=auth(weak))))["status"] == "revoked"
@@ -172,13 +172,13 @@ async def test_creating_an_org_needs_orgs_write(
 
 
 async def test_an_admin_cannot_stop_the_key_of_a_member_above_them(client: Client, world: World) -> None:
-    boss = (await world.admin.create_user("boss@example.com"))["id"]
-    await world.admin.set_member(world.org_a, boss, "owner")
+    boss = (await world.directory.create_user("boss@example.com"))["id"]
+    await world.directory.set_member(world.org_a, boss, "owner")
     boss_key = await world.key(name="boss", user=boss, role="owner", orgs=[world.org_a])
     admin_key = await world.key(name="admin", role="admin")
     r = await client.post(f"/v1/keys/{boss_key['id']}/revoke", headers=auth(admin_key))
     await err(r, 403, "insufficient_permissions")
-    assert (await world.admin.show_key(boss_key["id"]))["status"] == "active"
+    assert (await world.keyring.show_key(boss_key["id"]))["status"] == "active"
 
 
 async def test_a_scoped_key_grants_only_roles_within_its_scopes(client: Client, world: World) -> None:
@@ -194,8 +194,8 @@ async def test_a_scoped_key_grants_only_roles_within_its_scopes(client: Client, 
 
 async def test_a_key_confined_to_projects_manages_only_those(client: Client, world: World) -> None:
     """Found by review: an admin key confined to p1 read, deleted and created other projects."""
-    p1 = await world.admin.create_project(world.org_a, "p1")
-    p2 = await world.admin.create_project(world.org_a, "p2")
+    p1 = await world.directory.create_project(world.org_a, "p1")
+    p2 = await world.directory.create_project(world.org_a, "p2")
     k = await world.key(name="k", role="admin", orgs=[world.org_a], projects=[p1["id"]])
     base = f"/v1/orgs/{world.org_a}/projects"
     assert [p["id"] for p in (await ok(await client.get(base, headers=auth(k))))["items"]] == [p1["id"]]
@@ -203,7 +203,7 @@ async def test_a_key_confined_to_projects_manages_only_those(client: Client, wor
     await err(await client.get(f"{base}/{p2['id']}", headers=auth(k)), 404, "not_found")
     await err(await client.delete(f"{base}/{p2['id']}", headers=auth(k)), 404, "not_found")
     await err(await client.post(base, json={"name": "p3"}, headers=auth(k)), 403, "project_not_allowed")
-    assert len(await world.admin.projects(world.org_a)) == 2
+    assert len(await world.directory.projects(world.org_a)) == 2
 
 
 async def test_a_service_account_key_is_handed_out_once_made(client: Client, world: World) -> None:

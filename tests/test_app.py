@@ -106,7 +106,7 @@ async def test_no_raw_key_ever_appears_in_logs(services: Services, clean: None, 
                     pass
                 async with s.get(gw.url + "/auth/nginx", headers={"X-API-Key": key}):
                     pass
-            await world.admin.revoke_key(k["id"])
+            await world.keyring.revoke_key(k["id"])
             await asyncio.sleep(0.3)
             async with s.get(gw.url + "/auth/nginx", headers=nginx_headers(k["key"])) as r:
                 assert r.status == 401
@@ -120,13 +120,13 @@ async def test_no_raw_key_ever_appears_in_logs(services: Services, clean: None, 
 
 async def test_last_used_is_recorded(client: Client, world: World) -> None:
     k = await world.key(orgs=[world.org_a])
-    assert (await world.admin.show_key(k["id"]))["last_used_at"] is None
+    assert (await world.keyring.show_key(k["id"]))["last_used_at"] is None
     assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
     for _ in range(50):
-        if (await world.admin.show_key(k["id"]))["last_used_at"] is not None:
+        if (await world.keyring.show_key(k["id"]))["last_used_at"] is not None:
             break
         await asyncio.sleep(0.05)
-    assert (await world.admin.show_key(k["id"]))["last_used_at"] is not None
+    assert (await world.keyring.show_key(k["id"]))["last_used_at"] is not None
 
 
 async def test_serve_with_several_workers(services: Services, clean: None, world: World, tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ async def _rows(pool: asyncpg.Pool, type_: str) -> list[asyncpg.Record]:
 
 
 async def test_management_writes_audit_events(world: World) -> None:
-    pool = world.admin.pool
+    pool = world.pool
     k = await world.key(orgs=[world.org_a])
-    await world.admin.rotate_key(k["id"], "1h")
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.rotate_key(k["id"], "1h")
+    await world.keyring.revoke_key(k["id"])
     created = await _rows(pool, "api_key.created")
     assert [r["key_id"] for r in created] == [k["id"]]
     assert len(await _rows(pool, "api_key.rotated")) == 1
@@ -38,7 +38,7 @@ async def test_denials_are_audited_in_aggregate(client: Client, world: World) ->
     await client.get("/auth/nginx", headers=nginx_headers())
     rows: list[asyncpg.Record] = []
     for _ in range(50):
-        rows = await _rows(world.admin.pool, "auth.failed")
+        rows = await _rows(world.pool, "auth.failed")
         if sum(r["count"] for r in rows) >= 31:
             break
         await asyncio.sleep(0.05)
@@ -53,11 +53,11 @@ async def test_denials_are_audited_in_aggregate(client: Client, world: World) ->
 
 async def test_a_flood_is_capped_and_the_drop_counted(world: World) -> None:
     metrics = Metrics()
-    auditor = FailureAuditor(Store(world.admin.pool, 2), max_rows_per_flush=5, metrics=metrics)
+    auditor = FailureAuditor(Store(world.pool, 2), max_rows_per_flush=5, metrics=metrics)
     for i in range(2000):
         auditor.record("invalid_api_key", None, f"198.51.{i // 256}.{i % 256}", None, "nginx")
     await auditor.flush()
-    rows = await world.admin.pool.fetch("SELECT type, count FROM audit_events WHERE type LIKE 'auth.failed%'")
+    rows = await world.pool.fetch("SELECT type, count FROM audit_events WHERE type LIKE 'auth.failed%'")
     written = [r for r in rows if r["type"] == "auth.failed"]
     dropped = [r for r in rows if r["type"] == "auth.failed.dropped"]
     assert len(written) == 5
@@ -79,7 +79,7 @@ async def test_made_up_key_ids_are_audited_per_address(client: Client, world: Wo
         await client.get("/auth/nginx", headers=nginx_headers(fmt.generate("live")[0]))
     rows: list[asyncpg.Record] = []
     for _ in range(50):
-        rows = await _rows(world.admin.pool, "auth.failed")
+        rows = await _rows(world.pool, "auth.failed")
         if sum(r["count"] for r in rows) >= 43:
             break
         await asyncio.sleep(0.05)
@@ -97,7 +97,7 @@ async def test_denials_of_a_known_key_show_in_the_org_it_acts_in(client: Client,
     k = await world.key(name="gone", orgs=[world.org_a])
     admin = await world.key(name="admin", orgs=[world.org_a])
     assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     for _ in range(50):
         r = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_a}))
         if r.status == 401:
@@ -106,7 +106,7 @@ async def test_denials_of_a_known_key_show_in_the_org_it_acts_in(client: Client,
     await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_b}))  # not its org
     rows: list[asyncpg.Record] = []
     for _ in range(50):
-        rows = [r for r in await _rows(world.admin.pool, "auth.failed") if r["key_id"] == k["id"]]
+        rows = [r for r in await _rows(world.pool, "auth.failed") if r["key_id"] == k["id"]]
         if len(rows) >= 2:
             break
         await asyncio.sleep(0.05)

@@ -9,10 +9,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.admin import Admin, KeySpec
 from gateway.app import create_app
 from gateway.authz import effective_permissions, granted, pattern_matches
 from gateway.config import Argon2Config
+from gateway.db import Database
+from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener
 from gateway.typedefs import HASHER, LISTENER, METRICS
@@ -119,7 +120,7 @@ async def test_revocation_and_expiry_still_apply_at_once_to_a_stale_entry(
     for k in (expiring, revoked):
         assert (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
     await asyncio.sleep(0.2)  # both entries are now stale in the in-process cache
-    await world.admin.revoke_key(revoked["id"])
+    await world.keyring.revoke_key(revoked["id"])
     r = await poll(lambda: c.get("/auth/nginx", headers=nginx_headers(revoked["key"])), lambda r: r.status != 200)
     assert r.headers["X-Auth-Error"] == "revoked_api_key"
     await asyncio.sleep(1.0)
@@ -138,8 +139,8 @@ async def _slow_key(world: World, memory_kib: int, time_cost: int) -> dict[str, 
     """A key whose argon2 check takes a while (real argon2, heavier parameters), so a load stays in flight."""
     hasher = SecretHasher(Argon2Config(memory_kib=memory_kib, time_cost=time_cost, parallelism=1), 1)
     try:
-        admin = Admin(world.admin.pool, KeyFormat("gw"), hasher, world.admin.roles)
-        return await admin.create_key(
+        keyring = Keyring(Database(world.pool), KeyFormat("gw"), hasher, world.keyring.roles)
+        return await keyring.create_key(
             KeySpec(user_id=world.user, name="slow", role="admin", orgs=[world.org_a], projects=[], scopes=None)
         )
     finally:
@@ -166,7 +167,7 @@ async def test_a_request_after_a_revocation_never_joins_a_load_that_read_the_key
     await until(lambda: c.app[HASHER].admitted > 0)  # the load has read the key and is checking its secret
     invalidations = c.app[METRICS].invalidations
     seen = invalidations._value.get()
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     await until(lambda: invalidations._value.get() != seen)  # the NOTIFY has reached this process
     second = await c.get("/auth/nginx", headers=nginx_headers(k["key"]))
     assert (second.status, second.headers["X-Auth-Error"]) == (401, "revoked_api_key")
@@ -186,7 +187,7 @@ async def test_a_revocation_lost_in_a_listener_gap_is_not_undone_by_a_load_that_
     await until(lambda: c.app[HASHER].admitted > 0)  # the load has read the key and is checking its secret
     await _terminate_listener(services)
     await asyncio.sleep(0.05)
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     await until(lambda: listener.reconnects > 0)
     assert (await first).status == 200  # asked before the revocation, and it ended after the gap
     for _ in range(5):

@@ -40,7 +40,7 @@ async def test_revocation_reaches_two_processes_within_one_second(
             assert await _get(session, gw, k["key"]) == (200, "")
             assert await _get(session, gw, k["key"]) == (200, "")
         revoked_at = time.monotonic()
-        await world.admin.revoke_key(k["id"])
+        await world.keyring.revoke_key(k["id"])
         delays = []
         for gw in two_gateways:
             while True:
@@ -59,7 +59,7 @@ async def test_membership_change_reaches_two_processes(two_gateways: list[Gatewa
     async with aiohttp.ClientSession() as session:
         for gw in two_gateways:
             assert await _get(session, gw, k["key"]) == (200, "")
-        await world.admin.remove_member(world.org_a, world.user)
+        await world.directory.remove_member(world.org_a, world.user)
         start = time.monotonic()
         for gw in two_gateways:
             while (await _get(session, gw, k["key"]))[0] == 200:
@@ -74,12 +74,12 @@ async def test_fill_racing_a_revocation_is_not_written_back(rclient: aioredis.Re
     shared = RedisCache(rclient, 300, 10, 300)
     from gateway.store import Store
 
-    store = Store(world.admin.pool, 2)
+    store = Store(world.pool, 2)
     d = digest(PEPPER.encode(), k["key"])
     before = await shared.lookup(k["id"], d)  # the filler reads the generation first...
     loaded = await store.load_key(k["id"])  # ...then Postgres, still active
     assert loaded is not None
-    await world.admin.revoke_key(k["id"])  # revocation commits and invalidates
+    await world.keyring.revoke_key(k["id"])  # revocation commits and invalidates
     await shared.invalidate([k["id"]])
     await shared.put(d, Entry(loaded[0], time.time()), before.generation)  # the late fill lands
     after = await shared.lookup(k["id"], d)
@@ -96,7 +96,7 @@ async def test_local_cache_is_bounded(world: World) -> None:
     k = await world.key(orgs=[world.org_a])
     from gateway.store import Store
 
-    loaded = await Store(world.admin.pool, 2).load_key(k["id"])
+    loaded = await Store(world.pool, 2).load_key(k["id"])
     assert loaded is not None
     local = LocalCache(3, 30, 10)
     for i in range(10):
@@ -152,7 +152,7 @@ async def test_postgres_down_warm_cache_keeps_working(
     k = await world.key(orgs=[world.org_a])
     cold = await world.key(name="cold", orgs=[world.org_a])
     assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
-    await world.admin.pool.expire_connections()
+    await world.pool.expire_connections()
     pg_outage.pg.stop()
     r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
     assert r.status == 200
@@ -187,7 +187,7 @@ async def test_redis_down_falls_back_to_postgres(client: Client, world: World, r
     assert r.status == 200
     bad = corrupt(k["key"])
     assert (await client.get("/auth/nginx", headers=nginx_headers(bad))).headers["X-Auth-Error"] == "invalid_api_key"
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     r = await poll(lambda: client.get("/auth/nginx", headers=nginx_headers(k["key"])), lambda r: r.status != 200)
     assert r.headers["X-Auth-Error"] == "revoked_api_key"
     redis_outage.redis.start()
@@ -233,7 +233,7 @@ async def test_revocation_while_redis_is_unreachable_is_not_undone(
     assert (await first.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200  # fills Redis
     assert await rclient.keys(f"gw:key:{{{k['id']}}}:*")
     await rclient.client_pause(1500)
-    await world.admin.revoke_key(k["id"])  # the NOTIFY arrives; the Redis part times out
+    await world.keyring.revoke_key(k["id"])  # the NOTIFY arrives; the Redis part times out
     await asyncio.sleep(1.8)  # Redis answers again; the flusher retries
     fresh = await aiohttp_client(create_app(cfg))
     r = await fresh.get("/auth/nginx", headers=nginx_headers(k["key"]))

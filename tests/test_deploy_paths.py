@@ -29,7 +29,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway._services import free_port
-from gateway.admin import Admin, KeySpec
+from gateway.db import Database
+from gateway.directory import Directory
+from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from tests._proxies import stop_process, wait_port
 from tests.conftest import ROOT, GatewayProcess, Services, make_config, spawn_gateway
@@ -181,14 +183,17 @@ async def _world(services: Services) -> tuple[dict[str, str], str]:
     pool = await asyncpg.create_pool(services.pg.url, min_size=1, max_size=2)
     hasher = SecretHasher(cfg.keys.argon2, 1)
     try:
-        admin = Admin(pool, KeyFormat(cfg.keys.prefix), hasher, cfg.roles)
-        a = (await admin.create_org("A"))["id"]
-        b = (await admin.create_org("B"))["id"]
-        user = (await admin.create_user("paths@example.com"))["id"]
-        await admin.set_member(a, user, "admin")
-        await admin.set_member(b, user, "viewer")
-        p = (await admin.create_project(a, "web"))["id"]
-        key = await admin.create_key(KeySpec(user_id=user, name="a", role="admin", orgs=[a], projects=[], scopes=None))
+        db = Database(pool)
+        directory, keyring = Directory(db, cfg.roles), Keyring(db, KeyFormat(cfg.keys.prefix), hasher, cfg.roles)
+        a = (await directory.create_org("A"))["id"]
+        b = (await directory.create_org("B"))["id"]
+        user = (await directory.create_user("paths@example.com"))["id"]
+        await directory.set_member(a, user, "admin")
+        await directory.set_member(b, user, "viewer")
+        p = (await directory.create_project(a, "web"))["id"]
+        key = await keyring.create_key(
+            KeySpec(user_id=user, name="a", role="admin", orgs=[a], projects=[], scopes=None)
+        )
     finally:
         hasher.close()
         await pool.close()

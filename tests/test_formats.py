@@ -6,10 +6,10 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from gateway.admin import parse_duration
 from gateway.config import RolesConfig, rate_of
 from gateway.errors import ConfigError
 from gateway.formats import PERMISSION_RE, iso, parse_iso
+from gateway.keyring import parse_duration
 from gateway.policy import compile_policy
 
 

@@ -74,7 +74,7 @@ async def test_unknown_key_id_is_invalid(client: Client, world: World) -> None:
 
 async def test_wrong_secret_for_existing_key_id_leaks_nothing(client: Client, world: World) -> None:
     k = await world.key(orgs=[world.org_a])
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     fmt = KeyFormat("gw")
     other, _ = fmt.generate("live")
     forged = fmt.build("live", k["id"], other.split("_")[3][:43])
@@ -88,7 +88,7 @@ async def test_wrong_secret_for_existing_key_id_leaks_nothing(client: Client, wo
 async def test_revoked_key(client: Client, world: World) -> None:
     k = await world.key(orgs=[world.org_a])
     assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     # Same process: the NOTIFY reaches this app's listener.
     r = await poll(lambda: client.get("/auth/nginx", headers=nginx_headers(k["key"])), lambda r: r.status != 200)
     assert r.status == 401
@@ -135,15 +135,15 @@ async def test_org_required_when_ambiguous(client: Client, world: World) -> None
 
 
 async def test_owner_with_one_org_needs_no_org_header(client: Client, world: World) -> None:
-    solo = (await world.admin.create_user("solo@example.com"))["id"]
-    await world.admin.set_member(world.org_a, solo, "member")
+    solo = (await world.directory.create_user("solo@example.com"))["id"]
+    await world.directory.set_member(world.org_a, solo, "member")
     k = await world.key(user=solo, role="admin")
     r = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
     assert (r.status, r.headers["X-Org"], r.headers["X-Role"]) == (200, world.org_a, "member")
 
 
 async def test_org_outside_membership(client: Client, world: World) -> None:
-    other = (await world.admin.create_org("C"))["id"]
+    other = (await world.directory.create_org("C"))["id"]
     k = await world.key()
     r = await client.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": other}))
     assert r.headers["X-Auth-Error"] == "org_not_allowed"
@@ -152,7 +152,7 @@ async def test_org_outside_membership(client: Client, world: World) -> None:
 async def test_membership_removed(client: Client, world: World) -> None:
     k = await world.key(orgs=[world.org_a])
     assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
-    await world.admin.remove_member(world.org_a, world.user)
+    await world.directory.remove_member(world.org_a, world.user)
     r = await poll(lambda: client.get("/auth/nginx", headers=nginx_headers(k["key"])), lambda r: r.status != 200)
     assert r.status == 403
     assert r.headers["X-Auth-Error"] == "org_not_allowed"
@@ -161,7 +161,7 @@ async def test_membership_removed(client: Client, world: World) -> None:
 async def test_membership_downgrade_caps_role_at_once(client: Client, world: World) -> None:
     k = await world.key(orgs=[world.org_a])
     assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"]))).headers["X-Role"] == "admin"
-    await world.admin.set_member(world.org_a, world.user, "viewer")
+    await world.directory.set_member(world.org_a, world.user, "viewer")
     r = await poll(
         lambda: client.get("/auth/nginx", headers=nginx_headers(k["key"])), lambda r: r.headers["X-Role"] != "admin"
     )
@@ -188,7 +188,7 @@ async def test_scopes_intersect_role(client: Client, world: World) -> None:
 
 async def test_rotation_with_grace(client: Client, world: World) -> None:
     k = await world.key(orgs=[world.org_a])
-    new = await world.admin.rotate_key(k["id"], "2s")
+    new = await world.keyring.rotate_key(k["id"], "2s")
     assert new["id"] != k["id"]
     assert new["orgs"] == [world.org_a]
     r_old = await client.get("/auth/nginx", headers=nginx_headers(k["key"]))
@@ -415,7 +415,7 @@ async def test_outcome_matrix(client: Client, world: World, endpoint: str) -> No
     multi = await world.key(name="multi")
     expired = await world.key(name="expired", orgs=[world.org_a], expires_in="1s")
     revoked = await world.key(name="revoked", orgs=[world.org_a])
-    await world.admin.revoke_key(revoked["id"])
+    await world.keyring.revoke_key(revoked["id"])
     fenced = await world.key(name="fenced", orgs=[world.org_a], allow_ips=["192.0.2.0/24"])
     await asyncio.sleep(1.05)
     assert await ask(good["key"]) == (200, "")

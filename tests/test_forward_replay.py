@@ -76,7 +76,7 @@ def envoy(key: str | None, **extra: str) -> dict[str, str]:
 
 
 async def _project(world: World) -> tuple[dict[str, Any], str]:
-    prj = (await world.admin.create_project(world.org_a, "web"))["id"]
+    prj = (await world.directory.create_project(world.org_a, "web"))["id"]
     k = await world.key(orgs=[world.org_a], allow_ips=["203.0.113.0/24"])
     return k, f"/v1/orgs/{world.org_a}/projects/{prj}/calls?page=2"
 

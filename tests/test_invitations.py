@@ -11,20 +11,21 @@ from typing import Any
 
 import asyncpg
 
-from gateway.admin import Admin
+from gateway.audit import AuditLog
+from gateway.db import Database
 from tests.conftest import Client, World, nginx_headers, poll
 from tests.test_api import auth, err, ok
 
 
 async def _victim(world: World) -> tuple[str, dict[str, Any]]:
     """A user who is a member of org B only, with an all-orgs key."""
-    victim = (await world.admin.create_user("victim@example.com"))["id"]
-    await world.admin.set_member(world.org_b, victim, "admin")
+    victim = (await world.directory.create_user("victim@example.com"))["id"]
+    await world.directory.set_member(world.org_b, victim, "admin")
     return victim, await world.key(name="victim", user=victim, role="admin")
 
 
 async def _attacker_org(client: Client, world: World) -> tuple[dict[str, Any], str]:
-    attacker = (await world.admin.create_user("mallory@example.com"))["id"]
+    attacker = (await world.directory.create_user("mallory@example.com"))["id"]
     key = await world.key(name="mallory", user=attacker, role="owner")
     org = (await ok(await client.post("/v1/orgs", json={"name": "M"}, headers=auth(key)), 201))["id"]
     return key, org
@@ -46,7 +47,7 @@ async def test_adding_a_user_is_an_invitation_that_changes_nothing_until_accepte
     )
     assert (inv["status"], inv["user_id"], inv["org_id"]) == ("pending", victim, m_org)
     # The victim is no member of M, and their key acts exactly as before: without naming an org too.
-    assert await world.admin.member_role(m_org, victim) is None
+    assert await world.directory.member_role(m_org, victim) is None
     r = await _verify(client, victim_key)
     assert (r.status, r.headers["X-Org"]) == (200, world.org_b)
     # M's owner sees nothing of the victim's keys, and cannot touch them.
@@ -65,20 +66,20 @@ async def test_adding_a_user_is_an_invitation_that_changes_nothing_until_accepte
     # Declined: still nothing changed.
     declined = await ok(await client.post(f"/v1/invitations/{inv['id']}/decline", headers=auth(victim_key)))
     assert declined["status"] == "declined"
-    assert await world.admin.member_role(m_org, victim) is None
+    assert await world.directory.member_role(m_org, victim) is None
     await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)), 409, "conflict")
     assert (await ok(await client.get("/v1/invitations", headers=auth(victim_key))))["items"] == []
 
 
 async def test_after_joining_an_admin_can_stop_a_key_only_in_their_org(client: Client, world: World) -> None:
     victim, victim_key = await _victim(world)
-    b_project = await world.admin.create_project(world.org_b, "secret-b")
+    b_project = await world.directory.create_project(world.org_b, "secret-b")
     scoped = await world.key(name="scoped", user=victim, role="admin", projects=[b_project["id"]])
     mallory, m_org = await _attacker_org(client, world)
     body = {"email": "victim@example.com", "role": "member"}
     inv = await ok(await client.post(f"/v1/orgs/{m_org}/members", json=body, headers=auth(mallory)), 202)
     await ok(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)))
-    assert await world.admin.member_role(m_org, victim) == "member"
+    assert await world.directory.member_role(m_org, victim) == "member"
     # Naming org B, the all-orgs key works as before (without a name, two orgs now need one).
     assert (await _verify(client, victim_key, world.org_b)).status == 200
     assert (await _verify(client, victim_key, m_org)).headers.get("X-Role") == "member"
@@ -98,7 +99,7 @@ async def test_after_joining_an_admin_can_stop_a_key_only_in_their_org(client: C
     r = await poll(lambda: _verify(client, victim_key, m_org), lambda r: r.status != 200)
     assert (r.status, r.headers["X-Auth-Error"]) == (403, "org_not_allowed")
     assert (await _verify(client, victim_key, world.org_b)).status == 200
-    assert await world.admin.member_role(world.org_b, victim) == "admin"
+    assert await world.directory.member_role(world.org_b, victim) == "admin"
     own = await ok(await client.get(f"/v1/keys/{victim_key['id']}", headers=auth(victim_key)))
     assert (own["status"], own["stopped_in"]) == ("active", [m_org])
     assert world.org_b in own["effective_role"] and m_org not in own["effective_role"]
@@ -114,12 +115,10 @@ async def test_a_key_confined_to_some_orgs_cannot_accept(client: Client, world: 
     body = {"email": "victim@example.com", "role": "viewer"}
     inv = await ok(await client.post(f"/v1/orgs/{m_org}/members", json=body, headers=auth(mallory)), 202)
     await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(confined)), 403, "org_not_allowed")
-    assert await world.admin.member_role(m_org, victim) is None
+    assert await world.directory.member_role(m_org, victim) is None
 
 
-async def test_invitations_expire_and_can_be_withdrawn(
-    client: Client, world: World, admin: Admin, pool: asyncpg.Pool
-) -> None:
+async def test_invitations_expire_and_can_be_withdrawn(client: Client, world: World, pool: asyncpg.Pool) -> None:
     victim, victim_key = await _victim(world)
     k = await world.key(name="a", role="admin")
     body = {"email": "victim@example.com", "role": "viewer"}
@@ -135,7 +134,7 @@ async def test_invitations_expire_and_can_be_withdrawn(
     assert (await ok(await client.get("/v1/invitations", headers=auth(victim_key))))["items"] == []
     assert (await ok(await client.get(f"/v1/orgs/{world.org_a}/invitations", headers=auth(k))))["items"] == []
     await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)), 409, "conflict")
-    assert await admin.member_role(world.org_a, victim) is None
+    assert await world.directory.member_role(world.org_a, victim) is None
     # A new invitation, withdrawn by the org's admin before the user accepts.
     fresh = await ok(await client.post(f"/v1/orgs/{world.org_a}/members", json=body, headers=auth(k)), 202)
     assert fresh["id"] != inv["id"]
@@ -149,7 +148,7 @@ async def test_invitations_expire_and_can_be_withdrawn(
         404,
         "not_found",
     )
-    events = [e["type"] for e in await admin.audit(world.org_a)]
+    events = [e["type"] for e in await AuditLog(Database(pool)).events(world.org_a)]
     assert {"invitation.created", "invitation.revoked"} <= set(events)
 
 
@@ -192,26 +191,26 @@ async def test_deleting_a_project_stops_its_keys_in_that_org_only(client: Client
     including keys of members above the caller."""
     victim, _, mallory, m_org = await _joined(client, world)
     p_m = await ok(await client.post(f"/v1/orgs/{m_org}/projects", json={"name": "m"}, headers=auth(mallory)), 201)
-    p_b = await world.admin.create_project(world.org_b, "b")
+    p_b = await world.directory.create_project(world.org_b, "b")
     both = await world.key(name="both", user=victim, role="member", projects=[p_m["id"], p_b["id"]])
     here = await world.key(name="here", user=victim, role="member", orgs=[m_org], projects=[p_m["id"]])
     url = f"/v1/orgs/{m_org}/projects/{p_m['id']}?revoke_keys=true"
     gone = await ok(await client.delete(url, headers=auth(mallory)))
     assert sorted(gone["revoked_keys"]) == sorted([both["id"], here["id"]])
-    assert (await world.admin.show_key(here["id"]))["status"] == "revoked"  # it could act only in M
-    assert (await world.admin.show_key(both["id"]))["status"] == "active"
+    assert (await world.keyring.show_key(here["id"]))["status"] == "revoked"  # it could act only in M
+    assert (await world.keyring.show_key(both["id"]))["status"] == "active"
     assert (await _verify(client, both, m_org)).status == 403
     r = await client.get("/auth/nginx", headers=nginx_headers(both["key"], **{"X-Org-Id": world.org_b}))
     assert r.status == 200
     # A key of a member above the caller is not the caller's to stop.
-    boss = (await world.admin.create_user("boss@example.com"))["id"]
-    await world.admin.set_member(world.org_a, boss, "owner")
-    p_a = await world.admin.create_project(world.org_a, "a")
+    boss = (await world.directory.create_user("boss@example.com"))["id"]
+    await world.directory.set_member(world.org_a, boss, "owner")
+    p_a = await world.directory.create_project(world.org_a, "a")
     boss_key = await world.key(name="boss", user=boss, role="owner", orgs=[world.org_a], projects=[p_a["id"]])
     a_admin = await world.key(name="a-admin", role="admin", orgs=[world.org_a])
     url = f"/v1/orgs/{world.org_a}/projects/{p_a['id']}?revoke_keys=true"
     await err(await client.delete(url, headers=auth(a_admin)), 403, "insufficient_permissions")
-    assert (await world.admin.show_key(boss_key["id"]))["status"] == "active"
+    assert (await world.keyring.show_key(boss_key["id"]))["status"] == "active"
 
 
 async def test_an_org_learns_nothing_of_a_members_doings_elsewhere(client: Client, world: World) -> None:
@@ -230,35 +229,35 @@ async def test_an_org_learns_nothing_of_a_members_doings_elsewhere(client: Clien
     await ok(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(victim_key)))
     assert (await _verify(client, victim_key, world.org_b)).status == 200
     for _ in range(100):  # last use is flushed in the background
-        if (await world.admin.show_key(victim_key["id"]))["last_used_at"] is not None:
+        if (await world.keyring.show_key(victim_key["id"]))["last_used_at"] is not None:
             break
         await asyncio.sleep(0.05)
-    assert (await world.admin.show_key(victim_key["id"]))["last_used_at"] is not None
+    assert (await world.keyring.show_key(victim_key["id"]))["last_used_at"] is not None
     seen = await ok(await client.get(f"/v1/keys/{victim_key['id']}", headers=auth(mallory)))
     assert seen["last_used_at"] is None
 
 
 async def test_an_invitation_dies_with_its_senders_power(client: Client, world: World) -> None:
     """Found by review: an admin removed from the org left invitations behind that still made admins."""
-    rogue = (await world.admin.create_user("rogue@example.com"))["id"]
-    await world.admin.set_member(world.org_a, rogue, "admin")
+    rogue = (await world.directory.create_user("rogue@example.com"))["id"]
+    await world.directory.set_member(world.org_a, rogue, "admin")
     rogue_key = await world.key(name="rogue", user=rogue, role="admin", orgs=[world.org_a])
-    alt = (await world.admin.create_user("alt@example.com"))["id"]
+    alt = (await world.directory.create_user("alt@example.com"))["id"]
     alt_key = await world.key(name="alt", user=alt, role="owner")
     body = {"email": "alt@example.com", "role": "admin"}
     inv = await ok(await client.post(f"/v1/orgs/{world.org_a}/members", json=body, headers=auth(rogue_key)), 202)
-    await world.admin.remove_member(world.org_a, rogue)
+    await world.directory.remove_member(world.org_a, rogue)
     await err(await client.post(f"/v1/invitations/{inv['id']}/accept", headers=auth(alt_key)), 409, "conflict")
-    assert await world.admin.member_role(world.org_a, alt) is None
+    assert await world.directory.member_role(world.org_a, alt) is None
 
 
 async def test_an_org_listing_skips_keys_of_members_who_left(client: Client, world: World) -> None:
     """Found by review: once a member with an org-scoped key left, the org's key listing answered 404."""
-    dev = (await world.admin.create_user("dev@example.com"))["id"]
-    await world.admin.set_member(world.org_a, dev, "member")
+    dev = (await world.directory.create_user("dev@example.com"))["id"]
+    await world.directory.set_member(world.org_a, dev, "member")
     dev_key = await world.key(name="dev", user=dev, role="member", orgs=[world.org_a])
     k = await world.key(name="a", role="admin")
-    await world.admin.remove_member(world.org_a, dev)
+    await world.directory.remove_member(world.org_a, dev)
     for query in ("", "&status=active"):
         listed = await ok(await client.get(f"/v1/keys?org={world.org_a}{query}", headers=auth(k)))
         assert dev_key["id"] not in [x["id"] for x in listed["items"]]

@@ -139,7 +139,7 @@ async def test_a_revocation_after_the_listener_was_killed_reaches_the_process(
     k = await world.key(orgs=[world.org_a])
     assert (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
     assert await _terminate_listeners(services.pg.url) == 1
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     started = time.monotonic()
     while (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200:
         assert time.monotonic() - started < 1.0, "the revocation took over a second"

@@ -246,8 +246,8 @@ async def test_unmatched_route_is_denied(pclient: Client, world: World) -> None:
 
 
 async def test_org_and_project_from_path(pclient: Client, world: World) -> None:
-    prj_a = (await world.admin.create_project(world.org_a, "web"))["id"]
-    prj_b = (await world.admin.create_project(world.org_b, "web"))["id"]
+    prj_a = (await world.directory.create_project(world.org_a, "web"))["id"]
+    prj_b = (await world.directory.create_project(world.org_b, "web"))["id"]
     k = await world.key(orgs=[world.org_a])
     ok = await pclient.get(
         "/auth/nginx", headers=nginx_headers(k["key"], uri=f"/v1/orgs/{world.org_a}/projects/{prj_a}/x")
@@ -266,8 +266,8 @@ async def test_org_and_project_from_path(pclient: Client, world: World) -> None:
 
 
 async def test_key_project_list(pclient: Client, world: World) -> None:
-    prj_1 = (await world.admin.create_project(world.org_a, "one"))["id"]
-    prj_2 = (await world.admin.create_project(world.org_a, "two"))["id"]
+    prj_1 = (await world.directory.create_project(world.org_a, "one"))["id"]
+    prj_2 = (await world.directory.create_project(world.org_a, "two"))["id"]
     k = await world.key(orgs=[world.org_a], projects=[prj_1])
     base = f"/v1/orgs/{world.org_a}/projects"
     assert (await pclient.get("/auth/nginx", headers=nginx_headers(k["key"], uri=f"{base}/{prj_1}/x"))).status == 200
@@ -317,7 +317,7 @@ async def test_sighup_reloads_and_keeps_old_on_error(
 
 
 async def test_keys_verify_applies_the_route_policy(pclient: Client, world: World) -> None:
-    prj = (await world.admin.create_project(world.org_a, "web"))["id"]
+    prj = (await world.directory.create_project(world.org_a, "web"))["id"]
     k = await world.key(role="viewer", orgs=[world.org_a])
     base = f"/v1/orgs/{world.org_a}/projects/{prj}/calls"
 

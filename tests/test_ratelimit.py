@@ -13,9 +13,10 @@ import aiohttp
 import asyncpg
 import pytest
 
-from gateway.admin import Admin, KeySpec
 from gateway.app import create_app
 from gateway.config import Argon2Config, LimitConfig
+from gateway.db import Database
+from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Limit, LocalLimiter, address_bucket, parse_rate
@@ -235,8 +236,7 @@ async def test_argon2_work_stays_bounded_during_a_flood(
     c = await aiohttp_client(create_app(cfg))
     # A key hashed with costly parameters (a verification uses the parameters of the stored hash).
     slow = SecretHasher(Argon2Config(memory_kib=32768, time_cost=3), 1)
-    admin = Admin(pool, KeyFormat("gw"), slow, cfg.roles)
-    k = await admin.create_key(
+    k = await Keyring(Database(pool), KeyFormat("gw"), slow, cfg.roles).create_key(
         KeySpec(user_id=world.user, name="k", role="admin", orgs=[world.org_a], projects=[], scopes=None)
     )
     slow.close()

@@ -93,7 +93,7 @@ async def test_revoking_the_key_ends_its_sessions(client: Client, world: World) 
     k = await world.key()
     await sign_in(client, k["key"])
     assert (await client.get("/ui/session")).status == 200
-    await world.admin.revoke_key(k["id"])
+    await world.keyring.revoke_key(k["id"])
     r = await client.get("/ui/session")
     assert (r.status, (await r.json())["error"]["code"]) == (401, "revoked_api_key")
 
@@ -225,7 +225,7 @@ async def shot(page: Page, name: str) -> None:
 async def test_the_whole_flow_in_chromium(aiohttp_server: Any, cfg: Config, world: World, browser: Browser) -> None:
     server = await aiohttp_server(create_app(cfg))
     base = f"http://127.0.0.1:{server.port}"
-    await world.admin.create_project(world.org_a, "web")
+    await world.directory.create_project(world.org_a, "web")
     k = await world.key(name="laptop")
     context = await browser.new_context(viewport={"width": 1280, "height": 800})
     page = await context.new_page()
@@ -320,10 +320,10 @@ async def test_accepting_an_invitation_in_chromium(
 ) -> None:
     server = await aiohttp_server(create_app(cfg))
     base = f"http://127.0.0.1:{server.port}"
-    user = (await world.admin.create_user("new@example.com"))["id"]
-    await world.admin.set_member(world.org_b, user, "member")
+    user = (await world.directory.create_user("new@example.com"))["id"]
+    await world.directory.set_member(world.org_b, user, "member")
     k = await world.key(name="new", user=user, role="admin")
-    invitation = await Invitations(world.admin).invite(world.org_a, "new@example.com", "viewer", CLI)
+    invitation = await Invitations(world.directory).invite(world.org_a, "new@example.com", "viewer", CLI)
     page = await (await browser.new_context(viewport={"width": 1280, "height": 800})).new_page()
     await page.goto(f"{base}/ui/")
     await page.fill("#signin-key", k["key"])
@@ -336,7 +336,7 @@ async def test_accepting_an_invitation_in_chromium(
     await row.get_by_role("button", name="Accept").click()
     await page.wait_for_selector(f"#org-switch option[value='{world.org_a}']", state="attached")
     await page.wait_for_selector("#invitations", state="hidden")
-    assert await world.admin.member_role(world.org_a, user) == "viewer"
+    assert await world.directory.member_role(world.org_a, user) == "viewer"
 
 
 async def test_the_page_is_told_which_orgs_the_key_administers(client: Client, world: World) -> None:

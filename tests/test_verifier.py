@@ -72,7 +72,7 @@ async def test_compiled_permissions_follow_a_role_change(client: Client, world: 
     h = nginx_headers(k["key"], f"/v1/orgs/{world.org_a}/things")
     r = await client.get("/auth/nginx", headers=h)
     assert (r.status, r.headers["X-Role"], r.headers["X-Scopes"]) == (200, "admin", "*")
-    await world.admin.set_member(world.org_a, world.user, "viewer")
+    await world.directory.set_member(world.org_a, world.user, "viewer")
     for _ in range(100):  # the invalidation arrives by NOTIFY
         r = await client.get("/auth/nginx", headers=h)
         if r.headers["X-Role"] == "viewer":
@@ -120,7 +120,7 @@ async def test_a_refusal_by_a_limit_is_shown_in_the_orgs_audit(client: Client, w
     assert (await client.get("/auth/nginx", headers=h)).status == 429
     rows: list[Any] = []
     for _ in range(50):
-        rows = await world.admin.pool.fetch(
+        rows = await world.pool.fetch(
             "SELECT org_id, detail->>'code' AS code FROM audit_events WHERE type = 'auth.failed' AND key_id = $1",
             k["id"],
         )

@@ -1,4 +1,5 @@
-"""Management calls' use of Postgres (gateway/admin.py): bounded, and an outage is a 503."""
+"""The management layer's use of Postgres (gateway/db.py): bounded, an outage is a 503, and each change
+reports what it invalidated."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.admin import Admin
 from gateway.app import create_app
 from gateway.audit import CLI
 from gateway.backends import StoreUnavailable
 from gateway.config import Config, RolesConfig
+from gateway.db import Database
+from gateway.directory import Directory
+from gateway.keyring import Keyring
 from gateway.keys import KeyFormat, SecretHasher
 from tests._faultproxy import FaultProxy
 from tests.conftest import Services, World, make_config
@@ -54,27 +57,25 @@ async def test_a_hung_database_is_a_bounded_503_and_the_pool_recovers(
 
 
 async def test_every_management_call_has_a_deadline(services: Services, clean: None, cfg: Config) -> None:
-    """Issue 11: `Admin` took pool connections with no timeout or error mapping (unlike the hot path's
+    """Issue 11: management calls took pool connections with no timeout or error mapping (unlike the hot path's
     `Store`): with Postgres hung after the connection was made, a read or a write waited for ever. Now both
     raise StoreUnavailable (503) after `timeout_s`, and the pool serves again once Postgres answers."""
     with FaultProxy(services.pg.port) as proxy:
         url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
-        hasher = SecretHasher(cfg.keys.argon2, 1)
         try:
-            admin = Admin(pool, KeyFormat("gw"), hasher, RolesConfig(), timeout_s=0.5)
-            org = (await admin.create_org("A"))["id"]
+            directory = Directory(Database(pool, timeout_s=0.5), RolesConfig())
+            org = (await directory.create_org("A"))["id"]
             proxy.hang()
-            for call in (admin.members(org), admin.create_org("B")):
+            for call in (directory.members(org), directory.create_org("B")):
                 started = time.monotonic()
                 with pytest.raises(StoreUnavailable):
                     await asyncio.wait_for(call, timeout=5)
                 assert time.monotonic() - started < 2
             proxy.pass_()
-            assert await admin.members(org) == []
-            assert (await admin.create_org("C"))["name"] == "C"
+            assert await directory.members(org) == []
+            assert (await directory.create_org("C"))["name"] == "C"
         finally:
-            hasher.close()
             await pool.close()
 
 
@@ -87,8 +88,9 @@ async def test_each_call_reports_what_it_invalidated(cfg: Config, pool: asyncpg.
     got: list[list[str]] = []
     hasher = SecretHasher(cfg.keys.argon2, 1)
     try:
-        admin = Admin(pool, KeyFormat("gw"), hasher, cfg.roles, on_invalidate=got.append)
-        await asyncio.gather(admin.revoke_key(k1["id"], CLI), admin.set_member(world.org_b, world.user, "member"))
+        db = Database(pool, on_invalidate=got.append)
+        keyring, directory = Keyring(db, KeyFormat("gw"), hasher, cfg.roles), Directory(db, cfg.roles)
+        await asyncio.gather(keyring.revoke_key(k1["id"], CLI), directory.set_member(world.org_b, world.user, "member"))
     finally:
         hasher.close()
     assert [k1["id"]] in got

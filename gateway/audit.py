@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from aiohttp import web
 
-from gateway.backends import StoreUnavailable
+from gateway.backends import Conn, StoreUnavailable
 from gateway.formats import iso
 from gateway.metrics import Metrics
 from gateway.store import Store
@@ -45,7 +44,7 @@ CLI = Actor("cli")
 
 
 async def write_event(
-    conn: asyncpg.Connection,
+    conn: Conn,
     type_: str,
     *,
     actor: Actor = CLI,

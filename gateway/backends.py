@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import asyncpg
 from redis.exceptions import RedisError
 
@@ -42,3 +44,9 @@ OUTAGES: tuple[type[BaseException], ...] = (
 
 class StoreUnavailable(AuthUnavailable):
     """Postgres could not be reached in time (or its breaker is open): an outage, answered 503."""
+
+
+# A connection to Postgres as our code receives it: made alone (the listener's, migrations) or lent by a
+# pool (asyncpg's typed stubs tell the two apart). A string: asyncpg's classes are not generic at run time.
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+Pooled: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"

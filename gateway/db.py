@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 
 from gateway import constants as C
-from gateway.backends import PG_ERRORS, StoreUnavailable
+from gateway.backends import PG_ERRORS, Conn, Pooled, StoreUnavailable
 from gateway.errors import GatewayError, NotFound
 from gateway.keys import random_b62
 
@@ -22,7 +22,7 @@ def new_id(kind: str) -> str:
     return f"{kind}_{random_b62(16)}"
 
 
-async def notify_keys(conn: asyncpg.Connection, key_ids: list[str]) -> None:
+async def notify_keys(conn: Conn, key_ids: list[str]) -> None:
     for i in range(0, len(key_ids), C.PG_NOTIFY_BATCH):
         payload = json.dumps({"k": key_ids[i : i + C.PG_NOTIFY_BATCH]})
         await conn.execute("SELECT pg_notify($1, $2)", C.PG_INVALIDATION_CHANNEL, payload)
@@ -31,7 +31,7 @@ async def notify_keys(conn: asyncpg.Connection, key_ids: list[str]) -> None:
 _EXISTS = {"orgs": "SELECT 1 FROM orgs WHERE id = $1", "users": "SELECT 1 FROM users WHERE id = $1"}
 
 
-async def must_exist(conn: asyncpg.Connection, table: str, id_: str) -> None:
+async def must_exist(conn: Conn, table: str, id_: str) -> None:
     if await conn.fetchval(_EXISTS[table], id_) is None:
         raise NotFound(f"no {table[:-1]} {id_}")
 
@@ -50,12 +50,12 @@ class Database:
         self.on_invalidate = on_invalidate
 
     @contextlib.asynccontextmanager
-    async def connect(self, *, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    async def connect(self, *, transaction: bool = False) -> AsyncIterator[Pooled]:
         """A connection for one management call, in a transaction if asked: the whole call within
         `timeout_s`, and a database that cannot answer in time is StoreUnavailable (503). A connection
         that timed out or failed is closed rather than rolled back: a ROLLBACK to a server that does not
         answer would hang the call (closing it ends the transaction on the server)."""
-        conn: asyncpg.Connection | None = None
+        conn: Pooled | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = await self.pool.acquire()
@@ -81,7 +81,7 @@ class Database:
             if conn is not None:
                 await self.pool.release(conn, timeout=self.timeout_s)
 
-    async def invalidate(self, conn: asyncpg.Connection, key_ids: list[str]) -> None:
+    async def invalidate(self, conn: Conn, key_ids: list[str]) -> None:
         """Every process drops these keys when the caller's transaction commits (NOTIFY)."""
         await notify_keys(conn, key_ids)
         if self.on_invalidate is not None:

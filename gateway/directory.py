@@ -11,6 +11,7 @@ import asyncpg
 from aiohttp import web
 
 from gateway.audit import CLI, Actor, write_event
+from gateway.backends import Conn
 from gateway.config import RolesConfig
 from gateway.db import Database, must_exist, new_id
 from gateway.errors import Conflict, InsufficientPermissions, NotFound
@@ -58,7 +59,7 @@ class Directory:
             raise Conflict(f"the user with email {email} could not be read back")
         return found
 
-    async def _insert_user(self, conn: asyncpg.Connection, email: str, actor: Actor) -> str | None:
+    async def _insert_user(self, conn: Conn, email: str, actor: Actor) -> str | None:
         """The new user's id; None when the email is taken (nothing written)."""
         user_id = new_id("usr")
         added = await conn.fetchval(
@@ -69,11 +70,11 @@ class Directory:
         await write_event(conn, "user.created", actor=actor, user_id=user_id, target=user_id)
         return user_id
 
-    async def _user_keys(self, conn: asyncpg.Connection, user_id: str) -> list[str]:
+    async def _user_keys(self, conn: Conn, user_id: str) -> list[str]:
         return [r["id"] for r in await conn.fetch("SELECT id FROM api_keys WHERE user_id = $1", user_id)]
 
     async def _membership_changed(
-        self, conn: asyncpg.Connection, org_id: str, user_id: str, old: str | None, new: str | None, actor: Actor
+        self, conn: Conn, org_id: str, user_id: str, old: str | None, new: str | None, actor: Actor
     ) -> None:
         """Audit the change and invalidate every key of the user, inside the caller's transaction."""
         await write_event(
@@ -87,7 +88,7 @@ class Directory:
         )
         await self.db.invalidate(conn, await self._user_keys(conn, user_id))
 
-    async def _keep_an_owner(self, conn: asyncpg.Connection, org_id: str, user_id: str, new: str | None) -> None:
+    async def _keep_an_owner(self, conn: Conn, org_id: str, user_id: str, new: str | None) -> None:
         """An org always keeps an owner: the last one can be neither removed nor demoted. The org row is
         locked first, so two owners demoting each other at once cannot both succeed."""
         owner = self.roles.order[-1]
@@ -120,7 +121,7 @@ class Directory:
             await self._membership_changed(conn, org_id, user_id, old, role, actor)
         return {"org_id": org_id, "user_id": user_id, "role": role}
 
-    async def join(self, conn: asyncpg.Connection, org_id: str, user_id: str, role: str, actor: Actor) -> None:
+    async def join(self, conn: Conn, org_id: str, user_id: str, role: str, actor: Actor) -> None:
         """Make the user a member with `role` (an accepted invitation), inside the caller's transaction. A
         member already keeps their role: an old invitation never changes it."""
         added = await conn.fetchval(

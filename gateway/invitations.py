@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway import constants as C
 from gateway.audit import CLI, Actor, write_event
+from gateway.backends import Conn
 from gateway.db import new_id
 from gateway.directory import Directory
 from gateway.errors import Conflict, NotFound
@@ -91,7 +92,7 @@ class Invitations:
                 target=invitation_id,
                 detail={"role": role},
             )
-            row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
+            row = await _one(conn, invitation_id)
         return _view(row, now)
 
     async def for_user(self, user_id: str) -> list[dict[str, Any]]:
@@ -143,10 +144,10 @@ class Invitations:
             )
             if accept:
                 await self.directory.join(conn, row["org_id"], row["user_id"], row["role"], actor)
-            row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
+            row = await _one(conn, invitation_id)
         return _view(row, now)
 
-    async def _inviter_still_may(self, conn: asyncpg.Connection, row: asyncpg.Record) -> None:
+    async def _inviter_still_may(self, conn: Conn, row: asyncpg.Record) -> None:
         """An invitation is only as good as its sender now is: one sent by a member since removed, or
         demoted below admin or below the role it offers, is void (the operator's command line is always good)."""
         inviter = row["invited_by"]
@@ -185,8 +186,15 @@ class Invitations:
                 user_id=row["user_id"],
                 target=invitation_id,
             )
-            row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
+            row = await _one(conn, invitation_id)
         return _view(row, now)
 
 
 INVITATIONS = web.AppKey("invitations", Invitations)
+
+
+async def _one(conn: Conn, invitation_id: str) -> asyncpg.Record:
+    """An invitation this call has just read or written (so it exists)."""
+    row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
+    assert row is not None
+    return row

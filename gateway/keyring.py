@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ import asyncpg
 from aiohttp import web
 
 from gateway.audit import CLI, Actor, write_event
+from gateway.backends import Conn
 from gateway.config import RolesConfig
 from gateway.db import Database, must_exist
 from gateway.errors import Conflict, InvalidRequest, NotFound
@@ -38,7 +40,7 @@ def parse_rate_limit(text: str) -> str:
     return text.strip()
 
 
-def key_status(row: asyncpg.Record, now: datetime) -> str:
+def key_status(row: asyncpg.Record | Mapping[str, Any], now: datetime) -> str:
     if row["revoked_at"] is not None:
         return "revoked"
     if row["expires_at"] is not None and row["expires_at"] <= now:
@@ -46,7 +48,7 @@ def key_status(row: asyncpg.Record, now: datetime) -> str:
     return "active"
 
 
-def key_view(row: asyncpg.Record) -> dict[str, Any]:
+def key_view(row: asyncpg.Record | Mapping[str, Any]) -> dict[str, Any]:
     now = datetime.now(UTC)
     return {
         "id": row["id"],
@@ -116,14 +118,14 @@ _KEY = "SELECT * FROM api_keys WHERE id = $1"
 _KEY_FOR_UPDATE = "SELECT * FROM api_keys WHERE id = $1 FOR UPDATE"
 
 
-async def _key(conn: asyncpg.Connection, key_id: str, *, lock: bool = False) -> asyncpg.Record | None:
+async def _key(conn: Conn, key_id: str, *, lock: bool = False) -> asyncpg.Record | None:
     """A key's row; with `lock`, held until the transaction ends (FOR UPDATE)."""
     query = _KEY_FOR_UPDATE if lock else _KEY
     row: asyncpg.Record | None = await conn.fetchrow(query, key_id)
     return row
 
 
-async def block(conn: asyncpg.Connection, key_id: str, org_id: str, actor: Actor) -> None:
+async def block(conn: Conn, key_id: str, org_id: str, actor: Actor) -> None:
     """Stop a key acting in one org (see `Keyring.stop_key_in`), inside the caller's transaction."""
     await conn.execute(
         "INSERT INTO key_org_blocks (key_id, org_id, blocked_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -168,7 +170,7 @@ class Keyring:
             parse_rate_limit(spec.rate_limit)
         return CheckedSpec(spec, expires, cidrs)
 
-    async def _check_scope(self, conn: asyncpg.Connection, spec: KeySpec) -> None:
+    async def _check_scope(self, conn: Conn, spec: KeySpec) -> None:
         await must_exist(conn, "users", spec.user_id)
         member_of = {
             r["org_id"] for r in await conn.fetch("SELECT org_id FROM memberships WHERE user_id = $1", spec.user_id)
@@ -183,7 +185,7 @@ class Keyring:
                 raise InvalidRequest(f"project {project} is not in the key's orgs", field="projects")
 
     async def _insert_key(
-        self, conn: asyncpg.Connection, spec: KeySpec, expires: datetime | None, cidrs: list[str] | None
+        self, conn: Conn, spec: KeySpec, expires: datetime | None, cidrs: list[str] | None
     ) -> tuple[str, str]:
         raw, parsed = self.fmt.generate(spec.env)
         secret_hash = await self.hasher.hash(parsed.secret)
@@ -210,7 +212,7 @@ class Keyring:
         return parsed.key_id, raw
 
     async def _key_event(
-        self, conn: asyncpg.Connection, type_: str, key_id: str, actor: Actor, detail: dict[str, Any] | None = None
+        self, conn: Conn, type_: str, key_id: str, actor: Actor, detail: dict[str, Any] | None = None
     ) -> None:
         """One audit event per org the key can act in, so each org's audit shows it."""
         row = await conn.fetchrow(
@@ -218,6 +220,7 @@ class Keyring:
             " WHERE m.user_id = k.user_id) ELSE k.org_ids END AS orgs FROM api_keys k WHERE k.id = $1",
             key_id,
         )
+        assert row is not None  # the caller holds the key (created or read in this transaction)
         for org in list(row["orgs"]) or [None]:
             await write_event(
                 conn,
@@ -389,6 +392,7 @@ class Keyring:
             )
             await self.db.invalidate(conn, [key_id])
             row = await _key(conn, new_id_)
+        assert row is not None  # inserted just now, in this transaction
         return {**key_view(row), "key": raw, "rotated_from": key_id}
 
 

@@ -70,7 +70,7 @@ class InvalidationListener:
     async def _listen(self, first: bool) -> None:
         queue: asyncio.Queue[object] = asyncio.Queue()
 
-        def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
+        def on_notify(_c: Any, _pid: int, _channel: str, payload: object) -> None:
             queue.put_nowait(payload)
 
         conn: asyncpg.Connection | None = None

@@ -16,7 +16,7 @@ import asyncpg
 
 from gateway import constants as C
 from gateway._breaker import Breaker
-from gateway.backends import PG_ERRORS, StoreUnavailable
+from gateway.backends import PG_ERRORS, Conn, Pooled, StoreUnavailable
 from gateway.config import DatabaseConfig, redact_url
 from gateway.models import KeyRecord
 
@@ -29,6 +29,9 @@ def ts(value: datetime | None) -> float | None:
 
 def fingerprint(secret_hash: str) -> str:
     return hashlib.sha256(secret_hash.encode()).hexdigest()[:16]
+
+
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*PG_ERRORS, asyncpg.PostgresError)
 
 
 async def connect_pool(cfg: DatabaseConfig) -> asyncpg.Pool:
@@ -44,7 +47,7 @@ async def connect_pool(cfg: DatabaseConfig) -> asyncpg.Pool:
                 command_timeout=cfg.timeout_ms / 1000,
             )
             return pool
-        except (*PG_ERRORS, asyncpg.PostgresError) as exc:
+        except _CONNECT_ERRORS as exc:
             if attempt == cfg.connect_retries:
                 raise StoreUnavailable(
                     f"cannot connect to Postgres at {redact_url(cfg.url.get())}: {exc.__class__.__name__}: {exc}"
@@ -66,7 +69,7 @@ def migration_files() -> list[tuple[int, str, str]]:
     return sorted(out)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Conn) -> list[str]:
     """Apply pending migrations; an advisory lock makes concurrent runs from several replicas safe."""
     applied_now = []
     await conn.execute("SELECT pg_advisory_lock($1)", C.MIGRATION_LOCK_ID)
@@ -119,10 +122,10 @@ class Store:
         self.breaker = breaker or Breaker("postgres")
         self._releasing: set[asyncio.Task[None]] = set()
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    async def _run(self, fn: Callable[[Pooled], Awaitable[Any]]) -> Any:
         if not self.breaker.allow():
             raise StoreUnavailable("recently failed")
-        conn: asyncpg.Connection | None = None
+        conn: Pooled | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = await self.pool.acquire()
@@ -143,7 +146,7 @@ class Store:
         self._release_later(conn, broken=False)
         return result
 
-    def _release_later(self, conn: asyncpg.Connection | None, *, broken: bool) -> None:
+    def _release_later(self, conn: Pooled | None, *, broken: bool) -> None:
         """Give the connection back without making the request wait: a release resets the session,
         which is a round trip to a server that may be slow."""
         if conn is None:
@@ -156,7 +159,7 @@ class Store:
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _release(self, conn: asyncpg.Connection) -> None:
+    async def _release(self, conn: Pooled) -> None:
         # asyncpg bounds the reset by `timeout` and terminates the connection itself when it fails (an
         # outer timeout would leave its shielded release running, its error never retrieved).
         with contextlib.suppress(*PG_ERRORS, asyncpg.PostgresError):

@@ -35,7 +35,7 @@ from gateway.errors import (
 from gateway.formats import iso, parse_iso
 from gateway.forward import client_address, credential
 from gateway.invitations import INVITATIONS
-from gateway.keyring import KEYRING, MAX_LIST, KeySpec, key_expiry, key_view
+from gateway.keyring import KEYRING, MAX_LIST, KeyQuery, KeySpec, key_expiry, key_view
 from gateway.models import KeyRecord
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
@@ -391,7 +391,7 @@ async def list_keys(request: web.Request) -> web.Response:
         except (ValueError, TypeError):
             raise InvalidRequest("cursor is not valid", field="cursor") from None
     directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
-    rows = await keyring.key_rows(owner, org, status, after, limit + 1)
+    rows = await keyring.key_rows(KeyQuery(owner, org, status, after, limit + 1))
     items = rows[:limit]
     # A page costs a few queries whatever its length: the owners' roles and the stops, read at once.
     roles = await directory.member_roles_of(sorted({r["user_id"] for r in items}))

@@ -33,7 +33,7 @@ from gateway.directory import Directory
 from gateway.errors import ConfigError, GatewayError
 from gateway.formats import parse_iso
 from gateway.invitations import Invitations
-from gateway.keyring import Keyring, KeySpec
+from gateway.keyring import KeyQuery, Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.policy import describe, load_policy
 from gateway.store import connect_pool, migrate
@@ -263,7 +263,7 @@ def _management_call(args: argparse.Namespace) -> Callable[[Management], Awaitab
         ("invitations", "decline"): lambda m: m.invitations.decide(args.invitation_id, None, False),
         ("invitations", "withdraw"): lambda m: m.invitations.withdraw(None, args.invitation_id, CLI),
         ("projects", "create"): lambda m: m.directory.create_project(args.org_id, args.name),
-        ("keys", "list"): lambda m: m.keyring.list_keys(args.user, args.org),
+        ("keys", "list"): lambda m: m.keyring.list_keys(KeyQuery(args.user, args.org)),
         ("keys", "show"): lambda m: m.keyring.show_key(args.key_id),
         ("keys", "revoke"): lambda m: m.keyring.revoke_key(args.key_id),
         ("keys", "rotate"): lambda m: m.keyring.rotate_key(args.key_id, args.grace),

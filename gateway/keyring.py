@@ -106,6 +106,18 @@ class KeySpec:
 
 
 @dataclass(frozen=True)
+class KeyQuery:
+    """Which keys a listing shows, oldest first: those of `owner` and/or acting in `org`, in `status`
+    (active, expired, revoked), after the (created_at, id) cursor, at most `limit`."""
+
+    owner: str | None = None
+    org: str | None = None
+    status: str | None = None
+    after: tuple[datetime, str] | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
 class CheckedSpec:
     """A KeySpec that passed `Keyring.validate_spec`, with what the check worked out."""
 
@@ -249,26 +261,13 @@ class Keyring:
         assert row is not None  # inserted just now, in this transaction
         return row, raw
 
-    async def list_keys(
-        self,
-        user_id: str | None = None,
-        org_id: str | None = None,
-        status: str | None = None,
-        after: tuple[datetime, str] | None = None,
-        limit: int | None = None,
-    ) -> list[dict[str, Any]]:
+    async def list_keys(self, query: KeyQuery) -> list[dict[str, Any]]:
         """Keys, oldest first: of one owner, and/or that can act in one org, in one status."""
-        return [key_view(r) for r in await self.key_rows(user_id, org_id, status, after, limit)]
+        return [key_view(r) for r in await self.key_rows(query)]
 
-    async def key_rows(
-        self,
-        user_id: str | None = None,
-        org_id: str | None = None,
-        status: str | None = None,
-        after: tuple[datetime, str] | None = None,
-        limit: int | None = None,
-    ) -> list[asyncpg.Record]:
+    async def key_rows(self, query: KeyQuery) -> list[asyncpg.Record]:
         """`list_keys`'s rows."""
+        user_id, org_id, status, after, limit = query.owner, query.org, query.status, query.after, query.limit
         now = datetime.now(UTC)
         async with self.db.connect() as conn:
             rows = await conn.fetch(

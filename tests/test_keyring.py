@@ -9,7 +9,7 @@ import pytest
 
 from gateway.audit import CLI
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.keyring import MAX_LIST, Keyring, KeySpec
+from gateway.keyring import MAX_LIST, KeyQuery, Keyring, KeySpec
 from gateway.keys import KeyFormat
 from tests.conftest import World
 
@@ -95,11 +95,11 @@ async def test_listing_filters_by_owner_org_and_status(world: World) -> None:
     c = await keyring.create_key(spec(world, name="c"))
     await keyring.revoke_key(c["id"], CLI)
     await keyring.stop_key_in(b["id"], [world.org_a], CLI)
-    assert names(await keyring.list_keys(world.user)) == ["a", "b", "c"]
-    assert names(await keyring.list_keys(world.user, status="active")) == ["a", "b"]
-    assert names(await keyring.list_keys(world.user, status="revoked")) == ["c"]
-    assert names(await keyring.list_keys(org_id=world.org_a)) == ["a", "c"]  # b was stopped there
-    assert names(await keyring.list_keys(org_id=world.org_b)) == ["b"]
-    first = (await keyring.key_rows(world.user, limit=1))[0]
-    after = await keyring.list_keys(world.user, after=(first["created_at"], first["id"]))
+    assert names(await keyring.list_keys(KeyQuery(world.user))) == ["a", "b", "c"]
+    assert names(await keyring.list_keys(KeyQuery(world.user, status="active"))) == ["a", "b"]
+    assert names(await keyring.list_keys(KeyQuery(world.user, status="revoked"))) == ["c"]
+    assert names(await keyring.list_keys(KeyQuery(org=world.org_a))) == ["a", "c"]  # b was stopped there
+    assert names(await keyring.list_keys(KeyQuery(org=world.org_b))) == ["b"]
+    first = (await keyring.key_rows(KeyQuery(world.user, limit=1)))[0]
+    after = await keyring.list_keys(KeyQuery(world.user, after=(first["created_at"], first["id"])))
     assert names(after) == ["b", "c"] and a["id"] == first["id"]

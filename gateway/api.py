@@ -393,7 +393,8 @@ async def list_keys(request: web.Request) -> web.Response:
     directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
     rows = await keyring.key_rows(KeyQuery(owner, org, status, after, limit + 1))
     items = rows[:limit]
-    # A page costs a few queries whatever its length: the owners' roles and the stops, read at once.
+    # The owners' roles and the stops are read for the whole page at once (a project-limited key of another
+    # owner still costs one query for its projects).
     roles = await directory.member_roles_of(sorted({r["user_id"] for r in items}))
     stops = await keyring.stopped_in_each([r["id"] for r in items])
     out = []

@@ -21,7 +21,7 @@ from gateway._breaker import CLOSED, OPEN, Breaker
 from gateway.api import api_app
 from gateway.audit import AUDIT_LOG, AuditLog, FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
-from gateway.backends import OUTAGES
+from gateway.backends import OUTAGES, outage
 from gateway.cache import LocalCache, RedisCache
 from gateway.config import Config
 from gateway.db import Database
@@ -231,8 +231,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             # The client left (mid-body, say): nobody is left to answer, and it is not an error of ours.
             # The access log shows nginx's 499 "client closed request"; the write goes nowhere.
             return web.Response(status=CLIENT_CLOSED_REQUEST)
-        return error_response(unexpected(request))
+        log.warning("connection reset on %s %s: answered 503", request.method, redact(request.path))
+        return error_response(AuthUnavailable())  # a store's connection, reset under us: an outage
     except OUTAGES as exc:
+        if not outage(exc):
+            return error_response(unexpected(request))
         log.warning("%s on %s %s: answered 503", type(exc).__name__, request.method, redact(request.path))
         return error_response(AuthUnavailable())
     except Exception:

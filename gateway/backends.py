@@ -42,6 +42,27 @@ OUTAGES: tuple[type[BaseException], ...] = (
 )
 
 
+# asyncpg's own errors that are ours, not the server's: an argument of the wrong type (its client-side
+# DataError, a ValueError), a bad client configuration, a feature one side lacks. A bug, never an outage,
+# though they are InterfaceErrors like a closed connection.
+NOT_OUTAGES: tuple[type[BaseException], ...] = (
+    ValueError,
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+)
+
+
+def pg_outage(exc: BaseException) -> bool:
+    """Postgres could not serve (PG_ERRORS), as opposed to our call being wrong."""
+    return isinstance(exc, PG_ERRORS) and not isinstance(exc, NOT_OUTAGES)
+
+
+def outage(exc: BaseException) -> bool:
+    """A store's failure that reached a request unmapped (OUTAGES), as opposed to a bug."""
+    return isinstance(exc, OUTAGES) and not isinstance(exc, NOT_OUTAGES)
+
+
 class StoreUnavailable(AuthUnavailable):
     """Postgres could not be reached in time (or its breaker is open): an outage, answered 503."""
 

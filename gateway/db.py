@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 
 from gateway import constants as C
-from gateway.backends import PG_ERRORS, Conn, Pooled, StoreUnavailable
+from gateway.backends import PG_ERRORS, Conn, Pooled, StoreUnavailable, pg_outage
 from gateway.errors import GatewayError, NotFound
 from gateway.keys import random_b62
+
+log = logging.getLogger("gateway.db")
 
 
 def new_id(kind: str) -> str:
@@ -74,12 +77,16 @@ class Database:
         except BaseException as exc:
             if conn is not None and not isinstance(exc, GatewayError | asyncpg.PostgresError):
                 conn.terminate()
-            if isinstance(exc, PG_ERRORS):
-                raise StoreUnavailable(f"the database did not answer in time ({type(exc).__name__})") from None
+            if pg_outage(exc):
+                log.warning("management call: Postgres unavailable (%s)", type(exc).__name__)
+                raise StoreUnavailable("the database is unavailable") from None
             raise
         finally:
             if conn is not None:
-                await self.pool.release(conn, timeout=self.timeout_s)
+                # The call's outcome stands (a commit is done): a failed reset only costs this connection,
+                # which asyncpg then closes itself.
+                with contextlib.suppress(*PG_ERRORS, asyncpg.PostgresError):
+                    await self.pool.release(conn, timeout=self.timeout_s)
 
     async def invalidate(self, conn: Conn, key_ids: list[str]) -> None:
         """Every process drops these keys when the caller's transaction commits (NOTIFY)."""

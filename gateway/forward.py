@@ -25,7 +25,7 @@ from gateway._body import json_object, read_raw
 from gateway._paths import canonical
 from gateway.audit import FailureAuditor
 from gateway.authz import acting_org
-from gateway.backends import OUTAGES
+from gateway.backends import outage
 from gateway.config import PROXIES, Config
 from gateway.errors import (
     AuthUnavailable,
@@ -437,14 +437,15 @@ class ForwardAuth:
             self.auditor.record(code, trail.key_id, address, trail.org, endpoint)
             response = denial(err)
             log.info("denied %s %s key=%s from %s", endpoint, code, trail.key_id or "-", address or "-")
-        except OUTAGES as exc:  # a store's outage that escaped its mapping: still an outage
-            log.warning("%s on %s: answered 503", type(exc).__name__, endpoint)
-            code = AuthUnavailable.code
-            response = denial(AuthUnavailable())
-        except Exception:  # a bug: answered like the app's error middleware, never a traceback to the proxy
-            bug = unexpected(request)
-            code = bug.code
-            response = denial(bug)
+        except Exception as exc:
+            if outage(exc):  # a store's outage that escaped its mapping: still an outage
+                log.warning("%s on %s: answered 503", type(exc).__name__, endpoint)
+                code = AuthUnavailable.code
+                response = denial(AuthUnavailable())
+            else:  # a bug: answered like the app's error middleware, never a traceback to the proxy
+                bug = unexpected(request)
+                code = bug.code
+                response = denial(bug)
         if self.lifecycle.draining:  # ask the proxy to move its keep-alive connection to another replica
             response.force_close()  # says `Connection: close` too
         self.metrics.decisions.inc(endpoint, code)

@@ -55,8 +55,8 @@ class Invitations:
         """Invite the user with this email (created if unknown) to `org_id` as `role`. Inviting again
         renews the open invitation with the new role. A current member's role is changed at once, as
         `set_member` would: they have joined already."""
+        role = self.directory.roles.named(role)  # before anything is written
         user_id = await self.directory.user_by_email(email, actor)
-        role = self.directory.roles.named(role)
         if await self.directory.member_role(org_id, user_id) is not None:
             member = await self.directory.set_member(org_id, user_id, role, actor)
             return {**member, "status": "member"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 _ERR = {"$ref": "#/components/responses/Error"}
-_STD = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR, "429": _ERR, "503": _ERR}
+_STD = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR, "429": _ERR, "500": _ERR, "503": _ERR}
 
 
 def _op(summary: str, ok: str = "200", body: str | None = None, params: list[str] | None = None) -> dict[str, Any]:

@@ -246,7 +246,9 @@ class _RuleParser:
             raise ConfigError(f"{where}: require takes permission and/or role")
         permission, role = raw.get("permission"), raw.get("role")
         if permission is not None and not (isinstance(permission, str) and PERMISSION_RE.fullmatch(permission)):
-            raise ConfigError(f"{where}: require.permission must be resource:action, such as projects:read")
+            raise ConfigError(
+                f"{where}: require.permission must be resource:action (or a pattern, or *), such as projects:read"
+            )
         if role is not None and role not in self.roles.order:
             raise ConfigError(f"{where}: require.role {role!r} is not a role ({', '.join(self.roles.order)})")
         return permission, role

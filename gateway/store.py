@@ -16,7 +16,7 @@ import asyncpg
 
 from gateway import constants as C
 from gateway._breaker import Breaker
-from gateway.backends import PG_ERRORS, Conn, Pooled, StoreUnavailable
+from gateway.backends import PG_ERRORS, Conn, Pooled, StoreUnavailable, pg_outage
 from gateway.config import DatabaseConfig, redact_url
 from gateway.models import KeyRecord
 
@@ -131,6 +131,9 @@ class Store:
                 conn = await self.pool.acquire()
                 result = await fn(conn)
         except PG_ERRORS as exc:
+            if not pg_outage(exc):  # our call was wrong (a bug): no outage, no breaker
+                self._release_later(conn, broken=True)
+                raise
             self.breaker.failed()
             if isinstance(exc, TimeoutError) and conn is not None:
                 # The server did not answer on a connection: the idle ones may be as dead without knowing

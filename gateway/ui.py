@@ -25,7 +25,7 @@ from gateway import constants as C
 from gateway._body import json_object, read_raw
 from gateway._breaker import guarded
 from gateway.authz import role_in
-from gateway.backends import PG_ERRORS, REDIS_ERRORS, REDIS_UNAVAILABLE
+from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.config import RolesConfig
 from gateway.directory import DIRECTORY
 from gateway.errors import AuthUnavailable, InvalidRequest, MissingCredentials
@@ -108,10 +108,7 @@ def _secure(request: web.Request) -> bool:
 async def _session_view(session: Session, record: KeyRecord, request: web.Request) -> web.Response:
     roles = request.config_dict[CONFIG].roles
     ids = [o for o in record.memberships if role_in(record, o, roles) is not None]
-    try:
-        orgs = await request.config_dict[DIRECTORY].orgs(ids)
-    except PG_ERRORS:
-        raise AuthUnavailable("the key store is unreachable") from None
+    orgs = await request.config_dict[DIRECTORY].orgs(ids)  # an outage: StoreUnavailable, a 503
     view = {
         "user_id": session.user_id,
         "key_id": session.key_id,

@@ -77,14 +77,14 @@ CREDENTIALS: dict[str, tuple[str, list[str] | None, str, set[str] | None, bool]]
 
 async def _org_objects(world: World, client: Client, org: str) -> dict[str, str]:
     """A member with a key, a service account with a key, a project and an invitation, in `org`."""
-    admin = world.directory
-    dev = (await admin.create_user(f"dev-{org}@example.com"))["id"]
-    await admin.set_member(org, dev, "member")
+    directory = world.directory
+    dev = (await directory.create_user(f"dev-{org}@example.com"))["id"]
+    await directory.set_member(org, dev, "member")
     dev_key = await world.key(name="dev", user=dev, role="member", orgs=[org])
-    sa = await admin.create_service_account(org, "ci", "member", CLI)
+    sa = await directory.create_service_account(org, "ci", "member", CLI)
     sa_key = await world.key(name="sa", user=sa["id"], role="member", orgs=[org])
-    project = await admin.create_project(org, "web")
-    invitation = await Invitations(admin).invite(org, f"inv-{org}@example.com", "viewer", CLI)
+    project = await directory.create_project(org, "web")
+    invitation = await Invitations(directory).invite(org, f"inv-{org}@example.com", "viewer", CLI)
     return {
         "org": org,
         "dev": dev,

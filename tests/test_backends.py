@@ -7,7 +7,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway._breaker import BreakerOpen
-from gateway.backends import OUTAGES, PG_ERRORS, REDIS_UNAVAILABLE, StoreUnavailable
+from gateway.backends import OUTAGES, PG_ERRORS, REDIS_UNAVAILABLE, StoreUnavailable, outage, pg_outage
 from gateway.errors import AuthUnavailable, request_id
 
 
@@ -47,3 +47,13 @@ def test_request_ids() -> None:
     for sent in (None, "", "a b", "x" * 65, "é", "a\r\nb"):
         made = request_id(sent)
         assert len(made) == 32 and made != request_id(sent)
+
+
+def test_asyncpg_errors_of_our_own_making_are_bugs() -> None:
+    """asyncpg raises a closed connection and a wrong argument type both as InterfaceErrors: only the
+    first is Postgres failing to serve; the other is a bug (500), never a 503 nor a tripped breaker."""
+    wrong_type = asyncpg.exceptions._base.DataError("invalid input for query argument $1")
+    assert isinstance(wrong_type, PG_ERRORS) and not pg_outage(wrong_type) and not outage(wrong_type)
+    closed = asyncpg.exceptions.InterfaceError("connection is closed")
+    assert pg_outage(closed) and outage(closed)
+    assert pg_outage(ConnectionRefusedError()) and outage(ConnectionResetError())

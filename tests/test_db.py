@@ -95,3 +95,14 @@ async def test_each_call_reports_what_it_invalidated(cfg: Config, pool: asyncpg.
         hasher.close()
     assert [k1["id"]] in got
     assert sorted(k2["id"] in ids and k1["id"] in ids for ids in got) == [False, True]  # all the user's keys
+
+
+async def test_a_wrong_query_is_a_bug_not_an_outage(pool: asyncpg.Pool) -> None:
+    """A call of ours that asyncpg refuses (an argument of the wrong type) raises as it is, to be answered
+    500 with a request id, not mapped to StoreUnavailable (503); the pool serves on."""
+    db = Database(pool, timeout_s=2)
+    with pytest.raises(asyncpg.exceptions.DataError):  # raised by asyncpg itself, before sending
+        async with db.connect(transaction=True) as conn:
+            await conn.fetchval("SELECT $1::int", "not a number")
+    async with db.connect() as conn:
+        assert await conn.fetchval("SELECT 1") == 1

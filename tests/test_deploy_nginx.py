@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from gateway._services import free_port
 from gateway.app import create_app
 from gateway.config import Config, LimitConfig
+from gateway.errors import InternalError, request_id
+from gateway.forward import denial
 from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, stop_process, wait_port
 from tests.conftest import ROOT, Services, World
 from tests.test_deploy_caddy import assert_no_secret, fake_key, raw_request, request_bytes
@@ -292,3 +295,29 @@ async def test_error_log_holds_no_key_in_the_target_when_the_gateway_is_down(
         *[(401, "invalid_request")] * 5,
         (503, "auth_unavailable"),
     ]
+
+
+async def test_a_gateway_bug_stays_a_500_with_its_request_id(aiohttp_server: Any, tmp_path: Path) -> None:
+    """The shipped config answered anything but 401/403/429 as 503 auth_unavailable, a gateway bug
+    included, and sent no request id. Now nginx sends its $request_id, and a 500 internal_error reaches
+    the client as a 500 carrying the id the gateway logged. The auth server here answers exactly what the
+    gateway answers on a bug (gateway.forward.denial of an InternalError, as tests/test_app.py checks)."""
+    received: list[str] = []
+
+    async def buggy_gateway(request: web.Request) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-Id", "")
+        received.append(rid)
+        return denial(InternalError(request_id(rid)))
+
+    gateway = web.Application()
+    gateway.router.add_route("*", "/auth/nginx", buggy_gateway)
+    auth = await aiohttp_server(gateway)
+    up = await aiohttp_server(echo_app())
+    nginx = await asyncio.to_thread(run_nginx, tmp_path / "nginx", auth.port, up.port)
+    try:
+        status, headers, body = await _get(nginx, headers={"X-API-Key": "gw_live_x"})
+    finally:
+        await asyncio.to_thread(nginx.stop)
+    assert len(received) == 1 and len(received[0]) == 32  # nginx's $request_id
+    assert (status, body["error"]["code"], headers["X-Auth-Error"]) == (500, "internal_error", "internal_error")
+    assert headers["X-Request-Id"] == received[0] and received[0] in body["error"]["message"]

@@ -10,9 +10,12 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import pytest
 
-from gateway.audit import AuditLog
+from gateway.audit import CLI, AuditLog
 from gateway.db import Database
+from gateway.errors import InvalidRequest
+from gateway.invitations import Invitations
 from tests.conftest import Client, World, nginx_headers, poll
 from tests.test_api import auth, err, ok
 
@@ -261,3 +264,11 @@ async def test_an_org_listing_skips_keys_of_members_who_left(client: Client, wor
     for query in ("", "&status=active"):
         listed = await ok(await client.get(f"/v1/keys?org={world.org_a}{query}", headers=auth(k)))
         assert dev_key["id"] not in [x["id"] for x in listed["items"]]
+
+
+async def test_an_invitation_with_an_unknown_role_leaves_nothing_behind(world: World, pool: asyncpg.Pool) -> None:
+    """The role is checked before anything is written: before, the invited user was created first."""
+    with pytest.raises(InvalidRequest) as refused:
+        await Invitations(world.directory).invite(world.org_a, "ghost@example.com", "root", CLI)
+    assert refused.value.field == "role"
+    assert await pool.fetchval("SELECT count(*) FROM users WHERE email = 'ghost@example.com'") == 0

@@ -39,6 +39,7 @@ from gateway.keyring import KEYRING, MAX_LIST, KeyQuery, KeySpec, key_expiry, ke
 from gateway.models import KeyRecord
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
+from gateway.schemas import Body, KeyCreate, MemberAdd, MemberRole, Named, Role, Rotate, read
 from gateway.typedefs import CONFIG, TRUSTED, VERIFIER
 from gateway.ui import COOKIE, check_csrf, load_session
 
@@ -141,20 +142,10 @@ async def valid_ids(request: web.Request, handler: Handler) -> web.StreamRespons
 # --- input ---------------------------------------------------------------------------------------
 
 
-async def read_body(
-    request: web.Request, fields: dict[str, type | tuple[type, ...]], required: set[str]
-) -> dict[str, Any]:
-    """A JSON object with only `fields`, each of its type; unknown fields and wrong types are refused."""
-    body = json_object(await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s), empty_is_object=True)
-    for name in sorted(body):
-        if name not in fields:
-            raise InvalidRequest(f"unknown field {name}", field=name)
-        if body[name] is not None and not isinstance(body[name], fields[name]):
-            raise InvalidRequest(f"{name} has the wrong type", field=name)
-    for name in sorted(required):
-        if body.get(name) is None:
-            raise InvalidRequest(f"{name} is required", field=name)
-    return body
+async def read_body(request: web.Request, model: type[Body]) -> dict[str, Any]:
+    """A JSON object holding only `model`'s fields, each of its type (see gateway.schemas)."""
+    raw = await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)
+    return read(model, json_object(raw, empty_is_object=True))
 
 
 def str_list(body: dict[str, Any], name: str) -> list[str] | None:
@@ -208,19 +199,6 @@ def _time(value: str | None, name: str) -> datetime | None:
 
 
 # --- keys ----------------------------------------------------------------------------------------
-
-_KEY_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "name": str,
-    "role": str,
-    "scopes": list,
-    "orgs": (str, list),
-    "projects": (str, list),
-    "env": str,
-    "expires_in": str,
-    "expires_at": str,
-    "allowed_ips": list,
-    "rate_limit": str,
-}
 
 
 def no_escalation(p: Principal, spec: KeySpec, verb: str = "create", spec_stopped: Sequence[str] = ()) -> None:
@@ -355,7 +333,7 @@ async def visible_key(request: web.Request, key_id: str, permission: str = "keys
 async def create_key(request: web.Request) -> web.Response:
     """One's own key: any valid credential of the user, never making more than that credential can do."""
     p = request[PRINCIPAL]
-    body = await read_body(request, _KEY_FIELDS, {"name", "role"})
+    body = await read_body(request, KeyCreate)
     spec = spec_from(body, p.user_id)
     keyring = request.config_dict[KEYRING]
     checked = keyring.validate_spec(spec)
@@ -458,7 +436,7 @@ async def rotate_key(request: web.Request) -> web.Response:
         raise InsufficientPermissions("only a key's owner can rotate it; an admin can revoke it")
     if access.view["status"] == "active":
         no_escalation(p, spec_of(access.row), "rotate", access.view.get("stopped_in", ()))
-    body = await read_body(request, {"grace": str}, set())
+    body = await read_body(request, Rotate)
     rotated = await keyring.rotate_key(access.row["id"], body.get("grace"), p.actor)
     new = await key_access(request, await keyring.key_row(rotated["id"]))
     return web.json_response({**new.view, "key": rotated["key"], "rotated_from": access.row["id"]}, status=201)
@@ -484,7 +462,7 @@ async def create_org(request: web.Request) -> web.Response:
     if not p.record.all_orgs:
         raise OrgNotAllowed("only a key for all of its owner's orgs can create an org")
     p.require_own("orgs:write")
-    body = await read_body(request, {"name": str}, {"name"})
+    body = await read_body(request, Named)
     return web.json_response(
         await request.config_dict[DIRECTORY].create_org(body["name"], p.actor, owner=p.user_id), status=201
     )
@@ -527,7 +505,7 @@ async def add_member(request: web.Request) -> web.Response:
     """Invites the user with this email: they join once they accept. A current member's role is set."""
     p = request[PRINCIPAL]
     org = request.match_info["org"]
-    body = await read_body(request, {"email": str, "role": str}, {"email", "role"})
+    body = await read_body(request, MemberAdd)
     _grantable(p, org, body["role"], "members:write")
     directory = request.config_dict[DIRECTORY]
     user_id = await directory.user_by_email(body["email"], p.actor)
@@ -548,7 +526,7 @@ async def _guard_target(request: web.Request, org: str, user_id: str) -> None:
 async def set_member(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org, user_id = request.match_info["org"], request.match_info["user_id"]
-    body = await read_body(request, {"role": str}, {"role"})
+    body = await read_body(request, Role)
     _grantable(p, org, body["role"], "members:write")
     if await request.config_dict[DIRECTORY].member_role(org, user_id) is None:
         raise NotFound(f"no member {user_id}")
@@ -613,7 +591,7 @@ async def create_project(request: web.Request) -> web.Response:
     p.require(org, "projects:write", admin=True)
     if not p.record.all_projects:
         raise ProjectNotAllowed("a key confined to some projects cannot create one")
-    body = await read_body(request, {"name": str}, {"name"})
+    body = await read_body(request, Named)
     return web.json_response(
         await request.config_dict[DIRECTORY].create_project(org, body["name"], p.actor), status=201
     )
@@ -659,7 +637,7 @@ async def delete_project(request: web.Request) -> web.Response:
 async def create_service_account(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     org = request.match_info["org"]
-    body = await read_body(request, {"name": str, "role": str}, {"name", "role"})
+    body = await read_body(request, MemberRole)
     _grantable(p, org, body["role"], "service_accounts:write")
     return web.json_response(
         await request.config_dict[DIRECTORY].create_service_account(org, body["name"], body["role"], p.actor),
@@ -682,7 +660,7 @@ async def create_service_account_key(request: web.Request) -> web.Response:
     sa = await directory.service_account(org, sa_id)
     if sa is None:
         raise NotFound(f"no service account {sa_id}")
-    body = await read_body(request, _KEY_FIELDS, {"name", "role"})
+    body = await read_body(request, KeyCreate)
     body["orgs"] = [org]
     spec = spec_from(body, sa_id)
     checked = keyring.validate_spec(spec)

@@ -44,6 +44,7 @@ from gateway.metrics import Metrics
 from gateway.models import IDENTITY_HEADERS, IP
 from gateway.policy import ORG_HEADER, OriginalRequest, Policy, RouteDecision, checked_id
 from gateway.ratelimit import Decision
+from gateway.schemas import VerifyRequest, read
 from gateway.verifier import Verifier
 
 log = logging.getLogger("gateway.forward")
@@ -599,17 +600,6 @@ def _anonymous_head(project: str | None) -> bytes:
 
 # --- POST /v1/keys/verify ----------------------------------------------------------------------
 
-_VERIFY_FIELDS = {"key", "org", "permission", "method", "path"}
-
 
 def _verify_body(raw: bytes) -> dict[str, str]:
-    body = json_object(raw)
-    unknown = sorted(set(body) - _VERIFY_FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]}", field=unknown[0])
-    for name in _VERIFY_FIELDS:
-        if name in body and not isinstance(body[name], str):
-            raise InvalidRequest(f"{name} must be a string", field=name)
-    if "key" not in body:
-        raise InvalidRequest("key is required", field="key")
-    return body
+    return read(VerifyRequest, json_object(raw))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.schemas import REQUESTS
+
 _ERR = {"$ref": "#/components/responses/Error"}
 _STD = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR, "429": _ERR, "500": _ERR, "503": _ERR}
 
@@ -102,46 +104,10 @@ _PATHS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-_S = {"type": "string"}
+# Request bodies: the models `/v1/` validates with (gateway.schemas), so the two cannot drift apart.
 _SCHEMAS: dict[str, Any] = {
-    "VerifyRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["key"],
-        "properties": {k: _S for k in ("key", "org", "permission", "method", "path")},
-    },
-    "KeyCreate": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["name", "role"],
-        "properties": {
-            "name": {"type": "string", "maxLength": 200},
-            "role": _S,
-            "env": {"enum": ["live", "test"]},
-            "scopes": {"type": "array", "items": _S, "maxItems": 100},
-            "orgs": {"oneOf": [{"const": "all"}, {"type": "array", "items": _S, "maxItems": 100}]},
-            "projects": {"oneOf": [{"const": "all"}, {"type": "array", "items": _S, "maxItems": 100}]},
-            "expires_in": {"type": "string", "examples": ["30d"]},
-            "expires_at": {"type": "string", "format": "date-time"},
-            "allowed_ips": {"type": "array", "items": _S, "maxItems": 100},
-            "rate_limit": {"type": "string", "examples": ["100/1m"]},
-        },
-    },
-    "Rotate": {"type": "object", "additionalProperties": False, "properties": {"grace": {"type": "string"}}},
-    "Named": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {"name": _S}},
-    "Role": {"type": "object", "additionalProperties": False, "required": ["role"], "properties": {"role": _S}},
-    "MemberAdd": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["email", "role"],
-        "properties": {"email": {"type": "string", "format": "email"}, "role": _S},
-    },
-    "MemberRole": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["name", "role"],
-        "properties": {"name": _S, "role": _S},
-    },
+    m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}") for m in REQUESTS
+} | {
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -149,17 +115,51 @@ _SCHEMAS: dict[str, Any] = {
             "error": {
                 "type": "object",
                 "required": ["code", "message"],
-                "properties": {"code": _S, "message": _S, "field": _S},
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}},
             }
         },
     },
 }
 
 
+# Each operation's id is the name of the handler that serves it (gateway.api), for code generators.
+_OPERATION_IDS: dict[tuple[str, str], str] = {
+    ("/v1/invitations", "get"): "my_invitations",
+    ("/v1/invitations/{invitation}/accept", "post"): "accept_invitation",
+    ("/v1/invitations/{invitation}/decline", "post"): "decline_invitation",
+    ("/v1/keys", "get"): "list_keys",
+    ("/v1/keys", "post"): "create_key",
+    ("/v1/keys/verify", "post"): "keys_verify",
+    ("/v1/keys/{key_id}", "get"): "get_key",
+    ("/v1/keys/{key_id}/revoke", "post"): "revoke_key",
+    ("/v1/keys/{key_id}/rotate", "post"): "rotate_key",
+    ("/v1/me", "get"): "me",
+    ("/v1/orgs", "get"): "list_orgs",
+    ("/v1/orgs", "post"): "create_org",
+    ("/v1/orgs/{org}", "get"): "get_org",
+    ("/v1/orgs/{org}/audit", "get"): "audit",
+    ("/v1/orgs/{org}/invitations", "get"): "list_org_invitations",
+    ("/v1/orgs/{org}/invitations/{invitation}", "delete"): "withdraw_invitation",
+    ("/v1/orgs/{org}/members", "get"): "list_members",
+    ("/v1/orgs/{org}/members", "post"): "add_member",
+    ("/v1/orgs/{org}/members/{user_id}", "delete"): "remove_member",
+    ("/v1/orgs/{org}/members/{user_id}", "put"): "set_member",
+    ("/v1/orgs/{org}/projects", "get"): "list_projects",
+    ("/v1/orgs/{org}/projects", "post"): "create_project",
+    ("/v1/orgs/{org}/projects/{project}", "delete"): "delete_project",
+    ("/v1/orgs/{org}/projects/{project}", "get"): "get_project",
+    ("/v1/orgs/{org}/service-accounts", "get"): "list_service_accounts",
+    ("/v1/orgs/{org}/service-accounts", "post"): "create_service_account",
+    ("/v1/orgs/{org}/service-accounts/{sa}/keys", "post"): "create_service_account_key",
+}
+
+
 def openapi() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for path, ops in _PATHS.items():
-        item: dict[str, Any] = dict(ops)
+        item: dict[str, Any] = {
+            method: {"operationId": _OPERATION_IDS[path, method], **op} for method, op in ops.items()
+        }
         if "{" in path:
             item["parameters"] = _path_params(path)
         paths[path] = item

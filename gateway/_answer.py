@@ -12,12 +12,20 @@ way aiohttp adds them. A HEAD request gets the headers without the body. It runs
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 from collections.abc import Iterable
 from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
+
+from gateway.errors import GatewayError, InternalError, request_id
+from gateway.keys import redact
+
+log = logging.getLogger("gateway.answer")
 
 _FORBIDDEN = frozenset("\r\n\x00")
 
@@ -83,3 +91,64 @@ class Answer(web.StreamResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         """Everything was written by `prepare`."""
+
+
+# --- the contract's JSON denial, to a proxy and to everyone else ----------------------------------
+
+JSON = "application/json"
+
+
+@functools.lru_cache(maxsize=1024)
+def _denial(code: str, message: str, field: str | None) -> bytes:
+    """The JSON body of a denial: the same few for every junk key, so made once each (a bounded memo)."""
+    # A message may quote the caller's input (a field name, an id): nothing key-shaped is echoed back.
+    body: dict[str, str] = {"code": code, "message": redact(message)}
+    if field is not None:
+        body["field"] = redact(field)
+    return json.dumps({"error": body}).encode()
+
+
+def error_response(err: GatewayError, *, to_proxy: bool = False) -> web.Response:
+    """The contract's JSON denial. To a proxy a 400 is a 401: nginx's auth_request and Traefik only
+    deny on 401/403, and would turn a 400 into a 500 or pass it through as if it were the upstream's."""
+    status = 401 if to_proxy and err.status == 400 else err.status
+    base = _denial_headers(err.code, status)
+    headers = {**err.headers, **base} if err.headers else base
+    response = web.Response(body=_denial(err.code, err.message, err.field), status=status, headers=headers)
+    if err.headers.get("Connection") == "close":
+        response.force_close()
+    return response
+
+
+@functools.lru_cache(maxsize=256)
+def _denial_headers(code: str, status: int) -> dict[str, str]:
+    """A denial's own headers (a memo: never modified; `web.Response` copies what it is given)."""
+    headers = {"Content-Type": JSON, "X-Auth-Error": code, "Cache-Control": "no-store"}
+    if status == 401:
+        headers["WWW-Authenticate"] = f'Bearer error="{code}"'
+    return headers
+
+
+def unexpected(request: web.BaseRequest) -> InternalError:
+    """The error of a bug, logged with its traceback under the request id it is answered with."""
+    rid = request_id(request.headers.get("X-Request-Id"))
+    log.exception("unexpected error (request id %s) on %s %s", rid, request.method, redact(request.path))
+    return InternalError(rid)
+
+
+def denial(err: GatewayError) -> Answer:
+    """`error_response(err, to_proxy=True)` as a ready-made `Answer` (see `gateway._answer`)."""
+    status = 401 if err.status == 400 else err.status
+    head, body = _denial_block(err.code, err.message, err.field, status)
+    if not err.headers:
+        return Answer(status, head, body)
+    extra = {k: v for k, v in err.headers.items() if k.lower() != "connection"}
+    answer = Answer(status, header_block(extra.items()) + head, body)
+    if err.headers.get("Connection") == "close":
+        answer.force_close()
+    return answer
+
+
+@functools.lru_cache(maxsize=1024)
+def _denial_block(code: str, message: str, field: str | None, status: int) -> tuple[bytes, bytes]:
+    return header_block(_denial_headers(code, status).items()), _denial(code, message, field)

@@ -34,8 +34,9 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 
+from gateway._answer import error_response
 from gateway.errors import InvalidRequest
-from gateway.forward import ForwardAuth, error_response
+from gateway.forward import ForwardAuth
 from gateway.typedefs import FORWARD
 
 log = logging.getLogger("gateway.server")

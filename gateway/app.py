@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import constants as C
+from gateway._answer import error_response, unexpected
 from gateway._breaker import CLOSED, OPEN, Breaker
 from gateway.api import api_app
 from gateway.audit import AUDIT_LOG, AuditLog, FailureAuditor
@@ -27,11 +28,12 @@ from gateway.config import Config
 from gateway.db import Database
 from gateway.directory import DIRECTORY, Directory
 from gateway.errors import AuthUnavailable, GatewayError
-from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth, error_response, unexpected
+from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth
 from gateway.health import Lifecycle, backend_checks, watch_backends
 from gateway.invitations import INVITATIONS, Invitations
 from gateway.keyring import KEYRING, Keyring
 from gateway.keys import KeyFormat, SecretHasher, redact
+from gateway.keys_verify import keys_verify
 from gateway.listener import InvalidationListener, supervise
 from gateway.metrics import Metrics
 from gateway.openapi import openapi
@@ -302,10 +304,6 @@ def _forward(endpoint: str) -> Handler:
     return handle
 
 
-async def _keys_verify(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARD].keys_verify(request)
-
-
 def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
     app[CONFIG] = cfg
@@ -323,7 +321,7 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
         app.router.add_route("*", f"/auth/{endpoint}", _forward(endpoint))
     # Envoy appends the original path to its path_prefix.
     app.router.add_route("*", ENVOY_PREFIX + "/{tail:.*}", _forward("envoy"))
-    app.router.add_post("/v1/keys/verify", _keys_verify)
+    app.router.add_post("/v1/keys/verify", keys_verify)
     app.router.add_get("/v1/openapi.json", openapi_handler)
     add_ui_routes(app)
     app.add_subapp("/v1/", api_app())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
-import json
 import logging
 import re
 import time
@@ -17,11 +16,10 @@ from collections.abc import Callable, Sequence
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from gateway import constants as C
-from gateway._answer import Answer, header_block
-from gateway._body import json_object, read_raw
+from gateway._answer import Answer, denial, header_block, unexpected
 from gateway._paths import canonical
 from gateway.audit import FailureAuditor
 from gateway.authz import acting_org
@@ -30,21 +28,17 @@ from gateway.config import PROXIES, Config
 from gateway.errors import (
     AuthUnavailable,
     GatewayError,
-    InternalError,
     InvalidApiKey,
     InvalidRequest,
     MissingCredentials,
     RouteNotAllowed,
-    request_id,
 )
-from gateway.formats import iso
 from gateway.health import Lifecycle
-from gateway.keys import KeyFormat, redact
+from gateway.keys import KeyFormat
 from gateway.metrics import Metrics
 from gateway.models import IDENTITY_HEADERS, IP
-from gateway.policy import ORG_HEADER, OriginalRequest, Policy, RouteDecision, checked_id
+from gateway.policy import OriginalRequest, Policy
 from gateway.ratelimit import Decision
-from gateway.schemas import VerifyRequest, read
 from gateway.verifier import Verifier
 
 log = logging.getLogger("gateway.forward")
@@ -95,7 +89,7 @@ def _token(value: str, name: str) -> str:
     return value
 
 
-def _method(value: str) -> str:
+def valid_method(value: str) -> str:
     if not _METHOD_RE.fullmatch(value):
         raise InvalidRequest("the original method is not valid")
     return value
@@ -107,7 +101,7 @@ def _host(value: str) -> str:
     return value.lower()
 
 
-def _uri(value: str) -> tuple[str, str]:
+def uri_parts(value: str) -> tuple[str, str]:
     if not value.startswith("/") or value.startswith("//"):
         raise InvalidRequest("the original URI must be an absolute path")
     if "#" in value:
@@ -129,8 +123,8 @@ def _nginx_texts(request: web.BaseRequest) -> tuple[str, ...]:
 
 
 def _nginx_build(uri: str, method: str, host: str) -> OriginalRequest:
-    path, query = _uri(_token(uri, "X-Original-URI"))
-    return OriginalRequest(_method(_token(method, "X-Original-Method")), _host(_token(host, "Host")), path, query)
+    path, query = uri_parts(_token(uri, "X-Original-URI"))
+    return OriginalRequest(valid_method(_token(method, "X-Original-Method")), _host(_token(host, "Host")), path, query)
 
 
 def _ingress_nginx_texts(request: web.BaseRequest) -> tuple[str, ...]:
@@ -151,8 +145,8 @@ def _ingress_nginx_build(url: str, method: str) -> OriginalRequest:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise InvalidRequest("X-Original-URL must be an absolute http(s) URL")
     path = parts.path or "/"
-    _uri(path)
-    return OriginalRequest(_method(_token(method, "X-Original-Method")), _host(parts.netloc), path, parts.query)
+    uri_parts(path)
+    return OriginalRequest(valid_method(_token(method, "X-Original-Method")), _host(parts.netloc), path, parts.query)
 
 
 def _traefik_texts(request: web.BaseRequest) -> tuple[str, ...]:
@@ -168,9 +162,9 @@ def _traefik_texts(request: web.BaseRequest) -> tuple[str, ...]:
 def _traefik_build(proto: str, uri: str, method: str, host: str) -> OriginalRequest:
     if _token(proto, "X-Forwarded-Proto") not in ("http", "https"):
         raise InvalidRequest("X-Forwarded-Proto must be http or https")
-    path, query = _uri(_token(uri, "X-Forwarded-Uri"))
+    path, query = uri_parts(_token(uri, "X-Forwarded-Uri"))
     method, host = _token(method, "X-Forwarded-Method"), _token(host, "X-Forwarded-Host")
-    return OriginalRequest(_method(method), _host(host), path, query)
+    return OriginalRequest(valid_method(method), _host(host), path, query)
 
 
 def _caddy_texts(request: web.BaseRequest) -> tuple[str, ...]:
@@ -179,8 +173,8 @@ def _caddy_texts(request: web.BaseRequest) -> tuple[str, ...]:
 
 
 def _caddy_build(uri: str, method: str, host: str) -> OriginalRequest:
-    path, query = _uri(_token(uri, "X-Forwarded-Uri"))
-    return OriginalRequest(_method(_token(method, "X-Forwarded-Method")), _host(_token(host, "Host")), path, query)
+    path, query = uri_parts(_token(uri, "X-Forwarded-Uri"))
+    return OriginalRequest(valid_method(_token(method, "X-Forwarded-Method")), _host(_token(host, "Host")), path, query)
 
 
 ENVOY_PREFIX = "/auth/envoy"
@@ -195,8 +189,8 @@ def _envoy_texts(request: web.BaseRequest) -> tuple[str, ...]:
 def _envoy_build(raw: str, method: str, host: str) -> OriginalRequest:
     if not raw.startswith(ENVOY_PREFIX + "/"):
         raise InvalidRequest("the original path is missing after /auth/envoy")
-    path, query = _uri(raw[len(ENVOY_PREFIX) :])
-    return OriginalRequest(_method(method), _host(_token(host, "Host")), path, query)
+    path, query = uri_parts(raw[len(ENVOY_PREFIX) :])
+    return OriginalRequest(valid_method(method), _host(_token(host, "Host")), path, query)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,62 +306,6 @@ def client_address(peer: str | None, h: Headers, trusted: Networks) -> IP | None
 
 JSON = "application/json"
 ENDPOINTS = (*PROXIES, "verify")  # each at /auth/<name>; envoy below
-
-
-@functools.lru_cache(maxsize=1024)
-def _denial(code: str, message: str, field: str | None) -> bytes:
-    """The JSON body of a denial: the same few for every junk key, so made once each (a bounded memo)."""
-    # A message may quote the caller's input (a field name, an id): nothing key-shaped is echoed back.
-    body: dict[str, str] = {"code": code, "message": redact(message)}
-    if field is not None:
-        body["field"] = redact(field)
-    return json.dumps({"error": body}).encode()
-
-
-def error_response(err: GatewayError, *, to_proxy: bool = False) -> web.Response:
-    """The contract's JSON denial. To a proxy a 400 is a 401: nginx's auth_request and Traefik only
-    deny on 401/403, and would turn a 400 into a 500 or pass it through as if it were the upstream's."""
-    status = 401 if to_proxy and err.status == 400 else err.status
-    base = _denial_headers(err.code, status)
-    headers = {**err.headers, **base} if err.headers else base
-    response = web.Response(body=_denial(err.code, err.message, err.field), status=status, headers=headers)
-    if err.headers.get("Connection") == "close":
-        response.force_close()
-    return response
-
-
-@functools.lru_cache(maxsize=256)
-def _denial_headers(code: str, status: int) -> dict[str, str]:
-    """A denial's own headers (a memo: never modified; `web.Response` copies what it is given)."""
-    headers = {"Content-Type": JSON, "X-Auth-Error": code, "Cache-Control": "no-store"}
-    if status == 401:
-        headers["WWW-Authenticate"] = f'Bearer error="{code}"'
-    return headers
-
-
-def unexpected(request: web.BaseRequest) -> InternalError:
-    """The error of a bug, logged with its traceback under the request id it is answered with."""
-    rid = request_id(request.headers.get("X-Request-Id"))
-    log.exception("unexpected error (request id %s) on %s %s", rid, request.method, redact(request.path))
-    return InternalError(rid)
-
-
-def denial(err: GatewayError) -> Answer:
-    """`error_response(err, to_proxy=True)` as a ready-made `Answer` (see `gateway._answer`)."""
-    status = 401 if err.status == 400 else err.status
-    head, body = _denial_block(err.code, err.message, err.field, status)
-    if not err.headers:
-        return Answer(status, head, body)
-    extra = {k: v for k, v in err.headers.items() if k.lower() != "connection"}
-    answer = Answer(status, header_block(extra.items()) + head, body)
-    if err.headers.get("Connection") == "close":
-        answer.force_close()
-    return answer
-
-
-@functools.lru_cache(maxsize=1024)
-def _denial_block(code: str, message: str, field: str | None, status: int) -> tuple[bytes, bytes]:
-    return header_block(_denial_headers(code, status).items()), _denial(code, message, field)
 
 
 class _Trail:
@@ -509,64 +447,6 @@ class ForwardAuth:
             self._originals[endpoint, texts] = found
         return found
 
-    async def keys_verify(self, request: web.Request) -> web.Response:
-        """`POST /v1/keys/verify`, in-process verification for services: 200 with the verdict in the body
-        (400 for a malformed body, 503 for an outage)."""
-        body = _verify_body(await read_raw(request, self.body_timeout_s))
-        decision = self._verify_route(body)
-        result: dict[str, object] = {
-            "valid": False,
-            "code": "",
-            "key_id": None,
-            "org": None,
-            "role": None,
-            "scopes": [],
-            "env": None,
-            "expires_at": None,
-            "ratelimit": None,
-        }
-        verifier = self.verifier
-        try:
-            if decision.auth == "deny":
-                raise RouteNotAllowed("no rule allows this route")
-            parsed = verifier.parse(body["key"])
-            result["key_id"] = parsed.key_id
-            # The key's own client is not known here: an allowlisted key is refused (client None). Failures
-            # count against the calling service's address, never against a budget shared by every caller.
-            caller = self.clients.of(request.remote, request.headers)[0]
-            record = await verifier.authenticate(parsed, caller)
-            identity = await verifier.authorize(record, decision, None, body.get("permission"))
-            ratelimit = await verifier.charge(identity, identity.org)
-        except GatewayError as err:
-            if err.status == 503:
-                raise
-            result["code"] = err.code.upper()
-            return web.json_response(result)
-        result.update(
-            valid=True,
-            code="VALID",
-            org=identity.org,
-            role=identity.role,
-            scopes=list(identity.scopes),
-            env=identity.env,
-            expires_at=iso(identity.expires_at),
-            ratelimit=None
-            if ratelimit is None
-            else {"limit": ratelimit.limit.burst, "remaining": ratelimit.remaining, "reset": ratelimit.reset_s},
-        )
-        return web.json_response(result)
-
-    def _verify_route(self, body: dict[str, str]) -> RouteDecision:
-        """With `path` (and `method`), the route policy decides as it would for a proxy."""
-        org = checked_id(body["org"], "org") if "org" in body else None
-        if "path" not in body:
-            return RouteDecision(org=org)
-        path, query = _uri(body["path"])
-        original = OriginalRequest(_method(body.get("method", "GET")), "", canonical(path), query)
-        headers = CIMultiDictProxy(CIMultiDict({ORG_HEADER: org} if org else {}))
-        decision = self.policy.decide(original, headers)
-        return dataclasses.replace(decision, org=decision.org or org)
-
 
 def _remember(memo: set[str], text: str) -> None:
     """Add to a bounded memo: emptied when full, so a stream of distinct texts costs what it did without
@@ -596,10 +476,3 @@ def _answer(identity: bytes, spent: Decision | None) -> Answer:
 @functools.lru_cache(maxsize=1024)
 def _anonymous_head(project: str | None) -> bytes:
     return header_block(zip(IDENTITY_HEADERS, ("", "", "", "", "", project or "", "", "anonymous"), strict=True))
-
-
-# --- POST /v1/keys/verify ----------------------------------------------------------------------
-
-
-def _verify_body(raw: bytes) -> dict[str, str]:
-    return read(VerifyRequest, json_object(raw))

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from gateway._answer import denial
 from gateway._services import free_port
 from gateway.app import create_app
 from gateway.config import Config, LimitConfig
 from gateway.errors import InternalError, request_id
-from gateway.forward import denial
 from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, stop_process, wait_port
 from tests.conftest import ROOT, Services, World
 from tests.test_deploy_caddy import assert_no_secret, fake_key, raw_request, request_bytes

@@ -32,6 +32,10 @@ def test_the_decision_path_imports_no_management_code() -> None:
     loaded = _loaded("gateway._server", "gateway.forward", "gateway.verifier", "gateway.typedefs")
     assert "gateway.forward" in loaded
     assert not loaded & MANAGEMENT, sorted(loaded & MANAGEMENT)
+    # Nor the request models of /v1/ (pydantic): /v1/keys/verify is served by its own module.
+    assert not loaded & {"gateway.schemas", "gateway.keys_verify", "gateway._body"}
+    code = "import sys, gateway._server; print('pydantic' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 @pytest.mark.parametrize(

@@ -304,7 +304,6 @@ def client_address(peer: str | None, h: Headers, trusted: Networks) -> IP | None
     return Clients(trusted).of(peer, h)[0]
 
 
-JSON = "application/json"
 ENDPOINTS = (*PROXIES, "verify")  # each at /auth/<name>; envoy below
 
 

@@ -22,6 +22,7 @@ from gateway._body import json_object, read_raw
 from gateway.audit import AUDIT_LOG, Actor
 from gateway.authz import effective_permissions, granted, pattern_matches, role_in
 from gateway.config import RolesConfig
+from gateway.data.keys import KeyRow
 from gateway.directory import DIRECTORY
 from gateway.errors import (
     InsufficientPermissions,
@@ -263,9 +264,9 @@ def spec_from(body: dict[str, Any], owner: str) -> KeySpec:
     )
 
 
-def _acting_orgs(row: Any, owner_roles: dict[str, str], stopped: list[str]) -> list[str]:
+def _acting_orgs(row: KeyRow, owner_roles: dict[str, str], stopped: list[str]) -> list[str]:
     """The orgs a key can act in now: its own or all of its owner's, less those it was stopped in."""
-    orgs = list(owner_roles) if row["all_orgs"] else [o for o in row["org_ids"] if o in owner_roles]
+    orgs = list(owner_roles) if row.all_orgs else [o for o in row.org_ids if o in owner_roles]
     return sorted(o for o in orgs if o not in stopped)
 
 
@@ -279,14 +280,14 @@ class KeyAccess:
     """A key as the caller may see it, and the orgs in which the caller manages it as an admin there
     (empty for the caller's own key, which needs no admin)."""
 
-    row: Any
+    row: KeyRow
     view: dict[str, Any]
     managed: list[str]
 
 
 async def key_access(
     request: web.Request,
-    row: Any,
+    row: KeyRow,
     permission: str = "keys:read",
     known: tuple[dict[str, str], list[str]] | None = None,
 ) -> KeyAccess:
@@ -297,17 +298,17 @@ async def key_access(
     p = request[PRINCIPAL]
     directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
     if known is None:
-        known = (await directory.member_roles(row["user_id"]), await keyring.stopped_in(row["id"]))
+        known = (await directory.member_roles(row.user_id), await keyring.stopped_in(row.id))
     owner_roles, stopped = known
     view = key_view(row)
     acting = _acting_orgs(row, owner_roles, stopped)
-    if row["user_id"] == p.user_id:
-        view["effective_role"] = _effective_roles(p, row["role"], owner_roles, acting)
+    if row.user_id == p.user_id:
+        view["effective_role"] = _effective_roles(p, row.role, owner_roles, acting)
         view["stopped_in"] = stopped
         return KeyAccess(row, view, [])
     seen_from = [o for o in acting if p.may(o, "keys:read")]
     if not seen_from:
-        raise NotFound(f"no key {row['id']}")
+        raise NotFound(f"no key {row.id}")
     managed = [o for o in seen_from if p.may(o, permission)]
     if permission.endswith(":write"):
         # As with memberships: nobody stops the key of a member whose role is above their own.
@@ -315,11 +316,11 @@ async def key_access(
     if not managed:
         raise InsufficientPermissions(f"requires {permission} in this key's org")
     view["orgs"] = seen_from
-    if set(acting) - set(seen_from) or row["all_orgs"]:
+    if set(acting) - set(seen_from) or row.all_orgs:
         view["last_used_at"] = None  # its use in the owner's other orgs is not this org's business
     if view["projects"] != "all":
         view["projects"] = await directory.projects_in(view["projects"], seen_from)
-    view["effective_role"] = _effective_roles(p, row["role"], owner_roles, seen_from)
+    view["effective_role"] = _effective_roles(p, row.role, owner_roles, seen_from)
     return KeyAccess(row, view, managed)
 
 
@@ -343,7 +344,7 @@ async def create_key(request: web.Request) -> web.Response:
     row, raw = await keyring.mint(checked, p.actor)
     if p.stopped and not spec.orgs:
         # An all-orgs key made by a key stopped somewhere is stopped there too: no way back in.
-        await keyring.stop_key_in(row["id"], list(p.stopped), p.actor)
+        await keyring.stop_key_in(row.id, list(p.stopped), p.actor)
     return web.json_response({**(await key_access(request, row)).view, "key": raw}, status=201)
 
 
@@ -373,17 +374,17 @@ async def list_keys(request: web.Request) -> web.Response:
     items = rows[:limit]
     # The owners' roles and the stops are read for the whole page at once (a project-limited key of another
     # owner still costs one query for its projects).
-    roles = await directory.member_roles_of(sorted({r["user_id"] for r in items}))
-    stops = await keyring.stopped_in_each([r["id"] for r in items])
+    roles = await directory.member_roles_of(sorted({r.user_id for r in items}))
+    stops = await keyring.stopped_in_each([r.id for r in items])
     out = []
     for row in items:
         try:
-            out.append((await key_access(request, row, known=(roles[row["user_id"]], stops[row["id"]]))).view)
+            out.append((await key_access(request, row, known=(roles[row.user_id], stops[row.id]))).view)
         except NotFound:  # no longer acting in the org (its owner left, say): not the org's to see
             continue
     next_cursor = None
     if len(rows) > limit:
-        next_cursor = encode_cursor([iso(items[-1]["created_at"]), items[-1]["id"]])
+        next_cursor = encode_cursor([iso(items[-1].created_at), items[-1].id])
     return web.json_response({"items": out, "next_cursor": next_cursor})
 
 
@@ -401,28 +402,28 @@ async def revoke_key(request: web.Request) -> web.Response:
     if not access.managed:  # one's own key, if no more powerful than the credential revoking it
         if access.view["status"] == "active":
             no_escalation(p, spec_of(row), "revoke", access.view["stopped_in"])
-        await keyring.revoke_key(row["id"], p.actor)
-        return web.json_response((await visible_key(request, row["id"])).view)
-    if not row["all_orgs"] and set(row["org_ids"]) <= set(access.managed):
-        revoked = await keyring.revoke_key(row["id"], p.actor)
+        await keyring.revoke_key(row.id, p.actor)
+        return web.json_response((await visible_key(request, row.id)).view)
+    if not row.all_orgs and set(row.org_ids) <= set(access.managed):
+        revoked = await keyring.revoke_key(row.id, p.actor)
         return web.json_response({**access.view, "status": "revoked", "revoked_at": revoked["revoked_at"]})
-    await keyring.stop_key_in(row["id"], access.managed, p.actor)
+    await keyring.stop_key_in(row.id, access.managed, p.actor)
     return web.json_response({**access.view, "status": "revoked", "revoked_in": access.managed})
 
 
-def spec_of(key: dict[str, Any]) -> KeySpec:
+def spec_of(key: KeyRow) -> KeySpec:
     """The settings of an existing key, as a rotation would copy them."""
     return KeySpec(
-        user_id=key["user_id"],
-        name=key["name"],
-        role=key["role"],
-        orgs=[] if key["all_orgs"] else list(key["org_ids"]),
-        projects=[] if key["all_projects"] else list(key["project_ids"]),
-        scopes=key["scopes"],
-        env=key["env"],
-        expires_at=key_view(key)["expires_at"],
-        allow_ips=[str(c) for c in key["allowed_cidrs"]] if key["allowed_cidrs"] is not None else None,
-        rate_limit=key["rate_limit"],
+        user_id=key.user_id,
+        name=key.name,
+        role=key.role,
+        orgs=[] if key.all_orgs else list(key.org_ids),
+        projects=[] if key.all_projects else list(key.project_ids),
+        scopes=key.scopes,
+        env=key.env,
+        expires_at=iso(key.expires_at),
+        allow_ips=key.allowed_cidrs,
+        rate_limit=key.rate_limit,
     )
 
 
@@ -432,14 +433,14 @@ async def rotate_key(request: web.Request) -> web.Response:
     p = request[PRINCIPAL]
     directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
     access = await visible_key(request, request.match_info["key_id"], "keys:write")
-    if access.managed and await directory.service_org(access.row["user_id"]) not in access.managed:
+    if access.managed and await directory.service_org(access.row.user_id) not in access.managed:
         raise InsufficientPermissions("only a key's owner can rotate it; an admin can revoke it")
     if access.view["status"] == "active":
         no_escalation(p, spec_of(access.row), "rotate", access.view.get("stopped_in", ()))
     body = await read_body(request, Rotate)
-    rotated = await keyring.rotate_key(access.row["id"], body.get("grace"), p.actor)
-    new = await key_access(request, await keyring.key_row(rotated["id"]))
-    return web.json_response({**new.view, "key": rotated["key"], "rotated_from": access.row["id"]}, status=201)
+    rotated = await keyring.rotate_key(access.row.id, body.get("grace"), p.actor)
+    new = await visible_key(request, rotated["id"])
+    return web.json_response({**new.view, "key": rotated["key"], "rotated_from": access.row.id}, status=201)
 
 
 # --- orgs, members, projects, service accounts ---------------------------------------------------

@@ -25,7 +25,7 @@ from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.backends import OUTAGES, outage
 from gateway.cache import LocalCache, RedisCache
 from gateway.config import Config
-from gateway.db import Database
+from gateway.data.db import Database, connect_pool
 from gateway.directory import DIRECTORY, Directory
 from gateway.errors import AuthUnavailable, GatewayError
 from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth
@@ -39,7 +39,7 @@ from gateway.metrics import Metrics
 from gateway.openapi import openapi
 from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
 from gateway.ratelimit import BruteForceGuard, Limits, RateLimiter
-from gateway.store import Store, connect_pool
+from gateway.store import Store
 from gateway.typedefs import (
     AUDITOR,
     CONFIG,

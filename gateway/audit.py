@@ -8,22 +8,21 @@ hot path, and whatever is dropped is counted in a row of its own and in a metric
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from gateway.backends import Conn, StoreUnavailable
+from gateway.data import audit as data_audit
+from gateway.data.audit import FailureRow, NewEvent
+from gateway.data.db import Database
 from gateway.formats import iso
 from gateway.metrics import Metrics
 from gateway.store import Store
-
-if TYPE_CHECKING:  # the management layer's, not imported by the hot path that records denials
-    from gateway.db import Database
 
 log = logging.getLogger("gateway.audit")
 
@@ -55,18 +54,19 @@ async def write_event(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Insert one audit event; call it inside the transaction that makes the change. Never key material."""
-    await conn.execute(
-        "INSERT INTO audit_events (type, actor, org_id, user_id, key_id, ip, user_agent, target, detail)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
-        type_,
-        actor.id,
-        org_id,
-        user_id,
-        key_id,
-        actor.ip,
-        (actor.user_agent or "")[:300] or None,
-        target,
-        json.dumps({**(detail or {}), **({"via_key": actor.key_id} if actor.key_id else {})}),
+    await data_audit.insert(
+        conn,
+        NewEvent(
+            type=type_,
+            actor=actor.id,
+            org_id=org_id,
+            user_id=user_id,
+            key_id=key_id,
+            ip=actor.ip,
+            user_agent=(actor.user_agent or "")[:300] or None,
+            target=target,
+            detail={**(detail or {}), **({"via_key": actor.key_id} if actor.key_id else {})},
+        ),
     )
 
 
@@ -98,16 +98,16 @@ class FailureAuditor:
         if rest:
             self.metrics.audit_dropped.inc(sum(n for _, n in rest))
         now = datetime.now(UTC)
-        rows: list[tuple[Any, ...]] = [
-            (now, "auth.failed", None, org, None, key_id, ip, n, json.dumps({"code": code, "endpoint": endpoint}))
+        rows = [
+            FailureRow(now, "auth.failed", org, key_id, ip, n, {"code": code, "endpoint": endpoint})
             for (code, key_id, ip, org, endpoint), n in kept
         ]
         if dropped:
-            rows.append((now, "auth.failed.dropped", None, None, None, None, None, dropped, "{}"))
+            rows.append(FailureRow(now, "auth.failed.dropped", None, None, None, dropped, {}))
         try:
             await self.store.insert_audit_rows(rows)
         except StoreUnavailable:
-            total = sum(r[7] for r in rows)
+            total = sum(r.count for r in rows)
             self.metrics.audit_dropped.inc(total)
             log.warning("audit store unreachable: %d auth.failed events not written", total)
 
@@ -132,29 +132,18 @@ class AuditLog:
     ) -> list[dict[str, Any]]:
         """An org's audit events, newest first."""
         async with self.db.connect() as conn:
-            rows = await conn.fetch(
-                "SELECT id, at, type, actor, org_id, user_id, key_id, target, host(ip) AS ip, user_agent, count, detail"
-                " FROM audit_events WHERE org_id = $1 AND ($2::text IS NULL OR type = $2)"
-                " AND ($3::text IS NULL OR key_id = $3) AND ($4::text IS NULL OR actor = $4)"
-                " AND ($5::timestamptz IS NULL OR at >= $5) AND ($6::timestamptz IS NULL OR at < $6)"
-                " AND ($7::bigint IS NULL OR id < $7) ORDER BY id DESC LIMIT $8",
+            rows = await data_audit.events(
+                conn,
                 org_id,
-                type_,
-                key_id,
-                actor,
-                since,
-                until,
-                before_id,
-                limit,
+                type_=type_,
+                key_id=key_id,
+                actor=actor,
+                since=since,
+                until=until,
+                before_id=before_id,
+                limit=limit,
             )
-        return [
-            {
-                **dict(r),
-                "at": iso(r["at"]),
-                "detail": json.loads(r["detail"]) if isinstance(r["detail"], str) else r["detail"],
-            }
-            for r in rows
-        ]
+        return [{**asdict(r), "at": iso(r.at)} for r in rows]
 
 
 AUDIT_LOG = web.AppKey("audit_log", AuditLog)

@@ -28,7 +28,8 @@ from gateway.audit import CLI, AuditLog
 from gateway.backends import PG_ERRORS, REDIS_ERRORS, StoreUnavailable
 from gateway.cache import RedisCache
 from gateway.config import Config, WorkerCount, load_config, load_roles, redact_url
-from gateway.db import Database
+from gateway.data.db import Database, connect_pool
+from gateway.data.schema import migrate
 from gateway.directory import Directory
 from gateway.errors import ConfigError, GatewayError
 from gateway.formats import parse_iso
@@ -36,7 +37,6 @@ from gateway.invitations import Invitations
 from gateway.keyring import KeyQuery, Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.policy import describe, load_policy
-from gateway.store import connect_pool, migrate
 from gateway.typedefs import HASHER, LIFECYCLE
 
 log = logging.getLogger("gateway")

@@ -10,39 +10,31 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from gateway import constants as C
 from gateway.audit import CLI, Actor, write_event
 from gateway.backends import Conn
-from gateway.db import new_id
+from gateway.data import invitations, orgs
+from gateway.data.db import new_id
+from gateway.data.invitations import InvitationRow
 from gateway.directory import Directory
 from gateway.errors import Conflict, NotFound
 from gateway.formats import iso
 
-_COLUMNS = (
-    "i.id, i.org_id, o.name AS org_name, i.user_id, u.email, i.role, i.invited_by, i.created_at, i.expires_at,"
-    " i.state, i.decided_at"
-)
-_FROM = " FROM invitations i JOIN orgs o ON o.id = i.org_id JOIN users u ON u.id = i.user_id"
 
-
-def _view(row: asyncpg.Record, now: datetime) -> dict[str, Any]:
-    state = row["state"]
-    if state == "pending" and row["expires_at"] <= now:
-        state = "expired"
+def _view(row: InvitationRow, now: datetime) -> dict[str, Any]:
     return {
-        "id": row["id"],
-        "org_id": row["org_id"],
-        "org_name": row["org_name"],
-        "user_id": row["user_id"],
-        "email": row["email"],
-        "role": row["role"],
-        "invited_by": row["invited_by"],
-        "status": state,
-        "created_at": iso(row["created_at"]),
-        "expires_at": iso(row["expires_at"]),
+        "id": row.id,
+        "org_id": row.org_id,
+        "org_name": row.org_name,
+        "user_id": row.user_id,
+        "email": row.email,
+        "role": row.role,
+        "invited_by": row.invited_by,
+        "status": row.status(now),
+        "created_at": iso(row.created_at),
+        "expires_at": iso(row.expires_at),
     }
 
 
@@ -63,25 +55,9 @@ class Invitations:
         now = datetime.now(UTC)
         async with self.directory.db.connect(transaction=True) as conn:
             # A lapsed invitation stays lapsed: inviting again makes a new one.
-            await conn.execute(
-                "UPDATE invitations SET state = 'expired', decided_at = expires_at"
-                " WHERE org_id = $1 AND user_id = $2 AND state = 'pending' AND expires_at <= $3",
-                org_id,
-                user_id,
-                now,
-            )
-            invitation_id = await conn.fetchval(
-                "INSERT INTO invitations (id, org_id, user_id, role, invited_by, expires_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6)"
-                " ON CONFLICT (org_id, user_id) WHERE state = 'pending' DO UPDATE SET role = EXCLUDED.role,"
-                " invited_by = EXCLUDED.invited_by, created_at = now(), expires_at = EXCLUDED.expires_at"
-                " RETURNING id",
-                new_id("inv"),
-                org_id,
-                user_id,
-                role,
-                actor.id,
-                now + self.ttl,
+            await invitations.expire_lapsed(conn, org_id, user_id, now)
+            invitation_id = await invitations.open_or_renew(
+                conn, new_id("inv"), org_id, user_id, role, actor.id, now + self.ttl
             )
             await write_event(
                 conn,
@@ -97,21 +73,16 @@ class Invitations:
 
     async def for_user(self, user_id: str) -> list[dict[str, Any]]:
         """The user's open invitations, oldest first."""
-        return await self._pending("i.user_id = $1", user_id)
+        now = datetime.now(UTC)
+        async with self.directory.db.connect() as conn:
+            rows = await invitations.pending(conn, now, user_id=user_id)
+        return [_view(r, now) for r in rows]
 
     async def for_org(self, org_id: str) -> list[dict[str, Any]]:
         """The org's open invitations, oldest first."""
-        return await self._pending("i.org_id = $1", org_id)
-
-    async def _pending(self, where: str, value: str) -> list[dict[str, Any]]:
         now = datetime.now(UTC)
         async with self.directory.db.connect() as conn:
-            rows = await conn.fetch(
-                f"SELECT {_COLUMNS}{_FROM} WHERE {where} AND i.state = 'pending' AND i.expires_at > $2"
-                " ORDER BY i.created_at, i.id",
-                value,
-                now,
-            )
+            rows = await invitations.pending(conn, now, org_id=org_id)
         return [_view(r, now) for r in rows]
 
     async def decide(self, invitation_id: str, user_id: str | None, accept: bool, actor: Actor = CLI) -> dict[str, Any]:
@@ -119,10 +90,10 @@ class Invitations:
         command line, on the invited user's behalf). Someone else's invitation is not found."""
         now = datetime.now(UTC)
         async with self.directory.db.connect(transaction=True) as conn:
-            row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1 FOR UPDATE OF i", invitation_id)
-            if row is None or (user_id is not None and row["user_id"] != user_id):
+            row = await invitations.get(conn, invitation_id, lock=True)
+            if row is None or (user_id is not None and row.user_id != user_id):
                 raise NotFound(f"no invitation {invitation_id}")
-            status = _view(row, now)["status"]
+            status = row.status(now)
             if status != "pending":
                 raise Conflict(f"invitation {invitation_id} is {status}")
             if accept:
@@ -130,34 +101,30 @@ class Invitations:
             state = "accepted" if accept else "declined"
             # The inviting org's audit learns the answer, not where or with what the user gave it.
             actor = Actor(actor.id)
-            await conn.execute(
-                "UPDATE invitations SET state = $2, decided_at = $3 WHERE id = $1", invitation_id, state, now
-            )
+            await invitations.close(conn, invitation_id, state, now)
             await write_event(
                 conn,
                 f"invitation.{state}",
                 actor=actor,
-                org_id=row["org_id"],
-                user_id=row["user_id"],
+                org_id=row.org_id,
+                user_id=row.user_id,
                 target=invitation_id,
-                detail={"role": row["role"]},
+                detail={"role": row.role},
             )
             if accept:
-                await self.directory.join(conn, row["org_id"], row["user_id"], row["role"], actor)
+                await self.directory.join(conn, row.org_id, row.user_id, row.role, actor)
             row = await _one(conn, invitation_id)
         return _view(row, now)
 
-    async def _inviter_still_may(self, conn: Conn, row: asyncpg.Record) -> None:
+    async def _inviter_still_may(self, conn: Conn, row: InvitationRow) -> None:
         """An invitation is only as good as its sender now is: one sent by a member since removed, or
         demoted below admin or below the role it offers, is void (the operator's command line is always good)."""
-        inviter = row["invited_by"]
+        inviter = row.invited_by
         if inviter in (None, CLI.id):
             return
         roles = self.directory.roles
-        now_role = await conn.fetchval(
-            "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2", row["org_id"], inviter
-        )
-        needed = max(roles.rank(row["role"]), roles.rank(roles.admin))
+        now_role = await orgs.role(conn, row.org_id, inviter)
+        needed = max(roles.rank(row.role), roles.rank(roles.admin))
         if now_role not in roles.order or roles.rank(now_role) < needed:
             raise Conflict("whoever sent this invitation can no longer grant its role")
 
@@ -165,25 +132,19 @@ class Invitations:
         """An org's admin takes back an open invitation of that org (None: the operator, any org's)."""
         now = datetime.now(UTC)
         async with self.directory.db.connect(transaction=True) as conn:
-            row = await conn.fetchrow(
-                f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1 AND ($2::text IS NULL OR i.org_id = $2) FOR UPDATE OF i",
-                invitation_id,
-                org_id,
-            )
+            row = await invitations.get(conn, invitation_id, org_id=org_id, lock=True)
             if row is None:
                 raise NotFound(f"no invitation {invitation_id}")
-            status = _view(row, now)["status"]
+            status = row.status(now)
             if status != "pending":
                 raise Conflict(f"invitation {invitation_id} is {status}")
-            await conn.execute(
-                "UPDATE invitations SET state = 'revoked', decided_at = $2 WHERE id = $1", invitation_id, now
-            )
+            await invitations.close(conn, invitation_id, "revoked", now)
             await write_event(
                 conn,
                 "invitation.revoked",
                 actor=actor,
-                org_id=row["org_id"],
-                user_id=row["user_id"],
+                org_id=row.org_id,
+                user_id=row.user_id,
                 target=invitation_id,
             )
             row = await _one(conn, invitation_id)
@@ -193,8 +154,8 @@ class Invitations:
 INVITATIONS = web.AppKey("invitations", Invitations)
 
 
-async def _one(conn: Conn, invitation_id: str) -> asyncpg.Record:
+async def _one(conn: Conn, invitation_id: str) -> InvitationRow:
     """An invitation this call has just read or written (so it exists)."""
-    row = await conn.fetchrow(f"SELECT {_COLUMNS}{_FROM} WHERE i.id = $1", invitation_id)
+    row = await invitations.get(conn, invitation_id)
     assert row is not None
     return row

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from gateway.audit import CLI, Actor, write_event
 from gateway.backends import Conn
 from gateway.config import RolesConfig
-from gateway.db import Database, must_exist
+from gateway.data import keys, orgs, users
+from gateway.data.db import Database
+from gateway.data.keys import KeyRow, NewKey
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.formats import PERMISSION_RE, UNIT_S, iso, parse_iso, valid_name
 from gateway.keys import ENVS, KeyFormat, SecretHasher
@@ -40,34 +40,34 @@ def parse_rate_limit(text: str) -> str:
     return text.strip()
 
 
-def key_status(row: asyncpg.Record | Mapping[str, Any], now: datetime) -> str:
-    if row["revoked_at"] is not None:
+def key_status(row: KeyRow, now: datetime) -> str:
+    if row.revoked_at is not None:
         return "revoked"
-    if row["expires_at"] is not None and row["expires_at"] <= now:
+    if row.expires_at is not None and row.expires_at <= now:
         return "expired"
     return "active"
 
 
-def key_view(row: asyncpg.Record | Mapping[str, Any]) -> dict[str, Any]:
+def key_view(row: KeyRow) -> dict[str, Any]:
     now = datetime.now(UTC)
     return {
-        "id": row["id"],
-        "name": row["name"],
-        "user_id": row["user_id"],
-        "role": row["role"],
-        "env": row["env"],
-        "start": row["start"],
-        "scopes": row["scopes"],
-        "orgs": "all" if row["all_orgs"] else list(row["org_ids"]),
-        "projects": "all" if row["all_projects"] else list(row["project_ids"]),
-        "allowed_ips": [str(c) for c in row["allowed_cidrs"]] if row["allowed_cidrs"] is not None else None,
-        "rate_limit": row["rate_limit"],
+        "id": row.id,
+        "name": row.name,
+        "user_id": row.user_id,
+        "role": row.role,
+        "env": row.env,
+        "start": row.start,
+        "scopes": row.scopes,
+        "orgs": "all" if row.all_orgs else list(row.org_ids),
+        "projects": "all" if row.all_projects else list(row.project_ids),
+        "allowed_ips": row.allowed_cidrs,
+        "rate_limit": row.rate_limit,
         "status": key_status(row, now),
-        "expires_at": iso(row["expires_at"]),
-        "created_at": iso(row["created_at"]),
-        "last_used_at": iso(row["last_used_at"]),
-        "revoked_at": iso(row["revoked_at"]),
-        "rotated_to": row["rotated_to"],
+        "expires_at": iso(row.expires_at),
+        "created_at": iso(row.created_at),
+        "last_used_at": iso(row.last_used_at),
+        "revoked_at": iso(row.revoked_at),
+        "rotated_to": row.rotated_to,
     }
 
 
@@ -126,25 +126,9 @@ class CheckedSpec:
     cidrs: list[str] | None  # the allowlist as normalised networks
 
 
-_KEY = "SELECT * FROM api_keys WHERE id = $1"
-_KEY_FOR_UPDATE = "SELECT * FROM api_keys WHERE id = $1 FOR UPDATE"
-
-
-async def _key(conn: Conn, key_id: str, *, lock: bool = False) -> asyncpg.Record | None:
-    """A key's row; with `lock`, held until the transaction ends (FOR UPDATE)."""
-    query = _KEY_FOR_UPDATE if lock else _KEY
-    row: asyncpg.Record | None = await conn.fetchrow(query, key_id)
-    return row
-
-
 async def block(conn: Conn, key_id: str, org_id: str, actor: Actor) -> None:
     """Stop a key acting in one org (see `Keyring.stop_key_in`), inside the caller's transaction."""
-    await conn.execute(
-        "INSERT INTO key_org_blocks (key_id, org_id, blocked_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        key_id,
-        org_id,
-        actor.id,
-    )
+    await keys.block(conn, key_id, org_id, actor.id)
 
 
 class Keyring:
@@ -183,63 +167,54 @@ class Keyring:
         return CheckedSpec(spec, expires, cidrs)
 
     async def _check_scope(self, conn: Conn, spec: KeySpec) -> None:
-        await must_exist(conn, "users", spec.user_id)
-        member_of = {
-            r["org_id"] for r in await conn.fetch("SELECT org_id FROM memberships WHERE user_id = $1", spec.user_id)
-        }
+        if not await users.exists(conn, spec.user_id):
+            raise NotFound(f"no user {spec.user_id}")
+        member_of = {m.org_id for m in await orgs.memberships(conn, [spec.user_id])}
         for org in spec.orgs:
             if org not in member_of:
                 raise InvalidRequest(f"user {spec.user_id} is not a member of org {org}", field="orgs")
         allowed_orgs = set(spec.orgs) if spec.orgs else member_of
+        owners = await orgs.project_orgs(conn, spec.projects) if spec.projects else {}
         for project in spec.projects:
-            owner = await conn.fetchval("SELECT org_id FROM projects WHERE id = $1", project)
-            if owner is None or owner not in allowed_orgs:
+            if owners.get(project) not in allowed_orgs:
                 raise InvalidRequest(f"project {project} is not in the key's orgs", field="projects")
 
     async def _insert_key(
         self, conn: Conn, spec: KeySpec, expires: datetime | None, cidrs: list[str] | None
     ) -> tuple[str, str]:
         raw, parsed = self.fmt.generate(spec.env)
-        secret_hash = await self.hasher.hash(parsed.secret)
-        await conn.execute(
-            "INSERT INTO api_keys (id, user_id, name, role, env, secret_hash, start, scopes, all_orgs, org_ids,"
-            " all_projects, project_ids, allowed_cidrs, rate_limit, expires_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::cidr[], $14, $15)",
-            parsed.key_id,
-            spec.user_id,
-            spec.name.strip(),
-            spec.role,
-            spec.env,
-            secret_hash,
-            self.fmt.display_start(spec.env, parsed.key_id),
-            spec.scopes,
-            not spec.orgs,
-            spec.orgs,
-            not spec.projects,
-            spec.projects,
-            cidrs,
-            spec.rate_limit,
-            expires,
+        new = NewKey(
+            id=parsed.key_id,
+            user_id=spec.user_id,
+            name=spec.name.strip(),
+            role=spec.role,
+            env=spec.env,
+            secret_hash=await self.hasher.hash(parsed.secret),
+            start=self.fmt.display_start(spec.env, parsed.key_id),
+            scopes=spec.scopes,
+            orgs=spec.orgs,
+            projects=spec.projects,
+            allowed_cidrs=cidrs,
+            rate_limit=spec.rate_limit,
+            expires_at=expires,
         )
+        await keys.insert(conn, new)
         return parsed.key_id, raw
 
     async def _key_event(
         self, conn: Conn, type_: str, key_id: str, actor: Actor, detail: dict[str, Any] | None = None
     ) -> None:
         """One audit event per org the key can act in, so each org's audit shows it."""
-        row = await conn.fetchrow(
-            "SELECT k.user_id, CASE WHEN k.all_orgs THEN ARRAY(SELECT m.org_id FROM memberships m"
-            " WHERE m.user_id = k.user_id) ELSE k.org_ids END AS orgs FROM api_keys k WHERE k.id = $1",
-            key_id,
-        )
-        assert row is not None  # the caller holds the key (created or read in this transaction)
-        for org in list(row["orgs"]) or [None]:
+        reach = await keys.reach(conn, key_id)
+        assert reach is not None  # the caller holds the key (created or read in this transaction)
+        orgs_: list[str | None] = [*reach.orgs] or [None]  # a key acting nowhere is audited all the same
+        for org in orgs_:
             await write_event(
                 conn,
                 type_,
                 actor=actor,
                 org_id=org,
-                user_id=row["user_id"],
+                user_id=reach.user_id,
                 key_id=key_id,
                 target=key_id,
                 detail=detail,
@@ -249,7 +224,7 @@ class Keyring:
         row, raw = await self.mint(self.validate_spec(spec), actor)
         return {**key_view(row), "key": raw}
 
-    async def mint(self, checked: CheckedSpec, actor: Actor) -> tuple[asyncpg.Record, str]:
+    async def mint(self, checked: CheckedSpec, actor: Actor) -> tuple[KeyRow, str]:
         """A new key from a checked spec (its user and projects checked here): its row and the raw key,
         shown this once."""
         spec = checked.spec
@@ -257,7 +232,7 @@ class Keyring:
             await self._check_scope(conn, spec)
             key_id, raw = await self._insert_key(conn, spec, checked.expires, checked.cidrs)
             await self._key_event(conn, "api_key.created", key_id, actor, {"role": spec.role, "env": spec.env})
-            row = await _key(conn, key_id)
+            row = await keys.get(conn, key_id)
         assert row is not None  # inserted just now, in this transaction
         return row, raw
 
@@ -265,35 +240,22 @@ class Keyring:
         """Keys, oldest first: of one owner, and/or that can act in one org, in one status."""
         return [key_view(r) for r in await self.key_rows(query)]
 
-    async def key_rows(self, query: KeyQuery) -> list[asyncpg.Record]:
+    async def key_rows(self, query: KeyQuery) -> list[KeyRow]:
         """`list_keys`'s rows."""
-        user_id, org_id, status, after, limit = query.owner, query.org, query.status, query.after, query.limit
-        now = datetime.now(UTC)
         async with self.db.connect() as conn:
-            rows = await conn.fetch(
-                "SELECT k.* FROM api_keys k WHERE ($1::text IS NULL OR k.user_id = $1)"
-                " AND ($2::text IS NULL OR (($2 = ANY(k.org_ids) OR (k.all_orgs AND EXISTS ("
-                "      SELECT 1 FROM memberships m WHERE m.user_id = k.user_id AND m.org_id = $2)))"
-                "      AND NOT EXISTS (SELECT 1 FROM key_org_blocks b WHERE b.key_id = k.id AND b.org_id = $2)))"
-                " AND ($3::text IS NULL"
-                "      OR ($3 = 'revoked' AND k.revoked_at IS NOT NULL)"
-                "      OR ($3 = 'expired' AND k.revoked_at IS NULL AND k.expires_at <= $4)"
-                "      OR ($3 = 'active' AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $4)))"
-                " AND ($5::timestamptz IS NULL OR (k.created_at, k.id) > ($5, $6::text))"
-                " ORDER BY k.created_at, k.id LIMIT $7",
-                user_id,
-                org_id,
-                status,
-                now,
-                after[0] if after else None,
-                after[1] if after else None,
-                limit,
+            return await keys.listing(
+                conn,
+                owner=query.owner,
+                org=query.org,
+                status=query.status,
+                now=datetime.now(UTC),
+                after=query.after,
+                limit=query.limit,
             )
-        return list(rows)
 
-    async def key_row(self, key_id: str) -> asyncpg.Record | None:
+    async def key_row(self, key_id: str) -> KeyRow | None:
         async with self.db.connect() as conn:
-            return await _key(conn, key_id)
+            return await keys.get(conn, key_id)
 
     async def show_key(self, key_id: str) -> dict[str, Any]:
         row = await self.key_row(key_id)
@@ -303,9 +265,7 @@ class Keyring:
 
     async def revoke_key(self, key_id: str, actor: Actor = CLI) -> dict[str, Any]:
         async with self.db.connect(transaction=True) as conn:
-            row = await conn.fetchrow(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING *", key_id
-            )
+            row = await keys.revoke(conn, key_id)
             if row is None:
                 raise NotFound(f"no key {key_id}")
             await self._key_event(conn, "api_key.revoked", key_id, actor)
@@ -316,7 +276,7 @@ class Keyring:
         """Stop a key acting in `org_ids` only (what an org's admin can do to a key that also acts in
         other orgs): its owner's other orgs are untouched."""
         async with self.db.connect(transaction=True) as conn:
-            row = await _key(conn, key_id)
+            row = await keys.get(conn, key_id)
             if row is None:
                 raise NotFound(f"no key {key_id}")
             for org_id in org_ids:
@@ -341,47 +301,34 @@ class Keyring:
         """`stopped_in` of several keys at once."""
         stopped: dict[str, list[str]] = {k: [] for k in key_ids}
         async with self.db.connect() as conn:
-            rows = await conn.fetch(
-                "SELECT key_id, org_id FROM key_org_blocks WHERE key_id = ANY($1::text[]) ORDER BY org_id", key_ids
-            )
-        for r in rows:
-            stopped[r["key_id"]].append(r["org_id"])
+            found = await keys.blocks(conn, key_ids)
+        for b in found:
+            stopped[b.key_id].append(b.org_id)
         return stopped
 
     async def rotate_key(self, key_id: str, grace: str | None, actor: Actor = CLI) -> dict[str, Any]:
         grace_td = parse_duration(grace, "grace") if grace else timedelta(0)
         async with self.db.connect(transaction=True) as conn:
-            old = await _key(conn, key_id, lock=True)
+            old = await keys.get(conn, key_id, lock=True)
             if old is None:
                 raise NotFound(f"no key {key_id}")
-            if key_status(old, datetime.now(UTC)) != "active":
-                raise Conflict(f"key {key_id} is {key_status(old, datetime.now(UTC))} and cannot be rotated")
+            status = key_status(old, datetime.now(UTC))
+            if status != "active":
+                raise Conflict(f"key {key_id} is {status} and cannot be rotated")
             spec = KeySpec(
-                user_id=old["user_id"],
-                name=old["name"],
-                role=old["role"],
-                orgs=[] if old["all_orgs"] else list(old["org_ids"]),
-                projects=[] if old["all_projects"] else list(old["project_ids"]),
-                scopes=old["scopes"],
-                env=old["env"],
-                rate_limit=old["rate_limit"],
+                user_id=old.user_id,
+                name=old.name,
+                role=old.role,
+                orgs=[] if old.all_orgs else list(old.org_ids),
+                projects=[] if old.all_projects else list(old.project_ids),
+                scopes=old.scopes,
+                env=old.env,
+                rate_limit=old.rate_limit,
             )
-            cidrs = [str(c) for c in old["allowed_cidrs"]] if old["allowed_cidrs"] is not None else None
-            new_id_, raw = await self._insert_key(conn, spec, old["expires_at"], cidrs)
+            new_id_, raw = await self._insert_key(conn, spec, old.expires_at, old.allowed_cidrs)
             # Stopped in an org, stopped there still: rotation is no way back in.
-            await conn.execute(
-                "INSERT INTO key_org_blocks (key_id, org_id, blocked_by)"
-                " SELECT $2, org_id, blocked_by FROM key_org_blocks WHERE key_id = $1",
-                key_id,
-                new_id_,
-            )
-            await conn.execute(
-                "UPDATE api_keys SET rotated_to = $2,"
-                " expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + $3::interval) WHERE id = $1",
-                key_id,
-                new_id_,
-                grace_td,
-            )
+            await keys.copy_blocks(conn, key_id, new_id_)
+            await keys.mark_rotated(conn, key_id, new_id_, grace_td)
             await self._key_event(
                 conn,
                 "api_key.rotated",
@@ -390,7 +337,7 @@ class Keyring:
                 {"new_key_id": new_id_, "grace_s": int(grace_td.total_seconds())},
             )
             await self.db.invalidate(conn, [key_id])
-            row = await _key(conn, new_id_)
+            row = await keys.get(conn, new_id_)
         assert row is not None  # inserted just now, in this transaction
         return {**key_view(row), "key": raw, "rotated_from": key_id}
 

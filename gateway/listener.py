@@ -19,6 +19,7 @@ import asyncpg
 
 from gateway import constants as C
 from gateway.cache import LocalCache
+from gateway.data.db import ping
 
 log = logging.getLogger("gateway.listener")
 
@@ -91,7 +92,7 @@ class InvalidationListener:
                 try:
                     item = await asyncio.wait_for(queue.get(), self.ping_interval_s)
                 except TimeoutError:
-                    await conn.fetchval("SELECT 1", timeout=self.timeout_s)
+                    await ping(conn, self.timeout_s)
                     continue
                 if item is _LOST:
                     raise ConnectionError("the LISTEN connection was closed")

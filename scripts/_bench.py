@@ -19,11 +19,11 @@ import asyncpg
 
 from gateway._services import Postgres, Redis, free_port
 from gateway.config import config_from_mapping
-from gateway.db import Database
+from gateway.data.db import Database
+from gateway.data.schema import migrate
 from gateway.directory import Directory
 from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
-from gateway.store import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 PEPPER = "bench-pepper-0123456789abcdefghijklmnopqrstuvwxyz"

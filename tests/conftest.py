@@ -25,11 +25,11 @@ from aiohttp.test_utils import TestClient
 from gateway._services import Postgres, Redis, free_port
 from gateway.app import create_app
 from gateway.config import Config, config_from_mapping
-from gateway.db import Database
+from gateway.data.db import Database
+from gateway.data.schema import migrate
 from gateway.directory import Directory
 from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
-from gateway.store import migrate
 from tests._proxies import stop_process
 
 PEPPER = "test-pepper-0123456789-abcdefghijklmnop"

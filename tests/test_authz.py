@@ -12,7 +12,7 @@ import pytest
 from gateway.app import create_app
 from gateway.authz import effective_permissions, granted, pattern_matches
 from gateway.config import Argon2Config
-from gateway.db import Database
+from gateway.data.db import Database
 from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener

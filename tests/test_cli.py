@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from gateway._services import free_port
-from gateway.store import migration_files
+from gateway.data.schema import migration_files
 from tests.conftest import (
     ROOT,
     GatewayProcess,

@@ -14,7 +14,7 @@ from gateway.app import create_app
 from gateway.audit import CLI
 from gateway.backends import StoreUnavailable
 from gateway.config import Config, RolesConfig
-from gateway.db import Database
+from gateway.data.db import Database
 from gateway.directory import Directory
 from gateway.keyring import Keyring
 from gateway.keys import KeyFormat, SecretHasher

@@ -29,7 +29,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway._services import free_port
-from gateway.db import Database
+from gateway.data.db import Database
 from gateway.directory import Directory
 from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher

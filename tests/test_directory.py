@@ -7,7 +7,7 @@ import pytest
 
 from gateway.audit import CLI
 from gateway.config import RolesConfig
-from gateway.db import Database
+from gateway.data.db import Database
 from gateway.directory import Directory
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.keyring import KeySpec

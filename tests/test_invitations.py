@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from gateway.audit import CLI, AuditLog
-from gateway.db import Database
+from gateway.data.db import Database
 from gateway.errors import InvalidRequest
 from gateway.invitations import Invitations
 from tests.conftest import Client, World, nginx_headers, poll

@@ -56,9 +56,11 @@ def test_a_checked_spec_carries_what_the_check_worked_out(world: World) -> None:
 async def test_minting_shows_the_key_once_and_keeps_only_its_hash(world: World) -> None:
     row, raw = await world.keyring.mint(world.keyring.validate_spec(spec(world)), CLI)
     parsed = KeyFormat("gw").parse(raw)
-    assert parsed is not None and parsed.key_id == row["id"]
-    assert raw not in str(dict(row)) and parsed.secret not in str(dict(row))
-    assert (await world.keyring.show_key(row["id"]))["status"] == "active"
+    assert parsed is not None and parsed.key_id == row.id
+    assert raw not in repr(row) and parsed.secret not in repr(row)
+    stored = await world.pool.fetchval("SELECT secret_hash FROM api_keys WHERE id = $1", row.id)
+    assert stored.startswith("$argon2id$") and parsed.secret not in stored
+    assert (await world.keyring.show_key(row.id))["status"] == "active"
 
 
 async def test_minting_checks_the_user_and_the_projects(world: World) -> None:
@@ -101,5 +103,5 @@ async def test_listing_filters_by_owner_org_and_status(world: World) -> None:
     assert names(await keyring.list_keys(KeyQuery(org=world.org_a))) == ["a", "c"]  # b was stopped there
     assert names(await keyring.list_keys(KeyQuery(org=world.org_b))) == ["b"]
     first = (await keyring.key_rows(KeyQuery(world.user, limit=1)))[0]
-    after = await keyring.list_keys(KeyQuery(world.user, after=(first["created_at"], first["id"])))
-    assert names(after) == ["b", "c"] and a["id"] == first["id"]
+    after = await keyring.list_keys(KeyQuery(world.user, after=(first.created_at, first.id)))
+    assert names(after) == ["b", "c"] and a["id"] == first.id

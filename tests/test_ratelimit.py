@@ -15,7 +15,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import Argon2Config, LimitConfig
-from gateway.db import Database
+from gateway.data.db import Database
 from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics

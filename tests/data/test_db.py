@@ -1,5 +1,5 @@
-"""The management layer's use of Postgres (gateway/db.py): bounded, an outage is a 503, and each change
-reports what it invalidated."""
+"""The management layer's use of Postgres (`Database.connect`, gateway/data/db.py): bounded, an outage is
+a 503, and each change reports what it invalidated."""
 
 from __future__ import annotations
 

@@ -41,8 +41,8 @@ from gateway.models import KeyRecord
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
 from gateway.schemas import Body, KeyCreate, MemberAdd, MemberRole, Named, Role, Rotate, read
+from gateway.sessions import COOKIE, check_csrf, load_session
 from gateway.typedefs import CONFIG, TRUSTED, VERIFIER
-from gateway.ui import COOKIE, check_csrf, load_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 100

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 MANAGEMENT = {
-    "gateway.db",
     "gateway.keyring",
     "gateway.directory",
     "gateway.api",
@@ -18,6 +17,10 @@ MANAGEMENT = {
     "gateway.openapi",
     "gateway.invitations",
     "gateway.cli",
+    "gateway.sessions",
+    "gateway.responses",
+    "gateway.data.users",
+    "gateway.data.invitations",
 }
 
 
@@ -55,5 +58,32 @@ def test_leaf_modules_import_only_leaves(leaf: str, allowed: set[str]) -> None:
     assert _loaded(leaf) - {"gateway", leaf} <= allowed
 
 
-def test_the_data_layer_does_not_import_the_caches() -> None:
-    assert "gateway.cache" not in _loaded("gateway.store")
+def test_the_data_layer_imports_only_leaves() -> None:
+    """gateway/data is below everything that uses it: no cache tier, no room of management, no HTTP."""
+    loaded = _loaded(
+        "gateway.store",
+        "gateway.data.keys",
+        "gateway.data.orgs",
+        "gateway.data.users",
+        "gateway.data.invitations",
+        "gateway.data.audit",
+        "gateway.data.schema",
+    )
+    above = {m for m in loaded if not m.startswith("gateway.data")} - {
+        "gateway",
+        "gateway.store",
+        "gateway.constants",
+        "gateway.errors",
+        "gateway._breaker",
+        "gateway.backends",
+        "gateway.models",
+        "gateway.config",
+        "gateway.keys",
+        "gateway.formats",
+    }
+    assert above == set()
+
+
+def test_the_api_does_not_import_the_web_page() -> None:
+    """Issue 11: api.py imported its session handling from ui.py; both now read gateway.sessions."""
+    assert "gateway.ui" not in _loaded("gateway.api")

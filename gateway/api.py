@@ -36,7 +36,7 @@ from gateway.errors import (
 from gateway.formats import iso, parse_iso
 from gateway.forward import client_address, credential
 from gateway.invitations import INVITATIONS
-from gateway.keyring import KEYRING, MAX_LIST, KeyQuery, KeySpec, key_expiry, key_view
+from gateway.keyring import KEYRING, MAX_LIST, KeyQuery, KeySpec, key_expiry, key_view, spec_of
 from gateway.models import KeyRecord
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
@@ -409,22 +409,6 @@ async def revoke_key(request: web.Request) -> web.Response:
         return web.json_response({**access.view, "status": "revoked", "revoked_at": revoked["revoked_at"]})
     await keyring.stop_key_in(row.id, access.managed, p.actor)
     return web.json_response({**access.view, "status": "revoked", "revoked_in": access.managed})
-
-
-def spec_of(key: KeyRow) -> KeySpec:
-    """The settings of an existing key, as a rotation would copy them."""
-    return KeySpec(
-        user_id=key.user_id,
-        name=key.name,
-        role=key.role,
-        orgs=[] if key.all_orgs else list(key.org_ids),
-        projects=[] if key.all_projects else list(key.project_ids),
-        scopes=key.scopes,
-        env=key.env,
-        expires_at=iso(key.expires_at),
-        allow_ips=key.allowed_cidrs,
-        rate_limit=key.rate_limit,
-    )
 
 
 async def rotate_key(request: web.Request) -> web.Response:

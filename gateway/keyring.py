@@ -105,6 +105,22 @@ class KeySpec:
     rate_limit: str | None = None
 
 
+def spec_of(key: KeyRow) -> KeySpec:
+    """The settings of an existing key, as a rotation copies them."""
+    return KeySpec(
+        user_id=key.user_id,
+        name=key.name,
+        role=key.role,
+        orgs=[] if key.all_orgs else list(key.org_ids),
+        projects=[] if key.all_projects else list(key.project_ids),
+        scopes=key.scopes,
+        env=key.env,
+        expires_at=iso(key.expires_at),
+        allow_ips=key.allowed_cidrs,
+        rate_limit=key.rate_limit,
+    )
+
+
 @dataclass(frozen=True)
 class KeyQuery:
     """Which keys a listing shows, oldest first: those of `owner` and/or acting in `org`, in `status`
@@ -315,17 +331,7 @@ class Keyring:
             status = key_status(old, datetime.now(UTC))
             if status != "active":
                 raise Conflict(f"key {key_id} is {status} and cannot be rotated")
-            spec = KeySpec(
-                user_id=old.user_id,
-                name=old.name,
-                role=old.role,
-                orgs=[] if old.all_orgs else list(old.org_ids),
-                projects=[] if old.all_projects else list(old.project_ids),
-                scopes=old.scopes,
-                env=old.env,
-                rate_limit=old.rate_limit,
-            )
-            new_id_, raw = await self._insert_key(conn, spec, old.expires_at, old.allowed_cidrs)
+            new_id_, raw = await self._insert_key(conn, spec_of(old), old.expires_at, old.allowed_cidrs)
             # Stopped in an org, stopped there still: rotation is no way back in.
             await keys.copy_blocks(conn, key_id, new_id_)
             await keys.mark_rotated(conn, key_id, new_id_, grace_td)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -43,7 +44,25 @@ def json_object(raw: bytes, *, empty_is_object: bool = False) -> dict[str, Any]:
         raise InvalidRequest("the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
+    if not _text(body):
+        raise InvalidRequest("the body holds a string with a NUL or an unpaired surrogate: not text")
     return body
+
+
+# JSON may escape them (\u0000, a lone \ud800), but no text holds them: Postgres refused them as an error
+# of its own (a NUL in an email, a surrogate in an org's name), answered 500.
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _text(value: Any) -> bool:
+    """Whether every string in `value`, keys included, is text (nested at most MAX_DEPTH levels)."""
+    if isinstance(value, str):
+        return _NOT_TEXT.search(value) is None
+    if isinstance(value, dict):
+        return all(_text(k) and _text(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_text(v) for v in value)
+    return True
 
 
 def _depth(raw: bytes) -> int:

@@ -13,7 +13,7 @@ import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -40,7 +40,7 @@ from gateway.keyring import KEYRING, MAX_LIST, KeyQuery, KeySpec, key_expiry, ke
 from gateway.models import KeyRecord
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
-from gateway.schemas import Body, KeyCreate, MemberAdd, MemberRole, Named, Role, Rotate, read
+from gateway.schemas import EVENT_TYPE_RE, Body, KeyCreate, MemberAdd, MemberRole, Named, Role, Rotate, read
 from gateway.sessions import COOKIE, check_csrf, load_session
 from gateway.typedefs import CONFIG, TRUSTED, VERIFIER
 
@@ -159,14 +159,25 @@ def str_list(body: dict[str, Any], name: str) -> list[str] | None:
 
 
 def all_or_list(body: dict[str, Any], name: str) -> list[str]:
-    """`"all"` (or absent) is every one, now and future: an empty list for KeySpec."""
-    value = body.get(name, "all")
-    if value == "all":
+    """`"all"` (or absent, or null: see gateway.schemas) is every one, now and future: an empty list for
+    KeySpec."""
+    value = body.get(name)
+    if value is None or value == "all":
         return []
     items = str_list(body, name)
     if not items:
         raise InvalidRequest(f'{name} must be "all" or a non-empty list', field=name)
+    for item in items:
+        field_id(item, name)  # as in paths (`valid_ids`): a NUL reached Postgres, which refused it (500)
     return items
+
+
+def field_id(value: str, name: str) -> str:
+    """`value`, an id (gateway.policy.checked_id), or InvalidRequest naming the field it came in."""
+    try:
+        return checked_id(value, name)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.message, field=name) from None
 
 
 def page(request: web.Request) -> tuple[int, str | None]:
@@ -194,8 +205,10 @@ def _time(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        return parse_iso(value)
-    except ValueError:
+        # In UTC, as Postgres will have it: a time that is no year 1 to 9999 there is refused here (it
+        # raised OverflowError from the driver, answered 500).
+        return parse_iso(value).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidRequest(f"{name} must be an ISO 8601 time", field=name) from None
 
 
@@ -353,6 +366,8 @@ async def list_keys(request: web.Request) -> web.Response:
     limit, cursor = page(request)
     org = request.query.get("org")
     owner = request.query.get("owner")
+    if owner is not None:
+        field_id(owner, "owner")  # a NUL in it reached Postgres with org=, which refused it (500)
     status = request.query.get("status")
     if status not in (None, "active", "expired", "revoked"):
         raise InvalidRequest("status must be active, expired or revoked", field="status")
@@ -366,8 +381,8 @@ async def list_keys(request: web.Request) -> web.Response:
     if cursor is not None:
         try:
             at, key_id = decode_cursor(cursor)
-            after = (parse_iso(str(at)), str(key_id))
-        except (ValueError, TypeError):
+            after = (parse_iso(str(at)).astimezone(UTC), str(key_id))
+        except (ValueError, TypeError, OverflowError):
             raise InvalidRequest("cursor is not valid", field="cursor") from None
     directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
     rows = await keyring.key_rows(KeyQuery(owner, org, status, after, limit + 1))
@@ -668,6 +683,11 @@ async def audit(request: web.Request) -> web.Response:
         before = decode_cursor(cursor)
         if type(before) is not int or not 0 < before < 2**63:
             raise InvalidRequest("cursor is not valid", field="cursor")
+    for name in ("key_id", "actor"):  # a NUL in a filter reached Postgres, which refused it (500)
+        if name in q:
+            field_id(q[name], name)
+    if "type" in q and not EVENT_TYPE_RE.fullmatch(q["type"]):
+        raise InvalidRequest("type must be an event type such as api_key.created", field="type")
     items = await request.config_dict[AUDIT_LOG].events(
         org,
         type_=q.get("type"),

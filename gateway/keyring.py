@@ -26,13 +26,17 @@ from gateway.ratelimit import parse_rate
 
 _DURATION_RE = re.compile(r"([0-9]{1,9})(s|m|h|d|w)")
 MAX_LIST = 100
+MAX_DURATION_S = 100 * 365 * 86400
 
 
 def parse_duration(text: str, what: str = "duration") -> timedelta:
     m = _DURATION_RE.fullmatch(text.strip())
     if m is None:
         raise InvalidRequest(f"{what}: expected a number and a unit s, m, h, d or w, such as 30d", field=what)
-    return timedelta(seconds=int(m.group(1)) * UNIT_S[m.group(2)])
+    seconds = int(m.group(1)) * UNIT_S[m.group(2)]
+    if seconds > MAX_DURATION_S:  # beyond any key's life, and past what a datetime can hold
+        raise InvalidRequest(f"{what} must be at most {MAX_DURATION_S // 86400}d", field=what)
+    return timedelta(seconds=seconds)
 
 
 def parse_rate_limit(text: str) -> str:
@@ -81,10 +85,10 @@ def key_expiry(spec: KeySpec) -> datetime | None:
         return None
     try:
         expires = parse_iso(spec.expires_at)
-    except ValueError:
+        # In UTC, as stored: 9999-12-31T23:59:59-14:00 is past the last time a datetime can hold.
+        expires = expires.replace(tzinfo=UTC) if expires.tzinfo is None else expires.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidRequest("expires_at must be an ISO 8601 time", field="expires_at") from None
-    if expires.tzinfo is None:
-        expires = expires.replace(tzinfo=UTC)
     if expires <= datetime.now(UTC):
         raise InvalidRequest("expires_at must be in the future", field="expires_at")
     return expires

@@ -1,113 +1,270 @@
-"""The OpenAPI 3.1 document of the /v1/ API, served at /v1/openapi.json."""
+"""The OpenAPI 3.1 document of the /v1/ API, served at /v1/openapi.json.
+
+Request bodies and 2xx response bodies are the JSON Schemas of the models the API is built on
+(`gateway.schemas`, `gateway.responses`); each operation lists the statuses its handler answers."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gateway.schemas import REQUESTS
+from gateway.responses import (
+    RESPONSES,
+    Answer,
+    AuditPage,
+    Invitation,
+    InvitationList,
+    Key,
+    KeyPage,
+    Me,
+    MemberList,
+    Membership,
+    MembershipChanged,
+    MembershipRemoved,
+    NewKey,
+    Org,
+    OrgList,
+    OrgWithRole,
+    Project,
+    ProjectDeleted,
+    ProjectList,
+    RevokedKey,
+    RotatedKey,
+    ServiceAccount,
+    ServiceAccountList,
+    Verdict,
+)
+from gateway.schemas import EVENT_TYPE_PATTERN, ID_PATTERN, REQUESTS
 
-_ERR = {"$ref": "#/components/responses/Error"}
-_STD = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR, "429": _ERR, "500": _ERR, "503": _ERR}
+_REF = "#/components/schemas/{model}"
+_ID = {"type": "string", "pattern": ID_PATTERN}  # anything else is refused with 400
+_STRING = {"type": "string"}
+_TIME = {"type": "string", "format": "date-time"}
+_LIMIT = {"type": "integer", "minimum": 1, "maximum": 100, "default": 50}  # gateway.api.page, MAX_PAGE
+
+# What every authenticated call may be answered besides its success: a bad request or credential (400,
+# 401), a refusal (403), the rate limit (429), a bug (500) and an outage (503).
+_AUTHED = (400, 401, 403, 429, 500, 503)
+# A body arrives within server.body_timeout_s (else 408) and within the app's client_max_size (else 413).
+_BODY_ERRORS = (408, 413)
+_ERROR_TEXT = {
+    400: "invalid_request (the field at fault in error.field)",
+    401: "No valid credential",
+    403: "Not allowed",
+    404: "Nothing there, or nothing the caller may see (another org's ids answer the same)",
+    408: "The body did not arrive in time",
+    409: "conflict: the change contradicts the current state",
+    413: "The body is too large",
+    429: "rate_limited, with Retry-After",
+    500: "internal_error: a bug, logged under the request id in X-Request-Id",
+    503: "auth_unavailable: a backing store is down",
+}
 
 
-def _op(summary: str, ok: str = "200", body: str | None = None, params: list[str] | None = None) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            ok: {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
-            **_STD,
-        },
+def _op(
+    summary: str,
+    answers: dict[int, type[Answer]],
+    *,
+    body: str | None = None,
+    body_required: bool = True,
+    errors: tuple[int, ...] = (),
+    query: dict[str, dict[str, Any]] | None = None,
+    authed: bool = True,
+) -> dict[str, Any]:
+    """An operation answered with `answers` (status: response model) and errors: those of every
+    authenticated call (`authed`), those of a request body, and `errors`."""
+    statuses = set(errors) | (set(_AUTHED) if authed else {400, 500, 503}) | (set(_BODY_ERRORS) if body else set())
+    responses: dict[str, Any] = {
+        str(status): {
+            "description": _first_sentence(model),
+            "content": {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}},
+        }
+        for status, model in answers.items()
     }
+    for status in sorted(statuses):
+        responses[str(status)] = {"$ref": f"#/components/responses/Error{status}"}
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
     if body is not None:
         op["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+            "required": body_required,
+            "content": {"application/json": {"schema": {"$ref": _REF.format(model=body)}}},
         }
-    if params:
-        op["parameters"] = [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in params]
+    if query:
+        op["parameters"] = [{"name": n, "in": "query", "required": False, "schema": s} for n, s in query.items()]
+    if not authed:
+        op["security"] = []
     return op
+
+
+def _first_sentence(model: type[Answer]) -> str:
+    return " ".join((model.__doc__ or model.__name__).split()).split(". ")[0].rstrip(".")
 
 
 def _path_params(path: str) -> list[dict[str, Any]]:
     names = [seg[1:-1] for seg in path.split("/") if seg.startswith("{")]
-    return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
+    return [{"name": n, "in": "path", "required": True, "schema": _ID} for n in names]
 
+
+_NOT_FOUND = (404,)
+_CONFLICT = (404, 409)
 
 # Each summary names the permission the caller's effective permissions in that org must grant (CONTRACT
 # section 7); "(admins)" means the caller's effective role there must also be admin or above.
 _PATHS: dict[str, dict[str, dict[str, Any]]] = {
     "/v1/keys/verify": {
-        "post": {**_op("Verify a key in-process (no authentication)", body="VerifyRequest"), "security": []}
+        "post": _op(
+            "Verify a key in-process (no authentication): a refused key is a verdict too, answered 200",
+            {200: Verdict},
+            body="VerifyRequest",
+            authed=False,
+        )
     },
-    "/v1/me": {"get": _op("The calling key, its owner and the orgs it can act in")},
+    "/v1/me": {"get": _op("The calling key, its owner and the orgs it can act in", {200: Me})},
     "/v1/keys": {
-        "post": _op("Create a key for the caller, never more powerful than the caller's key", "201", "KeyCreate"),
+        "post": _op(
+            "Create a key for the caller, never more powerful than the caller's key",
+            {201: NewKey},
+            body="KeyCreate",
+            errors=_NOT_FOUND,
+        ),
         "get": _op(
-            "List keys: the caller's own, or with org= every key acting in that org (keys:read, admins)",
-            params=["org", "owner", "status", "limit", "cursor"],
+            "List keys, oldest first: the caller's own, or with org= every key acting in that org (keys:read, admins)",
+            {200: KeyPage},
+            errors=_NOT_FOUND,
+            query={
+                "org": _ID,
+                "owner": {**_ID, "description": "A user id: with org=, that member's keys in the org"},
+                "status": {"type": "string", "enum": ["active", "expired", "revoked"]},
+                "limit": _LIMIT,
+                "cursor": _STRING,
+            },
         ),
     },
     "/v1/keys/{key_id}": {
-        "get": _op("A key: one's own, or as seen from the orgs where the caller has keys:read (admins)")
+        "get": _op(
+            "A key: one's own, or as seen from the orgs where the caller has keys:read (admins)",
+            {200: Key},
+            errors=_NOT_FOUND,
+        )
     },
     "/v1/keys/{key_id}/revoke": {
-        "post": _op("Revoke one's own key; an admin with keys:write stops another's key in their orgs only")
+        "post": _op(
+            "Revoke one's own key; an admin with keys:write stops another's key in their orgs only",
+            {200: RevokedKey},
+            errors=_NOT_FOUND,
+        )
     },
     "/v1/keys/{key_id}/rotate": {
-        "post": _op("A new key with the same settings; the old one expires after grace", "201", "Rotate")
+        "post": _op(
+            "A new key with the same settings; the old one expires after grace (409 unless it is active)",
+            {201: RotatedKey},
+            body="Rotate",
+            body_required=False,
+            errors=_CONFLICT,
+        )
     },
     "/v1/orgs": {
-        "post": _op("Create an org (orgs:write, an all-orgs key); the caller becomes its owner", "201", "Named"),
-        "get": _op("The orgs the calling key can act in"),
-    },
-    "/v1/orgs/{org}": {"get": _op("An org")},
-    "/v1/orgs/{org}/members": {
-        "get": _op("Members (members:read, admins)"),
         "post": _op(
-            "Invite a user by email; a current member's role is set (members:write, admins)", "202", "MemberAdd"
+            "Create an org (orgs:write, an all-orgs key); the caller becomes its owner", {201: Org}, body="Named"
+        ),
+        "get": _op("The orgs the calling key can act in", {200: OrgList}),
+    },
+    "/v1/orgs/{org}": {"get": _op("An org", {200: OrgWithRole}, errors=_NOT_FOUND)},
+    "/v1/orgs/{org}/members": {
+        "get": _op("Members (members:read, admins)", {200: MemberList}, errors=_NOT_FOUND),
+        "post": _op(
+            "Invite a user by email (202, an invitation); a current member's role is set at once (200)"
+            " (members:write, admins)",
+            {200: MembershipChanged, 202: Invitation},
+            body="MemberAdd",
+            errors=_CONFLICT,
         ),
     },
     "/v1/orgs/{org}/members/{user_id}": {
-        "put": _op("Change a member's role (members:write, admins)", body="Role"),
-        "delete": _op("Remove a member (members:write, admins)"),
+        "put": _op("Change a member's role (members:write, admins)", {200: Membership}, body="Role", errors=_CONFLICT),
+        "delete": _op("Remove a member (members:write, admins)", {200: MembershipRemoved}, errors=_CONFLICT),
     },
-    "/v1/orgs/{org}/invitations": {"get": _op("The org's open invitations (members:read, admins)")},
-    "/v1/orgs/{org}/invitations/{invitation}": {"delete": _op("Withdraw an open invitation (members:write, admins)")},
-    "/v1/invitations": {"get": _op("The caller's own open invitations")},
-    "/v1/invitations/{invitation}/accept": {"post": _op("Accept one's invitation (an all-orgs key or the web page)")},
-    "/v1/invitations/{invitation}/decline": {"post": _op("Decline one's invitation")},
+    "/v1/orgs/{org}/invitations": {
+        "get": _op("The org's open invitations (members:read, admins)", {200: InvitationList}, errors=_NOT_FOUND)
+    },
+    "/v1/orgs/{org}/invitations/{invitation}": {
+        "delete": _op("Withdraw an open invitation (members:write, admins)", {200: Invitation}, errors=_CONFLICT)
+    },
+    "/v1/invitations": {"get": _op("The caller's own open invitations", {200: InvitationList})},
+    "/v1/invitations/{invitation}/accept": {
+        "post": _op("Accept one's invitation (an all-orgs key or the web page)", {200: Invitation}, errors=_CONFLICT)
+    },
+    "/v1/invitations/{invitation}/decline": {
+        "post": _op("Decline one's invitation", {200: Invitation}, errors=_CONFLICT)
+    },
     "/v1/orgs/{org}/projects": {
-        "post": _op("Create a project (projects:write, admins)", "201", "Named"),
-        "get": _op("Projects (projects:read)"),
+        "post": _op(
+            "Create a project (projects:write, admins); 409 if the org has one of that name",
+            {201: Project},
+            body="Named",
+            errors=_CONFLICT,
+        ),
+        "get": _op("Projects (projects:read)", {200: ProjectList}, errors=_NOT_FOUND),
     },
     "/v1/orgs/{org}/projects/{project}": {
-        "get": _op("A project (projects:read)"),
+        "get": _op("A project (projects:read)", {200: Project}, errors=_NOT_FOUND),
         "delete": _op(
-            "Delete a project (projects:write, admins); refused while keys name it unless revoke_keys=true",
-            params=["revoke_keys"],
+            "Delete a project (projects:write, admins); refused (409) while keys name it unless revoke_keys=true",
+            {200: ProjectDeleted},
+            errors=_CONFLICT,
+            query={"revoke_keys": {"type": "boolean", "default": False}},
         ),
     },
     "/v1/orgs/{org}/service-accounts": {
-        "post": _op("Create a service account (service_accounts:write, admins)", "201", "MemberRole"),
-        "get": _op("Service accounts (service_accounts:read, admins)"),
+        "post": _op(
+            "Create a service account (service_accounts:write, admins)",
+            {201: ServiceAccount},
+            body="MemberRole",
+            errors=_NOT_FOUND,
+        ),
+        "get": _op("Service accounts (service_accounts:read, admins)", {200: ServiceAccountList}, errors=_NOT_FOUND),
     },
     "/v1/orgs/{org}/service-accounts/{sa}/keys": {
         "post": _op(
-            "Issue a key owned by the org's service account (service_accounts:write, admins)", "201", "KeyCreate"
+            "Issue a key owned by the org's service account (service_accounts:write, admins)",
+            {201: NewKey},
+            body="KeyCreate",
+            errors=_NOT_FOUND,
         )
     },
     "/v1/orgs/{org}/audit": {
         "get": _op(
             "Audit events, newest first (audit:read, admins)",
-            params=["type", "key_id", "actor", "since", "until", "limit", "cursor"],
+            {200: AuditPage},
+            errors=_NOT_FOUND,
+            query={
+                "type": {"type": "string", "pattern": EVENT_TYPE_PATTERN},
+                "key_id": _ID,
+                "actor": {**_ID, "description": "A user id, or cli for the operator"},
+                "since": _TIME,
+                "until": _TIME,
+                "limit": _LIMIT,
+                "cursor": _STRING,
+            },
         )
     },
 }
 
-# Request bodies: the models `/v1/` validates with (gateway.schemas), so the two cannot drift apart.
-_SCHEMAS: dict[str, Any] = {
-    m.__name__: m.model_json_schema(ref_template="#/components/schemas/{model}") for m in REQUESTS
-} | {
+
+def _components() -> dict[str, Any]:
+    """Every model's schema under components/schemas, the models it nests ($defs) hoisted beside it (its
+    refs point there already): requests as they are validated, responses as they are written."""
+    schemas: dict[str, Any] = {}
+    generated = [(m, m.model_json_schema(ref_template=_REF)) for m in REQUESTS] + [
+        (m, m.model_json_schema(ref_template=_REF, mode="serialization")) for m in RESPONSES
+    ]
+    for model, schema in generated:
+        for name, nested in {**schema.pop("$defs", {}), model.__name__: schema}.items():
+            if schemas.setdefault(name, nested) != nested:
+                raise RuntimeError(f"two different schemas are both named {name}")  # pragma: no cover
+    return schemas
+
+
+_SCHEMAS: dict[str, Any] = _components() | {
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -175,10 +332,11 @@ def openapi() -> dict[str, Any]:
             },
             "schemas": _SCHEMAS,
             "responses": {
-                "Error": {
-                    "description": "The contract's error body",
+                f"Error{status}": {
+                    "description": text,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                 }
+                for status, text in _ERROR_TEXT.items()
             },
         },
     }

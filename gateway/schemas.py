@@ -6,17 +6,30 @@ The checks that need the caller (which orgs, which role) stay with the handlers.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from gateway.errors import InvalidRequest
+from gateway.formats import MAX_NAME
+
+# What a request names, besides its body: an id (in a path, in `org=`, in a key's orgs and projects; the
+# grammar of gateway.policy.checked_id) and an audit event's type (`api_key.created`, `auth.failed.dropped`).
+ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+EVENT_TYPE_PATTERN = "^[a-z0-9_.]{1,64}$"
+EVENT_TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 
 _LIST = {"type": "array", "items": {"type": "string"}, "maxItems": 100}
-_ALL_OR_LIST = {"oneOf": [{"const": "all"}, _LIST]}
+# An empty list is refused (it is not "all"), and each item is an id.
+_ALL_OR_LIST = {
+    "oneOf": [{"const": "all"}, {**_LIST, "items": {"type": "string", "pattern": ID_PATTERN}, "minItems": 1}]
+}
 # Lists are checked by the handlers (their message names the bound); the schema says what is accepted.
 StrList = Annotated[list[Any], WithJsonSchema(_LIST)]
 AllOrList = Annotated[str | list[Any], WithJsonSchema(_ALL_OR_LIST)]
+# A name is trimmed, then 1 to MAX_NAME printable characters (gateway.formats.valid_name).
+_NAME: dict[str, Any] = {"minLength": 1, "maxLength": MAX_NAME}
 
 
 class Body(BaseModel):
@@ -26,16 +39,29 @@ class Body(BaseModel):
 
     @classmethod
     def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The schema of what `read` accepts: a required field (and with `nulls_refused`, any field) is
+        not null there, though the model itself accepts null so that `read` can name the field."""
         schema = super().model_json_schema(*args, **kwargs)
         if cls.required:
             schema["required"] = list(cls.required)
+        for name in schema["properties"] if cls.nulls_refused else cls.required:
+            _not_null(schema["properties"][name])
         return schema
+
+
+def _not_null(prop: dict[str, Any]) -> None:
+    branches = [b for b in prop.pop("anyOf") if b != {"type": "null"}]
+    prop.pop("default", None)
+    if len(branches) == 1:
+        prop.update(branches[0])
+    else:  # pragma: no cover - every field is one type or null
+        prop["anyOf"] = branches
 
 
 class KeyCreate(Body):
     required = ("name", "role")
-    name: str | None = Field(None, json_schema_extra={"maxLength": 200})
-    role: str | None = None
+    name: str | None = Field(None, json_schema_extra=_NAME, examples=["ci"])
+    role: str | None = Field(None, examples=["member"])
     env: str | None = Field(None, json_schema_extra={"enum": ["live", "test", None]})
     scopes: StrList | None = None
     orgs: AllOrList | None = None
@@ -52,24 +78,24 @@ class Rotate(Body):
 
 class Named(Body):
     required = ("name",)
-    name: str | None = None
+    name: str | None = Field(None, json_schema_extra=_NAME, examples=["web"])
 
 
 class Role(Body):
     required = ("role",)
-    role: str | None = None
+    role: str | None = Field(None, examples=["member"])
 
 
 class MemberAdd(Body):
     required = ("email", "role")
-    email: str | None = Field(None, json_schema_extra={"format": "email"})
-    role: str | None = None
+    email: str | None = Field(None, json_schema_extra={"format": "email"}, examples=["dev@example.com"])
+    role: str | None = Field(None, examples=["member"])
 
 
 class MemberRole(Body):
     required = ("name", "role")
-    name: str | None = None
-    role: str | None = None
+    name: str | None = Field(None, json_schema_extra=_NAME, examples=["ci"])
+    role: str | None = Field(None, examples=["member"])
 
 
 class VerifyRequest(Body):

@@ -1,0 +1,288 @@
+"""The `/v1/` response bodies, defined once: `gateway.openapi` documents each 2xx answer with one of these
+models (their JSON Schema), and the tests check real answers against that document (tests/test_openapi.py).
+
+They describe what the handlers answer (`gateway.api`, `gateway.keys_verify`), which build plain dicts
+(`keyring.key_view`, `directory`, `invitations`, `audit`): a field is required when every answer carries
+it, nullable when its value can be null. Open (a client ignores fields it does not know), unlike the
+request models of `gateway.schemas`, which refuse them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Env = Literal["live", "test"]
+KeyStatus = Literal["active", "expired", "revoked"]
+InvitationStatus = Literal["pending", "accepted", "declined", "revoked", "expired"]
+RoleName = str  # one of the configured `roles.order` (shipped: viewer, member, admin, owner)
+
+
+class Answer(BaseModel):
+    """A response body. Timestamps are ISO 8601 in UTC (`2026-01-31T12:00:00.123456Z`)."""
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+class Key(Answer):
+    """A key as the caller may see it: never its secret. Another member's key (seen by an org's admin) shows
+    only the orgs and projects of the orgs the admin sees it from, and no `last_used_at` when it also acts
+    elsewhere."""
+
+    id: str = Field(description="The public key id (in the key itself, in X-Key-Id and in the audit)")
+    name: str
+    user_id: str = Field(description="Its owner: a user, or a service account of one org")
+    role: RoleName
+    env: Env
+    start: str = Field(description="The key's first characters, to recognise it", examples=["gw_live_ab12"])
+    scopes: list[str] | None = Field(description="Permission patterns; null: no limit beyond the role")
+    orgs: Literal["all"] | list[str] = Field(description='"all": every org of its owner, now and future')
+    projects: Literal["all"] | list[str]
+    allowed_ips: list[str] | None = Field(description="CIDR networks; null: any address")
+    rate_limit: str | None = Field(description="Its own limit (N/PERIOD); null: the configured default")
+    status: KeyStatus
+    expires_at: datetime | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    rotated_to: str | None = Field(description="The key it was rotated to, if any")
+    effective_role: dict[str, RoleName] = Field(
+        description="Its role in each org it acts in (as the caller sees them): the lower of its own and its owner's"
+    )
+    stopped_in: list[str] = Field(
+        default_factory=list, description="The orgs whose admins stopped it (only on the caller's own keys)"
+    )
+
+
+class NewKey(Key):
+    """A key just made: with the raw key, shown this once."""
+
+    key: str = Field(description="The raw key: shown only now, never again")
+
+
+class RotatedKey(NewKey):
+    """The new key, with its raw key shown this once."""
+
+    rotated_from: str = Field(description="The key it replaces, which expires after the grace period")
+
+
+class RevokedKey(Key):
+    """The key, revoked. An admin who stops another member's key in their orgs only (it acts elsewhere
+    too) is answered with `status: revoked` and the orgs it was stopped in."""
+
+    revoked_in: list[str] = Field(default_factory=list, description="The orgs it was stopped in (an admin's stop)")
+
+
+class KeyPage(Answer):
+    """A page of keys."""
+
+    items: list[Key]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: the last page")
+
+
+class RateLimitState(Answer):
+    """The key's rate limit after this verification was charged to it."""
+
+    limit: int = Field(description="The limit's burst (RateLimit-Limit)")
+    remaining: int
+    reset: int = Field(description="Seconds until the limit is full again")
+
+
+class Verdict(Answer):
+    """`POST /v1/keys/verify`: a refusal is a verdict too (valid false, with the contract's code)."""
+
+    valid: bool
+    code: str = Field(
+        pattern=r"^[A-Z_]+$",
+        description="VALID, or the contract's error code upper-cased (INVALID_API_KEY, ORG_NOT_ALLOWED, ...)",
+    )
+    key_id: str | None = Field(description="The key id, once the key had a valid shape")
+    org: str | None
+    role: RoleName | None
+    scopes: list[str] = Field(description="The effective permission patterns (X-Scopes)")
+    env: Env | None
+    expires_at: datetime | None
+    ratelimit: RateLimitState | None
+
+
+# --- orgs, members, invitations ------------------------------------------------------------------
+
+
+class Org(Answer):
+    """An org."""
+
+    id: str
+    name: str
+
+
+class OrgWithRole(Org):
+    """An org and the caller's role in it."""
+
+    role: RoleName = Field(description="The caller's effective role in it")
+
+
+class Me(Answer):
+    """The calling credential."""
+
+    user_id: str
+    key_id: str
+    orgs: list[OrgWithRole] = Field(description="The orgs the calling credential can act in")
+
+
+class OrgList(Answer):
+    """The orgs the calling credential can act in, by name."""
+
+    items: list[OrgWithRole]
+
+
+class Member(Answer):
+    """A member: a person or one of the org's service accounts."""
+
+    user_id: str
+    email: str | None = Field(description="null for a service account")
+    kind: Literal["human", "service"]
+    name: str | None = Field(description="A service account's name")
+    role: RoleName
+
+
+class MemberList(Answer):
+    """The org's members."""
+
+    items: list[Member]
+
+
+class Membership(Answer):
+    """The member's new role."""
+
+    org_id: str
+    user_id: str
+    role: RoleName
+
+
+class MembershipChanged(Membership):
+    """Inviting a current member changes their role at once."""
+
+    status: Literal["member"]
+
+
+class MembershipRemoved(Answer):
+    """The member was removed."""
+
+    org_id: str
+    user_id: str
+    removed: Literal[True]
+
+
+class Invitation(Answer):
+    """An invitation to join an org, which only the invited user accepts."""
+
+    id: str
+    org_id: str
+    org_name: str
+    user_id: str
+    email: str
+    role: RoleName
+    invited_by: str | None = Field(description="The inviting user's id (cli: the operator)")
+    status: InvitationStatus
+    created_at: datetime
+    expires_at: datetime
+
+
+class InvitationList(Answer):
+    """Open invitations, oldest first."""
+
+    items: list[Invitation]
+
+
+# --- projects, service accounts, audit -----------------------------------------------------------
+
+
+class Project(Answer):
+    """A project of an org."""
+
+    id: str
+    org_id: str
+    name: str
+
+
+class ProjectList(Answer):
+    """The org's projects (those within the calling key's projects), by name."""
+
+    items: list[Project]
+
+
+class ProjectDeleted(Answer):
+    """The project was deleted."""
+
+    id: str
+    deleted: Literal[True]
+    revoked_keys: list[str] = Field(description="The keys that named it, revoked or stopped in this org")
+
+
+class ServiceAccount(Answer):
+    """A service account: a non-human member of one org, owning keys of that org."""
+
+    id: str
+    org_id: str
+    name: str
+    role: RoleName
+
+
+class ServiceAccountList(Answer):
+    """The org's service accounts, by name."""
+
+    items: list[ServiceAccount]
+
+
+class AuditEvent(Answer):
+    """One audit event of the org."""
+
+    id: int
+    at: datetime
+    type: str = Field(examples=["api_key.created"])
+    actor: str | None = Field(description="The user who acted (cli: the operator); null for auth.failed")
+    org_id: str
+    user_id: str | None
+    key_id: str | None
+    target: str | None
+    ip: str | None
+    user_agent: str | None
+    count: int = Field(description="How many events an aggregated auth.failed row stands for (else 1)")
+    detail: dict[str, Any]
+
+
+class AuditPage(Answer):
+    """A page of audit events, newest first."""
+
+    items: list[AuditEvent]
+    next_cursor: str | None = Field(description="Pass as cursor for older events; null: the last page")
+
+
+RESPONSES: tuple[type[Answer], ...] = (
+    Key,
+    NewKey,
+    RotatedKey,
+    RevokedKey,
+    KeyPage,
+    Verdict,
+    Org,
+    OrgWithRole,
+    Me,
+    OrgList,
+    Member,
+    MemberList,
+    Membership,
+    MembershipChanged,
+    MembershipRemoved,
+    Invitation,
+    InvitationList,
+    Project,
+    ProjectList,
+    ProjectDeleted,
+    ServiceAccount,
+    ServiceAccountList,
+    AuditEvent,
+    AuditPage,
+)

@@ -44,6 +44,12 @@ def json_object(raw: bytes, *, empty_is_object: bool = False) -> dict[str, Any]:
         raise InvalidRequest("the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+def storable(body: dict[str, Any]) -> dict[str, Any]:
+    """`body`, if every string in it can be stored; else InvalidRequest (400). For bodies whose values
+    reach Postgres: /v1/keys/verify and the page's sign-in answer such a key with their own refusal."""
     if not _text(body):
         raise InvalidRequest("the body holds a string with a NUL or an unpaired surrogate: not text")
     return body

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway._body import json_object, read_raw
+from gateway._body import json_object, read_raw, storable
 from gateway.audit import AUDIT_LOG, Actor
 from gateway.authz import effective_permissions, granted, pattern_matches, role_in
 from gateway.config import RolesConfig
@@ -146,7 +146,7 @@ async def valid_ids(request: web.Request, handler: Handler) -> web.StreamRespons
 async def read_body(request: web.Request, model: type[Body]) -> dict[str, Any]:
     """A JSON object holding only `model`'s fields, each of its type (see gateway.schemas)."""
     raw = await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)
-    return read(model, json_object(raw, empty_is_object=True))
+    return read(model, storable(json_object(raw, empty_is_object=True)))
 
 
 def str_list(body: dict[str, Any], name: str) -> list[str] | None:

@@ -64,7 +64,7 @@ def key_view(row: KeyRow) -> dict[str, Any]:
         "scopes": row.scopes,
         "orgs": "all" if row.all_orgs else list(row.org_ids),
         "projects": "all" if row.all_projects else list(row.project_ids),
-        "allowed_ips": row.allowed_cidrs,
+        "allowed_ips": _networks(row.allowed_cidrs),
         "rate_limit": row.rate_limit,
         "status": key_status(row, now),
         "expires_at": iso(row.expires_at),
@@ -73,6 +73,12 @@ def key_view(row: KeyRow) -> dict[str, Any]:
         "revoked_at": iso(row.revoked_at),
         "rotated_to": row.rotated_to,
     }
+
+
+def _networks(cidrs: list[str] | None) -> list[str] | None:
+    """Spelt as Python spells them (as the allowlist was checked at creation), not as Postgres does: the
+    two differ for IPv6 networks holding an IPv4 part."""
+    return None if cidrs is None else [str(ipaddress.ip_network(c)) for c in cidrs]
 
 
 def key_expiry(spec: KeySpec) -> datetime | None:

@@ -105,3 +105,13 @@ async def test_listing_filters_by_owner_org_and_status(world: World) -> None:
     first = (await keyring.key_rows(KeyQuery(world.user, limit=1)))[0]
     after = await keyring.list_keys(KeyQuery(world.user, after=(first.created_at, first.id)))
     assert names(after) == ["b", "c"] and a["id"] == first.id
+
+
+async def test_an_allowlist_reads_back_as_it_was_checked(world: World) -> None:
+    """Review of the data layer: read as Postgres spells networks (::text), an IPv6 network holding an IPv4
+    part came back spelt otherwise than at creation (as before the layer, Python's spelling is kept)."""
+    ips = ["::ffff:1.2.3.0/120", "10.0.0.0/8", "2001:db8::/32"]
+    checked = world.keyring.validate_spec(spec(world, allow_ips=ips))
+    created = await world.keyring.create_key(checked.spec)
+    assert created["allowed_ips"] == checked.cidrs
+    assert (await world.keyring.show_key(created["id"]))["allowed_ips"] == checked.cidrs

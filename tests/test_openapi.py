@@ -310,6 +310,18 @@ async def test_input_the_database_cannot_take_is_a_bad_request_not_a_bug(
     assert (answer["error"]["code"], answer["error"].get("field")) == ("invalid_request", field)
 
 
+async def test_a_key_that_is_not_text_is_still_a_verdict(client: Client, world: World) -> None:
+    """Review: the NUL check above first ran on every JSON body, so /v1/keys/verify answered 400 where a key
+    no database holds is simply not a key (a 200 verdict, as before), and the page's sign-in 400, not 401."""
+    k = await world.key()
+    for key in (k["key"] + "\x00", "\ud800"):
+        r = await client.post("/v1/keys/verify", json={"key": key})
+        assert r.status == 200, await r.text()
+        assert (await r.json())["valid"] is False
+        r = await client.post("/ui/session", json={"key": key})
+        assert r.status == 401, await r.text()
+
+
 async def test_null_orgs_and_projects_are_absent_as_every_null_is(api: Api, world: World) -> None:
     """Before: 400 `orgs must be "all" or a non-empty list` for `"orgs": null`, which the document allows
     and gateway.schemas takes as absent (here: all)."""

@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
@@ -41,11 +41,6 @@ def typed(cls: Callable[..., T], record: asyncpg.Record | None) -> T | None:
 
 def typed_all(cls: Callable[..., T], records: Iterable[asyncpg.Record]) -> list[T]:
     return [cls(**dict(r.items())) for r in records]
-
-
-def columns(cls: Any, prefix: str = "") -> str:
-    """The select list of a row dataclass: its fields, in order."""
-    return ", ".join(prefix + name for name in cls.__dataclass_fields__)
 
 
 async def connect_pool(cfg: DatabaseConfig) -> asyncpg.Pool:

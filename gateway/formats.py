@@ -10,6 +10,8 @@ from gateway.errors import InvalidRequest
 
 # A permission (`calls:read`) or a pattern of them (`*:read`, `projects:*`), or `*` for everything: lower
 # case, two to four `:`-separated parts. Key scopes, role permissions and route requirements alike.
+# An id as a request may name one: in a path, a header, a query or a body (orgs, projects, keys, users).
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PERMISSION_RE = re.compile(r"\*|[a-z0-9_.*-]{1,64}(:[a-z0-9_.*-]{1,64}){1,3}")
 
 # Seconds per unit, for durations (`30d`, `12h`) and rates (`100/1m`).

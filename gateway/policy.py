@@ -19,12 +19,11 @@ from gateway import constants as C
 from gateway._paths import segments
 from gateway.config import RolesConfig, read_yaml
 from gateway.errors import ConfigError, InvalidRequest
-from gateway.formats import PERMISSION_RE
+from gateway.formats import ID_RE, PERMISSION_RE
 
 log = logging.getLogger("gateway.policy")
 
 ORG_HEADER = "X-Org-Id"
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,31})\}")
 # Plain characters only: a request may not percent-encode them (see _paths), so every router reads a literal alike.
 _LITERAL_SEG_RE = re.compile(r"[A-Za-z0-9._~-]+")
@@ -61,7 +60,7 @@ class Policy(Protocol):
 
 
 def checked_id(value: str, what: str) -> str:
-    if not _ID_RE.fullmatch(value):
+    if not ID_RE.fullmatch(value):
         raise InvalidRequest(f"{what} is not a valid id")
     return value
 

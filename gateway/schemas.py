@@ -12,11 +12,12 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from gateway.errors import InvalidRequest
-from gateway.formats import MAX_NAME
+from gateway.formats import ID_RE, MAX_NAME
 
 # What a request names, besides its body: an id (in a path, in `org=`, in a key's orgs and projects; the
-# grammar of gateway.policy.checked_id) and an audit event's type (`api_key.created`, `auth.failed.dropped`).
-ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+# grammar of gateway.formats.ID_RE, which checked_id applies) and an audit event's type (`api_key.created`,
+# `auth.failed.dropped`).
+ID_PATTERN = f"^{ID_RE.pattern}$"
 EVENT_TYPE_PATTERN = "^[a-z0-9_.]{1,64}$"
 EVENT_TYPE_RE = re.compile(EVENT_TYPE_PATTERN)
 

@@ -20,8 +20,7 @@ from aiohttp import web
 
 from gateway._body import json_object, read_raw, storable
 from gateway.audit import AUDIT_LOG, Actor
-from gateway.authz import effective_permissions, granted, pattern_matches, role_in
-from gateway.config import RolesConfig
+from gateway.authz import granted, pattern_matches
 from gateway.data.keys import KeyRow
 from gateway.directory import DIRECTORY
 from gateway.errors import (
@@ -37,85 +36,43 @@ from gateway.formats import iso, parse_iso
 from gateway.forward import client_address, credential
 from gateway.invitations import INVITATIONS
 from gateway.keyring import KEYRING, MAX_LIST, KeyQuery, KeySpec, key_expiry, key_view, spec_of
-from gateway.models import KeyRecord
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
 from gateway.schemas import EVENT_TYPE_RE, Body, KeyCreate, MemberAdd, MemberRole, Named, Role, Rotate, read
-from gateway.sessions import COOKIE, check_csrf, load_session
-from gateway.typedefs import CONFIG, TRUSTED, VERIFIER
+from gateway.session_api import SESSION
+from gateway.session_api import add_routes as add_session_routes
+from gateway.sessions import check_csrf, cookie_value
+from gateway.tokens import looks_like_jwt
+from gateway.typedefs import CONFIG, SESSIONS, TRUSTED, VERIFIER
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 100
 
 
-@dataclass(frozen=True)
-class Principal:
-    record: KeyRecord
-    actor: Actor
-    roles: RolesConfig
-    stopped: tuple[str, ...] = ()  # orgs whose admins stopped this credential there
-
-    @property
-    def user_id(self) -> str:
-        return self.record.user_id
-
-    def role_in(self, org: str) -> str | None:
-        return role_in(self.record, org, self.roles)
-
-    def permissions_in(self, org: str) -> tuple[str, ...]:
-        """What this credential may do in `org`: its role there (capped by its owner's) met with its scopes,
-        exactly as forward auth computes X-Scopes."""
-        role = self.role_in(org)
-        if role is None:
-            return ()
-        return effective_permissions(self.roles.permissions.get(role, ()), self.record.scopes)
-
-    def may(self, org: str, permission: str) -> bool:
-        """Whether this credential administers `org` (`roles.admin` or above) with `permission`."""
-        role = self.role_in(org)
-        return role is not None and granted(self.permissions_in(org), permission) and self.roles.administers(role)
-
-    def require(self, org: str, permission: str | None = None, *, admin: bool = False) -> str:
-        """The effective role in `org`, which must grant `permission` (and with `admin`, reach
-        `roles.admin`): an org the credential cannot act in is 404, too little power 403."""
-        role = self.role_in(org)
-        if role is None:
-            raise NotFound(f"no org {org}")
-        if permission is not None and not granted(self.permissions_in(org), permission):
-            raise InsufficientPermissions(f"requires {permission} in this org")
-        if admin and not self.roles.administers(role):
-            raise InsufficientPermissions(f"requires role {self.roles.admin} in this org")
-        return role
-
-    def require_own(self, permission: str) -> None:
-        """An action on no org (creating one): the credential's own role and scopes must grant it."""
-        own = self.roles.permissions.get(self.record.role, ())
-        if not granted(effective_permissions(own, self.record.scopes), permission):
-            raise InsufficientPermissions(f"requires {permission}")
-
-    def orgs(self) -> list[str]:
-        return sorted(org for org in self.record.memberships if self.role_in(org) is not None)
-
-
-PRINCIPAL = web.RequestKey("principal", Principal)
+from gateway.principal import PRINCIPAL, Principal  # noqa: E402
 
 
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every management call carries an API key, or the web page's session cookie (and, to write, its
-    CSRF token): verified, state-checked and rate-limited."""
+    """Every management call carries an API key, a bearer access token, or a session cookie (and, to
+    write, its CSRF token or an allowed origin): verified, state-checked and rate-limited."""
     app = request.config_dict
     verifier = app[VERIFIER]
     client_ip = client_address(request.remote, request.headers, app[TRUSTED])
     raw = credential(request.headers)
-    if raw is None and COOKIE in request.cookies:
-        found = await load_session(request)
-        if found is None:
+    cfg = app[CONFIG].sessions
+    session_id = cookie_value(request.headers.getall("Cookie", []), cfg.cookie) if raw is None else None
+    if session_id is not None:
+        session = await app[SESSIONS].load(session_id)
+        if session is None:
             raise MissingCredentials("the session has ended: sign in again")
-        session, record = found
-        check_csrf(request, session)
+        check_csrf(request.headers, request.method, session, cfg.allowed_origins)
+        record = await verifier.session_principal(session, client_ip)
+        request[SESSION] = session
     elif raw is None:
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
+    elif looks_like_jwt(raw):
+        record = await verifier.token_record(raw)
     else:
         record = await verifier.authenticate(verifier.parse(raw), client_ip)
         verifier.check_state(record, client_ip)
@@ -125,8 +82,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     await verifier.charge(record, verifier.org_of(record, request.match_info.get("org")))
     record = await verifier.current(record, client_ip)
     address = str(client_ip) if client_ip is not None else None
-    actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id)
-    stopped = tuple(await app[KEYRING].stopped_in(record.id))
+    actor = Actor(record.user_id, address, request.headers.get("User-Agent"), record.id or None)
+    stopped = tuple(await app[KEYRING].stopped_in(record.id)) if record.id else ()
     request[PRINCIPAL] = Principal(record, actor, app[CONFIG].roles, stopped)
     return await handler(request)
 
@@ -733,4 +690,5 @@ def api_app() -> web.Application:
     r.add_get("/orgs/{org}/service-accounts", list_service_accounts)
     r.add_post("/orgs/{org}/service-accounts/{sa}/keys", create_service_account_key)
     r.add_get("/orgs/{org}/audit", audit)
+    add_session_routes(api)
     return api

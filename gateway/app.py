@@ -22,24 +22,30 @@ from gateway._breaker import CLOSED, OPEN, Breaker
 from gateway.api import api_app
 from gateway.audit import AUDIT_LOG, AuditLog, FailureAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
-from gateway.backends import OUTAGES, outage
+from gateway.backends import OUTAGES, StoreUnavailable, outage
 from gateway.cache import LocalCache, RedisCache
 from gateway.config import Config
 from gateway.data.db import Database, connect_pool
 from gateway.directory import DIRECTORY, Directory
 from gateway.errors import AuthUnavailable, GatewayError
 from gateway.forward import ENDPOINTS, ENVOY_PREFIX, ForwardAuth
+from gateway.fresh import FreshMap
+from gateway.grants import GRANTS, TokenService
 from gateway.health import Lifecycle, backend_checks, watch_backends
 from gateway.invitations import INVITATIONS, Invitations
 from gateway.keyring import KEYRING, Keyring
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.keys_verify import keys_verify
-from gateway.listener import InvalidationListener, supervise
+from gateway.listener import Change, InvalidationListener, supervise
 from gateway.metrics import Metrics
 from gateway.openapi import openapi
 from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
 from gateway.ratelimit import BruteForceGuard, Limits, RateLimiter
+from gateway.session_api import add_public_routes as add_token_routes
+from gateway.sessions import SessionStore
+from gateway.signing import SigningKeys
 from gateway.store import Store
+from gateway.tokens import AccessTokens
 from gateway.typedefs import (
     AUDITOR,
     CONFIG,
@@ -56,12 +62,14 @@ from gateway.typedefs import (
     REDIS,
     REDIS_BREAKER,
     RESOLVER,
+    SESSIONS,
+    SIGNING,
     STORE,
     TRUSTED,
     VERIFIER,
 )
 from gateway.ui import add_routes as add_ui_routes
-from gateway.verifier import Verifier
+from gateway.verifier import Memberships, Verifier
 
 log = logging.getLogger("gateway.app")
 
@@ -160,22 +168,60 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT_LOG] = AuditLog(db)
     app[INVITATIONS] = Invitations(app[DIRECTORY])
     app[PROJECTS] = ProjectDirectory(app[STORE], cfg.cache.local_max_entries)
+    store, pepper = app[STORE], cfg.pepper.get().encode()
+    fresh = (cfg.cache.local_ttl_s, cfg.cache.stale_if_error_s, cfg.cache.local_max_entries)
+    members: Memberships = FreshMap(local, store.memberships, *fresh)
+    families: FreshMap[bool] = FreshMap(local, store.revoked_families, *fresh)
+    signing = SigningKeys(db, cfg.tokens)
+    await signing.load()
+    app[SIGNING] = signing
+    access = AccessTokens(signing, cfg.tokens, pepper, families)
+    app[GRANTS] = TokenService(db, signing, cfg.tokens, pepper, cfg.keys.prefix)
+    app[SESSIONS] = SessionStore(app[REDIS], breaker, cfg.sessions)
     app[VERIFIER] = Verifier(
-        app[KEY_FORMAT], resolver, app[PROJECTS], app[STORE], limiter, app[LIMITS], cfg.roles, metrics, guard
+        app[KEY_FORMAT],
+        resolver,
+        app[PROJECTS],
+        store,
+        limiter,
+        app[LIMITS],
+        cfg.roles,
+        metrics,
+        guard,
+        members,
+        access,
     )
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
     app[FORWARD] = ForwardAuth(
-        cfg, app[KEY_FORMAT], app[POLICY], app[VERIFIER], app[AUDITOR], metrics, app[TRUSTED], app[LIFECYCLE]
+        cfg,
+        app[KEY_FORMAT],
+        app[POLICY],
+        app[VERIFIER],
+        app[AUDITOR],
+        metrics,
+        app[TRUSTED],
+        app[LIFECYCLE],
+        app[SESSIONS],
     )
 
     async def on_keys(key_ids: list[str]) -> None:
         metrics.invalidations.inc(len(key_ids))
         await resolver.invalidate(key_ids)
 
-    listener = InvalidationListener(cfg.database.url.get(), local, on_keys, cfg.database.timeout_ms / 1000)
+    async def on_change(change: Change) -> None:
+        members.invalidate(change.users)
+        for family in change.families:  # only a revocation is announced
+            families.put(family, True)
+        if change.signing_keys:
+            await _reload_signing_keys(signing)
+
+    listener = InvalidationListener(
+        cfg.database.url.get(), local, on_keys, cfg.database.timeout_ms / 1000, on_change=on_change
+    )
     app[LISTENER] = listener
     tasks = [
         asyncio.create_task(supervise("invalidation listener", listener.run)),
+        asyncio.create_task(supervise("signing keys", lambda: _reload_signing_keys_forever(signing))),
         asyncio.create_task(supervise("flusher", lambda: _flush_forever(app))),
         asyncio.create_task(
             supervise("health", lambda: watch_backends(app[STORE], app[REDIS], breaker, C.HEALTH_INTERVAL_S))
@@ -187,7 +233,22 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await resolver.close()
+    await app[SESSIONS].close()
     await _flush_once(app)
+
+
+async def _reload_signing_keys(signing: SigningKeys) -> None:
+    try:
+        await signing.load()
+    except StoreUnavailable:  # the keys held stay in use; the next notification or period tries again
+        log.warning("re-reading the signing keys failed: Postgres unavailable")
+
+
+async def _reload_signing_keys_forever(signing: SigningKeys) -> None:
+    """A backstop for notifications lost while the LISTEN connection was down (a previous key retiring)."""
+    while True:
+        await asyncio.sleep(C.SIGNING_KEYS_RELOAD_S)
+        await _reload_signing_keys(signing)
 
 
 async def _flush_once(app: web.Application) -> None:
@@ -324,5 +385,6 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app.router.add_post("/v1/keys/verify", keys_verify)
     app.router.add_get("/v1/openapi.json", openapi_handler)
     add_ui_routes(app)
+    add_token_routes(app)
     app.add_subapp("/v1/", api_app())
     return app

@@ -118,6 +118,20 @@ class AuditLog:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    async def record(
+        self,
+        type_: str,
+        actor: Actor,
+        *,
+        org_id: str | None = None,
+        user_id: str | None = None,
+        target: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One event on its own (a change made outside Postgres: a session's)."""
+        async with self.db.connect() as conn:
+            await write_event(conn, type_, actor=actor, org_id=org_id, user_id=user_id, target=target, detail=detail)
+
     async def events(
         self,
         org_id: str,

@@ -176,7 +176,7 @@ def _identity(record: KeyRecord, org: str, project: str | None, roles: RolesConf
         head=header_block(
             zip(
                 IDENTITY_HEADERS,
-                (org, role, record.user_id, record.id, ",".join(scopes), project or "", record.env, "api_key"),
+                (org, role, record.user_id, record.id, ",".join(scopes), project or "", record.env, record.method),
                 strict=True,
             )
         ),

@@ -206,10 +206,35 @@ class RateLimitsConfig:
 
 
 @dataclass(frozen=True)
-class UiConfig:
-    session_ttl_s: float = 8 * 3600  # a web-page session ends this long after sign-in
-    # Open sessions per user: signing in once more ends the oldest.
-    max_sessions_per_user: int = 10
+class SessionsConfig:
+    """Browser sessions (the web page's, and those issued by POST /v1/sessions), kept in Redis."""
+
+    cookie: str = "gw_session"  # the cookie's name, on /ui/, /v1/ and every /auth/* endpoint
+    idle_ttl_s: float = 2 * 3600  # a session unused this long ends
+    absolute_ttl_s: float = 8 * 3600  # and every session ends this long after it began, however busy
+    # Origins (`https://app.example.com`) whose pages may send a cookie-only request with an unsafe method
+    # through forward auth; `Sec-Fetch-Site: same-origin` is accepted too. Anything else: 403 csrf_failed.
+    allowed_origins: tuple[str, ...] = ()
+    touch_interval_s: float = 60  # last-seen (and the idle deadline) is refreshed at most this often
+    # Open sessions per user: one more ends the oldest.
+    max_per_user: int = 10
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    """JWT access tokens and their refresh tokens (see gateway.tokens)."""
+
+    issuer: str = "gateway"  # `iss`
+    audience: str = "gateway"  # `aud`
+    algorithm: str = "EdDSA"  # of new signing keys: EdDSA (Ed25519) or ES256
+    access_ttl_s: float = 900  # default lifetime of an access token; at most one hour
+    refresh_ttl_s: float = 30 * 86400  # a refresh family ends this long after it began
+    refresh_idle_s: float = 7 * 86400  # or when no refresh came for this long
+    reuse_grace_s: float = 10  # the previous refresh token still works this long after a rotation (a retry)
+    leeway_s: float = 10  # clock skew allowed on `exp` and `nbf`
+    # Encrypts signing keys' private parts in Postgres; set GATEWAY_SIGNING_SECRET instead. Without it this
+    # process verifies tokens (public keys suffice) but issues and refreshes none.
+    signing_secret: Secret = field(default_factory=lambda: Secret(""))
 
 
 @dataclass(frozen=True)
@@ -264,7 +289,8 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
-    ui: UiConfig = field(default_factory=UiConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
     # Route policy YAML; relative to the config file. Empty: every route needs a valid key, org from X-Org-Id.
     policy_file: str = ""
     last_used_flush_s: float = C.DEFAULT_LAST_USED_FLUSH_S
@@ -394,8 +420,8 @@ def _validate(cfg: Config) -> None:
     _validate_roles(cfg.roles)
     _validate_limits(cfg.rate_limits)
     check(cfg.last_used_flush_s > 0, "last_used_flush_s", "must be positive")
-    check(60 <= cfg.ui.session_ttl_s <= 30 * 86400, "ui.session_ttl_s", "must be between 60 s and 30 days")
-    check(1 <= cfg.ui.max_sessions_per_user <= 1000, "ui.max_sessions_per_user", "must be between 1 and 1000")
+    _validate_sessions(cfg.sessions)
+    _validate_tokens(cfg.tokens)
     check(
         cfg.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "log_level",
@@ -426,6 +452,44 @@ def _validate_limits(limits: RateLimitsConfig) -> None:
             raise ConfigError(f"{where}.burst: must be at least 1")
         if limit.on_redis_error not in ("local", "open", "closed"):
             raise ConfigError(f"{where}.on_redis_error: must be local, open or closed")
+
+
+_COOKIE_NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _validate_sessions(s: SessionsConfig) -> None:
+    if not _COOKIE_NAME_RE.fullmatch(s.cookie):
+        raise ConfigError("sessions.cookie: must be 1-64 letters, digits, '_' or '-'")
+    if not 60 <= s.absolute_ttl_s <= 30 * 86400:
+        raise ConfigError("sessions.absolute_ttl_s: must be between 60 s and 30 days")
+    if not 60 <= s.idle_ttl_s <= s.absolute_ttl_s:
+        raise ConfigError("sessions.idle_ttl_s: must be at least 60 s and at most absolute_ttl_s")
+    if not 1 <= s.touch_interval_s <= s.idle_ttl_s / 2:
+        raise ConfigError("sessions.touch_interval_s: must be at least 1 s and at most half of idle_ttl_s")
+    if not 1 <= s.max_per_user <= 1000:
+        raise ConfigError("sessions.max_per_user: must be between 1 and 1000")
+    for i, origin in enumerate(s.allowed_origins):
+        if not _ORIGIN_RE.fullmatch(origin):
+            raise ConfigError(f"sessions.allowed_origins[{i}]: must be scheme://host[:port], as browsers send Origin")
+
+
+def _validate_tokens(t: TokensConfig) -> None:
+    if t.algorithm not in ("EdDSA", "ES256"):
+        raise ConfigError("tokens.algorithm: must be EdDSA or ES256")
+    if not 60 <= t.access_ttl_s <= 3600:
+        raise ConfigError("tokens.access_ttl_s: must be between 60 s and one hour")
+    if not 60 <= t.refresh_idle_s <= t.refresh_ttl_s <= 365 * 86400:
+        raise ConfigError("tokens.refresh_idle_s: must be at least 60 s and at most refresh_ttl_s (at most a year)")
+    if not 0 <= t.reuse_grace_s <= 60:
+        raise ConfigError("tokens.reuse_grace_s: must be between 0 and 60 seconds")
+    if not 0 <= t.leeway_s <= 120:
+        raise ConfigError("tokens.leeway_s: must be between 0 and 120 seconds")
+    if not (t.issuer and t.audience):
+        raise ConfigError("tokens.issuer: issuer and audience must not be empty")
+    secret = t.signing_secret.get()
+    if secret and len(secret) < 32:
+        raise ConfigError("tokens.signing_secret: must be at least 32 characters (or set GATEWAY_SIGNING_SECRET)")
 
 
 def _validate_roles(roles: RolesConfig) -> None:
@@ -459,6 +523,9 @@ def config_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Conf
         cfg = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, url=Secret(env["GATEWAY_REDIS_URL"])))
     if env.get("GATEWAY_PEPPER"):
         cfg = dataclasses.replace(cfg, pepper=Secret(env["GATEWAY_PEPPER"]))
+    if env.get("GATEWAY_SIGNING_SECRET"):
+        tokens = dataclasses.replace(cfg.tokens, signing_secret=Secret(env["GATEWAY_SIGNING_SECRET"]))
+        cfg = dataclasses.replace(cfg, tokens=tokens)
     _validate(cfg)
     return cfg
 

@@ -31,10 +31,11 @@ INVITATION_TTL_S: Final = 7 * 86_400
 NEGATIVE_UNKNOWN_KEY: Final = "unknown_key"  # no key has this id
 NEGATIVE_WRONG_SECRET: Final = "wrong_secret"  # noqa: S105 - a reason, not a secret: the key exists, this is not its secret
 
-# A web-page session, by SHA-256 of its cookie (the cookie itself is never stored).
-REDIS_SESSION: Final = REDIS_PREFIX + ":sess:{digest}"
-# The sessions of one user (a sorted set, scored by sign-in time), so signing out ends all of them and
-# a user holds at most `ui.max_sessions_per_user`. (`usess` was a plain set: a new name, not WRONGTYPE.)
+# A browser session (a hash), by SHA-256 of its cookie (the cookie itself is never stored). (`sess` held
+# JSON text: a new name, not WRONGTYPE; sessions of before simply end.)
+REDIS_SESSION: Final = REDIS_PREFIX + ":session:{digest}"
+# The sessions of one user (a sorted set, scored by creation time), so signing out ends all of them and
+# a user holds at most `sessions.max_per_user`. (`usess` was a plain set: a new name, not WRONGTYPE.)
 REDIS_USER_SESSIONS: Final = REDIS_PREFIX + ":usessz:{user_id}"
 
 # Postgres LISTEN/NOTIFY channel: sent inside the transaction that changes access, so an
@@ -85,3 +86,14 @@ ORIGINALS_MEMO: Final = 4096  # proxies' descriptions of original requests (and 
 MEMO_TEXT_MAX: Final = 1024  # longer texts are checked each time, never remembered (memory stays bounded)
 IDENTITIES_PER_KEY: Final = 64  # (org, project) pairs whose identity a cached key keeps
 CLIENT_ADDRESS_MEMO: Final = 4096  # peer and X-Forwarded-For texts a process remembers parsed
+
+# JWT access tokens: the longest lifetime one may be given (a previous signing key stays published this
+# long after a rotation, plus the leeway), and how often every process re-reads the signing keys anyway.
+MAX_ACCESS_TTL_S: Final = 3600
+SIGNING_KEYS_RELOAD_S: Final = 60.0
+# A bearer token longer than this is refused unread.
+MAX_TOKEN_LEN: Final = 4096
+# Verified access tokens a process keeps (by digest), until each expires.
+TOKEN_CACHE_MAX: Final = 100_000
+# An unknown `kid` makes a process re-read the signing keys at most this often.
+UNKNOWN_KID_RELOAD_S: Final = 5.0

@@ -14,7 +14,7 @@ from gateway.audit import CLI, Actor, write_event
 from gateway.backends import Conn
 from gateway.config import RolesConfig
 from gateway.data import keys, orgs, users
-from gateway.data.db import Database, new_id
+from gateway.data.db import Database, new_id, notify
 from gateway.data.orgs import ProjectRow
 from gateway.errors import Conflict, InsufficientPermissions, NotFound
 from gateway.formats import valid_email, valid_name
@@ -80,6 +80,7 @@ class Directory:
             detail={"from": old, "to": new},
         )
         await self.db.invalidate(conn, await keys.ids_of_user(conn, user_id))
+        await notify(conn, users=[user_id])  # its sessions' and tokens' role is the membership's, read fresh
 
     async def _keep_an_owner(self, conn: Conn, org_id: str, user_id: str, new: str | None) -> None:
         """An org always keeps an owner: the last one can be neither removed nor demoted. The org row is

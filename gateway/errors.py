@@ -50,6 +50,16 @@ class RevokedApiKey(Unauthenticated):
     code = "revoked_api_key"
 
 
+class InvalidToken(Unauthenticated):
+    """A bearer token that is not a valid access token (or a refresh token that is not valid)."""
+
+    code = "invalid_token"
+
+
+class ExpiredToken(Unauthenticated):
+    code = "expired_token"
+
+
 class Forbidden(GatewayError):
     status = 403
 
@@ -76,6 +86,12 @@ class IpNotAllowed(Forbidden):
 
 class RouteNotAllowed(Forbidden):
     code = "route_not_allowed"
+
+
+class CsrfFailed(Forbidden):
+    """A cookie-only request with an unsafe method from a page not allowed to send it."""
+
+    code = "csrf_failed"
 
 
 class RequestTimeout(GatewayError):

@@ -27,6 +27,7 @@ from gateway.backends import outage
 from gateway.config import PROXIES, Config
 from gateway.errors import (
     AuthUnavailable,
+    CsrfFailed,
     GatewayError,
     InvalidApiKey,
     InvalidRequest,
@@ -36,9 +37,11 @@ from gateway.errors import (
 from gateway.health import Lifecycle
 from gateway.keys import KeyFormat
 from gateway.metrics import Metrics
-from gateway.models import IDENTITY_HEADERS, IP
-from gateway.policy import OriginalRequest, Policy
+from gateway.models import IDENTITY_HEADERS, IP, KeyRecord
+from gateway.policy import OriginalRequest, Policy, RouteDecision
 from gateway.ratelimit import Decision
+from gateway.sessions import SessionStore, check_origin, cookie_value
+from gateway.tokens import looks_like_jwt
 from gateway.verifier import Verifier
 
 log = logging.getLogger("gateway.forward")
@@ -333,6 +336,7 @@ class ForwardAuth:
         metrics: Metrics,
         trusted: Networks,
         lifecycle: Lifecycle,
+        sessions: SessionStore,
     ) -> None:
         self.fmt = fmt
         self.policy = policy
@@ -343,6 +347,9 @@ class ForwardAuth:
         self.lifecycle = lifecycle
         self.query_names = cfg.forward_auth.query_credential_params
         self.body_timeout_s = cfg.server.body_timeout_s
+        self.sessions = sessions
+        self.cookie = cfg.sessions.cookie
+        self.allowed_origins = cfg.sessions.allowed_origins
         self.readers = {**READERS, "verify": READERS[cfg.forward_auth.proxy]}
         self.paths = {f"/auth/{name}": name for name in ENDPOINTS}
         # What each proxy's texts were found to describe: checked, canonical and key-free (a bounded memo),
@@ -403,10 +410,15 @@ class ForwardAuth:
         raw = credential(h)
         verifier = self.verifier
         if raw is None:
-            if decision.auth == "public":
+            record = await self._session(h, original.method, decision, client_ip, trail)
+            if record is None:
                 spent = await verifier.charge_anonymous(client_ip)
                 return _answer(_anonymous_head(decision.project), spent)
-            raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
+            if decision.org is None:  # the route names no org: the session's active one
+                decision = dataclasses.replace(decision, org=trail.org)
+            return await self._identify(record, decision, client_ip, trail)
+        if looks_like_jwt(raw):
+            return await self._identify(await verifier.token_record(raw), decision, client_ip, trail)
         parsed = verifier.parse(raw)
         try:
             record = await verifier.authenticate(parsed, client_ip)
@@ -415,6 +427,12 @@ class ForwardAuth:
                 trail.key_id = parsed.key_id  # a real key: named in the audit (a made-up id is not)
             raise
         trail.key_id = parsed.key_id
+        return await self._identify(record, decision, client_ip, trail)
+
+    async def _identify(
+        self, record: KeyRecord, decision: RouteDecision, client_ip: IP | None, trail: _Trail
+    ) -> Answer:
+        verifier = self.verifier
         try:
             identity = await verifier.authorize(record, decision, client_ip)
         except GatewayError:
@@ -422,6 +440,33 @@ class ForwardAuth:
             raise
         trail.org = identity.org  # a refusal by a limit is shown in the org's audit too
         return _answer(identity.head, await verifier.charge(identity, identity.org))
+
+    async def _session(
+        self, h: Headers, method: str, decision: RouteDecision, client_ip: IP | None, trail: _Trail
+    ) -> KeyRecord | None:
+        """The session the cookie names, as a record (its active org in `trail.org`); None: no cookie on a
+        public route, or one that cannot identify there (ended, or from a page not allowed). On any other
+        route those are refused: missing_credentials, or 403 csrf_failed."""
+        public = decision.auth == "public"
+        session_id = cookie_value(h.getall("Cookie", []), self.cookie) if "Cookie" in h else None
+        if session_id is None:
+            if public:
+                return None
+            raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key, or sign in")
+        try:
+            check_origin(h, method, self.allowed_origins)
+        except CsrfFailed:
+            if public:
+                return None
+            raise
+        session = await self.sessions.load(session_id)
+        if session is None:
+            if public:
+                return None
+            raise MissingCredentials("the session has ended: sign in again")
+        trail.key_id = session.key_id
+        trail.org = session.active_org
+        return await self.verifier.session_principal(session, client_ip)
 
     def original(self, request: web.BaseRequest, endpoint: str) -> OriginalRequest:
         """The original request the proxy describes. Only a path every router reads alike is authorised

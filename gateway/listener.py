@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -27,6 +28,16 @@ log = logging.getLogger("gateway.listener")
 _LOST = object()
 
 
+@dataclass(frozen=True)
+class Change:
+    """A notification other than keys (see `gateway.data.db.notify`): users whose memberships changed,
+    refresh families revoked, or the signing keys."""
+
+    users: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()
+    signing_keys: bool = False
+
+
 class InvalidationListener:
     def __init__(
         self,
@@ -35,10 +46,12 @@ class InvalidationListener:
         on_keys: Callable[[list[str]], Awaitable[None]],
         timeout_s: float,
         ping_interval_s: float = C.LISTENER_PING_S,
+        on_change: Callable[[Change], Awaitable[None]] | None = None,
     ) -> None:
         self.dsn = dsn
         self.local = local
         self.on_keys = on_keys
+        self.on_change = on_change
         self.timeout_s = timeout_s
         self.ping_interval_s = ping_interval_s
         self.reconnects = 0
@@ -96,20 +109,33 @@ class InvalidationListener:
                     continue
                 if item is _LOST:
                     raise ConnectionError("the LISTEN connection was closed")
-                key_ids = _key_ids(item)
-                if key_ids is not None:
-                    await self.on_keys(key_ids)
+                found = _parse(item)
+                if isinstance(found, list):
+                    await self.on_keys(found)
+                elif found is not None and self.on_change is not None:
+                    await self.on_change(found)
         finally:
             if conn is not None:
                 conn.terminate()
 
 
-def _key_ids(payload: object) -> list[str] | None:
+def _parse(payload: object) -> list[str] | Change | None:
+    """Key ids, or another change; None for a malformed payload."""
     try:
-        return [str(k) for k in json.loads(str(payload))["k"]]
-    except (ValueError, KeyError, TypeError):
+        data = json.loads(str(payload))
+        if "k" in data:
+            return [str(k) for k in data["k"]]
+        change = Change(
+            tuple(str(u) for u in data.get("u", ())),
+            tuple(str(f) for f in data.get("f", ())),
+            data.get("s") is True,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        change = None
+    if change is None or change == Change():
         log.error("ignoring malformed invalidation payload")
         return None
+    return change
 
 
 async def supervise(name: str, run: Callable[[], Awaitable[None]], restart_delay_s: float = 1.0) -> None:

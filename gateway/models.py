@@ -32,6 +32,10 @@ class KeyRecord:
     revoked_at: float | None
     memberships: dict[str, str] = field(hash=False)  # owner's org id -> role, read with the key
     hash_fingerprint: str = ""  # identifies the argon2 hash the digest was verified against
+    # How the request authenticated: `api_key`, or `session` / `jwt`, whose records are made per request
+    # from the session or token and the user's current memberships (see Verifier). Theirs has an empty id
+    # unless a key caps them.
+    method: str = "api_key"
     # Compiled once per cache fill, not per request: the allowlist's networks, and the key's identity in
     # each (org, project) it has acted in (role, permissions, ready headers; see `authz.authorize`).
     _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = field(

@@ -11,8 +11,10 @@ from gateway.responses import (
     RESPONSES,
     Answer,
     AuditPage,
+    Ended,
     Invitation,
     InvitationList,
+    IssuedSession,
     Key,
     KeyPage,
     Me,
@@ -27,10 +29,14 @@ from gateway.responses import (
     Project,
     ProjectDeleted,
     ProjectList,
+    Revoked,
     RevokedKey,
     RotatedKey,
     ServiceAccount,
     ServiceAccountList,
+    SessionList,
+    SwitchedSession,
+    TokenPair,
     Verdict,
 )
 from gateway.schemas import EVENT_TYPE_PATTERN, ID_PATTERN, REQUESTS
@@ -231,6 +237,49 @@ _PATHS: dict[str, dict[str, dict[str, Any]]] = {
             errors=_NOT_FOUND,
         )
     },
+    "/v1/sessions": {
+        "post": _op(
+            "A session for a member of the calling service account's org (sessions:issue): its cookie, to set",
+            {201: IssuedSession},
+            body="SessionCreate",
+            errors=_NOT_FOUND,
+        ),
+        "get": _op("The caller's user's live sessions", {200: SessionList}),
+        "delete": _op("Sign out everywhere: every session of the caller's user, and every token family", {200: Ended}),
+    },
+    "/v1/sessions/{session_id}": {"delete": _op("End one of the caller's sessions", {200: Ended}, errors=_NOT_FOUND)},
+    "/v1/session": {"delete": _op("End the calling session (the cookie's)", {200: Ended})},
+    "/v1/session/org": {
+        "post": _op("Switch the calling session's active org", {200: SwitchedSession}, body="OrgSwitch")
+    },
+    "/v1/tokens": {
+        "post": _op(
+            "An access token and refresh token: for the session's user and org, for the caller's own key (capped"
+            " by it), or by a service account (tokens:issue) for a member of its org",
+            {200: TokenPair},
+            body="TokenCreate",
+            body_required=False,
+            errors=_NOT_FOUND,
+        )
+    },
+    "/v1/tokens/refresh": {
+        "post": _op(
+            "Spend a refresh token for a new pair (single use: an already-used one revokes its family)",
+            {200: TokenPair},
+            body="TokenRefresh",
+            errors=(401, 403, 404, 429),
+            authed=False,
+        )
+    },
+    "/v1/tokens/revoke": {
+        "post": _op(
+            "RFC 7009: revoke the family of a refresh or access token (200 whether or not it was valid)",
+            {200: Revoked},
+            body="TokenRevoke",
+            errors=(429,),
+            authed=False,
+        )
+    },
     "/v1/orgs/{org}/audit": {
         "get": _op(
             "Audit events, newest first (audit:read, admins)",
@@ -295,6 +344,15 @@ _OPERATION_IDS: dict[tuple[str, str], str] = {
     ("/v1/orgs", "post"): "create_org",
     ("/v1/orgs/{org}", "get"): "get_org",
     ("/v1/orgs/{org}/audit", "get"): "audit",
+    ("/v1/sessions", "post"): "create_session",
+    ("/v1/sessions", "get"): "my_sessions",
+    ("/v1/sessions", "delete"): "end_my_sessions",
+    ("/v1/sessions/{session_id}", "delete"): "end_my_session",
+    ("/v1/session", "delete"): "end_session",
+    ("/v1/session/org", "post"): "switch_org",
+    ("/v1/tokens", "post"): "create_token",
+    ("/v1/tokens/refresh", "post"): "refresh_token",
+    ("/v1/tokens/revoke", "post"): "revoke_token",
     ("/v1/orgs/{org}/invitations", "get"): "list_org_invitations",
     ("/v1/orgs/{org}/invitations/{invitation}", "delete"): "withdraw_invitation",
     ("/v1/orgs/{org}/members", "get"): "list_members",

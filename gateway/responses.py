@@ -260,7 +260,84 @@ class AuditPage(Answer):
     next_cursor: str | None = Field(description="Pass as cursor for older events; null: the last page")
 
 
+# --- sessions and tokens -----------------------------------------------------------------------------
+
+
+class SessionView(Answer):
+    """A browser session (never its cookie)."""
+
+    id: str = Field(description="Names the session in listings; not usable as a cookie")
+    active_org: str | None
+    created: datetime
+    last_seen: datetime
+    user_agent: str
+    address: str | None
+    signed_in_with_key: str | None = Field(description="The key the web page signed in with (it caps the session)")
+    current: bool = Field(description="Whether this is the calling session")
+
+
+class SessionCookie(Answer):
+    """The cookie to set on the user's browser (Set-Cookie attributes)."""
+
+    name: str
+    value: str
+    path: str
+    http_only: bool
+    secure: bool
+    same_site: str
+    max_age: int
+
+
+class IssuedSession(Answer):
+    """A new session: its cookie (shown this once) and CSRF token."""
+
+    session: SessionView
+    csrf: str = Field(description="For X-CSRF-Token on /v1/ writes with the cookie (or send an allowed Origin)")
+    cookie: SessionCookie
+
+
+class SessionList(Answer):
+    """The caller's live sessions, newest first."""
+
+    items: list[SessionView]
+
+
+class SwitchedSession(Answer):
+    """The session, its active org switched (every replica's next request sees it)."""
+
+    session: SessionView
+
+
+class Ended(Answer):
+    """Ended: the session (or all of them, and every token family) no longer authenticates."""
+
+    ended: bool
+
+
+class TokenPair(Answer):
+    """An access token (a JWT) and the refresh token that renews it (shown this once; single use)."""
+
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int = Field(description="Seconds the access token is valid")
+    refresh_token: str
+    refresh_expires_in: int = Field(description="Seconds the refresh token is valid if unused")
+    scope: str = Field(description="The permission patterns granted, space-separated")
+
+
+class Revoked(Answer):
+    """RFC 7009: answered whether or not the token was valid."""
+
+
 RESPONSES: tuple[type[Answer], ...] = (
+    SessionView,
+    SessionCookie,
+    IssuedSession,
+    SessionList,
+    SwitchedSession,
+    Ended,
+    TokenPair,
+    Revoked,
     Key,
     NewKey,
     RotatedKey,

@@ -111,7 +111,57 @@ class VerifyRequest(Body):
     path: str | None = Field(None, examples=["/v1/orgs/org_x/things"])
 
 
-REQUESTS: tuple[type[Body], ...] = (KeyCreate, Rotate, Named, Role, MemberAdd, MemberRole, VerifyRequest)
+class SessionCreate(Body):
+    """`POST /v1/sessions`: a session for a member of the calling service account's org."""
+
+    required = ("user", "org")
+    user: str | None = Field(None, json_schema_extra={"pattern": ID_PATTERN})
+    org: str | None = Field(None, json_schema_extra={"pattern": ID_PATTERN})
+
+
+class OrgSwitch(Body):
+    required = ("org",)
+    org: str | None = Field(None, json_schema_extra={"pattern": ID_PATTERN})
+
+
+class TokenCreate(Body):
+    """`POST /v1/tokens`: every field narrows what the caller could grant (absent: all it can)."""
+
+    user: str | None = Field(None, json_schema_extra={"pattern": ID_PATTERN})
+    org: str | None = Field(None, json_schema_extra={"pattern": ID_PATTERN})
+    role: str | None = Field(None, examples=["viewer"])
+    scopes: StrList | None = None
+    ttl: str | None = Field(None, examples=["15m"])
+
+
+class TokenRefresh(Body):
+    required = ("refresh_token",)
+    refresh_token: str | None = None
+    grant_type: str | None = Field(None, json_schema_extra={"enum": ["refresh_token", None]})
+
+
+class TokenRevoke(Body):
+    """RFC 7009: `token`, and optionally what it is (the gateway finds out either way)."""
+
+    required = ("token",)
+    token: str | None = None
+    token_type_hint: str | None = Field(None, json_schema_extra={"enum": ["refresh_token", "access_token", None]})
+
+
+REQUESTS: tuple[type[Body], ...] = (
+    KeyCreate,
+    Rotate,
+    Named,
+    Role,
+    MemberAdd,
+    MemberRole,
+    VerifyRequest,
+    SessionCreate,
+    OrgSwitch,
+    TokenCreate,
+    TokenRefresh,
+    TokenRevoke,
+)
 
 
 def read(model: type[Body], data: dict[str, Any]) -> dict[str, Any]:

@@ -1,117 +1,297 @@
-"""The web page's sessions, kept in Redis: a browser holds only an opaque id in a cookie, Redis a hash
-of it (`C.REDIS_SESSION`) with the session's key, user, CSRF token and active org, and each user's set of
-sessions (`C.REDIS_USER_SESSIONS`), so that signing out ends all of them and their number stays bounded.
-Redis unreachable is 503 auth_unavailable, never a signed-out 401. The page (`gateway.ui`) and the /v1/
-API (a cookie instead of a key) both read them here."""
+"""Browser sessions, kept in Redis: the web page's (signed in with a key, which caps them) and those the
+platform's backend issues for its signed-in users (`POST /v1/sessions`, capped by the user's membership).
+
+A browser holds only an opaque id in a cookie (`sessions.cookie`); Redis a hash under the SHA-256 of it
+(`C.REDIS_SESSION`): user, the key it was signed in with (if any), CSRF token, active org, created and
+last-seen times. Each user's sessions are in a sorted set (`C.REDIS_USER_SESSIONS`), so signing out ends
+all of them and their number stays bounded. A session ends `sessions.idle_ttl_s` after it was last seen
+(Redis expires it) and `sessions.absolute_ttl_s` after it began, however busy. Last-seen is written at
+most once per `sessions.touch_interval_s`, in the background: no request waits on a Redis write.
+
+Redis unreachable is 503 auth_unavailable, never a signed-out 401.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-import json
+import logging
+import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from gateway import constants as C
-from gateway._breaker import guarded
+from gateway._breaker import Breaker, guarded
 from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE
-from gateway.errors import AuthUnavailable, InvalidRequest
-from gateway.forward import client_address
-from gateway.models import KeyRecord
-from gateway.typedefs import CONFIG, REDIS, REDIS_BREAKER, TRUSTED, VERIFIER
+from gateway.config import SessionsConfig
+from gateway.errors import AuthUnavailable, CsrfFailed, InvalidRequest
+from gateway.formats import iso
 
-COOKIE = "gw_session"
+log = logging.getLogger("gateway.sessions")
+
 CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
+_MAX_ID = 100
 T = TypeVar("T")
 
+# Changes a field of a session only while it exists: a write racing its end never brings it back.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
 
-@dataclass
+
+@dataclass(frozen=True)
 class Session:
-    key_id: str
+    handle: str  # the Redis key's digest: names the session in listings, never usable as a cookie
     user_id: str
+    key_id: str | None  # the key the web page signed in with: the session never grants more than it
     csrf: str
     active_org: str | None
     created: float
+    last_seen: float
+    agent: str
+    address: str
+
+    @property
+    def public_id(self) -> str:
+        return "ses_" + self.handle[:24]
+
+    def view(self, current: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.public_id,
+            "active_org": self.active_org,
+            "created": iso(self.created),
+            "last_seen": iso(self.last_seen),
+            "user_agent": self.agent,
+            "address": self.address or None,
+            "signed_in_with_key": self.key_id,
+            "current": self.handle == current,
+        }
 
 
-async def _redis(request: web.Request, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
-    """A session-store call through the Redis breaker; unreachable is 503, never a signed-out 401."""
-    app = request.config_dict
-    try:
-        return await guarded(app[REDIS_BREAKER], lambda: fn(app[REDIS]), REDIS_ERRORS)
-    except REDIS_UNAVAILABLE:
-        raise AuthUnavailable("the session store is unreachable") from None
+def digest_of(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode()).hexdigest()
 
 
-def _redis_key(session_id: str) -> str:
-    return C.REDIS_SESSION.format(digest=hashlib.sha256(session_id.encode()).hexdigest())
-
-
-async def load_session(request: web.Request) -> tuple[Session, KeyRecord] | None:
-    """The request's session and its key (revoked or expired keys end the session)."""
-    session_id = request.cookies.get(COOKIE)
-    if not session_id or len(session_id) > 100:
+def cookie_value(cookie_headers: list[str], name: str) -> str | None:
+    """The session cookie from the request's Cookie headers; sent twice (a cookie planted by a sibling
+    domain beside ours, say) it is ambiguous: refused."""
+    found = [
+        value.strip()
+        for header in cookie_headers
+        for part in header.split(";")
+        for key, sep, value in (part.strip().partition("="),)
+        if sep and key == name
+    ]
+    if len(found) > 1:
+        raise InvalidRequest(f"the {name} cookie was sent more than once")
+    if not found or not found[0] or len(found[0]) > _MAX_ID:
         return None
-    app = request.config_dict
-    raw = await _redis(request, lambda r: r.get(_redis_key(session_id)))
-    if raw is None:
-        return None
-    session = Session(**json.loads(raw))
-    if time.time() - session.created >= app[CONFIG].ui.session_ttl_s:
-        return None  # a session ends `session_ttl_s` after sign-in, however busy it was since
-    client_ip = client_address(request.remote, request.headers, app[TRUSTED])
-    record = await app[VERIFIER].session_record(session.key_id, client_ip)
-    return (session, record) if record is not None else None
+    return found[0]
 
 
-def check_csrf(request: web.Request, session: Session) -> None:
-    if request.method in ("GET", "HEAD", "OPTIONS"):
+def check_origin(headers: CIMultiDictProxy[str], method: str, allowed: tuple[str, ...]) -> None:
+    """A cookie-only request with an unsafe method must come from an allowed page: its `Origin` is one of
+    `sessions.allowed_origins`, or the browser says `Sec-Fetch-Site: same-origin`. Else 403 csrf_failed."""
+    if method in SAFE_METHODS:
         return
-    token = request.headers.get(CSRF_HEADER, "")
-    if not hmac.compare_digest(token.encode(), session.csrf.encode()):
-        raise InvalidRequest("missing or wrong CSRF token", field=CSRF_HEADER)
+    origins = headers.getall("Origin", [])
+    if len(origins) == 1 and origins[0] in allowed:
+        return
+    if headers.getall("Sec-Fetch-Site", []) == ["same-origin"]:
+        return
+    raise CsrfFailed("a cookie-only request with an unsafe method must come from an allowed origin")
 
 
-async def save_session(request: web.Request, session_id: str, session: Session) -> None:
-    cfg = request.config_dict[CONFIG].ui
-    ttl = int(cfg.session_ttl_s)
-    left = max(1, int(session.created + ttl - time.time()))  # saving again never extends a session
-    mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
+def check_csrf(headers: CIMultiDictProxy[str], method: str, session: Session, allowed: tuple[str, ...]) -> None:
+    """A /v1/ write with the cookie: the session's CSRF token (the web page sends it), or an allowed origin."""
+    if method in SAFE_METHODS:
+        return
+    token = headers.get(CSRF_HEADER)
+    if token is not None and hmac.compare_digest(token.encode(), session.csrf.encode()):
+        return
+    check_origin(headers, method, allowed)
 
-    async def save(redis: aioredis.Redis) -> None:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.set(_redis_key(session_id), json.dumps(asdict(session)), ex=left)
-            pipe.zadd(mine, {_redis_key(session_id): session.created})
-            pipe.zremrangebyscore(mine, "-inf", time.time() - ttl)  # sessions already gone by themselves
-            pipe.expire(mine, ttl)
-            # Beyond the cap, the oldest sessions end: a user's sessions never grow without bound.
-            pipe.zrange(mine, 0, -(cfg.max_sessions_per_user + 1))
-            *_, evicted = await pipe.execute()
-        if evicted:
+
+class SessionStore:
+    def __init__(self, redis: aioredis.Redis, breaker: Breaker, cfg: SessionsConfig) -> None:
+        self.redis = redis
+        self.breaker = breaker
+        self.cfg = cfg
+        self._update = redis.register_script(_UPDATE)
+        self._touching: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _call(self, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """A session-store call through the Redis breaker; unreachable is 503, never a signed-out 401."""
+        try:
+            return await guarded(self.breaker, lambda: fn(self.redis), REDIS_ERRORS)
+        except REDIS_UNAVAILABLE:
+            raise AuthUnavailable("the session store is unreachable") from None
+
+    def _ttl(self, created: float, now: float) -> int:
+        """Seconds the session may live from now: idle, within its absolute end."""
+        return max(0, int(min(self.cfg.idle_ttl_s, created + self.cfg.absolute_ttl_s - now)))
+
+    async def create(
+        self, user_id: str, key_id: str | None, active_org: str | None, agent: str, address: str | None
+    ) -> tuple[str, Session]:
+        """A new session; its id (the cookie's value, returned this once) and the session."""
+        session_id = secrets.token_urlsafe(32)
+        now = time.time()
+        session = Session(
+            digest_of(session_id),
+            user_id,
+            key_id,
+            secrets.token_urlsafe(32),
+            active_org,
+            now,
+            now,
+            agent[:200],
+            address or "",
+        )
+        redis_key = C.REDIS_SESSION.format(digest=session.handle)
+        mine = C.REDIS_USER_SESSIONS.format(user_id=user_id)
+        fields: dict[Any, Any] = {
+            "user_id": user_id,
+            "key_id": key_id or "",
+            "csrf": session.csrf,
+            "active_org": active_org or "",
+            "created": repr(now),
+            "last_seen": repr(now),
+            "agent": session.agent,
+            "address": session.address,
+        }
+
+        async def save(redis: aioredis.Redis) -> None:
             async with redis.pipeline(transaction=False) as pipe:
-                for key in evicted:  # one DEL each: sessions live in different Cluster slots
-                    pipe.delete(key)
-                pipe.zrem(mine, *evicted)
-                await pipe.execute()
+                pipe.hset(redis_key, mapping=fields)
+                pipe.expire(redis_key, self._ttl(now, now))
+                pipe.zadd(mine, {redis_key: now})
+                pipe.zremrangebyscore(mine, "-inf", now - self.cfg.absolute_ttl_s)  # gone by themselves
+                pipe.expire(mine, int(self.cfg.absolute_ttl_s))
+                # Beyond the cap, the oldest sessions end: a user's sessions never grow without bound.
+                pipe.zrange(mine, 0, -(self.cfg.max_per_user + 1))
+                *_, evicted = await pipe.execute()
+            if evicted:
+                await _delete(redis, mine, evicted)
 
-    await _redis(request, save)
+        await self._call(save)
+        return session_id, session
+
+    async def load(self, session_id: str) -> Session | None:
+        """The live session this cookie names, or None. Last-seen is refreshed in the background."""
+        handle = digest_of(session_id)
+        raw = await self._call(lambda r: r.hgetall(C.REDIS_SESSION.format(digest=handle)))
+        session = _session(handle, raw)
+        if session is None:
+            return None
+        now = time.time()
+        if now - session.created >= self.cfg.absolute_ttl_s:
+            return None  # past its absolute end, even if Redis still holds it
+        if now - session.last_seen >= self.cfg.touch_interval_s:
+            self._touch_later(session, now)
+        return session
+
+    def _touch_later(self, session: Session, now: float) -> None:
+        if session.handle in self._touching:
+            return
+        self._touching.add(session.handle)
+
+        async def touch() -> None:
+            try:
+                key = C.REDIS_SESSION.format(digest=session.handle)
+                await self._call(
+                    lambda _r: self._update(keys=[key], args=["last_seen", repr(now), self._ttl(session.created, now)])
+                )
+            except AuthUnavailable:
+                pass  # the next request tries again
+            finally:
+                self._touching.discard(session.handle)
+
+        task = asyncio.get_running_loop().create_task(touch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def switch_org(self, session: Session, org: str) -> bool:
+        """Every replica's next request sees it: sessions are read from Redis on each use."""
+        key = C.REDIS_SESSION.format(digest=session.handle)
+        done = await self._call(lambda _r: self._update(keys=[key], args=["active_org", org, 0]))
+        return bool(done)
+
+    async def end(self, session: Session) -> None:
+        mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
+        await self._call(lambda r: _delete(r, mine, [C.REDIS_SESSION.format(digest=session.handle)]))
+
+    async def end_user(self, user_id: str) -> None:
+        """Every session of the user ends, in every browser."""
+        mine = C.REDIS_USER_SESSIONS.format(user_id=user_id)
+
+        async def end_all(redis: aioredis.Redis) -> None:
+            sessions = [k for k in await redis.zrange(mine, 0, -1) if isinstance(k, bytes | str)]
+            await _delete(redis, mine, sessions)
+            await redis.delete(mine)
+
+        await self._call(end_all)
+
+    async def of_user(self, user_id: str) -> list[Session]:
+        """The user's live sessions, newest first."""
+        mine = C.REDIS_USER_SESSIONS.format(user_id=user_id)
+
+        async def read(redis: aioredis.Redis) -> list[tuple[str, Mapping[Any, Any]]]:
+            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in await redis.zrevrange(mine, 0, -1)]
+            async with redis.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.hgetall(k)
+                found = await pipe.execute()
+            return list(zip(keys, found, strict=True))
+
+        now = time.time()
+        sessions = [_session(k.rpartition(":")[2], raw) for k, raw in await self._call(read)]
+        return [s for s in sessions if s is not None and now - s.created < self.cfg.absolute_ttl_s]
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1.0)
 
 
-async def end_user_sessions(request: web.Request, user_id: str) -> None:
-    """Every session of the user ends, in every browser."""
-    mine = C.REDIS_USER_SESSIONS.format(user_id=user_id)
+async def _delete(redis: aioredis.Redis, mine: str, keys: list[Any]) -> None:
+    if not keys:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in keys:  # one DEL each: sessions live in different Cluster slots
+            pipe.delete(key)
+        pipe.zrem(mine, *keys)
+        await pipe.execute()
 
-    async def end_all(redis: aioredis.Redis) -> None:
-        sessions = [k for k in await redis.zrange(mine, 0, -1) if isinstance(k, bytes | str)]
-        async with redis.pipeline(transaction=False) as pipe:
-            for key in sessions:  # one DEL each: sessions live in different Cluster slots
-                pipe.delete(key)
-            pipe.delete(mine)
-            await pipe.execute()
 
-    await _redis(request, end_all)
+def _session(handle: str, raw: Mapping[Any, Any]) -> Session | None:
+    if not raw:
+        return None
+    d = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()
+    }
+    try:
+        return Session(
+            handle=handle,
+            user_id=d["user_id"],
+            key_id=d.get("key_id") or None,
+            csrf=d["csrf"],
+            active_org=d.get("active_org") or None,
+            created=float(d["created"]),
+            last_seen=float(d["last_seen"]),
+            agent=d.get("agent", ""),
+            address=d.get("address", ""),
+        )
+    except (KeyError, ValueError):
+        log.error("ignoring a malformed session in Redis")
+        return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 
 from gateway._breaker import Breaker
-from gateway.data import audit, keys, orgs
+from gateway.data import audit, keys, orgs, tokens
 from gateway.data.db import Database, ping
 from gateway.models import KeyRecord
 
@@ -42,3 +42,16 @@ class Store:
 
     async def insert_audit_rows(self, rows: list[audit.FailureRow]) -> None:
         await self.db.run(lambda c: audit.insert_failures(c, rows))
+
+    async def memberships(self, user_ids: list[str]) -> dict[str, dict[str, str]]:
+        """Each user's org -> role (a user in no org, or no user at all: an empty mapping)."""
+        rows = await self.db.run(lambda c: orgs.memberships(c, user_ids))
+        found: dict[str, dict[str, str]] = {u: {} for u in user_ids}
+        for m in rows:
+            found[m.user_id][m.org_id] = m.role
+        return found
+
+    async def revoked_families(self, family_ids: list[str]) -> dict[str, bool]:
+        """Each refresh family's state: revoked or not (one that does not exist counts as revoked)."""
+        found = await self.db.run(lambda c: tokens.revoked_families(c, family_ids))
+        return {f: found.get(f, True) for f in family_ids}

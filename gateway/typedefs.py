@@ -20,6 +20,8 @@ from gateway.listener import InvalidationListener
 from gateway.metrics import Metrics
 from gateway.policy import Policy
 from gateway.ratelimit import Limits, RateLimiter
+from gateway.sessions import SessionStore
+from gateway.signing import SigningKeys
 from gateway.store import Store
 from gateway.verifier import Verifier
 
@@ -45,5 +47,8 @@ REDIS_BREAKER = web.AppKey("redis_breaker", Breaker)
 
 # The one path from a credential to a decision, for every entry point.
 VERIFIER = web.AppKey("verifier", Verifier)
+# Browser sessions in Redis, and the JWT signing keys (published at /.well-known/jwks.json).
+SESSIONS = web.AppKey("sessions", SessionStore)
+SIGNING = web.AppKey("signing", SigningKeys)
 # The proxy endpoints, bound to the objects a decision needs.
 FORWARD = web.AppKey("forward", ForwardAuth)

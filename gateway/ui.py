@@ -1,15 +1,14 @@
-"""The web page at /ui/: sign in with an API key, then manage keys, members and audit in the browser.
+"""The web page at /ui/: sign in with an API key, then manage keys, members, sessions and audit in the browser.
 
-Signing in exchanges the key for a server-side session in Redis (the browser gets an opaque, HttpOnly,
-SameSite=Strict cookie, Secure over TLS; Redis keeps only a hash of it). The page is static HTML with a
+Signing in exchanges the key for a session in Redis (`gateway.sessions`; the browser gets an opaque,
+HttpOnly, SameSite=Strict cookie, Secure over TLS; Redis keeps only a hash of it). The session never grants
+more than the key it was signed in with. The page is static HTML with a
 small script that calls the same /v1/ API with that cookie; every write carries the session's CSRF token.
 A strict Content-Security-Policy allows nothing but the page's own files.
 """
 
 from __future__ import annotations
 
-import secrets
-import time
 from importlib import resources
 from typing import Any
 
@@ -22,8 +21,15 @@ from gateway.directory import DIRECTORY
 from gateway.errors import InvalidRequest, MissingCredentials
 from gateway.forward import client_address
 from gateway.models import KeyRecord
-from gateway.sessions import COOKIE, Session, check_csrf, end_user_sessions, load_session, save_session
-from gateway.typedefs import CONFIG, TRUSTED, VERIFIER
+from gateway.session_api import (
+    audit_session,
+    session_cookie,
+    set_session_cookie,
+    sign_out_everywhere,
+    switch_session_org,
+)
+from gateway.sessions import Session, check_csrf, cookie_value
+from gateway.typedefs import CONFIG, SESSIONS, TRUSTED, VERIFIER
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -39,14 +45,6 @@ SECURITY_HEADERS = {
 _STATIC = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
 
 
-def _secure(request: web.Request) -> bool:
-    if request.secure:
-        return True
-    peer = client_address(request.remote, request.headers, ())  # the direct peer
-    trusted = peer is not None and any(peer in n for n in request.config_dict[TRUSTED])
-    return trusted and request.headers.get("X-Forwarded-Proto") == "https"
-
-
 async def _session_view(session: Session, record: KeyRecord, request: web.Request) -> web.Response:
     roles = request.config_dict[CONFIG].roles
     ids = [o for o in record.memberships if role_in(record, o, roles) is not None]
@@ -54,6 +52,7 @@ async def _session_view(session: Session, record: KeyRecord, request: web.Reques
     view = {
         "user_id": session.user_id,
         "key_id": session.key_id,
+        "session_id": session.public_id,
         "active_org": session.active_org,
         "orgs": [_org_view(o, role_in(record, o["id"], roles), roles) for o in orgs],
         "csrf": session.csrf,
@@ -63,8 +62,8 @@ async def _session_view(session: Session, record: KeyRecord, request: web.Reques
 
 
 def _org_view(org: dict[str, Any], role: str | None, roles: RolesConfig) -> dict[str, Any]:
-    """An org as the page shows it: whether this key administers it (`roles.admin` or above) is decided
-    here, by the same rule as the API's, so the page never guesses from role names."""
+    """An org as the page shows it: whether this session administers it (`roles.admin` or above) is
+    decided here, by the same rule as the API's, so the page never guesses from role names."""
     return {**org, "role": role, "admin": role is not None and roles.administers(role)}
 
 
@@ -86,60 +85,56 @@ async def sign_in(request: web.Request) -> web.Response:
     await verifier.charge(record, None)
     roles = app[CONFIG].roles
     orgs = sorted(o for o in record.memberships if role_in(record, o, roles) is not None)
-    session_id = secrets.token_urlsafe(32)
-    session = Session(record.id, record.user_id, secrets.token_urlsafe(32), orgs[0] if orgs else None, time.time())
-    await save_session(request, session_id, session)
-    response = await _session_view(session, record, request)
-    response.set_cookie(
-        COOKIE,
-        session_id,
-        httponly=True,
-        samesite="Strict",
-        secure=_secure(request),
-        path="/",
-        max_age=int(app[CONFIG].ui.session_ttl_s),
+    address = str(client_ip) if client_ip is not None else None
+    session_id, session = await app[SESSIONS].create(
+        record.user_id, record.id, orgs[0] if orgs else None, request.headers.get("User-Agent", ""), address
     )
+    await audit_session(request, "session.created", session, {"via": "sign_in"})
+    response = await _session_view(session, record, request)
+    set_session_cookie(response, session_cookie(request, session_id))
     return response
 
 
-async def current(request: web.Request) -> tuple[str, Session, KeyRecord]:
-    found = await load_session(request)
-    if found is None:
+async def current(request: web.Request) -> tuple[Session, KeyRecord]:
+    """The request's session and its record; a revoked or expired key is a 401 saying so."""
+    app = request.config_dict
+    session_id = cookie_value(request.headers.getall("Cookie", []), app[CONFIG].sessions.cookie)
+    session = await app[SESSIONS].load(session_id) if session_id is not None else None
+    if session is None:
         raise MissingCredentials("sign in first")
-    return request.cookies[COOKIE], *found
+    client_ip = client_address(request.remote, request.headers, app[TRUSTED])
+    return session, await app[VERIFIER].session_principal(session, client_ip)
 
 
 async def get_session(request: web.Request) -> web.Response:
     """The signed-in session, or 204 when there is none (a revoked or expired key is a 401 saying so)."""
-    found = await load_session(request)
-    if found is None:
+    try:
+        session, record = await current(request)
+    except MissingCredentials:
         return web.Response(status=204, headers=SECURITY_HEADERS)
-    session, record = found
     verifier = request.config_dict[VERIFIER]
     await verifier.charge(record, verifier.org_of(record, session.active_org))
     return await _session_view(session, record, request)
 
 
 async def switch_org(request: web.Request) -> web.Response:
-    session_id, session, record = await current(request)
-    check_csrf(request, session)
-    verifier = request.config_dict[VERIFIER]
+    session, record = await current(request)
+    app = request.config_dict
+    check_csrf(request.headers, request.method, session, app[CONFIG].sessions.allowed_origins)
+    verifier = app[VERIFIER]
     await verifier.charge(record, verifier.org_of(record, session.active_org))
-    org = json_object(await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)).get("org")
-    if not isinstance(org, str) or role_in(record, org, request.config_dict[CONFIG].roles) is None:
-        raise InvalidRequest("not an org this key can act in", field="org")
-    session.active_org = org
-    await save_session(request, session_id, session)
+    org = json_object(await read_raw(request, app[CONFIG].server.body_timeout_s)).get("org")
+    session = await switch_session_org(request, session, record, org)
     return await _session_view(session, record, request)
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    """Ends every session of the user, in every browser, not only this one."""
-    _, session, _ = await current(request)
-    check_csrf(request, session)
-    await end_user_sessions(request, session.user_id)
+    """Ends every session of the user, in every browser, not only this one, and their tokens."""
+    session, _ = await current(request)
+    check_csrf(request.headers, request.method, session, request.config_dict[CONFIG].sessions.allowed_origins)
+    await sign_out_everywhere(request, session.user_id)
     response = web.json_response({"signed_out": True}, headers=SECURITY_HEADERS)
-    response.del_cookie(COOKIE, path="/")
+    response.del_cookie(request.config_dict[CONFIG].sessions.cookie, path="/")
     return response
 
 

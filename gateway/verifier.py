@@ -17,8 +17,10 @@ how a failure is counted is decided here, once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+from gateway import constants as C
 from gateway.authz import (
     KeyResolver,
     ProjectDirectory,
@@ -30,13 +32,19 @@ from gateway.authz import (
 )
 from gateway.backends import StoreUnavailable
 from gateway.config import RolesConfig
-from gateway.errors import AuthUnavailable, GatewayError, InsufficientPermissions, InvalidApiKey
+from gateway.errors import AuthUnavailable, GatewayError, InsufficientPermissions, InvalidApiKey, MissingCredentials
+from gateway.fresh import FreshMap
 from gateway.keys import KeyFormat, ParsedKey
 from gateway.metrics import Metrics
 from gateway.models import IP, Identity, KeyRecord
 from gateway.policy import RouteDecision
 from gateway.ratelimit import BruteForceGuard, Decision, Limit, Limits, RateLimiter, address_bucket, enforce
+from gateway.sessions import Session
 from gateway.store import Store
+from gateway.tokens import AccessTokens, Claims
+
+# A user's memberships (org -> role), read fresh for sessions and tokens.
+Memberships = FreshMap[dict[str, str]]
 
 
 class Verifier:
@@ -51,8 +59,15 @@ class Verifier:
         roles: RolesConfig,
         metrics: Metrics,
         guard: BruteForceGuard | None,
+        members: Memberships | None = None,
+        tokens: AccessTokens | None = None,
     ) -> None:
         self.fmt = fmt
+        self.members = members
+        self.tokens = tokens
+        # The record made for a token (or keyless session) and the memberships it was made with: reused,
+        # with the identities it memoises, while those memberships are the current ones.
+        self._made: dict[str, tuple[dict[str, str], KeyRecord]] = {}
         self.guard = guard
         self.resolver = resolver
         resolver.checkpoints = self  # its loads ask this object before a lookup and before an argon2 run
@@ -117,8 +132,9 @@ class Verifier:
         check_state(record, client, time.time())
 
     async def charge(self, record: KeyRecord | Identity, org: str | None) -> Decision | None:
-        """One request of the key, and of `org` when the request acts in one: every entry point alike."""
-        key_id = record.id if isinstance(record, KeyRecord) else record.key_id
+        """One request of the key, and of `org` when the request acts in one: every entry point alike. A
+        session or token that no key caps spends its user's limit (the key limit, per user)."""
+        key_id = (record.id if isinstance(record, KeyRecord) else record.key_id) or record.user_id
         charges: list[tuple[Limit, str]] = [(self.limits.for_key(record.rate_limit), key_id)]
         if org is not None:
             charges.append((self.limits.org, org))
@@ -153,11 +169,95 @@ class Verifier:
     async def current(self, record: KeyRecord, client: IP | None) -> KeyRecord:
         """The key as Postgres has it now, for a management call: it acts on what it reads, so it must
         see its own writes (an org just created, a member just added) before the cache's invalidation
-        arrives. Its secret was verified through the cache; only its state and memberships are re-read."""
+        arrives. Its secret was verified through the cache; only its state and memberships are re-read.
+        A token's or keyless session's record: the user's memberships are re-read."""
+        if not record.id:
+            return dataclasses.replace(record, memberships=dict(await self.memberships(record.user_id, current=True)))
         fresh = await self.session_record(record.id, client, current=True)
+        if fresh is not None and record.method != "api_key":
+            fresh = dataclasses.replace(fresh, method=record.method)
         if fresh is None:
             raise InvalidApiKey()
         return fresh
+
+    # --- sessions and tokens ------------------------------------------------------------------------
+
+    async def memberships(self, user_id: str, *, current: bool = False) -> dict[str, str]:
+        """The user's org -> role: fresh (pushed invalidations), or with `current` read from Postgres now."""
+        if self.members is None:
+            raise AuthUnavailable("memberships are not available")
+        if current:
+            try:
+                return (await self.members.load([user_id]))[user_id]
+            except StoreUnavailable:
+                raise AuthUnavailable("the key store is unreachable") from None
+        return await self.members.get(user_id)
+
+    async def token_record(self, raw: str) -> KeyRecord:
+        """A verified access token as a record: its role, org, scopes and projects, met with the user's
+        current membership (effective role = min(token role, membership role), computed fresh)."""
+        if self.tokens is None:
+            raise InvalidApiKey()
+        claims = await self.tokens.verify(raw)
+        return self._made_record(claims.jti, claims.sub, await self.memberships(claims.sub), claims)
+
+    async def session_principal(self, session: Session, client: IP | None, *, current: bool = False) -> KeyRecord:
+        """A session as a record: the key it was signed in with (which caps it) or, for a session issued
+        to a user, the user with their membership role in each org."""
+        if session.key_id is not None:
+            record = await self.session_record(session.key_id, client, current=current)
+            if record is None:
+                raise MissingCredentials("the session has ended: sign in again")
+            return dataclasses.replace(record, method="session")
+        memberships = await self.memberships(session.user_id, current=current)
+        return self._made_record("s:" + session.handle, session.user_id, memberships, None)
+
+    def _made_record(self, ident: str, user_id: str, memberships: dict[str, str], claims: Claims | None) -> KeyRecord:
+        made = self._made.get(ident)
+        if made is not None and made[0] is memberships:
+            return made[1]
+        if claims is None:  # a user's session: whatever the membership grants, in every org
+            record = KeyRecord(
+                "",
+                user_id,
+                "",
+                self.roles.order[-1],
+                "",
+                None,
+                True,
+                (),
+                True,
+                (),
+                None,
+                None,
+                None,
+                None,
+                dict(memberships),
+                method="session",
+            )
+        else:
+            record = KeyRecord(
+                "",
+                user_id,
+                "",
+                claims.role,
+                "",
+                claims.scopes,
+                False,
+                (claims.org,),
+                claims.projects is None,
+                claims.projects or (),
+                None,
+                None,
+                None,
+                None,
+                dict(memberships),
+                method="jwt",
+            )
+        if len(self._made) >= C.TOKEN_CACHE_MAX:
+            self._made.clear()
+        self._made[ident] = (memberships, record)
+        return record
 
     async def _charge(self, charges: list[tuple[Limit, str]]) -> Decision | None:
         if self.limiter is None:

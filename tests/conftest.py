@@ -72,11 +72,15 @@ def services() -> Iterator[Services]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+SIGNING_SECRET = "test-signing-secret-0123456789abcdef"
+
+
 def make_config(services: Services, **overrides: Any) -> Config:
     data: dict[str, Any] = {
         "database": {"url": services.pg.url, "timeout_ms": 1000, "connect_retries": 2},
         "redis": {"url": services.redis.url, "timeout_ms": 200},
         "pepper": PEPPER,
+        "tokens": {"signing_secret": SIGNING_SECRET},
         # Small argon2 parameters keep the suite fast; the OWASP defaults are tested on their own.
         "keys": {"argon2": {"memory_kib": 1024, "time_cost": 1, "parallelism": 1}},
         "audit": {"flush_interval_s": 0.1},
@@ -94,7 +98,10 @@ def make_config(services: Services, **overrides: Any) -> Config:
 async def clean(services: Services) -> AsyncIterator[None]:
     conn = await asyncpg.connect(services.pg.url)
     try:
-        await conn.execute("TRUNCATE audit_events, api_keys, projects, memberships, users, orgs CASCADE")
+        await conn.execute(
+            "TRUNCATE audit_events, refresh_tokens, token_families, api_keys, projects, memberships, users, orgs"
+            " CASCADE"
+        )
     finally:
         await conn.close()
     client = aioredis.Redis.from_url(services.redis.url)
@@ -238,7 +245,11 @@ class GatewayProcess:
 def gateway_env(services: Services, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
-        GATEWAY_DATABASE_URL=services.pg.url, GATEWAY_REDIS_URL=services.redis.url, GATEWAY_PEPPER=PEPPER, **extra
+        GATEWAY_DATABASE_URL=services.pg.url,
+        GATEWAY_REDIS_URL=services.redis.url,
+        GATEWAY_PEPPER=PEPPER,
+        GATEWAY_SIGNING_SECRET=SIGNING_SECRET,
+        **extra,
     )
     return env
 

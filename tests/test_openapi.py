@@ -96,7 +96,7 @@ def test_each_operation_lists_the_statuses_its_handler_answers() -> None:
     assert statuses["/v1/keys/{key_id}/rotate", "post"] >= {"201", "409"}  # a key no longer active
     assert statuses["/v1/keys/verify", "post"] == {"200", "400", "408", "413", "500", "503"}
     for (path, method), codes in statuses.items():
-        if path != "/v1/keys/verify":
+        if path not in ("/v1/keys/verify", "/v1/tokens/revoke"):  # no credential to refuse
             assert codes >= {"400", "401", "403", "429", "500", "503"}, (path, method)
     rotate = doc["paths"]["/v1/keys/{key_id}/rotate"]["post"]
     assert rotate["requestBody"]["required"] is False  # an empty body is `{}`: grace 0
@@ -163,9 +163,10 @@ class Api:
         key: dict[str, Any] | None,
         json: Any = None,
         query: str = "",
+        headers: dict[str, str] | None = None,
         **ids: str,
     ) -> Any:
-        headers = auth(key) if key is not None else {}
+        headers = {**(auth(key) if key is not None else {}), **(headers or {})}
         r = await self.client.request(method.upper(), path.format(**ids) + query, json=json, headers=headers)
         body = await r.json()
         assert r.status == status, (method, path, r.status, body)
@@ -249,6 +250,30 @@ async def _members(api: Api, world: World, me: dict[str, Any], org: str) -> None
     await api("post", "/v1/invitations/{invitation}/decline", 200, z_key, invitation=z["id"])
 
 
+async def _sessions_and_tokens(api: Api, me: dict[str, Any], org: str) -> None:
+    sa = await api("post", "/v1/orgs/{org}/service-accounts", 201, me, json={"name": "web", "role": "admin"}, org=org)
+    body = {"name": "issuer", "role": "admin"}
+    issuer = await api("post", "/v1/orgs/{org}/service-accounts/{sa}/keys", 201, me, json=body, org=org, sa=sa["id"])
+
+    async def session() -> tuple[dict[str, Any], dict[str, str]]:
+        issued = await api("post", "/v1/sessions", 201, issuer, json={"user": me["user_id"], "org": org})
+        cookie = issued["cookie"]
+        return issued, {"Cookie": f"{cookie['name']}={cookie['value']}", "X-CSRF-Token": issued["csrf"]}
+
+    _, cookie = await session()
+    await api("get", "/v1/sessions", 200, None, headers=cookie)
+    await api("post", "/v1/session/org", 200, None, json={"org": org}, headers=cookie)
+    from_session = await api("post", "/v1/tokens", 200, None, json={}, headers=cookie)
+    from_key = await api("post", "/v1/tokens", 200, me, json={"org": org, "role": "viewer", "ttl": "5m"})
+    await api("post", "/v1/tokens/refresh", 200, None, json={"refresh_token": from_key["refresh_token"]})
+    await api("post", "/v1/tokens/revoke", 200, None, json={"token": from_session["access_token"]})
+    other, _ = await session()
+    await api("delete", "/v1/sessions/{session_id}", 200, None, headers=cookie, session_id=other["session"]["id"])
+    await api("delete", "/v1/session", 200, None, headers=cookie)
+    await session()
+    await api("delete", "/v1/sessions", 200, me)
+
+
 async def test_every_success_answer_matches_its_documented_schema(api: Api, world: World) -> None:
     me = await world.key(name="me", role="owner")
     assert (await api("get", "/v1/me", 200, me))["orgs"]
@@ -261,6 +286,7 @@ async def test_every_success_answer_matches_its_documented_schema(api: Api, worl
     await _keys(api, world, me, org, project)
     await _verify(api, me, org)
     await _members(api, world, me, org)
+    await _sessions_and_tokens(api, me, org)
     sa = await api("post", "/v1/orgs/{org}/service-accounts", 201, me, json={"name": "ci", "role": "member"}, org=org)
     await api("get", "/v1/orgs/{org}/service-accounts", 200, me, org=org)
     body = {"name": "deploy", "role": "member"}
@@ -430,6 +456,7 @@ async def live(world: World, services: Services, tmp_path: Path) -> AsyncIterato
         "invitation": [to_org["id"], to_me["id"]],
         "project": [project["id"]],
         "sa": [sa["id"]],
+        "session_id": ["ses_0123456789abcdef01234567"],  # none of the caller's: 404
     }
     gateway = await start_gateway(services, tmp_path, "openapi", "--workers", "1", config_yaml=_LIMITS)
     try:

@@ -4,14 +4,15 @@ revocation, bounded per user, never outliving their time."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
 
 from gateway.app import create_app
-from tests.conftest import Client, Services, World, make_config
+from gateway.audit import CLI
+from tests.conftest import Client, Services, World, make_config, nginx_headers
+from tests.test_api import auth
 from tests.test_ui import sign_in
 
 
@@ -19,9 +20,9 @@ async def test_writes_need_the_csrf_token(client: Client, world: World) -> None:
     k = await world.key()
     session = await (await sign_in(client, k["key"])).json()
     r = await client.post("/v1/keys", json={"name": "x", "role": "viewer"})
-    assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_request")
+    assert (r.status, (await r.json())["error"]["code"]) == (403, "csrf_failed")
     r = await client.post("/v1/keys", json={"name": "x", "role": "viewer"}, headers={"X-CSRF-Token": "wrong"})
-    assert r.status == 400
+    assert r.status == 403
     r = await client.post("/v1/keys", json={"name": "x", "role": "viewer"}, headers={"X-CSRF-Token": session["csrf"]})
     assert r.status == 201
     assert (await client.get("/v1/me")).status == 200  # reads need no token
@@ -40,7 +41,7 @@ async def test_a_user_holds_a_bounded_number_of_sessions(
     aiohttp_client: Any, services: Services, world: World, rclient: aioredis.Redis
 ) -> None:
     """Before, the user's session set in Redis grew without bound. Beyond the cap, the oldest end."""
-    c = await aiohttp_client(create_app(make_config(services, ui={"max_sessions_per_user": 2})))
+    c = await aiohttp_client(create_app(make_config(services, sessions={"max_per_user": 2})))
     k = await world.key()
     cookies = []
     for _ in range(4):
@@ -58,7 +59,7 @@ async def test_a_user_holds_a_bounded_number_of_sessions(
 
     assert [await status(cookie) for cookie in cookies] == [204, 204, 200, 200]
     assert await rclient.zcard(f"gw:usessz:{world.user}") == 2
-    assert len(await rclient.keys("gw:sess:*")) == 2
+    assert len(await rclient.keys("gw:session:*")) == 2
 
 
 async def test_a_session_never_outlives_its_time(
@@ -66,18 +67,146 @@ async def test_a_session_never_outlives_its_time(
 ) -> None:
     """Found by review: switching org saved the session with a fresh expiry, so a busy session lived for
     ever (and, its sign-in aged out of the user's set, escaped sign-out and the cap)."""
-    c = await aiohttp_client(create_app(make_config(services, ui={"session_ttl_s": 60})))
+    cfg = {"absolute_ttl_s": 60, "idle_ttl_s": 60, "touch_interval_s": 30}
+    c = await aiohttp_client(create_app(make_config(services, sessions=cfg)))
     k = await world.key()
     session = await (await sign_in(c, k["key"])).json()
-    (name,) = await rclient.keys("gw:sess:*")
+    (name,) = await rclient.keys("gw:session:*")
     # As if signed in 50 s ago: switching org keeps the 10 s it has left.
-    stored = json.loads(await rclient.get(name) or "{}")
-    await rclient.set(name, json.dumps({**stored, "created": stored["created"] - 50}), ex=10)
+    created = float(await rclient.hget(name, "created") or 0)
+    await rclient.hset(name, mapping={"created": repr(created - 50), "last_seen": repr(created)})
+    await rclient.expire(name, 10)
     r = await c.post("/ui/session/org", json={"org": world.org_b}, headers={"X-CSRF-Token": session["csrf"]})
     assert r.status == 200
     assert 0 < await rclient.ttl(name) <= 10
     # Past its time it is over, even if Redis still holds it.
-    stored = json.loads(await rclient.get(name) or "{}")
-    await rclient.set(name, json.dumps({**stored, "created": stored["created"] - 11}), ex=30)
+    await rclient.hset(name, "created", repr(created - 61))
+    await rclient.expire(name, 30)
     assert (await c.get("/ui/session")).status == 204
     assert (await c.get("/v1/me")).status == 401
+
+
+# --- sessions in forward auth (issue 12) ---------------------------------------------------------------
+
+
+async def _service_key(world: World, org: str) -> dict[str, Any]:
+    sa = await world.directory.create_service_account(org, "web", "admin", CLI)
+    return await world.key(name="issuer", user=sa["id"], role="admin", orgs=[org])
+
+
+async def _issue_session(c: Client, world: World, org: str, user: str | None = None) -> dict[str, Any]:
+    issuer = await _service_key(world, org)
+    r = await c.post("/v1/sessions", json={"user": user or world.user, "org": org}, headers=auth(issuer))
+    assert r.status == 201, await r.text()
+    issued: dict[str, Any] = await r.json()
+    assert issued["cookie"]["http_only"] and issued["cookie"]["same_site"] == "Strict"
+    return issued
+
+
+def _cookie(issued: dict[str, Any], **extra: str) -> dict[str, str]:
+    return {"Cookie": f"gw_session={issued['cookie']['value']}", **extra}
+
+
+async def test_a_session_identifies_its_user_with_the_membership_role(client: Client, world: World) -> None:
+    issued = await _issue_session(client, world, world.org_a)
+    r = await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))
+    assert r.status == 200, await r.text()
+    assert (r.headers["X-Auth-Method"], r.headers["X-Org"], r.headers["X-Role"]) == ("session", world.org_a, "admin")
+    assert (r.headers["X-User"], r.headers["X-Key-Id"]) == (world.user, "")
+    # The route names org B, where the user is a viewer: that org, that role.
+    r = await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued, **{"X-Org-Id": world.org_b})))
+    assert (r.status, r.headers["X-Org"], r.headers["X-Role"]) == (200, world.org_b, "viewer")
+    # An org the user is not in: refused, never the session's org instead.
+    elsewhere = (await world.directory.create_org("C"))["id"]
+    r = await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued, **{"X-Org-Id": elsewhere})))
+    assert (r.status, r.headers["X-Auth-Error"]) == (403, "org_not_allowed")
+    # A role change applies on the next request.
+    await world.directory.set_member(world.org_a, world.user, "member")
+    await until_role(client, issued, "member")
+
+
+async def until_role(client: Client, issued: dict[str, Any], role: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 1.0
+    while True:
+        r = await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))
+        if r.headers.get("X-Role") == role:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "the role change did not apply within a second"
+        await asyncio.sleep(0.02)
+
+
+async def test_unsafe_cookie_only_requests_need_an_allowed_origin(
+    aiohttp_client: Any, services: Services, world: World
+) -> None:
+    cfg = make_config(services, sessions={"allowed_origins": ["https://app.example.com"]})
+    c = await aiohttp_client(create_app(cfg))
+    issued = await _issue_session(c, world, world.org_a)
+
+    async def post(**extra: str) -> tuple[int, str]:
+        r = await c.get("/auth/nginx", headers=nginx_headers(method="POST", **_cookie(issued, **extra)))
+        return r.status, r.headers.get("X-Auth-Error", "")
+
+    assert await post() == (403, "csrf_failed")
+    assert await post(Origin="https://evil.example.com") == (403, "csrf_failed")
+    assert await post(**{"Sec-Fetch-Site": "cross-site"}) == (403, "csrf_failed")
+    assert await post(Origin="https://app.example.com") == (200, "")
+    assert await post(**{"Sec-Fetch-Site": "same-origin"}) == (200, "")
+    r = await c.get("/auth/nginx", headers=nginx_headers(method="GET", **_cookie(issued)))
+    assert r.status == 200  # a safe method needs no origin
+    # The cookie sent twice is ambiguous (one planted by a sibling domain): refused.
+    twice = {"Cookie": f"gw_session={issued['cookie']['value']}; gw_session=x"}
+    r = await c.get("/auth/nginx", headers=nginx_headers(**twice))
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request")
+
+
+async def test_switching_org_and_ending_the_session(client: Client, world: World) -> None:
+    issued = await _issue_session(client, world, world.org_a)
+    csrf = {"X-CSRF-Token": issued["csrf"]}
+    r = await client.post("/v1/session/org", json={"org": world.org_b}, headers=_cookie(issued, **csrf))
+    assert r.status == 200, await r.text()
+    r = await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))
+    assert (r.headers["X-Org"], r.headers["X-Role"]) == (world.org_b, "viewer")
+    r = await client.post("/v1/session/org", json={"org": world.org_b}, headers=_cookie(issued))
+    assert (r.status, r.headers["X-Auth-Error"]) == (403, "csrf_failed")
+    assert (await client.delete("/v1/session", headers=_cookie(issued, **csrf))).status == 200
+    r = await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "missing_credentials")
+    types = [r["type"] for r in await world.pool.fetch("SELECT type FROM audit_events WHERE type LIKE 'session.%'")]
+    assert types == ["session.created", "session.org_switched", "session.ended"]
+
+
+async def test_only_a_service_account_of_the_org_issues_sessions(client: Client, world: World) -> None:
+    person = await world.key(role="owner")
+    r = await client.post("/v1/sessions", json={"user": world.user, "org": world.org_a}, headers=auth(person))
+    assert r.status == 403
+    issuer = await _service_key(world, world.org_a)
+    stranger = (await world.directory.create_user("stranger@example.com"))["id"]
+    r = await client.post("/v1/sessions", json={"user": stranger, "org": world.org_a}, headers=auth(issuer))
+    assert r.status == 404  # not a member
+    r = await client.post("/v1/sessions", json={"user": world.user, "org": world.org_b}, headers=auth(issuer))
+    assert r.status == 403  # another org's
+
+
+async def test_signing_out_everywhere_ends_sessions_and_tokens(client: Client, world: World) -> None:
+    issued = await _issue_session(client, world, world.org_a)
+    key = await world.key(role="admin")
+    pair = await (await client.post("/v1/tokens", json={"org": world.org_a}, headers=auth(key))).json()
+    assert (await client.delete("/v1/sessions", headers=auth(key))).status == 200
+    r = await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))
+    assert r.status == 401
+    r = await client.get("/auth/nginx", headers=nginx_headers(pair["access_token"]))
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_token")
+
+
+async def test_no_redis_write_per_request(client: Client, world: World, rclient: aioredis.Redis) -> None:
+    issued = await _issue_session(client, world, world.org_a)
+    await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))
+
+    async def writes() -> int:
+        stats = await rclient.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("hset", "evalsha", "eval", "expire"))
+
+    before = await writes()
+    for _ in range(20):
+        assert (await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))).status == 200
+    assert await writes() == before

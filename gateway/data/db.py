@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import asyncpg
@@ -76,8 +76,23 @@ async def ping(conn: Conn, timeout_s: float | None = None) -> None:
 async def notify_keys(conn: Conn, key_ids: list[str]) -> None:
     """Every process drops these keys from its caches when the caller's transaction commits."""
     for i in range(0, len(key_ids), C.PG_NOTIFY_BATCH):
-        payload = json.dumps({"k": key_ids[i : i + C.PG_NOTIFY_BATCH]})
-        await conn.execute("SELECT pg_notify($1, $2)", C.PG_INVALIDATION_CHANNEL, payload)
+        await _notify(conn, {"k": key_ids[i : i + C.PG_NOTIFY_BATCH]})
+
+
+async def notify(
+    conn: Conn, *, users: Sequence[str] = (), families: Sequence[str] = (), signing_keys: bool = False
+) -> None:
+    """Every process re-reads these users' memberships, these refresh families' state, and (when asked)
+    the published signing keys, when the caller's transaction commits."""
+    for name, ids in (("u", list(users)), ("f", list(families))):
+        for i in range(0, len(ids), C.PG_NOTIFY_BATCH):
+            await _notify(conn, {name: ids[i : i + C.PG_NOTIFY_BATCH]})
+    if signing_keys:
+        await _notify(conn, {"s": True})
+
+
+async def _notify(conn: Conn, payload: dict[str, object]) -> None:
+    await conn.execute("SELECT pg_notify($1, $2)", C.PG_INVALIDATION_CHANNEL, json.dumps(payload))
 
 
 class Database:

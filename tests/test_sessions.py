@@ -198,15 +198,32 @@ async def test_signing_out_everywhere_ends_sessions_and_tokens(client: Client, w
     assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_token")
 
 
-async def test_no_redis_write_per_request(client: Client, world: World, rclient: aioredis.Redis) -> None:
-    issued = await _issue_session(client, world, world.org_a)
-    await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))
+async def test_no_redis_write_per_request(
+    aiohttp_client: Any, services: Services, world: World, rclient: aioredis.Redis
+) -> None:
+    """Last-seen is written at most once per `sessions.touch_interval_s`, in the background."""
+    cfg = make_config(services, sessions={"touch_interval_s": 1, "idle_ttl_s": 60})
+    c = await aiohttp_client(create_app(cfg))
+    issued = await _issue_session(c, world, world.org_a)
+    (name,) = await rclient.keys("gw:session:*")
 
-    async def writes() -> int:
-        stats = await rclient.info("commandstats")
-        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("hset", "evalsha", "eval", "expire"))
+    async def hsets() -> int:
+        return int((await rclient.info("commandstats")).get("cmdstat_hset", {}).get("calls", 0))
 
-    before = await writes()
+    seen, before = await rclient.hget(name, "last_seen"), await hsets()
     for _ in range(20):
-        assert (await client.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))).status == 200
-    assert await writes() == before
+        assert (await c.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))).status == 200
+    assert (await rclient.hget(name, "last_seen"), await hsets()) == (seen, before)
+    await asyncio.sleep(1.1)
+    for _ in range(5):
+        assert (await c.get("/auth/nginx", headers=nginx_headers(**_cookie(issued)))).status == 200
+    await until_async(lambda: rclient.hget(name, "last_seen"), seen)
+
+
+async def until_async(read: Any, old: Any) -> None:
+    """Poll `read()` until it differs from `old` (a background write landed)."""
+    for _ in range(100):
+        if await read() != old:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no background write")

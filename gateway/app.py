@@ -176,7 +176,12 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     await signing.load()
     app[SIGNING] = signing
     access = AccessTokens(signing, cfg.tokens, pepper, families)
-    app[GRANTS] = TokenService(db, signing, cfg.tokens, pepper, cfg.keys.prefix)
+
+    def revoked(family_ids: list[str]) -> None:  # by this process: applied here at once, elsewhere by NOTIFY
+        for family in family_ids:
+            families.put(family, True)
+
+    app[GRANTS] = TokenService(db, signing, cfg.tokens, pepper, cfg.keys.prefix, revoked)
     app[SESSIONS] = SessionStore(app[REDIS], breaker, cfg.sessions)
     app[VERIFIER] = Verifier(
         app[KEY_FORMAT],
@@ -210,8 +215,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def on_change(change: Change) -> None:
         members.invalidate(change.users)
-        for family in change.families:  # only a revocation is announced
-            families.put(family, True)
+        revoked(list(change.families))  # only a revocation is announced
         if change.signing_keys:
             await _reload_signing_keys(signing)
 

@@ -12,6 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -50,7 +51,18 @@ def _refresh_digest(pepper: bytes, raw: str) -> bytes:
 class TokenService:
     """Issuing, refreshing and revoking (management: each call one transaction)."""
 
-    def __init__(self, db: Database, keys: SigningKeys, cfg: TokensConfig, pepper: bytes, prefix: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        keys: SigningKeys,
+        cfg: TokensConfig,
+        pepper: bytes,
+        prefix: str,
+        on_revoked: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        # Told the families this process revoked, once committed: applied here at once (the others learn
+        # by NOTIFY), so the caller's next request already sees it.
+        self.on_revoked = on_revoked
         self.db = db
         self.keys = keys
         self.cfg = cfg
@@ -179,6 +191,7 @@ class TokenService:
                     detail={"retry": retry} if retry else None,
                 )
         if reused is not None:
+            self._revoked([reused.id])
             raise InvalidToken("this refresh token was already used: its family is revoked")
         grant = Grant(
             family.user_id,
@@ -228,7 +241,12 @@ class TokenService:
                 target=family_id,
                 detail={"why": why},
             )
+        self._revoked([family_id])
         return True
+
+    def _revoked(self, family_ids: list[str]) -> None:
+        if self.on_revoked is not None and family_ids:
+            self.on_revoked(family_ids)
 
     async def revoke_user(self, user_id: str, why: str, actor: Actor) -> int:
         """Every live family of the user (signing out everywhere): their access tokens stop at once."""
@@ -244,6 +262,7 @@ class TokenService:
                     target=user_id,
                     detail={"why": why, "families": len(ids)},
                 )
+        self._revoked(ids)
         return len(ids)
 
 

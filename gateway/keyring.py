@@ -16,8 +16,8 @@ from aiohttp import web
 from gateway.audit import CLI, Actor, write_event
 from gateway.backends import Conn
 from gateway.config import RolesConfig
-from gateway.data import keys, orgs, users
-from gateway.data.db import Database
+from gateway.data import keys, orgs, tokens, users
+from gateway.data.db import Database, notify
 from gateway.data.keys import KeyRow, NewKey
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.formats import PERMISSION_RE, UNIT_S, iso, parse_iso, valid_name
@@ -296,6 +296,10 @@ class Keyring:
                 raise NotFound(f"no key {key_id}")
             await self._key_event(conn, "api_key.revoked", key_id, actor)
             await self.db.invalidate(conn, [key_id])
+            # Tokens issued with the key were capped by it: they end with it.
+            families = await tokens.revoke_key_families(conn, key_id, "key_revoked")
+            if families:
+                await notify(conn, families=families)
         return key_view(row)
 
     async def stop_key_in(self, key_id: str, org_ids: list[str], actor: Actor) -> dict[str, Any]:

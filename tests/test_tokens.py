@@ -319,3 +319,16 @@ async def test_revocation_and_org_switch_reach_another_process_within_a_second(
     finally:
         one.stop()
         two.stop()
+
+
+async def test_revoking_the_key_revokes_the_tokens_it_issued(client: Client, world: World) -> None:
+    key = await world.key(role="admin")
+    pair = await _issue(client, key, org=world.org_a)
+    assert (await _forward(client, pair["access_token"])).status == 200
+    await world.keyring.revoke_key(key["id"])
+    deadline = time.monotonic() + 1.0  # by NOTIFY, within a second
+    while (r := await _forward(client, pair["access_token"])).status == 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_token")
+    assert (await _refresh(client, pair["refresh_token"])).status == 401

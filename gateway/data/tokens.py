@@ -185,6 +185,17 @@ async def revoke_user_families(conn: Conn, user_id: str, why: str, org_id: str |
     return [r["id"] for r in rows]
 
 
+async def revoke_key_families(conn: Conn, key_id: str, why: str) -> list[str]:
+    """Revoke every live family issued with the key; their ids."""
+    rows = await conn.fetch(
+        "UPDATE token_families SET revoked_at = now(), revoked_why = $2"
+        " WHERE key_id = $1 AND revoked_at IS NULL RETURNING id",
+        key_id,
+        why,
+    )
+    return [r["id"] for r in rows]
+
+
 async def user_families(conn: Conn, user_id: str) -> list[FamilyRow]:
     rows = await conn.fetch(
         f"SELECT {_FAMILY_COLUMNS} FROM token_families WHERE user_id = $1 AND revoked_at IS NULL"

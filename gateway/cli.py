@@ -25,18 +25,22 @@ from aiohttp.abc import AbstractAccessLogger
 from gateway._server import GatewayRunner
 from gateway.app import create_app, redis_client
 from gateway.audit import CLI, AuditLog
+from gateway.authz import pattern_matches
 from gateway.backends import PG_ERRORS, REDIS_ERRORS, StoreUnavailable
 from gateway.cache import RedisCache
-from gateway.config import Config, WorkerCount, load_config, load_roles, redact_url
+from gateway.config import Config, RolesConfig, WorkerCount, load_config, load_roles, redact_url
 from gateway.data.db import Database, connect_pool
 from gateway.data.schema import migrate
 from gateway.directory import Directory
 from gateway.errors import ConfigError, GatewayError
-from gateway.formats import parse_iso
+from gateway.formats import PERMISSION_RE, iso, parse_iso
+from gateway.grants import Grant, TokenService
 from gateway.invitations import Invitations
-from gateway.keyring import KeyQuery, Keyring, KeySpec
+from gateway.keyring import KeyQuery, Keyring, KeySpec, parse_duration
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.policy import describe, load_policy
+from gateway.signing import SigningKeys
+from gateway.signing import listing as signing_listing
 from gateway.typedefs import HASHER, LIFECYCLE
 
 log = logging.getLogger("gateway")
@@ -161,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     kr = keys.add_parser("rotate")
     kr.add_argument("key_id")
     kr.add_argument("--grace")
+
+    tokens = sub.add_parser("tokens").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ti = tokens.add_parser("issue", help="an access token and refresh token for a member of an org")
+    ti.add_argument("--user", required=True, help="the user id (a member of --org)")
+    ti.add_argument("--org", required=True, help="the org id the token acts in")
+    ti.add_argument("--role", help="at most the user's membership role (the default)")
+    ti.add_argument("--scope", action="append", help="a permission pattern (repeatable); default: all the role grants")
+    ti.add_argument("--ttl", help="access token lifetime, 1m to 1h (default tokens.access_ttl_s)")
+    signing = sub.add_parser("signing-keys").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    signing.add_parser("list", help="the JWT signing keys and their state (no private part)")
+    signing.add_parser("rotate", help="next becomes current, current previous (kept until its tokens expire)")
     return p
 
 
@@ -206,6 +221,8 @@ class Management:
     keyring: Keyring
     directory: Directory
     audit_log: AuditLog
+    signing: SigningKeys
+    grants: TokenService
 
     @property
     def invitations(self) -> Invitations:
@@ -222,8 +239,14 @@ async def with_management(cfg: Config, fn: Callable[[Management], Awaitable[Any]
         timeout_s = cfg.database.management_timeout_ms / 1000
         invalidated: list[str] = []
         db = Database(pool, timeout_s, invalidated.extend)
+        signing = SigningKeys(db, cfg.tokens)
+        grants = TokenService(db, signing, cfg.tokens, cfg.pepper.get().encode(), cfg.keys.prefix)
         rooms = Management(
-            Keyring(db, KeyFormat(cfg.keys.prefix), hasher, cfg.roles), Directory(db, cfg.roles), AuditLog(db)
+            Keyring(db, KeyFormat(cfg.keys.prefix), hasher, cfg.roles),
+            Directory(db, cfg.roles),
+            AuditLog(db),
+            signing,
+            grants,
         )
         try:
             result = await fn(rooms)
@@ -248,7 +271,35 @@ async def _invalidate_redis(cfg: Config, key_ids: list[str]) -> None:
         await client.aclose()
 
 
-def _management_call(args: argparse.Namespace) -> Callable[[Management], Awaitable[Any]]:
+async def _issue_token(m: Management, args: argparse.Namespace, roles: RolesConfig) -> dict[str, Any]:
+    """The operator's token for a member: at most the membership's role, and what that role grants."""
+    member = await m.directory.role_of(args.org, args.user)
+    if member is None:
+        raise CliError(f"{args.user} is not a member of {args.org}")
+    role = roles.named(args.role) if args.role else member
+    if roles.rank(role) > roles.rank(member):
+        raise CliError(f"--role {role} exceeds the user's membership role {member}")
+    allowed = roles.permissions[role]
+    scopes = tuple(args.scope) if args.scope else allowed
+    for pattern in scopes:
+        if not PERMISSION_RE.fullmatch(pattern) or not any(pattern_matches(a, pattern) for a in allowed):
+            raise CliError(f"--scope {pattern} is not a permission pattern the role {role} grants")
+    ttl = parse_duration(args.ttl, "ttl").total_seconds() if args.ttl else None
+    if ttl is not None and not 60 <= ttl <= 3600:
+        raise CliError("--ttl must be between 1m and 1h")
+    await m.signing.load()
+    return await m.grants.issue(Grant(args.user, args.org, role, tuple(sorted(set(scopes))), None, None), CLI, ttl)
+
+
+async def _signing_keys(m: Management) -> list[dict[str, Any]]:
+    return [
+        {"kid": k.kid, "alg": k.alg, "state": k.state, "created_at": iso(k.created_at),
+         "retire_after": iso(k.retire_after)}
+        for k in await signing_listing(m.signing.db)
+    ]  # fmt: skip
+
+
+def _management_call(args: argparse.Namespace, cfg_roles: RolesConfig) -> Callable[[Management], Awaitable[Any]]:
     cmd, action = args.command, getattr(args, "action", None)
     calls: dict[tuple[str, str | None], Callable[[Management], Awaitable[Any]]] = {
         ("orgs", "create"): lambda m: m.directory.create_org(args.name),
@@ -267,6 +318,9 @@ def _management_call(args: argparse.Namespace) -> Callable[[Management], Awaitab
         ("keys", "show"): lambda m: m.keyring.show_key(args.key_id),
         ("keys", "revoke"): lambda m: m.keyring.revoke_key(args.key_id),
         ("keys", "rotate"): lambda m: m.keyring.rotate_key(args.key_id, args.grace),
+        ("tokens", "issue"): lambda m: _issue_token(m, args, cfg_roles),
+        ("signing-keys", "list"): lambda m: _signing_keys(m),
+        ("signing-keys", "rotate"): lambda m: m.signing.rotate(),
         ("audit", "list"): lambda m: m.audit_log.events(
             args.org,
             type_=args.type,
@@ -600,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied = asyncio.run(_migrate(cfg))
             _print({"applied": applied}, args.json)
             return 0
-        result = asyncio.run(with_management(cfg, _management_call(args)))
+        result = asyncio.run(with_management(cfg, _management_call(args, cfg.roles)))
         _print(result, args.json)
         return 0
     except (ConfigError, GatewayError, CliError) as exc:

@@ -58,6 +58,11 @@ class Directory:
             raise Conflict(f"the user with email {email} could not be read back")
         return found
 
+    async def role_of(self, org_id: str, user_id: str) -> str | None:
+        """The user's membership role in the org, or None."""
+        async with self.db.connect() as conn:
+            return await orgs.role(conn, org_id, user_id)
+
     async def _insert_user(self, conn: Conn, email: str, actor: Actor) -> str | None:
         """The new user's id; None when the email is taken (nothing written)."""
         user_id = new_id("usr")

@@ -440,3 +440,24 @@ async def test_a_worker_dying_stops_the_others(services: Services, clean: None, 
         gw.stop()
     assert gw.proc.returncode == 1 and "a worker exited unexpectedly" in gw.logs()
     assert _refused(gw.port)
+
+
+def test_tokens_and_signing_keys_from_the_command_line(cli: Cli) -> None:
+    cli.ok("migrate")
+    org = cli.ok("orgs", "create", "Acme")
+    user = cli.ok("users", "create", "dev@example.com")
+    cli.ok("members", "set", org["id"], user["id"], "member")
+    pair = cli.ok("tokens", "issue", "--user", user["id"], "--org", org["id"], "--scope", "calls:read", "--ttl", "5m")
+    assert (pair["token_type"], pair["expires_in"], pair["scope"]) == ("Bearer", 300, "calls:read")
+    assert "exceeds" in cli.fails("tokens", "issue", "--user", user["id"], "--org", org["id"], "--role", "owner")
+    assert "not a member" in cli.fails("tokens", "issue", "--user", user["id"], "--org", "org_nope")
+    assert "grants" in cli.fails("tokens", "issue", "--user", user["id"], "--org", org["id"], "--scope", "keys:*x")
+    before = {k["kid"]: k["state"] for k in cli.ok("signing-keys", "list")}
+    assert sorted(before.values()) == ["current", "next"]
+    rotated = cli.ok("signing-keys", "rotate")
+    after = {k["kid"]: k["state"] for k in cli.ok("signing-keys", "list")}
+    assert after[rotated["current"]] == "current" and before[rotated["current"]] == "next"
+    assert after[rotated["next"]] == "next"
+    assert sorted(after.values()) == ["current", "next", "previous"]
+    listed = cli.run("signing-keys", "list")
+    assert "PRIVATE" not in listed.stdout and "private" not in listed.stdout

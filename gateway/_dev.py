@@ -31,8 +31,9 @@ def _ports() -> dict[str, int]:
     return ports
 
 
-def _pepper() -> str:
-    path = LOCAL / "pepper"
+def _pepper(name: str = "pepper") -> str:
+    """A secret made once for this checkout (`.local/<name>`, readable by its owner only)."""
+    path = LOCAL / name
     if not path.exists():
         path.write_text(secrets.token_urlsafe(48))
         path.chmod(0o600)
@@ -88,6 +89,7 @@ def main() -> int:
             os.environ["GATEWAY_REDIS_URL"] = rd.url
             print(f"local redis on 127.0.0.1:{rd.port}")
         os.environ.setdefault("GATEWAY_PEPPER", _pepper())
+        os.environ.setdefault("GATEWAY_SIGNING_SECRET", _pepper("signing-secret"))
         cfg = load_config(config_path)
         applied = asyncio.run(_migrate(cfg))
         print(f"migrations applied: {applied or 'none pending'}")
@@ -96,6 +98,7 @@ def main() -> int:
         print(
             f"  export GATEWAY_DATABASE_URL={os.environ['GATEWAY_DATABASE_URL']}"
             f" GATEWAY_REDIS_URL={os.environ['GATEWAY_REDIS_URL']} GATEWAY_PEPPER=$(cat .local/pepper)"
+            " GATEWAY_SIGNING_SECRET=$(cat .local/signing-secret)"
         )
 
         def listening() -> None:  # said once bound, never before

@@ -45,7 +45,13 @@ def local_services() -> Iterator[tuple[Path, Postgres, Redis, dict[str, str]]]:
     pg.start()
     rd.start()
     try:
-        env = {**os.environ, "GATEWAY_DATABASE_URL": pg.url, "GATEWAY_REDIS_URL": rd.url, "GATEWAY_PEPPER": PEPPER}
+        env = {
+            **os.environ,
+            "GATEWAY_DATABASE_URL": pg.url,
+            "GATEWAY_REDIS_URL": rd.url,
+            "GATEWAY_PEPPER": PEPPER,
+            "GATEWAY_SIGNING_SECRET": PEPPER[::-1],
+        }
         yield tmp, pg, rd, env
     finally:
         rd.stop()

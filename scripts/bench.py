@@ -51,7 +51,7 @@ WARMUP_S = 2
 COLD_S = 5
 REVOCATIONS = 100
 POLL_S = 0.002
-ROWS = frozenset(["1", "2", "3", "4", "5", "6", "7", "8", "8a", "8b", "9", "9a", "9b", "10"])
+ROWS = frozenset(["1", "2", "3", "4", "5", "6", "7", "8", "8a", "8b", "9", "9a", "9b", "10", "11", "12"])
 COLD_POOL = 600  # cold keys: each is verified (argon2) once per fresh Redis; rows 7 and 8 use them in turn
 
 WRK_DONE = r"""
@@ -547,6 +547,7 @@ class Bench:
                 r.bar = verdict(run.rps >= 0.8 * ref.rps, "≥ 0.8x row 1")
 
         self.row("5", "junk key (right shape, bad checksum: refused with no I/O), row 2's process", row5)
+        self.credential_rows(url2)
         self.nginx_rows(bare_url, url2)
         self.flood_rows(url2)
         self.children.stop(gw2)
@@ -582,6 +583,46 @@ class Bench:
         )
         self.row("7", "cold misses: a new key each request (Postgres + argon2id), 5 s", self.cold_row)
         self.row("10", f"revocation delay across two processes ({REVOCATIONS} keys)", self.revocation_row)
+
+    def credential_rows(self, url: str) -> None:
+        """A JWT access token (verified once, then from the in-process cache: its family's state and the
+        user's memberships fresh by NOTIFY) and a session cookie (one Redis read a request), on row 2's
+        process, against the bare responder (row 1)."""
+        auth = url + "/auth/nginx"
+        token, cookie = asyncio.run(self.credentials(url))
+
+        def via(num: str, headers: dict[str, str | None], method: str) -> Callable[[Row], None]:
+            def body(r: Row) -> None:
+                status, got = asyncio.run(self.probe_with(url, headers))
+                if (status, got.get("X-Auth-Method")) != (200, method):
+                    self.problems.append(f"row {num}: the probe got {status} {got.get('X-Auth-Error')}")
+                run, _ = self.measured(
+                    url, f"row {num}", lambda: self.wrk.run(auth, CONNS, self.seconds, None, headers)
+                )
+                self.fill(r, run, self.ref("1"))
+                r.note = f"answered with X-Auth-Method: {method}"
+
+            return body
+
+        self.row("11", "/auth/nginx, JWT access token (cached verification), row 2's process",
+                 via("11", {"Authorization": f"Bearer {token}"}, "jwt"))  # fmt: skip
+        self.row("12", "/auth/nginx, session cookie (one Redis read), row 2's process",
+                 via("12", {"Authorization": None, "Cookie": cookie}, "session"))  # fmt: skip
+
+    async def credentials(self, url: str) -> tuple[str, str]:
+        """An access token for the hot key's user and org, and a session signed in with the hot key."""
+        hot = {"Authorization": f"Bearer {self.hot}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/v1/tokens", json={"org": self.world.org}, headers=hot) as r:
+                token = str((await r.json())["access_token"])
+            async with http.post(f"{url}/ui/session", json={"key": self.hot}) as r:
+                cookie = f"gw_session={r.cookies['gw_session'].value}"
+        return token, cookie
+
+    async def probe_with(self, url: str, headers: dict[str, str | None]) -> tuple[int, dict[str, str]]:
+        sent = {k: v for k, v in {**self.request_headers, **headers}.items() if v is not None}
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/auth/nginx", headers=sent) as r:
+            return r.status, dict(r.headers)
 
     def children_named(self, name: str) -> subprocess.Popen[bytes]:
         for n, proc, _ in self.children.procs.values():
@@ -814,7 +855,7 @@ def machine() -> list[tuple[str, str]]:
 def report(
     bench: Bench, host: list[tuple[str, str]], started: datetime, elapsed_s: float, load: tuple[float, float]
 ) -> str:
-    order = ["1", "2", "3", "4", "5", "6", "7", "8a", "8b", "9a", "9b", "10"]
+    order = ["1", "2", "3", "4", "5", "11", "12", "6", "7", "8a", "8b", "9a", "9b", "10"]
     rows = [bench.rows[k] for k in order if k in bench.rows]
     lines = [
         "# Benchmarks",

@@ -20,7 +20,7 @@ from gateway import constants as C
 from gateway._answer import error_response, unexpected
 from gateway._breaker import CLOSED, OPEN, Breaker
 from gateway.api import api_app
-from gateway.audit import AUDIT_LOG, AuditLog, FailureAuditor
+from gateway.audit import AUDIT_LOG, AuditLog, FailureAuditor, UsageAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.backends import OUTAGES, StoreUnavailable, outage
 from gateway.cache import LocalCache, RedisCache
@@ -66,6 +66,7 @@ from gateway.typedefs import (
     SIGNING,
     STORE,
     TRUSTED,
+    USAGE,
     VERIFIER,
 )
 from gateway.ui import add_routes as add_ui_routes
@@ -197,6 +198,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         access,
     )
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
+    app[USAGE] = UsageAuditor(app[STORE], metrics)
     app[FORWARD] = ForwardAuth(
         cfg,
         app[KEY_FORMAT],
@@ -207,6 +209,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         app[TRUSTED],
         app[LIFECYCLE],
         app[SESSIONS],
+        app[USAGE],
     )
 
     async def on_keys(key_ids: list[str]) -> None:
@@ -239,6 +242,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     await resolver.close()
     await app[SESSIONS].close()
     await _flush_once(app)
+    await app[USAGE].flush(final=True)
 
 
 async def _reload_signing_keys(signing: SigningKeys) -> None:
@@ -259,6 +263,7 @@ async def _flush_once(app: web.Application) -> None:
     await app[RESOLVER].retry_invalidations()
     await app[RESOLVER].flush_last_used()
     await app[AUDITOR].flush()
+    await app[USAGE].flush()
     app[METRICS].local_entries.set(len(app[RESOLVER].local))
     app[METRICS].listener_up.set(1 if app[LISTENER].connected else 0)
 

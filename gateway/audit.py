@@ -9,6 +9,7 @@ hot path, and whatever is dropped is counted in a row of its own and in a metric
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import constants as C
 from gateway.backends import Conn, StoreUnavailable
 from gateway.data import audit as data_audit
 from gateway.data.audit import FailureRow, NewEvent
@@ -110,6 +112,53 @@ class FailureAuditor:
             total = sum(r.count for r in rows)
             self.metrics.audit_dropped.inc(total)
             log.warning("audit store unreachable: %d auth.failed events not written", total)
+
+
+class UsageAuditor:
+    """`api_key.used`: one row per key per minute (count, last address, last route), written in the
+    background once the minute is over; never a row per request. Past `max_keys` keys in a minute the
+    rest are dropped and counted (`api_key.used.dropped`, and the metric)."""
+
+    def __init__(self, store: Store, metrics: Metrics, max_keys: int = C.USAGE_MAX_KEYS) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.max_keys = max_keys
+        self._pending: dict[tuple[str, int], list[Any]] = {}  # (key, minute) -> [count, org, address, route]
+        self._dropped: dict[int, int] = {}  # minute -> uses not kept
+
+    def record(self, key_id: str, org: str | None, address: str | None, route: str) -> None:
+        minute = int(time.time() // 60)
+        used = self._pending.get((key_id, minute))
+        if used is None:
+            if len(self._pending) >= self.max_keys:
+                self._dropped[minute] = self._dropped.get(minute, 0) + 1
+                self.metrics.audit_dropped.inc()
+                return
+            used = self._pending[(key_id, minute)] = [0, org, address, route]
+        used[0] += 1
+        used[1], used[2], used[3] = org, address, route
+
+    async def flush(self, final: bool = False) -> None:
+        """Write the minutes that are over (all of them when `final`, at shutdown)."""
+        now = int(time.time() // 60)
+        done = [k for k in self._pending if final or k[1] < now]
+        dropped = [m for m in self._dropped if final or m < now]
+        if not done and not dropped:
+            return
+        rows = []
+        for key in done:
+            (key_id, minute), (count, org, address, route) = key, self._pending.pop(key)
+            at = datetime.fromtimestamp(minute * 60, UTC)
+            rows.append(FailureRow(at, "api_key.used", org, key_id, address, count, {"last_route": route[:200]}))
+        for minute in dropped:
+            at = datetime.fromtimestamp(minute * 60, UTC)
+            rows.append(FailureRow(at, "api_key.used.dropped", None, None, None, self._dropped.pop(minute), {}))
+        try:
+            await self.store.insert_audit_rows(rows)
+        except StoreUnavailable:
+            total = sum(r.count for r in rows)
+            self.metrics.audit_dropped.inc(total)
+            log.warning("audit store unreachable: %d api_key.used uses not written", total)
 
 
 class AuditLog:

@@ -97,3 +97,5 @@ MAX_TOKEN_LEN: Final = 4096
 TOKEN_CACHE_MAX: Final = 100_000
 # An unknown `kid` makes a process re-read the signing keys at most this often.
 UNKNOWN_KID_RELOAD_S: Final = 5.0
+# Keys whose api_key.used a process aggregates in one minute; uses of further keys are counted as dropped.
+USAGE_MAX_KEYS: Final = 10_000

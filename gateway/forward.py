@@ -21,7 +21,7 @@ from multidict import CIMultiDictProxy
 from gateway import constants as C
 from gateway._answer import Answer, denial, header_block, unexpected
 from gateway._paths import canonical
-from gateway.audit import FailureAuditor
+from gateway.audit import FailureAuditor, UsageAuditor
 from gateway.authz import acting_org
 from gateway.backends import outage
 from gateway.config import PROXIES, Config
@@ -314,11 +314,12 @@ class _Trail:
     """What a decision learnt before it was refused, for the audit: the key (when it exists) and the org
     it acts in (so the org's own audit shows denials of keys that act in it)."""
 
-    __slots__ = ("key_id", "org")
+    __slots__ = ("key_id", "org", "used")
 
     def __init__(self) -> None:
         self.key_id: str | None = None
         self.org: str | None = None
+        self.used = False  # an API key allowed: counted in api_key.used
 
 
 class ForwardAuth:
@@ -337,8 +338,10 @@ class ForwardAuth:
         trusted: Networks,
         lifecycle: Lifecycle,
         sessions: SessionStore,
+        usage: UsageAuditor,
     ) -> None:
         self.fmt = fmt
+        self.usage = usage
         self.policy = policy
         self.verifier = verifier
         self.auditor = auditor
@@ -374,6 +377,8 @@ class ForwardAuth:
             original = self.original(request, endpoint)
             response = await self._decide(request, original, client_ip, trail)
             code = "ok"
+            if trail.used and trail.key_id is not None:
+                self.usage.record(trail.key_id, trail.org, address, f"{original.method} {original.path}")
         except GatewayError as err:
             code = err.code
             # Only a caller whose secret verified learns that its key expired or was revoked: those
@@ -439,7 +444,9 @@ class ForwardAuth:
             trail.org = acting_org(record, decision, verifier.roles)
             raise
         trail.org = identity.org  # a refusal by a limit is shown in the org's audit too
-        return _answer(identity.head, await verifier.charge(identity, identity.org))
+        answer = _answer(identity.head, await verifier.charge(identity, identity.org))
+        trail.used = record.method == "api_key"
+        return answer
 
     async def _session(
         self, h: Headers, method: str, decision: RouteDecision, client_ip: IP | None, trail: _Trail

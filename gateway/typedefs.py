@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway._breaker import Breaker
-from gateway.audit import FailureAuditor
+from gateway.audit import FailureAuditor, UsageAuditor
 from gateway.authz import KeyResolver, ProjectDirectory
 from gateway.config import Config
 from gateway.forward import ForwardAuth
@@ -37,6 +37,7 @@ STORE = web.AppKey("store", Store)
 REDIS = web.AppKey[aioredis.Redis]("redis")
 RESOLVER = web.AppKey("resolver", KeyResolver)
 AUDITOR = web.AppKey("auditor", FailureAuditor)
+USAGE = web.AppKey("usage", UsageAuditor)
 PROJECTS = web.AppKey("projects", ProjectDirectory)
 LIMITS = web.AppKey("limits", Limits)
 LIMITER = web.AppKey[RateLimiter | None]("limiter")

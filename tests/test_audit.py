@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import asyncpg
 
-from gateway.audit import FailureAuditor
+from gateway.audit import FailureAuditor, UsageAuditor
 from gateway.keys import KeyFormat, new_secret
 from gateway.metrics import Metrics
 from gateway.store import Store
+from gateway.typedefs import USAGE
 from tests.conftest import Client, World, nginx_headers
 
 
@@ -119,3 +121,32 @@ async def test_denials_of_a_known_key_show_in_the_org_it_acts_in(client: Client,
     )
     items = (await r.json())["items"]
     assert [(e["key_id"], e["detail"]["code"]) for e in items] == [(k["id"], "revoked_api_key")]
+
+
+async def test_key_use_is_aggregated_per_key_per_minute(client: Client, world: World) -> None:
+    """Issue 12: api_key.used, one row per key and minute (count, last address, last route), written in
+    the background once the minute is over; never a row per request."""
+    k = await world.key(orgs=[world.org_a])
+    for uri in ("/v1/a", "/v1/b", "/v1/c"):
+        assert (await client.get("/auth/nginx", headers=nginx_headers(k["key"], uri=uri))).status == 200
+    usage = client.app[USAGE]
+    if time.time() % 60 < 55:  # well inside the minute: it is not over, nothing is written yet
+        await usage.flush()
+        assert await _rows(world.pool, "api_key.used") == []
+    await usage.flush(final=True)
+    rows = await _rows(world.pool, "api_key.used")  # one, or two if the minute turned meanwhile
+    assert sum(r["count"] for r in rows) == 3 and len(rows) <= 2
+    row = rows[-1]
+    assert (row["key_id"], row["org_id"], str(row["ip"])) == (k["id"], world.org_a, "127.0.0.1")
+    assert json.loads(row["detail"])["last_route"] == "GET /v1/c"
+    assert row["at"].second == 0  # the minute's start
+
+
+async def test_key_use_beyond_the_bound_is_counted_as_dropped(world: World) -> None:
+    usage = UsageAuditor(Store(world.pool, 1.0), Metrics(), max_keys=1)
+    usage.record("key_a", None, None, "GET /")
+    usage.record("key_b", None, None, "GET /")
+    usage.record("key_b", None, None, "GET /")
+    await usage.flush(final=True)
+    assert [r["count"] for r in await _rows(world.pool, "api_key.used")] == [1]
+    assert [r["count"] for r in await _rows(world.pool, "api_key.used.dropped")] == [2]

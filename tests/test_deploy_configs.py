@@ -11,6 +11,7 @@ import yaml
 
 from gateway.cli import SHUTDOWN_TIMEOUT_S
 from gateway.config import config_from_mapping
+from gateway.errors import Forbidden, GatewayError, Unauthenticated
 from gateway.forward import ENVOY_PREFIX
 from gateway.models import IDENTITY_HEADERS
 from gateway.policy import compile_policy
@@ -95,3 +96,26 @@ def test_nginx_and_caddy_set_every_identity_header() -> None:
     caddy = (DEPLOY / "caddy/Caddyfile").read_text()
     copied = re.search(r"copy_headers ([^\n]+)", caddy)
     assert copied is not None and copied.group(1).split() == list(IDENTITY_HEADERS)
+
+
+def _codes(base: type[GatewayError]) -> set[str]:
+    found: set[str] = set()
+    for cls in base.__subclasses__():
+        if "code" in cls.__dict__:
+            found.add(cls.code)
+        found |= _codes(cls)
+    return found
+
+
+def test_nginx_rebuilds_every_denial_with_its_status() -> None:
+    """nginx's auth_request turns any answer it was not told of into a 503: each 401 and 403 code the
+    gateway can send (invalid_token, expired_token and csrf_failed came with sessions and tokens) must be
+    in the conf's lists, with its message."""
+    conf = (ROOT / "deploy/nginx/gateway.conf").read_text()
+    unauthenticated = re.search(r"if \(\$gw_error ~ \^\(([a-z_|]+)\)\$\) \{\s*return 401", conf)
+    forbidden = re.search(r"if \(\$gw_error ~ \^\(([a-z_|]+)\)\$\) \{\s*return 403", conf)
+    assert unauthenticated is not None and forbidden is not None
+    assert set(unauthenticated.group(1).split("|")) == _codes(Unauthenticated) | {"invalid_request"}
+    assert set(forbidden.group(1).split("|")) == _codes(Forbidden)
+    for code in _codes(Unauthenticated) | _codes(Forbidden):
+        assert re.search(rf"^\s+{code}\s+\"", conf, re.MULTILINE), f"no message for {code}"

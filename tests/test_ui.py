@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,7 +16,9 @@ from gateway.app import create_app
 from gateway.audit import CLI
 from gateway.config import Config
 from gateway.invitations import Invitations
+from tests._proxies import echo_app, seen
 from tests.conftest import ROOT, Client, Services, World, make_config, nginx_headers
+from tests.test_deploy_nginx import run_nginx
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "artifacts" / "screenshots"
@@ -278,3 +282,44 @@ async def test_the_page_is_told_which_orgs_the_key_administers(client: Client, w
         world.org_a: ("admin", True),
         world.org_b: ("viewer", False),
     }
+
+
+async def test_a_session_through_nginx_in_chromium(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser, tmp_path: Path
+) -> None:
+    """Issue 12: sign in on the page, then call a protected upstream page through nginx with the session
+    cookie alone; switch org on the page and see X-Org change at the upstream without signing in again;
+    sign out and be refused."""
+    up = await aiohttp_server(echo_app())
+    gw = await aiohttp_server(create_app(dataclasses.replace(cfg, policy_file=str(ROOT / "config/policy.yaml"))))
+    nginx = await asyncio.to_thread(run_nginx, tmp_path / "nginx", gw.port, up.port)
+    try:
+        k = await world.key(name="laptop")
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(f"http://127.0.0.1:{gw.port}/ui/")
+        await page.fill("#signin-key", k["key"])
+        await page.click("#signin-form button")
+        await page.wait_for_selector("#keys-table tbody tr")
+        upstream = await context.new_page()  # the browser's cookie jar: host-scoped, so nginx's too
+
+        async def protected() -> tuple[int, dict[str, Any]]:
+            response = await upstream.goto(f"{nginx.url}/v1/things")
+            assert response is not None
+            return response.status, await response.json()
+
+        for org, role in ((world.org_a, "admin"), (world.org_b, "viewer")):
+            await page.select_option("#org-switch", org)
+            await page.wait_for_function(f"document.querySelector('#org-switch').value === '{org}'")
+            await asyncio.sleep(0.2)  # the page's switch call lands
+            status, body = await protected()
+            assert status == 200
+            assert (seen(body, "X-Org"), seen(body, "X-Role")) == ([org], [role])
+            assert seen(body, "X-Auth-Method") == ["session"]
+        await page.click("#sign-out")
+        await page.wait_for_selector("#signin-form")
+        status, body = await protected()
+        assert (status, body["error"]["code"]) == (401, "missing_credentials")
+        await context.close()
+    finally:
+        await asyncio.to_thread(nginx.stop)

@@ -20,8 +20,12 @@ from aiohttp import web
 from gateway._answer import denial
 from gateway._services import free_port
 from gateway.app import create_app
+from gateway.audit import CLI
 from gateway.config import Config, LimitConfig
+from gateway.data.db import Database
 from gateway.errors import InternalError, request_id
+from gateway.grants import Grant, TokenService
+from gateway.signing import SigningKeys
 from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, stop_process, wait_port
 from tests.conftest import ROOT, Services, World
 from tests.test_deploy_caddy import assert_no_secret, fake_key, raw_request, request_bytes
@@ -321,3 +325,32 @@ async def test_a_gateway_bug_stays_a_500_with_its_request_id(aiohttp_server: Any
     assert len(received) == 1 and len(received[0]) == 32  # nginx's $request_id
     assert (status, body["error"]["code"], headers["X-Auth-Error"]) == (500, "internal_error", "internal_error")
     assert headers["X-Request-Id"] == received[0] and received[0] in body["error"]["message"]
+
+
+async def test_a_jwt_reaches_upstream_as_its_user_and_bad_ones_are_rebuilt(
+    stack: Nginx, world: World, cfg: Config
+) -> None:
+    """Issue 12: a JWT access token through nginx: the upstream gets the token's identity (X-Auth-Method:
+    jwt), never the token; an expired or bad token comes back as the gateway's 401 with its code."""
+    signing = SigningKeys(Database(world.pool), cfg.tokens)
+    await signing.load()  # the keys the gateway made at start-up
+    grants = TokenService(Database(world.pool), signing, cfg.tokens, cfg.pepper.get().encode(), "gw")
+    pair = await grants.issue(Grant(world.user, world.org_a, "member", ("*:read",), None, None), CLI)
+    status, _, body = await _get(stack, headers={"Authorization": f"Bearer {pair['access_token']}"})
+    assert status == 200
+    assert (seen(body, "X-Org"), seen(body, "X-Role"), seen(body, "X-User")) == (
+        [world.org_a],
+        ["member"],
+        [world.user],
+    )
+    assert (seen(body, "X-Auth-Method"), seen(body, "X-Scopes")) == (["jwt"], ["*:read"])
+    assert seen(body, "Authorization") == []
+    now = int(time.time())
+    claims = {
+        **{"iss": "gateway", "aud": "gateway", "sub": world.user, "org": world.org_a, "role": "member"},
+        **{"scope": "*:read", "sid": "fam_x", "jti": "j", "iat": now - 900, "nbf": now - 900, "exp": now - 60},
+    }
+    tampered = pair["access_token"][:-4] + "AAAA"
+    for token, code in ((signing.sign(claims), "expired_token"), (tampered, "invalid_token")):
+        status, headers, body = await _get(stack, headers={"Authorization": f"Bearer {token}"})
+        assert (status, body["error"]["code"], headers["WWW-Authenticate"]) == (401, code, f'Bearer error="{code}"')

@@ -309,9 +309,9 @@ async def test_a_session_through_nginx_in_chromium(
             return response.status, await response.json()
 
         for org, role in ((world.org_a, "admin"), (world.org_b, "viewer")):
-            await page.select_option("#org-switch", org)
-            await page.wait_for_function(f"document.querySelector('#org-switch').value === '{org}'")
-            await asyncio.sleep(0.2)  # the page's switch call lands
+            if await page.locator("#org-switch").input_value() != org:
+                async with page.expect_response("**/ui/session/org"):
+                    await page.select_option("#org-switch", org)
             status, body = await protected()
             assert status == 200
             assert (seen(body, "X-Org"), seen(body, "X-Role")) == ([org], [role])
@@ -323,3 +323,34 @@ async def test_a_session_through_nginx_in_chromium(
         await context.close()
     finally:
         await asyncio.to_thread(nginx.stop)
+
+
+async def test_the_sessions_page_ends_one_or_all(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    """Issue 12: the page lists the user's sessions (this browser marked), ends another one, and signs
+    out everywhere."""
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    k = await world.key(name="laptop")
+    async with aiohttp.ClientSession() as other:  # another browser, signed in first
+        async with other.post(f"{base}/ui/session", json={"key": k["key"]}) as r:
+            assert r.status == 200
+        context = await browser.new_context(viewport={"width": 1280, "height": 800})
+        page = await context.new_page()
+        await page.goto(f"{base}/ui/")
+        await page.fill("#signin-key", k["key"])
+        await page.click("#signin-form button")
+        await page.wait_for_selector("#keys-table tbody tr")
+        await page.click("a[data-page=sessions]")
+        await page.wait_for_selector("#sessions-table tbody tr:nth-child(2)")
+        await shot(page, "sessions")
+        assert await page.locator("#sessions-table .badge").count() == 1  # this browser
+        await page.click("#sessions-table tbody button")  # end the other one
+        await page.locator("#sessions-table tbody tr").nth(1).wait_for(state="detached")
+        async with other.get(f"{base}/ui/session") as r:
+            assert r.status == 204  # signed out there
+        await page.click("#end-all-sessions")
+        await page.click("#confirm-yes")
+        await page.wait_for_selector("#signin-form")
+        await context.close()

@@ -229,17 +229,48 @@ async function renderAudit() {
   labelCells($("audit-table"));
 }
 
+const when = (iso) => (iso ? iso.replace("T", " ").slice(0, 16) : "—");
+
+async function renderSessions() {
+  const data = await call("GET", "/v1/sessions");
+  $("sessions-table").querySelector("tbody").replaceChildren(...data.items.map((s) =>
+    el("tr", {}, el("td", {}, when(s.created)), el("td", {}, when(s.last_seen)),
+       el("td", { class: "wrap" }, s.user_agent || "—"), el("td", {}, s.address || "—"),
+       el("td", {}, s.active_org ? orgName(s.active_org) : "—"),
+       el("td", {}, s.current ? el("span", { class: "badge" }, "this browser")
+         : el("button", { class: "secondary", onclick: () => endSession(s.id) }, "End")))));
+  labelCells($("sessions-table"));
+}
+
+async function endSession(id) {
+  try {
+    await call("DELETE", `/v1/sessions/${encodeURIComponent(id)}`);
+    toast("Session ended");
+  } catch (e) {
+    toast(e.message);
+  }
+  await renderSessions();
+}
+
+async function endAllSessions() {
+  if (!(await confirmAction("End every session, here too, and every access token issued to you?", "Sign out everywhere"))) return;
+  await call("DELETE", "/v1/sessions").catch((e) => toast(e.message));
+  state.session = null;
+  await show("keys");
+}
+
 // --- shell ---------------------------------------------------------------------------------------
 
-const PAGES = { keys: renderKeys, members: renderMembers, audit: renderAudit };
+const PAGES = { keys: renderKeys, members: renderMembers, audit: renderAudit, sessions: renderSessions };
+const OPEN_TO_ALL = new Set(["keys", "sessions"]);
 
 async function show(page) {
   if (!state.session) {
-    for (const id of ["keys", "members", "audit", "top"]) $(id).hidden = true;
+    for (const id of ["keys", "members", "audit", "sessions", "top"]) $(id).hidden = true;
     $("signin").hidden = false;
     return;
   }
-  if (!isAdmin() && page !== "keys") page = "keys";
+  if (!(page in PAGES) || (!isAdmin() && !OPEN_TO_ALL.has(page))) page = "keys";
   state.page = page;
   $("signin").hidden = true;
   $("top").hidden = false;
@@ -289,6 +320,7 @@ async function start() {
   $("close-secret").addEventListener("click", () => { $("secret-value").textContent = ""; $("secret-dialog").close(); });
   $("member-form").addEventListener("submit", addMember);
   $("audit-type").addEventListener("change", renderAudit);
+  $("end-all-sessions").addEventListener("click", endAllSessions);
   window.addEventListener("hashchange", () => show(location.hash.slice(1) || "keys"));
   try {
     state.session = await call("GET", "/ui/session");

@@ -179,6 +179,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     access = AccessTokens(signing, cfg.tokens, pepper, families)
 
     def revoked(family_ids: list[str]) -> None:  # by this process: applied here at once, elsewhere by NOTIFY
+        families.invalidate(family_ids)  # a read begun before the revocation must not land over it
         for family in family_ids:
             families.put(family, True)
 

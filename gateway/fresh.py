@@ -64,13 +64,13 @@ class FreshMap(Generic[V]):
             return value
         fut = self._inflight.get(key)
         if fut is None:  # concurrent misses share one read
-            fut = asyncio.ensure_future(self._read(key))
+            # The epoch is taken now, not when the read starts: an invalidation in between must win.
+            fut = asyncio.ensure_future(self._read(key, self._epoch, time.time()))
             self._inflight[key] = fut
             fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
         return await asyncio.shield(fut)
 
-    async def _read(self, key: str) -> V:
-        epoch, read_at = self._epoch, time.time()
+    async def _read(self, key: str, epoch: int, read_at: float) -> V:
         try:
             value = (await self.load([key]))[key]
         except StoreUnavailable:

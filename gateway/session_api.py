@@ -17,10 +17,11 @@ from aiohttp import web
 
 from gateway._body import json_object, read_raw, storable
 from gateway.audit import AUDIT_LOG, Actor
-from gateway.authz import active_org, pattern_matches, role_in
+from gateway.authz import active_org, effective_permissions, pattern_matches, role_in
 from gateway.config import RolesConfig
 from gateway.directory import DIRECTORY
 from gateway.errors import GatewayError, InsufficientPermissions, InvalidRequest, NotFound, OrgNotAllowed
+from gateway.formats import PERMISSION_RE
 from gateway.forward import client_address
 from gateway.grants import GRANTS, Grant
 from gateway.keyring import parse_duration
@@ -185,8 +186,14 @@ async def end_my_sessions(request: web.Request) -> web.Response:
 # --- tokens ----------------------------------------------------------------------------------------------
 
 
-def _within(requested: list[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
+def _within(requested: object, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested permission patterns, each a pattern (no space may smuggle a second one into the
+    space-separated `scope` claim) and each within what the caller may grant."""
+    if not isinstance(requested, list) or not requested or len(requested) > 100:
+        raise InvalidRequest("scopes must be a list of 1 to 100 permission patterns", field="scopes")
     for pattern in requested:
+        if not isinstance(pattern, str) or not PERMISSION_RE.fullmatch(pattern):
+            raise InvalidRequest("each scope must be a permission pattern such as calls:read", field="scopes")
         if not any(pattern_matches(a, pattern) for a in allowed):
             raise InsufficientPermissions(f"scope {pattern} exceeds what the caller may grant", field="scopes")
     return tuple(sorted(set(requested)))
@@ -237,7 +244,9 @@ async def create_token(request: web.Request) -> web.Response:
         cap = p.require(org)
     role = _role_within(body.get("role"), cap, roles)
     allowed = p.permissions_in(org)
-    scopes = _within(body["scopes"], allowed) if body.get("scopes") else allowed
+    asked = _within(body["scopes"], allowed) if body.get("scopes") is not None else allowed
+    # The claim says what the token grants, role included: other verifiers trust it as it is.
+    scopes = effective_permissions(roles.permissions[role], asked)
     if not scopes:
         raise InsufficientPermissions("the caller may grant nothing in this org")
     projects = None if record.all_projects else tuple(record.project_ids)

@@ -79,7 +79,8 @@ class Session:
 
 
 def digest_of(session_id: str) -> str:
-    return hashlib.sha256(session_id.encode()).hexdigest()
+    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates: hashed as the bytes they were.
+    return hashlib.sha256(session_id.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def cookie_value(cookie_headers: list[str], name: str) -> str | None:
@@ -117,7 +118,7 @@ def check_csrf(headers: CIMultiDictProxy[str], method: str, session: Session, al
     if method in SAFE_METHODS:
         return
     token = headers.get(CSRF_HEADER)
-    if token is not None and hmac.compare_digest(token.encode(), session.csrf.encode()):
+    if token is not None and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), session.csrf.encode()):
         return
     check_origin(headers, method, allowed)
 

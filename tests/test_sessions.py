@@ -227,3 +227,26 @@ async def until_async(read: Any, old: Any) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("no background write")
+
+
+async def test_a_cookie_or_csrf_token_that_is_not_utf8_is_no_500(client: Client, world: World) -> None:
+    """Found by review: aiohttp hands undecodable header bytes on as lone surrogates; hashing the cookie
+    (or comparing the CSRF token) raised, a 500."""
+    issued = await _issue_session(client, world, world.org_a)
+    for target, extra in (
+        ("/auth/nginx", b"X-Original-Method: GET\r\nX-Original-URI: /v1/things\r\nCookie: gw_session=\xff\xfe\r\n"),
+        ("/v1/me", b"Cookie: gw_session=\xff\xfe\r\n"),
+        (
+            "/v1/session/org",
+            b"Cookie: gw_session=" + issued["cookie"]["value"].encode() + b"\r\nX-CSRF-Token: \xff\r\n",
+        ),
+    ):
+        method = b"POST" if target.endswith("org") else b"GET"
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        writer.write(
+            method + b" " + target.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n" + extra + b"\r\n"
+        )
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        writer.close()
+        assert status in (401, 403), (target, status)

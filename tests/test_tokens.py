@@ -83,6 +83,15 @@ async def test_requested_role_and_scopes_never_exceed_the_callers(client: Client
     b_only = await world.key(name="b", role="viewer", orgs=[world.org_b])
     r = await client.post("/v1/tokens", json={"org": world.org_a}, headers=auth(b_only))
     assert (r.status, r.headers["X-Auth-Error"]) == (403, "org_not_allowed")
+    # A space (or a tab) would smuggle a second pattern into the space-separated claim; not a pattern: 400.
+    scoped = await world.key(name="calls", role="admin", scopes=["calls:*"])
+    for bad in (["calls:read *"], ["calls:read\t*"], [1], [["calls:read"]], []):
+        r = await client.post("/v1/tokens", json={"org": world.org_a, "scopes": bad}, headers=auth(scoped))
+        assert (r.status, r.headers["X-Auth-Error"]) == (400, "invalid_request"), bad
+    # The claim says what the token grants: a viewer token of an admin key says *:read, not *.
+    admin_key = await world.key(name="admin", role="admin")
+    viewer = await _issue(client, admin_key, org=world.org_a, role="viewer")
+    assert _claims(viewer["access_token"])["scope"] == "*:read"
     # A token cannot mint tokens.
     r = await client.post("/v1/tokens", json={}, headers={"Authorization": f"Bearer {pair['access_token']}"})
     assert r.status == 403

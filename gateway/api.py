@@ -72,7 +72,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     elif raw is None:
         raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key")
     elif looks_like_jwt(raw):
-        record = await verifier.token_record(raw)
+        record = await verifier.token_record(raw, client_ip)
     else:
         record = await verifier.authenticate(verifier.parse(raw), client_ip)
         verifier.check_state(record, client_ip)
@@ -95,6 +95,12 @@ async def valid_ids(request: web.Request, handler: Handler) -> web.StreamRespons
     for name, value in request.match_info.items():
         checked_id(value, name)
     return await handler(request)
+
+
+def no_key_from_a_token(p: Principal) -> None:
+    """An access token lives minutes; a key it made would outlive it (and its family's revocation)."""
+    if p.record.method == "jwt":
+        raise InsufficientPermissions("an access token cannot make keys: use a key or the web page")
 
 
 # --- input ---------------------------------------------------------------------------------------
@@ -304,6 +310,7 @@ async def visible_key(request: web.Request, key_id: str, permission: str = "keys
 async def create_key(request: web.Request) -> web.Response:
     """One's own key: any valid credential of the user, never making more than that credential can do."""
     p = request[PRINCIPAL]
+    no_key_from_a_token(p)
     body = await read_body(request, KeyCreate)
     spec = spec_from(body, p.user_id)
     keyring = request.config_dict[KEYRING]
@@ -387,6 +394,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     """Rotation hands out a new raw key: only to its owner, or to an admin of a service account's org,
     and never to a key less powerful than the one rotated."""
     p = request[PRINCIPAL]
+    no_key_from_a_token(p)
     directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
     access = await visible_key(request, request.match_info["key_id"], "keys:write")
     if access.managed and await directory.service_org(access.row.user_id) not in access.managed:
@@ -611,6 +619,7 @@ async def list_service_accounts(request: web.Request) -> web.Response:
 async def create_service_account_key(request: web.Request) -> web.Response:
     """The org's own keys: owned by the service account, scoped to its one org."""
     p = request[PRINCIPAL]
+    no_key_from_a_token(p)
     org, sa_id = request.match_info["org"], request.match_info["sa"]
     p.require(org, "service_accounts:write", admin=True)
     directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]

@@ -423,7 +423,7 @@ class ForwardAuth:
                 decision = dataclasses.replace(decision, org=trail.org)
             return await self._identify(record, decision, client_ip, trail)
         if looks_like_jwt(raw):
-            return await self._identify(await verifier.token_record(raw), decision, client_ip, trail)
+            return await self._identify(await verifier.token_record(raw, client_ip), decision, client_ip, trail)
         parsed = verifier.parse(raw)
         try:
             record = await verifier.authenticate(parsed, client_ip)

@@ -20,8 +20,9 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 
 from gateway.audit import Actor, write_event
+from gateway.backends import Conn
 from gateway.config import RolesConfig, TokensConfig
-from gateway.data import orgs
+from gateway.data import keys, orgs
 from gateway.data import tokens as data
 from gateway.data.db import Database, new_id, notify
 from gateway.errors import ExpiredToken, InvalidToken, NotFound, OrgNotAllowed
@@ -41,11 +42,21 @@ class Grant:
     role: str
     scopes: tuple[str, ...]
     projects: tuple[str, ...] | None
-    key_id: str | None  # the key it was issued with: revoking the key revokes the family
+    key_id: str | None  # the key it was issued with: its limits hold for the tokens (see Verifier)
+    key_expires_at: float | None = None  # and the family ends with the key
 
 
 def _refresh_digest(pepper: bytes, raw: str) -> bytes:
     return hmac.new(pepper, b"refresh\0" + raw.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+
+
+async def _key_acts_in(conn: Conn, key_id: str, org_id: str) -> bool:
+    """The key a family was issued with is still live and not stopped in the family's org."""
+    row = await keys.get(conn, key_id)
+    now = datetime.now(UTC)
+    if row is None or row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+        return False
+    return not any(b.org_id == org_id for b in await keys.blocks(conn, [key_id]))
 
 
 class TokenService:
@@ -78,6 +89,8 @@ class TokenService:
         family_id = new_id("fam")
         refresh = self._new_refresh()
         expires = datetime.now(UTC) + timedelta(seconds=self.cfg.refresh_ttl_s)
+        if grant.key_expires_at is not None:
+            expires = min(expires, datetime.fromtimestamp(grant.key_expires_at, UTC))
         async with self.db.connect(transaction=True) as conn:
             await data.insert_family(
                 conn,
@@ -102,7 +115,8 @@ class TokenService:
                 target=family_id,
                 detail={"role": grant.role, "scopes": list(grant.scopes)},
             )
-        return self._pair(grant, family_id, refresh, ttl_s or self.cfg.access_ttl_s, self.cfg.refresh_ttl_s)
+        left = (expires - datetime.now(UTC)).total_seconds()
+        return self._pair(grant, family_id, refresh, min(ttl_s or self.cfg.access_ttl_s, left), left)
 
     def _new_refresh(self) -> str:
         return f"{self.prefix}{REFRESH_MARK}{b62encode(secrets.token_bytes(32), 43)}"
@@ -124,6 +138,8 @@ class TokenService:
         }
         if grant.projects is not None:
             claims["prj"] = list(grant.projects)
+        if grant.key_id is not None:
+            claims["key"] = grant.key_id
         try:
             access = self.keys.sign(claims)
         except SigningUnavailable:
@@ -177,6 +193,8 @@ class TokenService:
                 member_role = await orgs.role(conn, family.org_id, family.user_id)
                 if member_role is None:
                     raise OrgNotAllowed("the user is no longer a member of this token's org")
+                if family.key_id is not None and not await _key_acts_in(conn, family.key_id, family.org_id):
+                    raise InvalidToken("the key this token was issued with no longer acts in its org")
                 await data.mark_refresh_rotated(conn, family.id, state.latest)
                 refresh = self._new_refresh()
                 await data.insert_refresh(conn, _refresh_digest(self.pepper, refresh), family.id, state.latest + 1)

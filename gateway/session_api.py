@@ -117,11 +117,12 @@ async def create_session(request: web.Request) -> web.Response:
     body = await _body(request, SessionCreate)
     org, user = body["org"], body["user"]
     await _service_account_of(request, p.user_id, org)
-    p.require(org, "sessions:issue")
+    cap = p.require(org, "sessions:issue")
     if org not in await request.config_dict[VERIFIER].memberships(user, current=True):
         raise NotFound(f"no member {user} in this org")
+    # The session acts in the issuer's org only, never above the issuer's role there.
     session_id, session = await request.config_dict[SESSIONS].create(
-        user, None, org, request.headers.get("User-Agent", ""), p.actor.ip
+        user, None, org, request.headers.get("User-Agent", ""), p.actor.ip, (org,), cap
     )
     await audit_session(request, "session.created", session, {"via": "api"}, p.actor)
     view = {"session": session.view(), "csrf": session.csrf, "cookie": session_cookie(request, session_id)}
@@ -250,7 +251,7 @@ async def create_token(request: web.Request) -> web.Response:
     if not scopes:
         raise InsufficientPermissions("the caller may grant nothing in this org")
     projects = None if record.all_projects else tuple(record.project_ids)
-    grant = Grant(user, org, role, scopes, projects, record.id or None)
+    grant = Grant(user, org, role, scopes, projects, record.id or None, record.expires_at)
     pair = await request.config_dict[GRANTS].issue(grant, p.actor, ttl)
     return web.json_response(pair, headers=NO_STORE)
 

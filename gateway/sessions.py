@@ -60,6 +60,10 @@ class Session:
     last_seen: float
     agent: str
     address: str
+    # A session a service account issued acts in its org only, never above the issuer's role there (an
+    # org's admins vouch for nothing elsewhere); None: the user's orgs, their membership roles.
+    orgs: tuple[str, ...] | None = None
+    role_cap: str | None = None
 
     @property
     def public_id(self) -> str:
@@ -144,7 +148,14 @@ class SessionStore:
         return max(0, int(min(self.cfg.idle_ttl_s, created + self.cfg.absolute_ttl_s - now)))
 
     async def create(
-        self, user_id: str, key_id: str | None, active_org: str | None, agent: str, address: str | None
+        self,
+        user_id: str,
+        key_id: str | None,
+        active_org: str | None,
+        agent: str,
+        address: str | None,
+        orgs: tuple[str, ...] | None = None,
+        role_cap: str | None = None,
     ) -> tuple[str, Session]:
         """A new session; its id (the cookie's value, returned this once) and the session."""
         session_id = secrets.token_urlsafe(32)
@@ -159,6 +170,8 @@ class SessionStore:
             now,
             agent[:200],
             address or "",
+            orgs,
+            role_cap,
         )
         redis_key = C.REDIS_SESSION.format(digest=session.handle)
         mine = C.REDIS_USER_SESSIONS.format(user_id=user_id)
@@ -171,6 +184,8 @@ class SessionStore:
             "last_seen": repr(now),
             "agent": session.agent,
             "address": session.address,
+            "orgs": ",".join(orgs) if orgs is not None else "*",
+            "role_cap": role_cap or "",
         }
 
         async def save(redis: aioredis.Redis) -> None:
@@ -292,6 +307,8 @@ def _session(handle: str, raw: Mapping[Any, Any]) -> Session | None:
             last_seen=float(d["last_seen"]),
             agent=d.get("agent", ""),
             address=d.get("address", ""),
+            orgs=None if d.get("orgs", "*") == "*" else tuple(o for o in d["orgs"].split(",") if o),
+            role_cap=d.get("role_cap") or None,
         )
     except (KeyError, ValueError):
         log.error("ignoring a malformed session in Redis")

@@ -52,6 +52,7 @@ class Claims:
     jti: str
     exp: float
     nbf: float
+    key: str | None  # the API key it was issued with (`key` claim), whose limits it keeps
 
 
 def _token_digest(pepper: bytes, raw: str) -> str:
@@ -127,8 +128,20 @@ class AccessTokens:
         ):
             raise InvalidToken("the access token's claims are not of their types")
         projects = _strings(c["prj"], "prj") if "prj" in c else None
+        key = c.get("key")
+        if key is not None and not isinstance(key, str):
+            raise InvalidToken("the token's key claim is not a key id")
         return Claims(
-            c["sub"], c["org"], c["role"], tuple(c["scope"].split()), projects, c["sid"], c["jti"], c["exp"], c["nbf"]
+            c["sub"],
+            c["org"],
+            c["role"],
+            tuple(c["scope"].split()),
+            projects,
+            c["sid"],
+            c["jti"],
+            c["exp"],
+            c["nbf"],
+            key,
         )
 
     def key_for(self, obj: GuestProtocol) -> Key:

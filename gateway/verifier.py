@@ -32,7 +32,16 @@ from gateway.authz import (
 )
 from gateway.backends import StoreUnavailable
 from gateway.config import RolesConfig
-from gateway.errors import AuthUnavailable, GatewayError, InsufficientPermissions, InvalidApiKey, MissingCredentials
+from gateway.errors import (
+    AuthUnavailable,
+    ExpiredApiKey,
+    GatewayError,
+    InsufficientPermissions,
+    InvalidApiKey,
+    InvalidToken,
+    MissingCredentials,
+    RevokedApiKey,
+)
 from gateway.fresh import FreshMap
 from gateway.keys import KeyFormat, ParsedKey
 from gateway.metrics import Metrics
@@ -170,15 +179,21 @@ class Verifier:
         """The key as Postgres has it now, for a management call: it acts on what it reads, so it must
         see its own writes (an org just created, a member just added) before the cache's invalidation
         arrives. Its secret was verified through the cache; only its state and memberships are re-read.
-        A token's or keyless session's record: the user's memberships are re-read."""
-        if not record.id:
-            return dataclasses.replace(record, memberships=dict(await self.memberships(record.user_id, current=True)))
+        A token's or keyless session's record keeps its own limits: only the memberships are re-read (the
+        key's, for a token issued with one)."""
+        if record.method == "jwt" or not record.id:
+            if not record.id:
+                memberships = await self.memberships(record.user_id, current=True)
+            else:
+                key = await self.session_record(record.id, client, current=True)
+                if key is None:
+                    raise InvalidToken("the key this token was issued with is gone")
+                memberships = key.memberships
+            return dataclasses.replace(record, memberships=dict(memberships))
         fresh = await self.session_record(record.id, client, current=True)
-        if fresh is not None and record.method != "api_key":
-            fresh = dataclasses.replace(fresh, method=record.method)
         if fresh is None:
             raise InvalidApiKey()
-        return fresh
+        return dataclasses.replace(fresh, method=record.method) if record.method != "api_key" else fresh
 
     # --- sessions and tokens ------------------------------------------------------------------------
 
@@ -193,67 +208,59 @@ class Verifier:
                 raise AuthUnavailable("the key store is unreachable") from None
         return await self.members.get(user_id)
 
-    async def token_record(self, raw: str) -> KeyRecord:
+    async def token_record(self, raw: str, client: IP | None) -> KeyRecord:
         """A verified access token as a record: its role, org, scopes and projects, met with the user's
-        current membership (effective role = min(token role, membership role), computed fresh)."""
+        current membership (effective role = min(token role, membership role), computed fresh). A token
+        issued with a key keeps that key's limits too: its role, state, env, allowlist and rate limit,
+        and the orgs it may act in (stopped in one by its admins, stopped there for the token too)."""
         if self.tokens is None:
-            raise InvalidApiKey()
+            raise InvalidToken("this gateway verifies no access tokens")
         claims = await self.tokens.verify(raw)
-        return self._made_record(claims.jti, claims.sub, await self.memberships(claims.sub), claims)
+        if claims.key is None:
+            return self._made_record(claims.jti, await self.memberships(claims.sub), claims)
+        try:
+            key = await self.session_record(claims.key, client)
+        except (RevokedApiKey, ExpiredApiKey):
+            raise InvalidToken("the key this token was issued with is no longer valid") from None
+        if key is None or key.user_id != claims.sub:
+            raise InvalidToken("the key this token was issued with is gone")
+        return self._made_record(claims.jti, key.memberships, claims, key)
 
     async def session_principal(self, session: Session, client: IP | None, *, current: bool = False) -> KeyRecord:
         """A session as a record: the key it was signed in with (which caps it) or, for a session issued
-        to a user, the user with their membership role in each org."""
+        to a user, the user with their membership role (within what its issuer could grant: its org, its
+        role there)."""
         if session.key_id is not None:
             record = await self.session_record(session.key_id, client, current=current)
             if record is None:
                 raise MissingCredentials("the session has ended: sign in again")
             return dataclasses.replace(record, method="session")
         memberships = await self.memberships(session.user_id, current=current)
-        return self._made_record("s:" + session.handle, session.user_id, memberships, None)
+        return self._made_record("s:" + session.handle, memberships, session)
 
-    def _made_record(self, ident: str, user_id: str, memberships: dict[str, str], claims: Claims | None) -> KeyRecord:
+    def _made_record(
+        self, ident: str, memberships: dict[str, str], made_of: Claims | Session, key: KeyRecord | None = None
+    ) -> KeyRecord:
         made = self._made.get(ident)
         if made is not None and made[0] is memberships:
             return made[1]
-        if claims is None:  # a user's session: whatever the membership grants, in every org
+        if isinstance(made_of, Session):
+            orgs = made_of.orgs
             record = KeyRecord(
-                "",
-                user_id,
-                "",
-                self.roles.order[-1],
-                "",
-                None,
-                True,
-                (),
-                True,
-                (),
-                None,
-                None,
-                None,
-                None,
-                dict(memberships),
-                method="session",
-            )
+                id="", user_id=made_of.user_id, name="", role=made_of.role_cap or self.roles.order[-1], env="",
+                scopes=None, all_orgs=orgs is None, org_ids=orgs or (), all_projects=True, project_ids=(),
+                allowed_cidrs=None, rate_limit=None, expires_at=None, revoked_at=None,
+                memberships=dict(memberships), method="session",
+            )  # fmt: skip
         else:
+            role = made_of.role if key is None else self.roles.lower(made_of.role, key.role)
             record = KeyRecord(
-                "",
-                user_id,
-                "",
-                claims.role,
-                "",
-                claims.scopes,
-                False,
-                (claims.org,),
-                claims.projects is None,
-                claims.projects or (),
-                None,
-                None,
-                None,
-                None,
-                dict(memberships),
-                method="jwt",
-            )
+                id=key.id if key else "", user_id=made_of.sub, name="", role=role, env=key.env if key else "",
+                scopes=made_of.scopes, all_orgs=False, org_ids=(made_of.org,), all_projects=made_of.projects is None,
+                project_ids=made_of.projects or (), allowed_cidrs=key.allowed_cidrs if key else None,
+                rate_limit=key.rate_limit if key else None, expires_at=key.expires_at if key else None,
+                revoked_at=None, memberships=dict(memberships), method="jwt",
+            )  # fmt: skip
         if len(self._made) >= C.TOKEN_CACHE_MAX:
             self._made.clear()
         self._made[ident] = (memberships, record)

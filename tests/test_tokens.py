@@ -20,7 +20,6 @@ import redis.asyncio as aioredis
 from joserfc import jwt
 from joserfc.jwk import OKPKey
 
-from gateway.audit import CLI
 from gateway.signing import eddsa_allowed
 from gateway.typedefs import SIGNING
 from tests.conftest import Client, Services, World, nginx_headers, start_gateway, until
@@ -67,7 +66,8 @@ async def test_a_token_identifies_its_user_in_its_org(client: Client, world: Wor
     assert r.status == 200, await r.text()
     assert r.headers["X-Auth-Method"] == "jwt"
     assert (r.headers["X-Org"], r.headers["X-Role"], r.headers["X-User"]) == (world.org_a, "admin", world.user)
-    assert r.headers["X-Key-Id"] == ""
+    # Issued with a key: the key it keeps the limits of (id, env, allowlist, rate limit) is named.
+    assert (r.headers["X-Key-Id"], r.headers["X-Key-Env"]) == (key["id"], "live")
 
 
 async def test_requested_role_and_scopes_never_exceed_the_callers(client: Client, world: World) -> None:
@@ -314,14 +314,15 @@ async def test_revocation_and_org_switch_reach_another_process_within_a_second(
                 await asyncio.sleep(0.005)
             print(f"family revocation seen by the other process after {(time.monotonic() - started) * 1000:.0f} ms")
 
-            sa = await world.directory.create_service_account(world.org_a, "web", "admin", CLI)
-            issuer = await world.key(name="issuer", user=sa["id"], role="admin", orgs=[world.org_a])
-            body = {"user": world.user, "org": world.org_a}
-            async with http.post(f"{one.url}/v1/sessions", json=body, headers=auth(issuer)) as r:
+            laptop = await world.key(name="laptop", role="admin")  # the web page's session: all the user's orgs
+            async with http.post(f"{one.url}/ui/session", json={"key": laptop["key"]}) as r:
                 issued = await r.json()
-            cookie = {"Cookie": f"gw_session={issued['cookie']['value']}"}
-            assert (await forward(two, cookie))[1]["X-Org"] == world.org_a
+                cookie = {"Cookie": f"gw_session={r.cookies['gw_session'].value}"}
+            http.cookie_jar.clear()
             switch = {**cookie, "X-CSRF-Token": issued["csrf"]}
+            async with http.post(f"{one.url}/v1/session/org", json={"org": world.org_a}, headers=switch) as r:
+                assert r.status == 200
+            assert (await forward(two, cookie))[1]["X-Org"] == world.org_a
             async with http.post(f"{one.url}/v1/session/org", json={"org": world.org_b}, headers=switch) as r:
                 assert r.status == 200
             assert (await forward(two, cookie))[1]["X-Org"] == world.org_b  # the very next request
@@ -340,4 +341,40 @@ async def test_revoking_the_key_revokes_the_tokens_it_issued(client: Client, wor
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_token")
+    assert (await _refresh(client, pair["refresh_token"])).status == 401
+
+
+async def test_a_token_keeps_the_limits_of_the_key_it_was_issued_with(client: Client, world: World) -> None:
+    """Found by review: a token dropped its key's env, allowlist, rate limit and expiry, and could mint a
+    key without them. It keeps them, and makes no keys at all."""
+    elsewhere = await world.key(name="elsewhere", role="admin", env="test", allow_ips=["10.0.0.0/8"])
+    r = await client.post("/v1/tokens", json={"org": world.org_a}, headers=auth(elsewhere))
+    assert (r.status, r.headers["X-Auth-Error"]) == (403, "ip_not_allowed")  # the key itself cannot act here
+    local = await world.key(name="local", role="admin", env="test", allow_ips=["127.0.0.0/8"], expires_in="1h")
+    pair = await _issue(client, local, org=world.org_a)
+    assert pair["refresh_expires_in"] <= 3600  # the family ends with the key
+    r = await _forward(client, pair["access_token"])
+    assert (r.status, r.headers["X-Key-Env"], r.headers["X-Key-Id"]) == (200, "test", local["id"])
+    bearer = {"Authorization": f"Bearer {pair['access_token']}"}
+    r = await client.post("/v1/keys", json={"name": "forever", "role": "viewer"}, headers=bearer)
+    assert (r.status, r.headers["X-Auth-Error"]) == (403, "insufficient_permissions")
+
+
+async def test_stopping_the_key_in_an_org_stops_its_tokens_there(client: Client, world: World) -> None:
+    """Found by review: an org's admin stopping a member's all-orgs key in that org left the tokens the key
+    had issued for the org working, and refreshable."""
+    member = (await world.directory.create_user("member@example.com"))["id"]
+    await world.directory.set_member(world.org_a, member, "admin")
+    await world.directory.set_member(world.org_b, member, "admin")
+    everywhere = await world.key(name="everywhere", user=member, role="admin")
+    pair = await _issue(client, everywhere, org=world.org_a)
+    assert (await _forward(client, pair["access_token"])).status == 200
+    owner = await world.key(name="owner", role="admin", orgs=[world.org_a])  # an admin of A
+    r = await client.post(f"/v1/keys/{everywhere['id']}/revoke", headers=auth(owner))
+    assert (r.status, (await r.json())["revoked_in"]) == (200, [world.org_a])
+    deadline = time.monotonic() + 1.0
+    while (r := await _forward(client, pair["access_token"])).status == 200:
+        assert time.monotonic() < deadline, "the stopped key's token still acts in the org"
+        await asyncio.sleep(0.02)
+    assert r.headers["X-Auth-Error"] == "org_not_allowed"
     assert (await _refresh(client, pair["refresh_token"])).status == 401

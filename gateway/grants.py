@@ -162,20 +162,17 @@ class TokenService:
         async with self.db.connect(transaction=True) as conn:
             family_id = await data.refresh_family_of(conn, digest)
             family = await data.family(conn, family_id, lock=True) if family_id is not None else None
-            state = await data.refresh_state(conn, digest) if family is not None else None
+            cfg = self.cfg
+            found = family is not None
+            state = await data.refresh_state(conn, digest, cfg.reuse_grace_s, cfg.refresh_idle_s) if found else None
             if family is None or state is None:
                 raise InvalidToken("not a refresh token")
-            now = datetime.now(UTC)
             if family.revoked_at is not None:
                 raise InvalidToken("this refresh token's family was revoked")
-            if family.expires_at <= now or family.last_used_at + timedelta(seconds=self.cfg.refresh_idle_s) <= now:
+            if state.lapsed:
                 raise InvalidToken("this refresh token has expired: sign in again")
             fresh = state.rotated_at is None and state.seq == state.latest
-            retry = (
-                state.seq == state.latest - 1
-                and state.rotated_at is not None
-                and now - state.rotated_at <= timedelta(seconds=self.cfg.reuse_grace_s)
-            )
+            retry = state.seq == state.latest - 1 and state.in_grace
             if not (fresh or retry):
                 await data.revoke_family(conn, family.id, "reuse_detected")
                 await notify(conn, families=[family.id])

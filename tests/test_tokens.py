@@ -378,3 +378,16 @@ async def test_stopping_the_key_in_an_org_stops_its_tokens_there(client: Client,
         await asyncio.sleep(0.02)
     assert r.headers["X-Auth-Error"] == "org_not_allowed"
     assert (await _refresh(client, pair["refresh_token"])).status == 401
+
+
+async def test_a_family_ends_after_its_idle_and_absolute_lifetimes(client: Client, world: World) -> None:
+    key = await world.key(role="admin")
+    idle, absolute = await _issue(client, key, org=world.org_a), await _issue(client, key, org=world.org_a)
+    for pair, change in (
+        (idle, "last_used_at = now() - interval '8 days'"),  # tokens.refresh_idle_s: 7 days
+        (absolute, "expires_at = now() - interval '1 second'"),
+    ):
+        sid = _claims(pair["access_token"])["sid"]
+        await world.pool.execute(f"UPDATE token_families SET {change} WHERE id = $1", sid)  # noqa: S608 - constant
+        r = await _refresh(client, pair["refresh_token"])
+        assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_token")

@@ -64,6 +64,8 @@ class RefreshRow:
     seq: int
     rotated_at: datetime | None
     latest: int  # the family's highest seq: the token issued last
+    in_grace: bool  # rotated no longer ago than the grace, by the database's clock
+    lapsed: bool  # the family is past its absolute or idle end, by the database's clock
 
 
 _KEY_COLUMNS = "kid, alg, public_jwk::text AS public_jwk, state, created_at, activated_at, retire_after"
@@ -220,14 +222,19 @@ async def refresh_family_of(conn: Conn, digest: bytes) -> str | None:
     return family_id
 
 
-async def refresh_state(conn: Conn, digest: bytes) -> RefreshRow | None:
+async def refresh_state(conn: Conn, digest: bytes, grace_s: float, idle_s: float) -> RefreshRow | None:
     """The refresh token and its family's latest seq. Read after locking the family: refreshes of one
-    family are serialised, so this is the state no other refresh can change until the caller commits."""
+    family are serialised, so this is the state no other refresh can change until the caller commits.
+    Times are judged by the database's clock, the one that wrote them."""
     row = await conn.fetchrow(
         "SELECT t.family_id, t.seq, t.rotated_at,"
-        " (SELECT max(seq) FROM refresh_tokens l WHERE l.family_id = t.family_id) AS latest"
-        " FROM refresh_tokens t WHERE t.digest = $1",
+        " (SELECT max(seq) FROM refresh_tokens l WHERE l.family_id = t.family_id) AS latest,"
+        " COALESCE(now() - t.rotated_at <= make_interval(secs => $2), false) AS in_grace,"
+        " (f.expires_at <= now() OR f.last_used_at + make_interval(secs => $3) <= now()) AS lapsed"
+        " FROM refresh_tokens t JOIN token_families f ON f.id = t.family_id WHERE t.digest = $1",
         digest,
+        grace_s,
+        idle_s,
     )
     return typed(RefreshRow, row)
 

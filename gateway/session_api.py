@@ -86,7 +86,8 @@ def session_cookie(request: web.Request, session_id: str) -> dict[str, Any]:
         "value": session_id,
         "path": "/",
         "http_only": True,
-        "secure": _secure(request),
+        # A `__Host-` cookie is refused by browsers unless Secure: the name asks for TLS.
+        "secure": _secure(request) or cfg.cookie.startswith("__Host-"),
         "same_site": "Strict",
         "max_age": int(cfg.absolute_ttl_s),
     }

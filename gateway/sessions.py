@@ -135,6 +135,7 @@ class SessionStore:
         self._update = redis.register_script(_UPDATE)
         self._touching: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batch: dict[str, asyncio.Future[Mapping[Any, Any]]] = {}  # this tick's reads, by handle
 
     async def _call(self, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """A session-store call through the Redis breaker; unreachable is 503, never a signed-out 401."""
@@ -205,9 +206,13 @@ class SessionStore:
         return session_id, session
 
     async def load(self, session_id: str) -> Session | None:
-        """The live session this cookie names, or None. Last-seen is refreshed in the background."""
+        """The live session this cookie names, or None. Last-seen is refreshed in the background.
+
+        Reads are batched: every session asked for in one event-loop tick is read in one pipeline (one
+        round trip), and requests of the same session in that tick share its read. A request that starts
+        after an org switch returned is in a later tick: it reads the switch."""
         handle = digest_of(session_id)
-        raw = await self._call(lambda r: r.hgetall(C.REDIS_SESSION.format(digest=handle)))
+        raw = await self._read(handle)
         session = _session(handle, raw)
         if session is None:
             return None
@@ -217,6 +222,39 @@ class SessionStore:
         if now - session.last_seen >= self.cfg.touch_interval_s:
             self._touch_later(session, now)
         return session
+
+    def _read(self, handle: str) -> asyncio.Future[Mapping[Any, Any]]:
+        fut = self._batch.get(handle)
+        if fut is None:
+            if not self._batch:
+                asyncio.get_running_loop().call_soon(self._flush_soon)
+            fut = self._batch[handle] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def _flush_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self) -> None:
+        batch, self._batch = self._batch, {}
+
+        async def read_all(redis: aioredis.Redis) -> list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                for handle in batch:
+                    pipe.hgetall(C.REDIS_SESSION.format(digest=handle))
+                return list(await pipe.execute())
+
+        try:
+            found = await self._call(read_all)
+        except Exception as exc:  # every waiter gets an answer, whatever went wrong
+            for fut in batch.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for fut, raw in zip(batch.values(), found, strict=True):
+            if not fut.done():
+                fut.set_result(raw)
 
     def _touch_later(self, session: Session, now: float) -> None:
         if session.handle in self._touching:

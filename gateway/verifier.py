@@ -74,9 +74,9 @@ class Verifier:
         self.fmt = fmt
         self.members = members
         self.tokens = tokens
-        # The record made for a token (or keyless session) and the memberships it was made with: reused,
-        # with the identities it memoises, while those memberships are the current ones.
-        self._made: dict[str, tuple[dict[str, str], KeyRecord]] = {}
+        # The record made for a token or session and what it was made from (the memberships, or the key's
+        # cached record): reused, with the identities it memoises, while that is still the current one.
+        self._made: dict[str, tuple[object, KeyRecord]] = {}
         self.guard = guard
         self.resolver = resolver
         resolver.checkpoints = self  # its loads ask this object before a lookup and before an argon2 run
@@ -234,7 +234,11 @@ class Verifier:
             record = await self.session_record(session.key_id, client, current=current)
             if record is None:
                 raise MissingCredentials("the session has ended: sign in again")
-            return dataclasses.replace(record, method="session")
+            ident = "k:" + session.handle
+            made = self._made.get(ident)
+            if made is not None and made[0] is record:  # the key's cached record, unchanged: reuse ours
+                return made[1]
+            return self._remember(ident, record, dataclasses.replace(record, method="session"))
         memberships = await self.memberships(session.user_id, current=current)
         return self._made_record("s:" + session.handle, memberships, session)
 
@@ -261,9 +265,12 @@ class Verifier:
                 rate_limit=key.rate_limit if key else None, expires_at=key.expires_at if key else None,
                 revoked_at=None, memberships=dict(memberships), method="jwt",
             )  # fmt: skip
+        return self._remember(ident, memberships, record)
+
+    def _remember(self, ident: str, source: object, record: KeyRecord) -> KeyRecord:
         if len(self._made) >= C.TOKEN_CACHE_MAX:
             self._made.clear()
-        self._made[ident] = (memberships, record)
+        self._made[ident] = (source, record)
         return record
 
     async def _charge(self, charges: list[tuple[Limit, str]]) -> Decision | None:

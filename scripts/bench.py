@@ -606,7 +606,7 @@ class Bench:
 
         self.row("11", "/auth/nginx, JWT access token (cached verification), row 2's process",
                  via("11", {"Authorization": f"Bearer {token}"}, "jwt"))  # fmt: skip
-        self.row("12", "/auth/nginx, session cookie (one Redis read), row 2's process",
+        self.row("12", "/auth/nginx, session cookie (a Redis read, batched per loop tick), row 2's process",
                  via("12", {"Authorization": None, "Cookie": cookie}, "session"))  # fmt: skip
 
     async def credentials(self, url: str) -> tuple[str, str]:

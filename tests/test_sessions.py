@@ -9,8 +9,12 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from gateway._breaker import Breaker
+from gateway._services import free_port
 from gateway.app import create_app
 from gateway.audit import CLI
+from gateway.errors import AuthUnavailable
+from gateway.sessions import SessionStore
 from tests.conftest import Client, Services, World, make_config, nginx_headers
 from tests.test_api import auth
 from tests.test_ui import sign_in
@@ -270,3 +274,25 @@ async def test_a_cookie_or_csrf_token_that_is_not_utf8_is_no_500(client: Client,
         status = int((await reader.readline()).split()[1])
         writer.close()
         assert status in (401, 403), (target, status)
+
+
+async def test_session_reads_of_one_tick_share_a_round_trip(rclient: aioredis.Redis, services: Services) -> None:
+    """Every session asked for in one event-loop tick is read in one pipeline, each session once; a
+    Redis that cannot answer is 503 for every waiter, never a signed-out 401."""
+    cfg = make_config(services).sessions
+    store = SessionStore(rclient, Breaker("redis"), cfg)
+    one, _ = await store.create("usr_a", None, "org_a", "", None)
+    two, _ = await store.create("usr_b", None, "org_b", "", None)
+
+    async def hgetalls() -> int:
+        return int((await rclient.info("commandstats")).get("cmdstat_hgetall", {}).get("calls", 0))
+
+    before = await hgetalls()
+    found = await asyncio.gather(*(store.load(s) for s in [one, two] * 10), store.load("nobody"))
+    assert [s.user_id if s else None for s in found] == ["usr_a", "usr_b"] * 10 + [None]
+    assert await hgetalls() - before == 3  # one, two, nobody: once each
+    dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
+    broken = SessionStore(dead, Breaker("redis"), cfg)
+    results = await asyncio.gather(*(broken.load(s) for s in (one, two, one)), return_exceptions=True)
+    assert all(isinstance(r, AuthUnavailable) for r in results), results
+    await dead.aclose()

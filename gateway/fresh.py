@@ -93,6 +93,3 @@ class FreshMap(Generic[V]):
         for key in keys:
             self._entries.pop(key, None)
             self._inflight.pop(key, None)  # its waiters get what it read; new requests read again
-
-    def __len__(self) -> int:
-        return len(self._entries)

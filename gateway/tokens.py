@@ -171,6 +171,3 @@ class AccessTokens:
                 self._reloading = None
 
         self._reloading = asyncio.get_running_loop().create_task(reload())
-
-    def forget(self) -> None:
-        self._verified.clear()

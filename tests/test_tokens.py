@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from joserfc import jwt
 from joserfc.jwk import OKPKey
 
+from gateway.audit import CLI
 from gateway.signing import eddsa_allowed
 from gateway.typedefs import SIGNING
 from tests.conftest import Client, Services, World, nginx_headers, start_gateway, until
@@ -411,3 +412,36 @@ async def test_es256_signing_keys(services: Services, world: World, aiohttp_clie
     assert (await _forward(c, pair["access_token"])).status == 200
     jwks = await (await c.get("/.well-known/jwks.json")).json()
     assert next(k for k in jwks["keys"] if k["kid"] == rotated["current"])["crv"] == "P-256"
+
+
+async def test_a_service_account_issues_tokens_for_members_of_its_org(client: Client, world: World) -> None:
+    sa = await world.directory.create_service_account(world.org_a, "backend", "admin", CLI)
+    issuer = await world.key(name="backend", user=sa["id"], role="admin", orgs=[world.org_a])
+    await world.directory.set_member(world.org_a, world.user, "member")
+    pair = await _issue(client, issuer, user=world.user)
+    claims = _claims(pair["access_token"])
+    assert (claims["sub"], claims["org"], claims["role"]) == (world.user, world.org_a, "member")  # the member's
+    stranger = (await world.directory.create_user("stranger@example.com"))["id"]
+    r = await client.post("/v1/tokens", json={"user": stranger}, headers=auth(issuer))
+    assert r.status == 404
+    person = await world.key(name="person", role="admin")
+    r = await client.post("/v1/tokens", json={"user": stranger, "org": world.org_a}, headers=auth(person))
+    assert r.status == 403  # only a service account issues for someone else
+
+
+async def test_revoking_with_an_expired_access_token_and_bad_forms(client: Client, world: World) -> None:
+    pair = await _issue(client, await world.key(role="admin"), org=world.org_a)
+    claims = _claims(pair["access_token"])
+    expired = await _sign(client, **{**claims, "exp": int(time.time()) - 60, "nbf": int(time.time()) - 120})
+    assert (await client.post("/v1/tokens/revoke", data={"token": expired})).status == 200
+    assert (await _refresh(client, pair["refresh_token"])).status == 401  # its family is revoked
+    r = await client.post(
+        "/v1/tokens/revoke", data="token=a&token=b", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert r.status == 400
+    r = await client.post(
+        "/v1/tokens/refresh", data=b"refresh_token=\xff", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert r.status == 400
+    bad_projects = await _sign(client, **{**claims, "prj": "prj_x"})
+    assert (await _forward(client, bad_projects)).headers["X-Auth-Error"] == "invalid_token"

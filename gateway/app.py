@@ -38,6 +38,7 @@ from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.keys_verify import keys_verify
 from gateway.listener import Change, InvalidationListener, supervise
 from gateway.metrics import Metrics
+from gateway.models import KeyRecord
 from gateway.openapi import openapi
 from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
 from gateway.ratelimit import BruteForceGuard, Limits, RateLimiter
@@ -173,6 +174,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
     fresh = (cfg.cache.local_ttl_s, cfg.cache.stale_if_error_s, cfg.cache.local_max_entries)
     members: Memberships = FreshMap(local, store.memberships, *fresh)
     families: FreshMap[bool] = FreshMap(local, store.revoked_families, *fresh)
+    key_records: FreshMap[KeyRecord | None] = FreshMap(local, store.key_records, *fresh)
     signing = SigningKeys(db, cfg.tokens)
     await signing.load()
     app[SIGNING] = signing
@@ -197,6 +199,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         guard,
         members,
         access,
+        key_records,
     )
     app[AUDITOR] = FailureAuditor(app[STORE], cfg.audit.failed_max_per_flush, metrics)
     app[USAGE] = UsageAuditor(app[STORE], metrics)
@@ -215,6 +218,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def on_keys(key_ids: list[str]) -> None:
         metrics.invalidations.inc(len(key_ids))
+        key_records.invalidate(key_ids)
         await resolver.invalidate(key_ids)
 
     async def on_change(change: Change) -> None:

@@ -55,3 +55,11 @@ class Store:
         """Each refresh family's state: revoked or not (one that does not exist counts as revoked)."""
         found = await self.db.run(lambda c: tokens.revoked_families(c, family_ids))
         return {f: found.get(f, True) for f in family_ids}
+
+    async def key_records(self, key_ids: list[str]) -> dict[str, KeyRecord | None]:
+        """Keys by id, without their hashes (None: no such key)."""
+        found: dict[str, KeyRecord | None] = {}
+        for key_id in key_ids:
+            loaded = await self.load_key(key_id)
+            found[key_id] = loaded[0] if loaded is not None else None
+        return found

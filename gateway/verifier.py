@@ -70,9 +70,13 @@ class Verifier:
         guard: BruteForceGuard | None,
         members: Memberships | None = None,
         tokens: AccessTokens | None = None,
+        key_records: FreshMap[KeyRecord | None] | None = None,
     ) -> None:
         self.fmt = fmt
         self.members = members
+        # Keys by id, for sessions signed in with one and tokens issued with one (no secret to look them up
+        # by): kept fresh by the same invalidations as the key cache.
+        self.key_records = key_records
         self.tokens = tokens
         # The record made for a token or session and what it was made from (the memberships, or the key's
         # cached record): reused, with the identities it memoises, while that is still the current one.
@@ -164,6 +168,10 @@ class Verifier:
         invalidations), else, or when `current` is asked, from Postgres. Revoked or expired keys are
         refused."""
         record = None if current else self.resolver.local.record_of(key_id)
+        if record is None and not current and self.key_records is not None:
+            record = await self.key_records.get(key_id)
+            if record is None:
+                return None
         if record is None:
             try:
                 loaded = await self.store.load_key(key_id)

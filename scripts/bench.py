@@ -931,6 +931,13 @@ of that org. "Key/org limits raised": `rate_limits.key` and `.org` set to `rate:
     another key of the same owner) while the client polls process B's `/auth/nginx` every
     {POLL_S * 1000:.0f} ms with the key; the delay runs from sending the revocation to B's first 401
     (B learns of it by Postgres NOTIFY). Bar: p99 ≤ 100 ms.
+11. Row 2's process and request with `Authorization: Bearer <JWT>` instead of the key: an access token
+    issued by `POST /v1/tokens` with the hot key for its org (EdDSA). Verified once (signature, claims),
+    then answered from the in-process cache of verified tokens; its family's state and the user's
+    memberships from the fresh maps (pushed by NOTIFY), the key it was issued with from the key cache.
+12. Row 2's process and request with the web page's session cookie instead of the key (signed in with
+    the hot key): each request reads its session from Redis, the reads of one event-loop tick in one
+    pipeline (here every connection sends the same cookie, so a tick's requests share one read).
 """
 
 

@@ -44,6 +44,10 @@ def test_envoy_ext_authz() -> None:
     upstream = {p["exact"] for p in http["authorization_response"]["allowed_upstream_headers"]["patterns"]}
     assert upstream == {h.lower() for h in IDENTITY_HEADERS}
     assert hcm["use_remote_address"] is True and hcm["normalize_path"] is True
+    # Issue 12: Envoy sends the check only the headers it is told to; sessions need the cookie, and the
+    # CSRF rule the request's Origin and Sec-Fetch-Site.
+    sent = {p["exact"] for p in http["authorization_request"]["allowed_headers"]["patterns"]}
+    assert {"cookie", "origin", "sec-fetch-site", "x-api-key", "x-org-id"} <= sent
 
 
 def test_kubernetes_manifests() -> None:

@@ -206,3 +206,20 @@ async def test_identity_header_aliases_are_refused(gw: Client, world: World) -> 
     for alias in ("X_Org", "x_role", "X.Scopes", "X_Key_Id"):
         r = await gw.get("/auth/traefik", headers=traefik(k["key"], uri, **{alias: "forged"}))
         assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_request"), alias
+
+
+async def test_envoy_with_a_session_cookie_and_the_csrf_rule(gw: Client, world: World) -> None:
+    """Issue 12: Envoy forwards the cookie, Origin and Sec-Fetch-Site (deploy/envoy/envoy.yaml); a session
+    identifies, and its unsafe requests need an allowed origin."""
+    k = await world.key(orgs=[world.org_a])
+    signed_in = await gw.post("/ui/session", json={"key": k["key"]})
+    cookie = f"gw_session={signed_in.cookies['gw_session'].value}"
+    gw.session.cookie_jar.clear()
+    r = await gw.request("GET", "/auth/envoy/v1/things", headers=envoy(None, cookie=cookie))
+    assert (r.status, r.headers["X-Auth-Method"], r.headers["X-Org"]) == (200, "session", world.org_a)
+    r = await gw.request("POST", "/auth/envoy/v1/things", headers=envoy(None, cookie=cookie))
+    assert (r.status, r.headers["X-Auth-Error"]) == (403, "csrf_failed")
+    r = await gw.request(
+        "POST", "/auth/envoy/v1/things", headers=envoy(None, cookie=cookie, **{"sec-fetch-site": "same-origin"})
+    )
+    assert r.status == 200

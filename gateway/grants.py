@@ -217,7 +217,7 @@ class TokenService:
             family.key_id,
         )
         left = (family.expires_at - datetime.now(UTC)).total_seconds()
-        return self._pair(grant, family.id, refresh, self.cfg.access_ttl_s, left)
+        return self._pair(grant, family.id, refresh, min(self.cfg.access_ttl_s, left), left)
 
     async def family_of(self, raw: str, access: AccessTokens) -> str | None:
         """The family a refresh token or an access token (its signature verified, expired or not) belongs

@@ -115,6 +115,8 @@ async def _body(request: web.Request, model: type[Any]) -> dict[str, Any]:
 
 async def create_session(request: web.Request) -> web.Response:
     p = _principal(request)
+    if p.record.method == "jwt":  # a session would outlive the token and its family's revocation
+        raise InsufficientPermissions("an access token cannot issue sessions: use the service account's key")
     body = await _body(request, SessionCreate)
     org, user = body["org"], body["user"]
     await _service_account_of(request, p.user_id, org)
@@ -231,6 +233,8 @@ async def create_token(request: web.Request) -> web.Response:
         member = (await request.config_dict[VERIFIER].memberships(user, current=True)).get(org)
         if member is None:
             raise NotFound(f"no member {user} in this org")
+        if member not in roles.order:
+            raise InsufficientPermissions("the member's role is not one this gateway knows")
         cap = roles.lower(cap, member)
     else:
         if session is not None:
@@ -252,7 +256,11 @@ async def create_token(request: web.Request) -> web.Response:
     if not scopes:
         raise InsufficientPermissions("the caller may grant nothing in this org")
     projects = None if record.all_projects else tuple(record.project_ids)
-    grant = Grant(user, org, role, scopes, projects, record.id or None, record.expires_at)
+    # A token for the caller's own user keeps the caller's key's limits; one a service account issues for
+    # a member is that member's (capped above), not tied to the service account's key.
+    own = user == p.user_id
+    grant = Grant(user, org, role, scopes, projects if own else None, record.id or None if own else None,
+                  record.expires_at if own else None)  # fmt: skip
     pair = await request.config_dict[GRANTS].issue(grant, p.actor, ttl)
     return web.json_response(pair, headers=NO_STORE)
 

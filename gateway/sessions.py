@@ -212,7 +212,7 @@ class SessionStore:
         round trip), and requests of the same session in that tick share its read. A request that starts
         after an org switch returned is in a later tick: it reads the switch."""
         handle = digest_of(session_id)
-        raw = await self._read(handle)
+        raw = await asyncio.shield(self._read(handle))  # shared by this tick's requests of the session
         session = _session(handle, raw)
         if session is None:
             return None
@@ -247,6 +247,10 @@ class SessionStore:
 
         try:
             found = await self._call(read_all)
+        except asyncio.CancelledError:  # at shutdown: no waiter is left hanging
+            for fut in batch.values():
+                fut.cancel()
+            raise
         except Exception as exc:  # every waiter gets an answer, whatever went wrong
             for fut in batch.values():
                 if not fut.done():
@@ -345,7 +349,7 @@ def _session(handle: str, raw: Mapping[Any, Any]) -> Session | None:
             last_seen=float(d["last_seen"]),
             agent=d.get("agent", ""),
             address=d.get("address", ""),
-            orgs=None if d.get("orgs", "*") == "*" else tuple(o for o in d["orgs"].split(",") if o),
+            orgs=None if d["orgs"] == "*" else tuple(o for o in d["orgs"].split(",") if o),
             role_cap=d.get("role_cap") or None,
         )
     except (KeyError, ValueError):

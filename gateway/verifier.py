@@ -265,6 +265,8 @@ class Verifier:
                 memberships=dict(memberships), method="session",
             )  # fmt: skip
         else:
+            if made_of.role not in self.roles.order or (key is not None and key.role not in self.roles.order):
+                raise InvalidToken("the token's role is not one this gateway knows")
             role = made_of.role if key is None else self.roles.lower(made_of.role, key.role)
             record = KeyRecord(
                 id=key.id if key else "", user_id=made_of.sub, name="", role=role, env=key.env if key else "",

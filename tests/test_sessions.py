@@ -296,3 +296,15 @@ async def test_session_reads_of_one_tick_share_a_round_trip(rclient: aioredis.Re
     results = await asyncio.gather(*(broken.load(s) for s in (one, two, one)), return_exceptions=True)
     assert all(isinstance(r, AuthUnavailable) for r in results), results
     await dead.aclose()
+
+
+async def test_one_cancelled_read_does_not_cancel_the_others(rclient: aioredis.Redis, services: Services) -> None:
+    """Found by review: requests of one session in one tick share a read; cancelling one of them (a client
+    gone, a shutdown) cancelled it for all."""
+    store = SessionStore(rclient, Breaker("redis"), make_config(services).sessions)
+    cookie, _ = await store.create("usr_a", None, "org_a", "", None)
+    first, second = asyncio.ensure_future(store.load(cookie)), asyncio.ensure_future(store.load(cookie))
+    await asyncio.sleep(0)
+    first.cancel()
+    found = await second
+    assert found is not None and found.user_id == "usr_a"

@@ -421,6 +421,22 @@ async def test_a_service_account_issues_tokens_for_members_of_its_org(client: Cl
     pair = await _issue(client, issuer, user=world.user)
     claims = _claims(pair["access_token"])
     assert (claims["sub"], claims["org"], claims["role"]) == (world.user, world.org_a, "member")  # the member's
+    # Found by review: the token named the service account's key, whose owner is not the token's user,
+    # so every such token was refused. It is the member's, tied to no key.
+    assert "key" not in claims
+    r = await _forward(client, pair["access_token"])
+    assert (r.status, r.headers["X-User"], r.headers["X-Role"], r.headers["X-Key-Id"]) == (
+        200,
+        world.user,
+        "member",
+        "",
+    )
+    refreshed = await (await _refresh(client, pair["refresh_token"])).json()
+    assert (await _forward(client, refreshed["access_token"])).status == 200
+    # An access token issues no sessions: a session would outlive it.
+    bearer = {"Authorization": f"Bearer {(await _issue(client, issuer, org=world.org_a))['access_token']}"}
+    r = await client.post("/v1/sessions", json={"user": world.user, "org": world.org_a}, headers=bearer)
+    assert r.status == 403
     stranger = (await world.directory.create_user("stranger@example.com"))["id"]
     r = await client.post("/v1/tokens", json={"user": stranger}, headers=auth(issuer))
     assert r.status == 404
@@ -445,3 +461,12 @@ async def test_revoking_with_an_expired_access_token_and_bad_forms(client: Clien
     assert r.status == 400
     bad_projects = await _sign(client, **{**claims, "prj": "prj_x"})
     assert (await _forward(client, bad_projects)).headers["X-Auth-Error"] == "invalid_token"
+
+
+async def test_a_token_whose_role_the_gateway_no_longer_knows_is_refused(client: Client, world: World) -> None:
+    """Found by review: a role missing from roles.order (removed from the config since) raised, a 500."""
+    pair = await _issue(client, await world.key(role="admin"), org=world.org_a)
+    claims = _claims(pair["access_token"])
+    unknown = await _sign(client, **{**claims, "role": "superuser", "jti": "other"})
+    r = await _forward(client, unknown)
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "invalid_token")

@@ -122,13 +122,6 @@ async def rotate_signing_keys(conn: Conn, keep_previous_s: float) -> None:
     await conn.execute("UPDATE signing_keys SET state = 'current', activated_at = now() WHERE state = 'next'")
 
 
-async def retire_lapsed(conn: Conn) -> int:
-    status = await conn.execute(
-        "UPDATE signing_keys SET state = 'retired' WHERE state = 'previous' AND retire_after <= now()"
-    )
-    return int(status.split()[-1])
-
-
 # --- refresh families ------------------------------------------------------------------------------
 
 
@@ -196,15 +189,6 @@ async def revoke_key_families(conn: Conn, key_id: str, why: str) -> list[str]:
         why,
     )
     return [r["id"] for r in rows]
-
-
-async def user_families(conn: Conn, user_id: str) -> list[FamilyRow]:
-    rows = await conn.fetch(
-        f"SELECT {_FAMILY_COLUMNS} FROM token_families WHERE user_id = $1 AND revoked_at IS NULL"
-        " AND expires_at > now() ORDER BY created_at DESC LIMIT 100",
-        user_id,
-    )
-    return typed_all(FamilyRow, rows)
 
 
 # --- refresh tokens ----------------------------------------------------------------------------------

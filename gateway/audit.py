@@ -123,10 +123,12 @@ class UsageAuditor:
         self.store = store
         self.metrics = metrics
         self.max_keys = max_keys
-        self._pending: dict[tuple[str, int], list[Any]] = {}  # (key, minute) -> [count, org, address, route]
+        # (key, minute) -> [count, org, address, method, path]
+        self._pending: dict[tuple[str, int], list[Any]] = {}
         self._dropped: dict[int, int] = {}  # minute -> uses not kept
 
-    def record(self, key_id: str, org: str | None, address: str | None, route: str) -> None:
+    def record(self, key_id: str, org: str | None, address: str | None, method: str, path: str) -> None:
+        """One allowed request of the key (its route is made into text at the flush, not here)."""
         minute = int(time.time() // 60)
         used = self._pending.get((key_id, minute))
         if used is None:
@@ -134,9 +136,9 @@ class UsageAuditor:
                 self._dropped[minute] = self._dropped.get(minute, 0) + 1
                 self.metrics.audit_dropped.inc()
                 return
-            used = self._pending[(key_id, minute)] = [0, org, address, route]
+            used = self._pending[(key_id, minute)] = [0, org, address, method, path]
         used[0] += 1
-        used[1], used[2], used[3] = org, address, route
+        used[1], used[2], used[3], used[4] = org, address, method, path
 
     async def flush(self, final: bool = False) -> None:
         """Write the minutes that are over (all of them when `final`, at shutdown)."""
@@ -147,9 +149,10 @@ class UsageAuditor:
             return
         rows = []
         for key in done:
-            (key_id, minute), (count, org, address, route) = key, self._pending.pop(key)
+            (key_id, minute), (count, org, address, method, path) = key, self._pending.pop(key)
             at = datetime.fromtimestamp(minute * 60, UTC)
-            rows.append(FailureRow(at, "api_key.used", org, key_id, address, count, {"last_route": route[:200]}))
+            route = f"{method} {path}"[:200]
+            rows.append(FailureRow(at, "api_key.used", org, key_id, address, count, {"last_route": route}))
         for minute in dropped:
             at = datetime.fromtimestamp(minute * 60, UTC)
             rows.append(FailureRow(at, "api_key.used.dropped", None, None, None, self._dropped.pop(minute), {}))

@@ -378,7 +378,7 @@ class ForwardAuth:
             response = await self._decide(request, original, client_ip, trail)
             code = "ok"
             if trail.used and trail.key_id is not None:
-                self.usage.record(trail.key_id, trail.org, address, f"{original.method} {original.path}")
+                self.usage.record(trail.key_id, trail.org, address, original.method, original.path)
         except GatewayError as err:
             code = err.code
             # Only a caller whose secret verified learns that its key expired or was revoked: those

@@ -144,9 +144,9 @@ async def test_key_use_is_aggregated_per_key_per_minute(client: Client, world: W
 
 async def test_key_use_beyond_the_bound_is_counted_as_dropped(world: World) -> None:
     usage = UsageAuditor(Store(world.pool, 1.0), Metrics(), max_keys=1)
-    usage.record("key_a", None, None, "GET /")
-    usage.record("key_b", None, None, "GET /")
-    usage.record("key_b", None, None, "GET /")
+    usage.record("key_a", None, None, "GET", "/")
+    usage.record("key_b", None, None, "GET", "/")
+    usage.record("key_b", None, None, "GET", "/")
     await usage.flush(final=True)
     assert [r["count"] for r in await _rows(world.pool, "api_key.used")] == [1]
     assert [r["count"] for r in await _rows(world.pool, "api_key.used.dropped")] == [2]

@@ -106,12 +106,7 @@ class FailureAuditor:
         ]
         if dropped:
             rows.append(FailureRow(now, "auth.failed.dropped", None, None, None, dropped, {}))
-        try:
-            await self.store.insert_audit_rows(rows)
-        except StoreUnavailable:
-            total = sum(r.count for r in rows)
-            self.metrics.audit_dropped.inc(total)
-            log.warning("audit store unreachable: %d auth.failed events not written", total)
+        await _write(self.store, self.metrics, rows, "auth.failed events")
 
 
 class UsageAuditor:
@@ -156,12 +151,17 @@ class UsageAuditor:
         for minute in dropped:
             at = datetime.fromtimestamp(minute * 60, UTC)
             rows.append(FailureRow(at, "api_key.used.dropped", None, None, None, self._dropped.pop(minute), {}))
-        try:
-            await self.store.insert_audit_rows(rows)
-        except StoreUnavailable:
-            total = sum(r.count for r in rows)
-            self.metrics.audit_dropped.inc(total)
-            log.warning("audit store unreachable: %d api_key.used uses not written", total)
+        await _write(self.store, self.metrics, rows, "api_key.used uses")
+
+
+async def _write(store: Store, metrics: Metrics, rows: list[FailureRow], what: str) -> None:
+    """Aggregated rows, written in the background: Postgres down, they are counted as dropped."""
+    try:
+        await store.insert_audit_rows(rows)
+    except StoreUnavailable:
+        total = sum(r.count for r in rows)
+        metrics.audit_dropped.inc(total)
+        log.warning("audit store unreachable: %d %s not written", total, what)
 
 
 class AuditLog:

@@ -11,6 +11,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.errors import InvalidRequest, RequestTimeout
+from gateway.schemas import Body, read
+from gateway.typedefs import CONFIG
 
 # Every body we accept is a flat object or one level deeper; anything nested further is refused before
 # Python's parser recurses into it (30,000 levels raised RecursionError, answered as an outage).
@@ -91,3 +93,9 @@ def _depth(raw: bytes) -> int:
         elif byte in (0x5D, 0x7D):  # ] }
             depth -= 1
     return deepest
+
+
+async def read_body(request: web.Request, model: type[Body]) -> dict[str, Any]:
+    """A `/v1/` JSON object holding only `model`'s fields, each of its type (see gateway.schemas)."""
+    raw = await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)
+    return read(model, storable(json_object(raw, empty_is_object=True)))

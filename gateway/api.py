@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway._body import json_object, read_raw, storable
+from gateway._body import read_body
 from gateway.audit import AUDIT_LOG, Actor
 from gateway.authz import granted, pattern_matches
 from gateway.data.keys import KeyRow
@@ -38,7 +38,7 @@ from gateway.invitations import INVITATIONS
 from gateway.keyring import KEYRING, MAX_LIST, KeyQuery, KeySpec, key_expiry, key_view, spec_of
 from gateway.policy import checked_id
 from gateway.ratelimit import parse_rate
-from gateway.schemas import EVENT_TYPE_RE, Body, KeyCreate, MemberAdd, MemberRole, Named, Role, Rotate, read
+from gateway.schemas import EVENT_TYPE_RE, KeyCreate, MemberAdd, MemberRole, Named, Role, Rotate
 from gateway.session_api import SESSION
 from gateway.session_api import add_routes as add_session_routes
 from gateway.sessions import check_csrf, cookie_value
@@ -104,12 +104,6 @@ def no_key_from_a_token(p: Principal) -> None:
 
 
 # --- input ---------------------------------------------------------------------------------------
-
-
-async def read_body(request: web.Request, model: type[Body]) -> dict[str, Any]:
-    """A JSON object holding only `model`'s fields, each of its type (see gateway.schemas)."""
-    raw = await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)
-    return read(model, storable(json_object(raw, empty_is_object=True)))
 
 
 def str_list(body: dict[str, Any], name: str) -> list[str] | None:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from gateway._body import json_object, read_raw, storable
+from gateway._body import read_body, read_raw, storable
 from gateway.audit import AUDIT_LOG, Actor
 from gateway.authz import active_org, effective_permissions, pattern_matches, role_in
 from gateway.config import RolesConfig
@@ -27,7 +27,7 @@ from gateway.grants import GRANTS, Grant
 from gateway.keyring import parse_duration
 from gateway.models import KeyRecord
 from gateway.principal import PRINCIPAL, Principal
-from gateway.schemas import OrgSwitch, SessionCreate, TokenCreate, TokenRefresh, TokenRevoke, read
+from gateway.schemas import Body, OrgSwitch, SessionCreate, TokenCreate, TokenRefresh, TokenRevoke, read
 from gateway.sessions import Session
 from gateway.typedefs import CONFIG, SESSIONS, SIGNING, TRUSTED, VERIFIER
 
@@ -105,11 +105,6 @@ def set_session_cookie(response: web.StreamResponse, cookie: dict[str, Any]) -> 
     )
 
 
-async def _body(request: web.Request, model: type[Any]) -> dict[str, Any]:
-    raw = await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)
-    return read(model, storable(json_object(raw, empty_is_object=True)))
-
-
 # --- sessions ------------------------------------------------------------------------------------------
 
 
@@ -117,7 +112,7 @@ async def create_session(request: web.Request) -> web.Response:
     p = _principal(request)
     if p.record.method == "jwt":  # a session would outlive the token and its family's revocation
         raise InsufficientPermissions("an access token cannot issue sessions: use the service account's key")
-    body = await _body(request, SessionCreate)
+    body = await read_body(request, SessionCreate)
     org, user = body["org"], body["user"]
     await _service_account_of(request, p.user_id, org)
     cap = p.require(org, "sessions:issue")
@@ -146,7 +141,7 @@ def _calling_session(request: web.Request) -> Session:
 
 async def switch_org(request: web.Request) -> web.Response:
     session = _calling_session(request)
-    body = await _body(request, OrgSwitch)
+    body = await read_body(request, OrgSwitch)
     session = await switch_session_org(request, session, _principal(request).record, body["org"])
     return web.json_response({"session": session.view(session.handle)})
 
@@ -217,7 +212,7 @@ async def create_token(request: web.Request) -> web.Response:
     record: KeyRecord = p.record
     if record.method == "jwt":
         raise InsufficientPermissions("an access token cannot issue tokens: refresh it")
-    body = await _body(request, TokenCreate)
+    body = await read_body(request, TokenCreate)
     roles = request.config_dict[CONFIG].roles
     ttl = parse_duration(body["ttl"], "ttl").total_seconds() if body.get("ttl") else None
     if ttl is not None and not 60 <= ttl <= 3600:
@@ -265,7 +260,7 @@ async def create_token(request: web.Request) -> web.Response:
     return web.json_response(pair, headers=NO_STORE)
 
 
-async def _form_or_json(request: web.Request, model: type[Any]) -> dict[str, Any]:
+async def _form_or_json(request: web.Request, model: type[Body]) -> dict[str, Any]:
     """An OAuth client sends a form (RFC 6749, RFC 7009); JSON is accepted too."""
     if request.content_type == "application/x-www-form-urlencoded":
         raw = await read_raw(request, request.config_dict[CONFIG].server.body_timeout_s)
@@ -276,7 +271,7 @@ async def _form_or_json(request: web.Request, model: type[Any]) -> dict[str, Any
         if any(len(v) != 1 for v in fields.values()):
             raise InvalidRequest("each field must be sent once")
         return read(model, storable({k: v[0] for k, v in fields.items()}))
-    return await _body(request, model)
+    return await read_body(request, model)
 
 
 async def _charge_caller(request: web.Request) -> Actor:

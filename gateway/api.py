@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway._body import read_body
 from gateway.audit import AUDIT_LOG, Actor
@@ -663,9 +663,15 @@ async def audit(request: web.Request) -> web.Response:
     return web.json_response({"items": items, "next_cursor": encode_cursor(items[-1]["id"]) if more else None})
 
 
+async def _no_store(_request: web.Request, response: web.StreamResponse) -> None:
+    """Management answers are one principal's (and some carry a raw key once): no cache may keep them."""
+    response.headers.setdefault(hdrs.CACHE_CONTROL, "no-store")
+
+
 def api_app() -> web.Application:
     """The /v1/ sub-application (mounted after the public /v1/keys/verify and /v1/openapi.json)."""
     api = web.Application(middlewares=[authenticate, valid_ids])
+    api.on_response_prepare.append(_no_store)
     r = api.router
     r.add_get("/me", me)
     r.add_post("/keys", create_key)

@@ -101,6 +101,17 @@ async def test_create_use_list_get_revoke_rotate(client: Client, world: World) -
     assert {k["id"] for k in listed["items"]} == {me["id"], created["id"]}
 
 
+async def test_raw_keys_and_management_answers_are_never_cached(client: Client, world: World) -> None:
+    me = await world.key(name="me")
+    body = {"name": "ci", "role": "member", "orgs": [world.org_a]}
+    created = await client.post("/v1/keys", json=body, headers=auth(me))
+    assert created.status == 201 and created.headers["Cache-Control"] == "no-store"
+    rotated = await client.post(f"/v1/keys/{(await created.json())['id']}/rotate", headers=auth(me))
+    assert rotated.status == 201 and rotated.headers["Cache-Control"] == "no-store"
+    for r in (await client.get("/v1/keys", headers=auth(me)), await client.get("/v1/me")):
+        assert r.headers["Cache-Control"] == "no-store", r.status
+
+
 async def test_effective_role_is_capped_in_listings(client: Client, world: World) -> None:
     owner_key = await world.key(role="owner")
     listed = await ok(await client.get("/v1/keys", headers=auth(owner_key)))

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Final, NoReturn
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 
+from gateway import __version__
 from gateway._server import GatewayRunner
 from gateway.app import create_app, redis_client
 from gateway.audit import CLI, AuditLog
@@ -83,99 +85,141 @@ def _workers_arg(text: str) -> WorkerCount:
         raise argparse.ArgumentTypeError("expected a number or auto") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gateway", description="API-key authentication sidecar for reverse proxies")
-    p.add_argument("--config", help="config file (else $GATEWAY_CONFIG, else config/gateway.yaml)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+_JSON = argparse.ArgumentParser(add_help=False)
+# SUPPRESS: a subcommand's `--json` sets the flag; its absence leaves the one before the subcommand alone.
+_JSON.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table")
 
-    sub.add_parser("migrate", help="apply database migrations (idempotent)")
-    serve = sub.add_parser("serve", help="serve the verify endpoints")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+
+def _commands(sub: Any, name: str, help_: str) -> Any:
+    """A command group such as `keys`, whose actions are its subcommands."""
+    group = sub.add_parser(name, help=help_, description=help_)
+    return group.add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION", help="what to do (each has --help)"
+    )
+
+
+def _action(group: Any, name: str, help_: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = group.add_parser(name, help=help_, description=help_, parents=[_JSON])
+    return parser
+
+
+def build_parser(roles: Sequence[str] = RolesConfig().order) -> argparse.ArgumentParser:
+    """The whole command line; `roles` (the config's `roles.order`) are the choices of every role option."""
+    p = _Parser(prog="gateway", description="API-key authentication sidecar for reverse proxies")
+    p.add_argument("--config", help="config file (else $GATEWAY_CONFIG, else config/gateway.yaml if it exists)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = p.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND", help="what to work on (each has --help)"
+    )
+    role_help = f"one of {', '.join(roles)} (lowest first)"
+
+    _action(sub, "migrate", "apply database migrations (idempotent; safe from several replicas at once)")
+    serve = sub.add_parser("serve", help="serve the verify endpoints", description="serve the verify endpoints")
+    serve.add_argument("--host", help="address to listen on (default server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default server.port)")
     serve.add_argument(
         "--workers", type=_workers_arg, help="processes sharing the port: a number, or auto (one per core)"
     )
 
-    policy = sub.add_parser("policy").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    policy.add_parser("check", help="validate a route policy file without serving").add_argument("file")
+    policy = _commands(sub, "policy", "route policy files")
+    _action(policy, "check", "validate a route policy file without serving").add_argument(
+        "file", help="the policy YAML file"
+    )
 
-    orgs = sub.add_parser("orgs").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    orgs.add_parser("create").add_argument("name")
+    orgs = _commands(sub, "orgs", "organisations")
+    _action(orgs, "create", "create an org").add_argument("name", help="its display name")
+    _action(orgs, "list", "every org, with its member count")
 
-    users = sub.add_parser("users").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    users.add_parser("create").add_argument("email")
+    users = _commands(sub, "users", "people (by email) and service accounts")
+    _action(users, "create", "create a person").add_argument("email", help="their email address")
+    _action(users, "list", "every user, or the members of one org").add_argument("--org", help="only this org's")
 
-    members = sub.add_parser("members").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    ms = members.add_parser("set")
-    ms.add_argument("org_id")
-    ms.add_argument("user_id")
-    ms.add_argument("role")
-    mr = members.add_parser("remove")
-    mr.add_argument("org_id")
-    mr.add_argument("user_id")
-    mi = members.add_parser("invite", help="invite a user by email: they join once they accept")
-    mi.add_argument("org_id")
-    mi.add_argument("email")
-    mi.add_argument("role")
+    members = _commands(sub, "members", "who belongs to an org, with which role")
+    ms = _action(members, "set", "add a user to an org or change their role")
+    ms.add_argument("org_id", help="the org (see `orgs list`)")
+    ms.add_argument("user_id", help="the user (see `users list`)")
+    ms.add_argument("role", choices=roles, metavar="ROLE", help=role_help)
+    mr = _action(members, "remove", "remove a user from an org (their keys stop acting there)")
+    mr.add_argument("org_id", help="the org")
+    mr.add_argument("user_id", help="the user")
+    mi = _action(members, "invite", "invite a user by email: they join once they accept")
+    mi.add_argument("org_id", help="the org")
+    mi.add_argument("email", help="whom to invite")
+    mi.add_argument("role", choices=roles, metavar="ROLE", help=role_help)
+    _action(members, "list", "an org's members and their roles").add_argument("org_id", help="the org")
 
-    invitations = sub.add_parser("invitations").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    il = invitations.add_parser("list", help="open invitations of a user or an org")
+    invitations = _commands(sub, "invitations", "invitations to join an org")
+    il = _action(invitations, "list", "open invitations of a user or an org")
     il_by = il.add_mutually_exclusive_group(required=True)
-    il_by.add_argument("--user")
-    il_by.add_argument("--org")
-    invitations.add_parser("accept", help="accept an invitation for the invited user").add_argument("invitation_id")
-    invitations.add_parser("decline", help="decline an invitation for the invited user").add_argument("invitation_id")
-    invitations.add_parser("withdraw", help="withdraw an org's invitation").add_argument("invitation_id")
+    il_by.add_argument("--user", help="the invited user's id")
+    il_by.add_argument("--org", help="the inviting org's id")
+    for name, what in (("accept", "accept an invitation for the invited user"),
+                       ("decline", "decline an invitation for the invited user"),
+                       ("withdraw", "withdraw an org's invitation")):  # fmt: skip
+        _action(invitations, name, what).add_argument("invitation_id", help="the invitation (see `invitations list`)")
 
-    projects = sub.add_parser("projects").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    pc = projects.add_parser("create")
-    pc.add_argument("org_id")
-    pc.add_argument("name")
+    projects = _commands(sub, "projects", "an org's projects (keys can be confined to some)")
+    pc = _action(projects, "create", "create a project in an org")
+    pc.add_argument("org_id", help="the org")
+    pc.add_argument("name", help="its name, unique in the org")
+    _action(projects, "list", "an org's projects").add_argument("org_id", help="the org")
 
-    audit = sub.add_parser("audit").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    al = audit.add_parser("list", help="an org's audit events, newest first")
-    al.add_argument("--org", required=True)
-    al.add_argument("--type")
-    al.add_argument("--key-id")
-    al.add_argument("--actor")
-    al.add_argument("--since", type=_iso_time)
-    al.add_argument("--until", type=_iso_time)
-    al.add_argument("--limit", type=_limit, default=100)
+    accounts = _commands(sub, "service-accounts", "non-human members of one org; their keys are the org's")
+    sc = _action(accounts, "create", "create a service account in an org")
+    sc.add_argument("org_id", help="the org")
+    sc.add_argument("name", help="its name")
+    sc.add_argument("--role", required=True, choices=roles, metavar="ROLE", help=role_help)
+    _action(accounts, "list", "an org's service accounts").add_argument("org_id", help="the org")
 
-    keys = sub.add_parser("keys").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    kc = keys.add_parser("create")
-    kc.add_argument("--user", required=True)
-    kc.add_argument("--name", required=True)
-    kc.add_argument("--role", required=True)
-    kc.add_argument("--org", action="append", default=[])
-    kc.add_argument("--project", action="append", default=[])
-    kc.add_argument("--scope", action="append")
+    audit = _commands(sub, "audit", "the audit log")
+    al = _action(audit, "list", "an org's audit events, newest first")
+    al.add_argument("--org", required=True, help="the org")
+    al.add_argument("--type", help="only this event type, such as api_key.revoked")
+    al.add_argument("--key-id", help="only events of this key")
+    al.add_argument("--actor", help="only events by this actor (a user id, or cli)")
+    al.add_argument("--since", type=_iso_time, help="ISO 8601 time: events at or after it")
+    al.add_argument("--until", type=_iso_time, help="ISO 8601 time: events before it")
+    al.add_argument("--limit", type=_limit, default=100, help="at most this many, 1 to 1000 (default 100)")
+
+    keys = _commands(sub, "keys", "API keys")
+    kc = _action(keys, "create", "create a key; its raw value is printed once and never again")
+    kc.add_argument("--user", required=True, help="the owner's user id (see `users list`)")
+    kc.add_argument("--name", required=True, help="a name to know it by")
+    kc.add_argument(
+        "--role", required=True, choices=roles, metavar="ROLE", help=f"{role_help}; capped by the owner's membership"
+    )
+    kc.add_argument("--org", action="append", default=[], help="an org it may act in (repeatable; default: all)")
+    kc.add_argument("--project", action="append", default=[], help="a project it may reach (repeatable; default: all)")
+    kc.add_argument("--scope", action="append", help="a permission pattern such as calls:read (repeatable)")
     exp = kc.add_mutually_exclusive_group()
-    exp.add_argument("--expires-in")
-    exp.add_argument("--expires-at")
-    kc.add_argument("--env", choices=["live", "test"], default="live")
-    kc.add_argument("--allow-ip", action="append")
-    kc.add_argument("--rate-limit")
-    kl = keys.add_parser("list")
-    kl.add_argument("--user")
-    kl.add_argument("--org")
-    keys.add_parser("show").add_argument("key_id")
-    keys.add_parser("revoke").add_argument("key_id")
-    kr = keys.add_parser("rotate")
-    kr.add_argument("key_id")
-    kr.add_argument("--grace")
+    exp.add_argument("--expires-in", help="a lifetime such as 30d, 12h or 2w (default: never expires)")
+    exp.add_argument("--expires-at", help="an ISO 8601 time in the future")
+    kc.add_argument("--env", choices=["live", "test"], default="live", help="live or test (default live)")
+    kc.add_argument("--allow-ip", action="append", help="an address or CIDR it may be used from (repeatable)")
+    kc.add_argument("--rate-limit", help="its own limit such as 100/1m, 10/s or 5/min (default rate_limits.key)")
+    kl = _action(keys, "list", "keys, oldest first")
+    kl.add_argument("--user", help="only this owner's")
+    kl.add_argument("--org", help="only those that can act in this org")
+    kl.add_argument("--status", choices=["active", "expired", "revoked"], help="only keys in this state")
+    _action(keys, "show", "one key (never its secret)").add_argument("key_id", help="the key id")
+    _action(keys, "revoke", "revoke a key at once, on every replica").add_argument("key_id", help="the key id")
+    kr = _action(keys, "rotate", "a new key with the same settings; the old one ends after --grace")
+    kr.add_argument("key_id", help="the key id")
+    kr.add_argument("--grace", help="how long the old key keeps working, such as 1h (default: ends now)")
 
-    tokens = sub.add_parser("tokens").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    ti = tokens.add_parser("issue", help="an access token and refresh token for a member of an org")
+    tokens = _commands(sub, "tokens", "JWT access tokens")
+    ti = _action(tokens, "issue", "an access token and refresh token for a member of an org")
     ti.add_argument("--user", required=True, help="the user id (a member of --org)")
     ti.add_argument("--org", required=True, help="the org id the token acts in")
-    ti.add_argument("--role", help="at most the user's membership role (the default)")
+    ti.add_argument(
+        "--role", choices=roles, metavar="ROLE", help=f"{role_help}; at most the membership role (the default)"
+    )
     ti.add_argument("--scope", action="append", help="a permission pattern (repeatable); default: all the role grants")
     ti.add_argument("--ttl", help="access token lifetime, 1m to 1h (default tokens.access_ttl_s)")
-    signing = sub.add_parser("signing-keys").add_subparsers(dest="action", required=True, parser_class=_Parser)
-    signing.add_parser("list", help="the JWT signing keys and their state (no private part)")
-    signing.add_parser("rotate", help="next becomes current, current previous (kept until its tokens expire)")
+    signing = _commands(sub, "signing-keys", "the keys JWT access tokens are signed with")
+    _action(signing, "list", "the JWT signing keys and their state (no private part)")
+    _action(signing, "rotate", "next becomes current, current previous (kept until its tokens expire)")
     return p
 
 
@@ -192,26 +236,52 @@ def _iso_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
 
 
-def _table(data: Any) -> str:
-    rows = data if isinstance(data, list) else [data]
-    if not rows:
+# What a table shows of a listing, where every field would be too wide (--json prints them all).
+_COLUMNS: Final[dict[tuple[str, str | None], tuple[str, ...]]] = {
+    ("keys", "list"): ("id", "name", "user_id", "role", "env", "status", "orgs", "expires_at", "last_used_at"),
+    ("audit", "list"): ("at", "type", "actor", "key_id", "user_id", "ip", "count", "detail"),
+}
+_CELL_MAX: Final = 40  # longer cells are cut, with an ellipsis (--json has them whole)
+_TIME_FIELDS: Final = re.compile(r"(.+_at|at|retire_after|expires)")
+
+
+def _table(data: Any, columns: Sequence[str] | None = None) -> str:
+    """A listing as aligned columns, or one object as `field  value` lines; times in the local zone."""
+    if isinstance(data, dict):
+        width = max((len(k) for k in data), default=0)
+        return "\n".join(f"{k.ljust(width)}  {_cell(k, v, cut=False)}" for k, v in data.items()) or "(none)"
+    if not data:
         return "(none)"
-    if not isinstance(data, list):
-        width = max(len(k) for k in data)
-        return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in data.items())
-    cols = [c for c in rows[0] if c not in ("scopes", "allowed_ips", "rotated_to", "created_at", "user_id")]
-    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in cols}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(_cell(r.get(c)).ljust(widths[c]) for c in cols) for r in rows]
+    cols = list(columns or data[0])
+    cells = [[_cell(c, r.get(c)) for c in cols] for r in data]
+    heads = [c.removesuffix("_at").replace("_", " ").upper() for c in cols]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
+def _cell(name: str, value: Any, cut: bool = True) -> str:
     if value is None:
         return "-"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "-"
-    return str(value)
+    if isinstance(value, str) and _TIME_FIELDS.fullmatch(name):
+        text = _local_time(value)
+    elif isinstance(value, list):
+        text = ",".join(map(str, value)) or "-"
+    elif isinstance(value, dict):
+        text = json.dumps(value, separators=(",", ":")) if value else "-"
+    else:
+        text = str(value)
+    text = " ".join(text.split())  # one line per row, whatever a name holds
+    return text if not cut or len(text) <= _CELL_MAX else text[: _CELL_MAX - 1] + "…"
+
+
+def _local_time(text: str) -> str:
+    """An ISO time in the local zone to the second, as an operator reads it (`--json` keeps UTC ISO)."""
+    try:
+        return parse_iso(text).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return text
 
 
 @dataclass(frozen=True)
@@ -299,11 +369,21 @@ async def _signing_keys(m: Management) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+async def _in_org(
+    m: Management, org_id: str, listing: Callable[[str], Awaitable[list[dict[str, Any]]]]
+) -> list[dict[str, Any]]:
+    await m.directory.require_org(org_id)  # an unknown org is `not_found`, not an empty table
+    return await listing(org_id)
+
+
 def _management_call(args: argparse.Namespace, cfg_roles: RolesConfig) -> Callable[[Management], Awaitable[Any]]:
     cmd, action = args.command, getattr(args, "action", None)
     calls: dict[tuple[str, str | None], Callable[[Management], Awaitable[Any]]] = {
         ("orgs", "create"): lambda m: m.directory.create_org(args.name),
+        ("orgs", "list"): lambda m: m.directory.all_orgs(),
         ("users", "create"): lambda m: m.directory.create_user(args.email),
+        ("users", "list"): lambda m: m.directory.all_users(args.org),
+        ("members", "list"): lambda m: _in_org(m, args.org_id, m.directory.members),
         ("members", "set"): lambda m: m.directory.set_member(args.org_id, args.user_id, args.role),
         ("members", "remove"): lambda m: m.directory.remove_member(args.org_id, args.user_id),
         ("members", "invite"): lambda m: m.invitations.invite(args.org_id, args.email, args.role, CLI),
@@ -314,7 +394,12 @@ def _management_call(args: argparse.Namespace, cfg_roles: RolesConfig) -> Callab
         ("invitations", "decline"): lambda m: m.invitations.decide(args.invitation_id, None, False),
         ("invitations", "withdraw"): lambda m: m.invitations.withdraw(None, args.invitation_id, CLI),
         ("projects", "create"): lambda m: m.directory.create_project(args.org_id, args.name),
-        ("keys", "list"): lambda m: m.keyring.list_keys(KeyQuery(args.user, args.org)),
+        ("projects", "list"): lambda m: _in_org(m, args.org_id, m.directory.projects),
+        ("service-accounts", "create"): lambda m: m.directory.create_service_account(
+            args.org_id, args.name, args.role, CLI
+        ),
+        ("service-accounts", "list"): lambda m: _in_org(m, args.org_id, m.directory.service_accounts),
+        ("keys", "list"): lambda m: m.keyring.list_keys(KeyQuery(args.user, args.org, args.status)),
         ("keys", "show"): lambda m: m.keyring.show_key(args.key_id),
         ("keys", "revoke"): lambda m: m.keyring.revoke_key(args.key_id),
         ("keys", "rotate"): lambda m: m.keyring.rotate_key(args.key_id, args.grace),
@@ -635,12 +720,24 @@ def _failure(exc: ConfigError | GatewayError | CliError) -> tuple[int, str]:
     return exc.status, str(exc)
 
 
-def _print(data: Any, as_json: bool) -> None:
-    print(json.dumps(data) if as_json else _table(data))
+def _print(data: Any, as_json: bool, columns: Sequence[str] | None = None) -> None:
+    print(json.dumps(data) if as_json else _table(data, columns))
+
+
+def _configured_roles(argv: Sequence[str] | None) -> Sequence[str]:
+    """The roles of the config file the command line names (for the role options' choices); the
+    defaults when it has none or cannot be read (the command then reports the config error itself)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    try:
+        return load_roles(known.config, os.environ).order
+    except ConfigError:
+        return RolesConfig().order
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_configured_roles(argv)).parse_args(argv)
     try:
         if args.command == "policy":
             policy = load_policy(args.file, load_roles(args.config, os.environ))
@@ -655,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print({"applied": applied}, args.json)
             return 0
         result = asyncio.run(with_management(cfg, _management_call(args, cfg.roles)))
-        _print(result, args.json)
+        _print(result, args.json, _COLUMNS.get((args.command, getattr(args, "action", None))))
         return 0
     except (ConfigError, GatewayError, CliError) as exc:
         status, message = _failure(exc)

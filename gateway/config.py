@@ -429,15 +429,15 @@ def _validate(cfg: Config) -> None:
     )
 
 
-_RATE_RE = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,5})?(s|m|h|d)")
+_RATE_RE = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,5})?(s|sec|second|m|min|minute|h|hour|d|day)")
 
 
 def rate_of(text: str) -> tuple[int, int] | None:
-    """`100/1m`, `10/s`, `5000/1h` -> (count, period in ms); None if it is not such a rate."""
+    """`100/1m`, `10/s`, `5000/1h`, `5/min`, `100/hour` -> (count, period in ms); None if not a rate."""
     m = _RATE_RE.fullmatch(text.strip())
     if m is None:
         return None
-    return int(m.group(1)), int(m.group(2) or 1) * UNIT_S[m.group(3)] * 1000
+    return int(m.group(1)), int(m.group(2) or 1) * UNIT_S[m.group(3)[0]] * 1000
 
 
 def _validate_limits(limits: RateLimitsConfig) -> None:
@@ -563,9 +563,14 @@ def read_yaml(file: Path, what: str) -> Any:
 
 
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Load the YAML file (`--config`, else $GATEWAY_CONFIG, else config/gateway.yaml)."""
+    """Load the YAML file (`--config`, else $GATEWAY_CONFIG, else config/gateway.yaml). Without a file
+    named and without the default one, the defaults and the environment make the whole config (a
+    container given GATEWAY_DATABASE_URL, GATEWAY_REDIS_URL and GATEWAY_PEPPER needs no file)."""
+    env = os.environ if env is None else env
     file = resolve_path(path, env)
-    cfg = config_from_mapping(read_yaml(file, "config file"), env)
+    named = bool(path or env.get("GATEWAY_CONFIG"))
+    data = read_yaml(file, "config file") if named or file.exists() else None
+    cfg = config_from_mapping(data, env)
     if cfg.policy_file and not Path(cfg.policy_file).is_absolute():
         cfg = dataclasses.replace(cfg, policy_file=str(file.parent / cfg.policy_file))
     return cfg

@@ -17,7 +17,7 @@ from gateway.data import keys, orgs, users
 from gateway.data.db import Database, new_id, notify
 from gateway.data.orgs import ProjectRow
 from gateway.errors import Conflict, InsufficientPermissions, NotFound
-from gateway.formats import valid_email, valid_name
+from gateway.formats import iso, valid_email, valid_name
 from gateway.keyring import block
 
 
@@ -147,6 +147,18 @@ class Directory:
             roles[m.user_id][m.org_id] = m.role
         return roles
 
+    async def people(self, user_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """How each user is shown: `{"kind", "name"}`, a person's name their email, a service account's
+        its own. Users that do not exist are absent."""
+        async with self.db.connect() as conn:
+            found = await users.names(conn, user_ids)
+        return {u.id: {"kind": u.kind, "name": u.email if u.kind == "human" else u.name} for u in found}
+
+    async def project_names(self, project_ids: list[str]) -> dict[str, str]:
+        """The name of each of these projects that exists."""
+        async with self.db.connect() as conn:
+            return await orgs.project_names(conn, project_ids)
+
     async def projects_in(self, project_ids: list[str], org_ids: list[str]) -> list[str]:
         """Those of `project_ids` that belong to one of `org_ids`."""
         async with self.db.connect() as conn:
@@ -200,6 +212,22 @@ class Directory:
     async def projects(self, org_id: str) -> list[dict[str, Any]]:
         async with self.db.connect() as conn:
             return [asdict(p) for p in await orgs.projects(conn, org_id)]
+
+    async def all_orgs(self) -> list[dict[str, Any]]:
+        async with self.db.connect() as conn:
+            return [{**asdict(o), "created_at": iso(o.created_at)} for o in await orgs.all_orgs(conn)]
+
+    async def all_users(self, org_id: str | None = None) -> list[dict[str, Any]]:
+        """Every user, or every member of `org_id` (NotFound when there is no such org)."""
+        async with self.db.connect() as conn:
+            if org_id is not None:
+                await _org_must_exist(conn, org_id)
+            return [{**asdict(u), "created_at": iso(u.created_at)} for u in await users.all_users(conn, org_id)]
+
+    async def require_org(self, org_id: str) -> None:
+        """NotFound when there is no such org (the listings by org say nothing of it)."""
+        async with self.db.connect() as conn:
+            await _org_must_exist(conn, org_id)
 
     async def delete_project(
         self, org_id: str, project_id: str, revoke_keys: bool, actor: Actor, max_owner_role: str | None = None

@@ -10,8 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
@@ -198,7 +200,7 @@ def test_bad_values_are_clear_errors(cli: Cli) -> None:
     user = cli.ok("users", "create", "a@example.com")
     assert "invalid_request" in cli.fails("users", "create", "not-an-email")
     assert "conflict" in cli.fails("users", "create", "a@example.com")
-    assert "role must be one of" in cli.fails("members", "set", org["id"], user["id"], "god")
+    assert "invalid choice: 'god'" in cli.fails("members", "set", org["id"], user["id"], "god", code=2)
     assert "not_found" in cli.fails("members", "set", "org_nope", user["id"], "admin")
     assert "not_found" in cli.fails("members", "remove", org["id"], user["id"])
     assert "not_found" in cli.fails("projects", "create", "org_nope", "web")
@@ -461,3 +463,144 @@ def test_tokens_and_signing_keys_from_the_command_line(cli: Cli) -> None:
     assert list(after.values()).count("current") == 1 and list(after.values()).count("next") == 1
     listed = cli.run("signing-keys", "list")
     assert "PRIVATE" not in listed.stdout and "private" not in listed.stdout
+
+
+def test_every_record_can_be_listed(cli: Cli) -> None:
+    """Whatever `keys create` needs (a user id, an org id, a project id) a `list` finds."""
+    org = cli.ok("orgs", "create", "Acme")
+    other = cli.ok("orgs", "create", "Beta")
+    alice = cli.ok("users", "create", "alice@example.com")
+    bob = cli.ok("users", "create", "bob@example.com")
+    cli.ok("members", "set", org["id"], alice["id"], "admin")
+    cli.ok("members", "set", other["id"], alice["id"], "viewer")
+    project = cli.ok("projects", "create", org["id"], "web")
+    bot = cli.ok("service-accounts", "create", org["id"], "ci-bot", "--role", "member")
+    invite = cli.ok("members", "invite", org["id"], "bob@example.com", "viewer")
+    orgs = {o["name"]: o for o in cli.ok("orgs", "list")}
+    assert set(orgs) == {"Acme", "Beta"} and orgs["Acme"]["id"] == org["id"]
+    assert (orgs["Acme"]["members"], orgs["Beta"]["members"]) == (2, 1)  # alice and the bot; alice
+    everyone = cli.ok("users", "list")
+    assert [(u["id"], u["kind"]) for u in everyone] == [
+        (alice["id"], "human"),
+        (bob["id"], "human"),
+        (bot["id"], "service"),
+    ]
+    assert {u["id"] for u in cli.ok("users", "list", "--org", other["id"])} == {alice["id"]}
+    members = cli.ok("members", "list", org["id"])
+    assert {(m["user_id"], m["role"]) for m in members} == {(alice["id"], "admin"), (bot["id"], "member")}
+    assert cli.ok("projects", "list", org["id"]) == [{"id": project["id"], "org_id": org["id"], "name": "web"}]
+    accounts = cli.ok("service-accounts", "list", org["id"])
+    assert [(a["id"], a["name"], a["role"]) for a in accounts] == [(bot["id"], "ci-bot", "member")]
+    assert [i["id"] for i in cli.ok("invitations", "list", "--org", org["id"])] == [invite["id"]]
+    assert cli.ok("projects", "list", other["id"]) == [] and cli.ok("service-accounts", "list", other["id"]) == []
+    for listing in ("members", "projects", "service-accounts"):
+        assert "not_found: no org org_nope" in cli.fails(listing, "list", "org_nope")
+    assert "not_found" in cli.fails("users", "list", "--org", "org_nope")
+    r = cli.run("orgs", "list", json_out=False)
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split() == ["ID", "NAME", "MEMBERS", "CREATED"]
+
+
+def test_json_goes_anywhere(cli: Cli) -> None:
+    cli.ok("orgs", "create", "Acme")
+    after = cli.run("orgs", "list", "--json", json_out=False)
+    before = cli.run("--json", "orgs", "list", json_out=False)
+    assert after.returncode == before.returncode == 0, (after.stderr, before.stderr)
+    assert json.loads(after.stdout) == json.loads(before.stdout) != []
+    r = cli.run("keys", "list", "--json", json_out=False)
+    assert (r.returncode, json.loads(r.stdout)) == (0, [])
+
+
+def test_version_and_help(cli: Cli) -> None:
+    r = cli.run("--version", json_out=False)
+    assert (r.returncode, r.stdout.strip()) == (0, "gateway 0.1.0")
+    r = cli.run("keys", "create", "--help", json_out=False)
+    assert r.returncode == 0 and "one of viewer, member, admin, owner" in r.stdout
+    assert "invalid choice: 'god'" in cli.fails("members", "set", "o", "u", "god", code=2)
+
+
+def _parsers(parser: Any) -> Any:
+    yield parser
+    for action in parser._actions:
+        if action.choices and isinstance(action.choices, dict):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_option_and_command_says_what_it_is() -> None:
+    from gateway.cli import build_parser
+
+    seen = 0
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            assert action.help, f"{parser.prog}: {action.dest} has no help"
+            seen += 1
+    assert seen > 100
+
+
+def test_roles_come_from_the_config(services: Services, tmp_path: Path) -> None:
+    roles = (
+        "roles: {order: [reader, writer, boss], admin: boss,"
+        " permissions: {reader: ['*:read'], writer: ['*'], boss: ['*']}}"
+    )
+    config = write_test_config(tmp_path / "roles.yaml", roles=roles)
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(config), "members", "set", "--help"],
+        capture_output=True, text=True, env=gateway_env(services), cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0 and "one of reader, writer, boss" in r.stdout
+
+
+def test_rate_limits_in_words(cli: Cli) -> None:
+    org = cli.ok("orgs", "create", "Acme")
+    user = cli.ok("users", "create", "a@example.com")
+    cli.ok("members", "set", org["id"], user["id"], "admin")
+    base = ("keys", "create", "--user", user["id"], "--role", "admin")
+    for text in ("5/min", "100/hour", "10/sec", "1000/day", "3/2m"):
+        assert cli.ok(*base, "--name", text, "--rate-limit", text)["rate_limit"] == text
+    assert "rate limit" in cli.fails(*base, "--name", "x", "--rate-limit", "5/fortnight")
+
+
+def test_tables_fit_a_terminal_in_local_time(services: Services, clean: None, tmp_path: Path) -> None:
+    cli = Cli(services, str(write_test_config(tmp_path / "cli.yaml")))
+    org = cli.ok("orgs", "create", "Acme")
+    user = cli.ok("users", "create", "someone.with.a.rather.long.address@example.com")
+    cli.ok("members", "set", org["id"], user["id"], "admin")
+    long_name = "a key whose name goes on and on, far past what a column should hold"
+    key = cli.ok(*("keys", "create", "--user", user["id"], "--role", "admin", "--name", long_name),
+                 *("--expires-in", "30d", "--scope", "calls:read", "--allow-ip", "10.0.0.0/8"))  # fmt: skip
+    env = {**gateway_env(services), "TZ": "Asia/Tokyo"}
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", cli.config, "keys", "list"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 160 and len(lines) == 2
+    assert lines[0].split()[:4] == ["ID", "NAME", "USER", "ID"] and key["id"] in lines[1]
+    assert long_name not in r.stdout and long_name[:30] in r.stdout and "…" in r.stdout
+    expires = datetime.fromisoformat(key["expires_at"]).astimezone(ZoneInfo("Asia/Tokyo"))
+    assert expires.strftime("%Y-%m-%d %H:%M:%S") in lines[1]  # local time, to the second
+    assert key["expires_at"] not in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", cli.config, "keys", "show", key["id"]],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert long_name in r.stdout and expires.strftime("%Y-%m-%d %H:%M:%S") in r.stdout
+
+
+def test_no_config_file_needed_when_the_environment_has_it_all(services: Services, clean: None, tmp_path: Path) -> None:
+    env = gateway_env(services)
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
+            env={**env, **extra}, cwd=tmp_path, timeout=60, check=False,
+        )  # fmt: skip
+
+    r = run("orgs", "list", "--json")
+    assert (r.returncode, r.stderr, json.loads(r.stdout)) == (0, "", [])
+    r = run("orgs", "list", GATEWAY_DATABASE_URL="")
+    assert r.returncode == 2
+    assert r.stderr == "gateway: config error: database.url: is required (or set GATEWAY_DATABASE_URL)\n"
+    r = run("orgs", "list", GATEWAY_CONFIG=str(tmp_path / "missing.yaml"))  # named: it must be there
+    assert (r.returncode, r.stderr) == (2, f"gateway: config error: config file not found: {tmp_path}/missing.yaml\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -14,6 +15,14 @@ from gateway.data.db import typed_all
 class OrgRow:
     id: str
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrgSummary:
+    id: str
+    name: str
+    members: int
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,3 +161,17 @@ async def lock_project(conn: Conn, org_id: str, project_id: str) -> bool:
 
 async def delete_project(conn: Conn, project_id: str) -> None:
     await conn.execute("DELETE FROM projects WHERE id = $1", project_id)
+
+
+async def all_orgs(conn: Conn) -> list[OrgSummary]:
+    """Every org with its member count (people and service accounts), for the operator's command line."""
+    rows = await conn.fetch(
+        "SELECT o.id, o.name, count(m.user_id)::int AS members, o.created_at FROM orgs o"
+        " LEFT JOIN memberships m ON m.org_id = o.id GROUP BY o.id ORDER BY o.name, o.id"
+    )
+    return typed_all(OrgSummary, rows)
+
+
+async def project_names(conn: Conn, project_ids: list[str]) -> dict[str, str]:
+    rows = await conn.fetch("SELECT id, name FROM projects WHERE id = ANY($1::text[])", project_ids)
+    return {r["id"]: r["name"] for r in rows}

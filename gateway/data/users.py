@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from gateway.backends import Conn
 from gateway.data.db import typed_all
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    id: str
+    email: str | None  # None for a service account
+    kind: str  # human or service
+    name: str | None
+    orgs: int
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +62,30 @@ async def service_accounts(conn: Conn, org_id: str) -> list[ServiceAccountRow]:
         org_id,
     )
     return typed_all(ServiceAccountRow, rows)
+
+
+async def all_users(conn: Conn, org_id: str | None = None) -> list[UserSummary]:
+    """Every user (or every member of `org_id`) with how many orgs each belongs to."""
+    rows = await conn.fetch(
+        "SELECT u.id, u.email, u.kind, u.name, (SELECT count(*)::int FROM memberships m WHERE m.user_id = u.id)"
+        " AS orgs, u.created_at FROM users u WHERE $1::text IS NULL"
+        " OR EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = u.id AND m.org_id = $1)"
+        " ORDER BY u.kind, coalesce(u.email, u.name), u.id",
+        org_id,
+    )
+    return typed_all(UserSummary, rows)
+
+
+@dataclass(frozen=True, slots=True)
+class UserName:
+    """How a user is shown: a person by email, a service account by its name."""
+
+    id: str
+    kind: str  # human or service
+    email: str | None
+    name: str | None
+
+
+async def names(conn: Conn, user_ids: list[str]) -> list[UserName]:
+    rows = await conn.fetch("SELECT id, kind, email, name FROM users WHERE id = ANY($1::text[]) ORDER BY id", user_ids)
+    return typed_all(UserName, rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import uuid
 from collections.abc import Iterable
 from http import HTTPStatus
 
@@ -22,8 +23,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 
-from gateway.errors import GatewayError, InternalError, request_id
+from gateway.errors import GatewayError, InternalError
 from gateway.keys import redact
+from gateway.logs import NO_REQUEST, REQUEST_ID
 
 log = logging.getLogger("gateway.answer")
 
@@ -55,6 +57,12 @@ class Answer(web.StreamResponse):
         super().__init__(status=status)
         self._head = head
         self._payload = body
+        self.request_id = b""  # the `X-Request-Id: ...` line of this request's answer
+
+    def with_request_id(self, rid: str) -> Answer:
+        """Says the request's id (checked or made by `RequestIds`: a header value as it is)."""
+        self.request_id = b"X-Request-Id: %s\r\n" % rid.encode()
+        return self
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:
@@ -73,6 +81,7 @@ class Answer(web.StreamResponse):
             (
                 status_line,
                 self._head,
+                self.request_id,
                 extra,
                 b"Content-Length: %d\r\n" % len(self._payload),
                 b"Date: %s\r\n" % rfc822_formatted_time().encode(),
@@ -131,7 +140,9 @@ def _denial_headers(code: str, status: int) -> dict[str, str]:
 
 def unexpected(request: web.BaseRequest) -> InternalError:
     """The error of a bug, logged with its traceback under the request id it is answered with."""
-    rid = request_id(request.headers.get("X-Request-Id"))
+    rid = REQUEST_ID.get()
+    if rid == NO_REQUEST:  # not begun as a request (a refusal by the HTTP parser, say)
+        rid = uuid.uuid4().hex
     log.exception("unexpected error (request id %s) on %s %s", rid, request.method, redact(request.path))
     return InternalError(rid)
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import constants as C
-from gateway._answer import error_response, unexpected
+from gateway._answer import Answer, error_response, unexpected
 from gateway._breaker import CLOSED, OPEN, Breaker
 from gateway.api import api_app
 from gateway.audit import AUDIT_LOG, AuditLog, FailureAuditor, UsageAuditor
@@ -37,6 +38,7 @@ from gateway.keyring import KEYRING, Keyring
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.keys_verify import keys_verify
 from gateway.listener import Change, InvalidationListener, supervise
+from gateway.logs import RequestIds
 from gateway.metrics import Metrics
 from gateway.models import KeyRecord
 from gateway.openapi import openapi
@@ -62,6 +64,7 @@ from gateway.typedefs import (
     PROJECTS,
     REDIS,
     REDIS_BREAKER,
+    REQUEST_IDS,
     RESOLVER,
     SESSIONS,
     SIGNING,
@@ -69,6 +72,7 @@ from gateway.typedefs import (
     TRUSTED,
     USAGE,
     VERIFIER,
+    Network,
 )
 from gateway.ui import add_routes as add_ui_routes
 from gateway.verifier import Memberships, Verifier
@@ -214,6 +218,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         app[LIFECYCLE],
         app[SESSIONS],
         app[USAGE],
+        app[REQUEST_IDS],
     )
 
     async def on_keys(key_ids: list[str]) -> None:
@@ -288,7 +293,28 @@ async def _flush_forever(app: web.Application) -> None:
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map errors to the contract's JSON: a store's outage that escaped its mapping is 503
     auth_unavailable; anything else unexpected is a bug, 500 internal_error with the request id it was
-    logged under (never a traceback to the client, never disguised as an outage)."""
+    logged under (never a traceback to the client, never disguised as an outage). Every answer says
+    the request's id (`X-Request-Id`), which every line logged for the request carries too."""
+    app = request.app
+    peer = request.remote
+    trusted = peer is not None and _is_trusted(peer, app[TRUSTED])
+    rid = app[REQUEST_IDS].begin(request.headers.get(hdrs.X_REQUEST_ID), trusted)
+    response = await _answered(request, handler)
+    if isinstance(response, Answer):  # a proxy's call, answered by ForwardAuth (its id is in its head)
+        return response
+    response.headers[hdrs.X_REQUEST_ID] = rid
+    return response
+
+
+def _is_trusted(peer: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in net for net in trusted)
+
+
+async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as err:
@@ -388,6 +414,7 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app[POLICY] = policy or make_policy(cfg)
     app[TRUSTED] = cfg.trusted_networks()
     app[LIMITS] = Limits.from_config(cfg.rate_limits)
+    app[REQUEST_IDS] = RequestIds()
     app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx, _sighup_ctx, _lifecycle_ctx])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

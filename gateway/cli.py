@@ -40,6 +40,7 @@ from gateway.grants import Grant, TokenService
 from gateway.invitations import Invitations
 from gateway.keyring import KeyQuery, Keyring, KeySpec, parse_duration
 from gateway.keys import KeyFormat, SecretHasher, redact
+from gateway.logs import logging_to_stderr
 from gateway.policy import describe, load_policy
 from gateway.signing import SigningKeys
 from gateway.signing import listing as signing_listing
@@ -446,24 +447,6 @@ async def _migrate(cfg: Config) -> list[str]:
         await pool.close()
 
 
-class _OneLine(logging.Filter):
-    """During a Postgres outage asyncpg's pool logs a full traceback each time it fails to reopen its
-    minimum of connections (with backoff): one line naming the error says as much."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info is not None and record.exc_info[1] is not None:
-            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _setup_logging(cfg: Config) -> None:
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("asyncpg.pool").addFilter(_OneLine())
-
-
 def _listen_error(exc: OSError) -> str:
     """`address already in use`, not uvloop's `[Errno 98] error while attempting to bind on ...`."""
     if exc.errno is not None and exc.errno > 0:
@@ -580,8 +563,8 @@ def _serve_one(cfg: Config, host: str, port: int, reuse_port: bool, on_bound: Ca
     def serving() -> None:
         log.info("gateway serving on %s:%d (database %s)", host, port, redact_url(cfg.database.url.get()))
 
-    _setup_logging(cfg)
-    uvloop.run(_serve_async(cfg, host, port, reuse_port, on_bound or serving))
+    with logging_to_stderr(cfg):
+        uvloop.run(_serve_async(cfg, host, port, reuse_port, on_bound or serving))
 
 
 def serve(cfg: Config, args: argparse.Namespace) -> None:
@@ -688,7 +671,11 @@ def _serve_workers(cfg: Config, host: str, port: int, n: int) -> None:
     of any stops the others and is reported as one line. SIGTERM drains them all, SIGINT stops them, SIGHUP
     reaches each. When one worker dies the others are stopped too (after their drain), so the supervisor
     (systemd, Kubernetes) restarts the whole unit."""
-    _setup_logging(cfg)
+    with logging_to_stderr(cfg):
+        _supervise_workers(cfg, host, port, n)
+
+
+def _supervise_workers(cfg: Config, host: str, port: int, n: int) -> None:
     workers = _Workers(cfg, host, port, n)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, workers.on_signal)

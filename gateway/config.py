@@ -270,11 +270,22 @@ class RolesConfig:
 
 
 @dataclass(frozen=True)
+class DecisionLogConfig:
+    """One line per forward-auth decision: outcome, code, key, org, route, latency (never key material)."""
+
+    level: str = "INFO"  # DEBUG, INFO or WARNING; OFF for none
+    sample_allowed: float = 1.0  # the share of allowed decisions logged (0 to 1)
+    sample_denied: float = 1.0  # the share of denials logged
+
+
+@dataclass(frozen=True)
 class LogConfig:
+    # json, text, or auto: JSON lines unless stderr is a terminal (so JSON under a supervisor or in a pod).
+    format: str = "auto"
     # One line per request (client, method, path, status, time). Off by default: the proxy in front logs
-    # every request already, and a line per decision costs a good share of one. Denials are logged either
-    # way, one line each with their code.
+    # every request already; the decision lines say what the gateway decided and why.
     access: bool = False
+    decisions: DecisionLogConfig = field(default_factory=DecisionLogConfig)
 
 
 @dataclass(frozen=True)
@@ -427,6 +438,15 @@ def _validate(cfg: Config) -> None:
         "log_level",
         "must be DEBUG, INFO, WARNING or ERROR",
     )
+    check(cfg.log.format in ("auto", "json", "text"), "log.format", "must be auto, json or text")
+    d = cfg.log.decisions
+    check(
+        d.level.upper() in ("DEBUG", "INFO", "WARNING", "OFF"),
+        "log.decisions.level",
+        "must be DEBUG, INFO, WARNING or OFF",
+    )
+    for name in ("sample_allowed", "sample_denied"):
+        check(0 <= getattr(d, name) <= 1, f"log.decisions.{name}", "must be between 0 and 1")
 
 
 _RATE_RE = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,5})?(s|sec|second|m|min|minute|h|hour|d|day)")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import uuid
 from typing import ClassVar
 
 
@@ -120,19 +118,9 @@ class InternalError(GatewayError):
     status = 500
 
     def __init__(self, request_id: str) -> None:
-        super().__init__(f"internal error (request id {request_id})", headers={"X-Request-Id": request_id})
+        # The answer's X-Request-Id header says it too: every answer carries its request's id.
+        super().__init__(f"internal error (request id {request_id})")
         self.request_id = request_id
-
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-
-def request_id(sent: str | None) -> str:
-    """The id a bug is logged and answered under: the proxy's `X-Request-Id` when it sent a plain one (so
-    its logs and ours meet), else a new one. Anything else sent is not echoed (logs stay one line)."""
-    if sent is not None and _REQUEST_ID.fullmatch(sent):
-        return sent
-    return uuid.uuid4().hex
 
 
 class NotFound(GatewayError):

@@ -36,6 +36,7 @@ from gateway.errors import (
 )
 from gateway.health import Lifecycle
 from gateway.keys import KeyFormat
+from gateway.logs import DecisionLog, RequestIds
 from gateway.metrics import Metrics
 from gateway.models import IDENTITY_HEADERS, IP, KeyRecord
 from gateway.policy import OriginalRequest, Policy, RouteDecision
@@ -314,12 +315,14 @@ class _Trail:
     """What a decision learnt before it was refused, for the audit: the key (when it exists) and the org
     it acts in (so the org's own audit shows denials of keys that act in it)."""
 
-    __slots__ = ("key_id", "org", "used")
+    __slots__ = ("key_id", "method", "org", "route", "used")
 
     def __init__(self) -> None:
         self.key_id: str | None = None
         self.org: str | None = None
         self.used = False  # an API key allowed: counted in api_key.used
+        self.method: str | None = None  # how the caller authenticated (api_key, jwt, session, anonymous)
+        self.route: str | None = None  # the original request's method and canonical path, once checked
 
 
 class ForwardAuth:
@@ -339,8 +342,11 @@ class ForwardAuth:
         lifecycle: Lifecycle,
         sessions: SessionStore,
         usage: UsageAuditor,
+        request_ids: RequestIds,
     ) -> None:
         self.fmt = fmt
+        self.request_ids = request_ids
+        self.decisions = DecisionLog(cfg.log.decisions, log)
         self.usage = usage
         self.policy = policy
         self.verifier = verifier
@@ -372,9 +378,14 @@ class ForwardAuth:
         started = time.perf_counter()
         client_ip, address = _NO_CLIENT
         trail = _Trail()
+        peer = request.remote
+        rid = self.request_ids.begin(
+            request.headers.get("X-Request-Id"), peer is not None and self.clients.address(peer)[1]
+        )
         try:
-            client_ip, address = self.clients.of(request.remote, request.headers)
+            client_ip, address = self.clients.of(peer, request.headers)
             original = self.original(request, endpoint)
+            trail.route = f"{original.method} {original.path}"
             response = await self._decide(request, original, client_ip, trail)
             code = "ok"
             if trail.used and trail.key_id is not None:
@@ -386,7 +397,6 @@ class ForwardAuth:
             # it exists: made-up ids are counted per address, not a row each.
             self.auditor.record(code, trail.key_id, address, trail.org, endpoint)
             response = denial(err)
-            log.info("denied %s %s key=%s from %s", endpoint, code, trail.key_id or "-", address or "-")
         except Exception as exc:
             if outage(exc):  # a store's outage that escaped its mapping: still an outage
                 log.warning("%s on %s: answered 503", type(exc).__name__, endpoint)
@@ -398,9 +408,23 @@ class ForwardAuth:
                 response = denial(bug)
         if self.lifecycle.draining:  # ask the proxy to move its keep-alive connection to another replica
             response.force_close()  # says `Connection: close` too
+        elapsed = time.perf_counter() - started
         self.metrics.decisions.inc(endpoint, code)
-        self.metrics.latency.observe(endpoint, time.perf_counter() - started)
-        return response
+        self.metrics.latency.observe(endpoint, elapsed)
+        if self.decisions.wanted(code == "ok"):
+            self.decisions.write(
+                code,
+                {
+                    "endpoint": endpoint,
+                    "auth": trail.method,
+                    "key_id": trail.key_id,
+                    "org": trail.org,
+                    "route": trail.route,
+                    "client": address,
+                    "latency_ms": round(elapsed * 1000, 3),
+                },
+            )
+        return response.with_request_id(rid)
 
     async def _decide(
         self, request: web.BaseRequest, original: OriginalRequest, client_ip: IP | None, trail: _Trail
@@ -417,13 +441,16 @@ class ForwardAuth:
         if raw is None:
             record = await self._session(h, original.method, decision, client_ip, trail)
             if record is None:
+                trail.method = "anonymous"
                 spent = await verifier.charge_anonymous(client_ip)
                 return _answer(_anonymous_head(decision.project), spent)
             if decision.org is None:  # the route names no org: the session's active one
                 decision = dataclasses.replace(decision, org=trail.org)
             return await self._identify(record, decision, client_ip, trail)
         if looks_like_jwt(raw):
+            trail.method = "jwt"
             return await self._identify(await verifier.token_record(raw, client_ip), decision, client_ip, trail)
+        trail.method = "api_key"
         parsed = verifier.parse(raw)
         try:
             record = await verifier.authenticate(parsed, client_ip)
@@ -438,6 +465,7 @@ class ForwardAuth:
         self, record: KeyRecord, decision: RouteDecision, client_ip: IP | None, trail: _Trail
     ) -> Answer:
         verifier = self.verifier
+        trail.method = record.method
         try:
             identity = await verifier.authorize(record, decision, client_ip)
         except GatewayError:
@@ -460,6 +488,7 @@ class ForwardAuth:
             if public:
                 return None
             raise MissingCredentials("send an API key as Authorization: Bearer <key> or X-API-Key, or sign in")
+        trail.method = "session"
         try:
             check_origin(h, method, self.allowed_origins)
         except CsrfFailed:

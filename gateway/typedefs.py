@@ -17,6 +17,7 @@ from gateway.forward import ForwardAuth
 from gateway.health import Lifecycle
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener
+from gateway.logs import RequestIds
 from gateway.metrics import Metrics
 from gateway.policy import Policy
 from gateway.ratelimit import Limits, RateLimiter
@@ -53,3 +54,4 @@ SESSIONS = web.AppKey("sessions", SessionStore)
 SIGNING = web.AppKey("signing", SigningKeys)
 # The proxy endpoints, bound to the objects a decision needs.
 FORWARD = web.AppKey("forward", ForwardAuth)
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)

@@ -263,6 +263,7 @@ def write_test_config(path: Path, **yaml_sections: str) -> Path:
     data: dict[str, Any] = {
         "keys": {"argon2": {"memory_kib": 1024, "time_cost": 1, "parallelism": 1}},
         "log_level": "DEBUG",
+        "log": {"format": "text"},  # tests read these logs as text; tests/test_logs.py reads JSON ones
         "server": {"drain_s": 0},
     }
     for text in yaml_sections.values():

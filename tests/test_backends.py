@@ -8,7 +8,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway._breaker import BreakerOpen
 from gateway.backends import OUTAGES, PG_ERRORS, REDIS_UNAVAILABLE, StoreUnavailable, outage, pg_outage
-from gateway.errors import AuthUnavailable, request_id
+from gateway.errors import AuthUnavailable
 
 
 def test_a_store_outage_is_auth_unavailable() -> None:
@@ -40,13 +40,6 @@ def test_a_bug_is_not_an_outage(exc: BaseException) -> None:
     """A bare RuntimeError or OSError is left to be a bug when it escapes: only the calls wrapped with the
     wider PG_ERRORS / REDIS_ERRORS treat those as the store's failure."""
     assert not isinstance(exc, OUTAGES)
-
-
-def test_request_ids() -> None:
-    assert request_id("abc-1.2:x_y") == "abc-1.2:x_y"
-    for sent in (None, "", "a b", "x" * 65, "é", "a\r\nb"):
-        made = request_id(sent)
-        assert len(made) == 32 and made != request_id(sent)
 
 
 def test_asyncpg_errors_of_our_own_making_are_bugs() -> None:

@@ -23,7 +23,7 @@ from gateway.app import create_app
 from gateway.audit import CLI
 from gateway.config import Config, LimitConfig
 from gateway.data.db import Database
-from gateway.errors import InternalError, request_id
+from gateway.errors import InternalError
 from gateway.grants import Grant, TokenService
 from gateway.signing import SigningKeys
 from tests._proxies import PATH_TRICKS, echo_app, fetch, seen, stop_process, wait_port
@@ -311,7 +311,7 @@ async def test_a_gateway_bug_stays_a_500_with_its_request_id(aiohttp_server: Any
     async def buggy_gateway(request: web.Request) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id", "")
         received.append(rid)
-        return denial(InternalError(request_id(rid)))
+        return denial(InternalError(rid)).with_request_id(rid)
 
     gateway = web.Application()
     gateway.router.add_route("*", "/auth/nginx", buggy_gateway)

@@ -31,8 +31,10 @@ class Breaker:
         cooldown_s: float = C.BREAKER_COOLDOWN_S,
         on_change: Callable[[str, str], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        on_latency: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.name = name
+        self._on_latency = on_latency  # (backend, op, seconds) of every call, failed ones included
         self.cooldown_s = cooldown_s
         self.state = CLOSED
         self._next_probe = 0.0  # monotonic: when the next probe may start
@@ -60,6 +62,11 @@ class Breaker:
         if self._on_failure is not None:
             self._on_failure(self.name)
 
+    def timed(self, op: str, seconds: float) -> None:
+        """How long one call to the backend took (`op`: what it was for)."""
+        if self._on_latency is not None:
+            self._on_latency(self.name, op, seconds)
+
     @property
     def available(self) -> bool:
         """As last seen: closed means the last call to the backend worked."""
@@ -76,14 +83,20 @@ class BreakerOpen(Exception):
     """The backend is being skipped after a recent failure: take the fallback."""
 
 
-async def guarded(breaker: Breaker, fn: Callable[[], Awaitable[T]], errors: tuple[type[BaseException], ...]) -> T:
-    """Call the backend through its breaker: raises BreakerOpen when skipped; `errors` trip it."""
+async def guarded(
+    breaker: Breaker, fn: Callable[[], Awaitable[T]], errors: tuple[type[BaseException], ...], op: str
+) -> T:
+    """Call the backend through its breaker: raises BreakerOpen when skipped; `errors` trip it. The
+    call's time is the breaker's to report, as `op`."""
     if not breaker.allow():
         raise BreakerOpen(breaker.name)
+    started = time.perf_counter()
     try:
         result = await fn()
     except errors:
         breaker.failed()
         raise
+    finally:
+        breaker.timed(op, time.perf_counter() - started)
     breaker.succeeded()
     return result

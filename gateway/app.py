@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -120,7 +121,16 @@ def _breaker(name: str, metrics: Metrics) -> Breaker:
         metrics.backend_errors.labels(backend).inc()
 
     metrics.backend_up.labels(name).set(1)
-    return Breaker(name, on_change=changed, on_failure=failed)
+    return Breaker(name, on_change=changed, on_failure=failed, on_latency=_timings(metrics))
+
+
+def _timings(metrics: Metrics) -> Callable[[str, str, float], None]:
+    latency = metrics.backend_latency
+
+    def timed(backend: str, op: str, seconds: float) -> None:
+        latency.observe((backend, op), seconds)
+
+    return timed
 
 
 async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -168,7 +178,10 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics,
     )
     app[RESOLVER] = resolver
-    db = Database(app[STORE].pool, cfg.database.management_timeout_ms / 1000)
+    # Its own breaker only times its calls: a management call reports an outage itself (503), and never
+    # takes a probe turn from the hot path's breaker.
+    timed = Breaker("postgres", on_latency=_timings(app[METRICS]))
+    db = Database(app[STORE].pool, cfg.database.management_timeout_ms / 1000, breaker=timed)
     app[KEYRING] = Keyring(db, app[KEY_FORMAT], app[HASHER], cfg.roles)
     app[DIRECTORY] = Directory(db, cfg.roles)
     app[AUDIT_LOG] = AuditLog(db)
@@ -299,10 +312,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     peer = request.remote
     trusted = peer is not None and _is_trusted(peer, app[TRUSTED])
     rid = app[REQUEST_IDS].begin(request.headers.get(hdrs.X_REQUEST_ID), trusted)
+    started = time.perf_counter()
     response = await _answered(request, handler)
     if isinstance(response, Answer):  # a proxy's call, answered by ForwardAuth (its id is in its head)
         return response
     response.headers[hdrs.X_REQUEST_ID] = rid
+    # By route template (`/v1/keys/{key_id}`), never the path itself: a bounded set of series.
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else "unmatched"
+    metrics = app[METRICS]
+    metrics.http_latency.observe((request.method, template), time.perf_counter() - started)
+    metrics.http_answers.inc(request.method, template, str(response.status))
     return response
 
 
@@ -371,6 +391,14 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def metrics_app(gateway: web.Application) -> web.Application:
+    """`/metrics` alone, for `metrics.port`: the gateway's own registry, served apart from the public port."""
+    app = web.Application()
+    app[METRICS] = gateway[METRICS]
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
 async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
     """SIGHUP reloads the route policy; a bad new policy is logged and the old one kept."""
     policy = app[POLICY]
@@ -418,7 +446,8 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx, _sighup_ctx, _lifecycle_ctx])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
+    if not cfg.metrics.port:  # else only on its own port: see `metrics_app`
+        app.router.add_get("/metrics", metrics_handler)
     for endpoint in ENDPOINTS:
         app.router.add_route("*", f"/auth/{endpoint}", _forward(endpoint))
     # Envoy appends the original path to its path_prefix.

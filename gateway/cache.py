@@ -172,7 +172,7 @@ class RedisCache:
         gen_key = C.REDIS_KEY_GENERATION.format(key_id=key_id)
         neg_key = C.REDIS_NEGATIVE_ENTRY.format(key_id=key_id, digest=digest)
         raw_entry, raw_gen, raw_neg = await guarded(
-            self.breaker, lambda: self.client.mget(entry_key, gen_key, neg_key), REDIS_ERRORS
+            self.breaker, lambda: self.client.mget(entry_key, gen_key, neg_key), REDIS_ERRORS, "cache_get"
         )
         gen = _text(raw_gen) or "0"
         entry = None
@@ -194,17 +194,17 @@ class RedisCache:
                 pipe.pexpire(index, ttl_ms)
                 await pipe.execute()
 
-        await guarded(self.breaker, fill, REDIS_ERRORS)
+        await guarded(self.breaker, fill, REDIS_ERRORS, "cache_put")
 
     async def put_negative(self, key_id: str, digest: str, code: str) -> None:
         if self.negative_ttl_s <= 0:
             return
         key = C.REDIS_NEGATIVE_ENTRY.format(key_id=key_id, digest=digest)
         ttl_ms = int(self.negative_ttl_s * 1000)
-        await guarded(self.breaker, lambda: self.client.set(key, code, px=ttl_ms), REDIS_ERRORS)
+        await guarded(self.breaker, lambda: self.client.set(key, code, px=ttl_ms), REDIS_ERRORS, "cache_put_negative")
 
     async def invalidate(self, key_ids: list[str]) -> None:
-        await guarded(self.breaker, lambda: self._invalidate(key_ids), REDIS_ERRORS)
+        await guarded(self.breaker, lambda: self._invalidate(key_ids), REDIS_ERRORS, "cache_invalidate")
 
     async def _invalidate(self, key_ids: list[str]) -> None:
         # The generation bump alone makes old entries unreadable; deleting them too keeps a revoked

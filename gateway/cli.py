@@ -25,7 +25,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from gateway import __version__
 from gateway._server import GatewayRunner
-from gateway.app import create_app, redis_client
+from gateway.app import create_app, metrics_app, redis_client
 from gateway.audit import CLI, AuditLog
 from gateway.authz import pattern_matches
 from gateway.backends import PG_ERRORS, REDIS_ERRORS, StoreUnavailable
@@ -44,7 +44,7 @@ from gateway.logs import logging_to_stderr
 from gateway.policy import describe, load_policy
 from gateway.signing import SigningKeys
 from gateway.signing import listing as signing_listing
-from gateway.typedefs import HASHER, LIFECYCLE
+from gateway.typedefs import CONFIG, HASHER, LIFECYCLE
 
 log = logging.getLogger("gateway")
 
@@ -479,20 +479,32 @@ async def _close_when_draining(request: web.Request, response: web.StreamRespons
         response.headers[hdrs.CONNECTION] = "close"
 
 
-async def _start_up(runner: web.AppRunner, host: str, port: int, reuse_port: bool) -> None:
+async def _start_up(
+    runner: web.AppRunner, host: str, port: int, reuse_port: bool, metrics: web.AppRunner | None
+) -> None:
     try:
         await runner.setup()  # the app's cleanup_ctx start-up: Postgres, Redis, the listener
     except StoreUnavailable as exc:
         raise CliError(str(exc)) from None
+    await _listen(runner, host, port, reuse_port, "")
+    if metrics is not None:
+        cfg = runner.app[CONFIG]
+        await metrics.setup()
+        await _listen(metrics, cfg.metrics.host or host, cfg.metrics.port, reuse_port, " (metrics.port)")
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int, reuse_port: bool, what: str) -> None:
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
     except OSError as exc:
-        raise CliError(f"cannot listen on {host}:{port}: {_listen_error(exc)}") from None
+        raise CliError(f"cannot listen on {host}:{port}{what}: {_listen_error(exc)}") from None
 
 
-async def _started(runner: web.AppRunner, host: str, port: int, reuse_port: bool, stop: _StopSignals) -> bool:
+async def _started(
+    runner: web.AppRunner, host: str, port: int, reuse_port: bool, stop: _StopSignals, metrics: web.AppRunner | None
+) -> bool:
     """Start up and bind; False when a stop signal came first (start-up is then abandoned)."""
-    starting = asyncio.ensure_future(_start_up(runner, host, port, reuse_port))
+    starting = asyncio.ensure_future(_start_up(runner, host, port, reuse_port, metrics))
     stopped = asyncio.ensure_future(stop.requested.wait())
     try:
         await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -538,8 +550,9 @@ async def _serve_async(cfg: Config, host: str, port: int, reuse_port: bool, on_b
         runner = GatewayRunner(
             app, head_timeout_s=cfg.server.header_timeout_s, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **logging_kwargs
         )
+        metrics = web.AppRunner(metrics_app(app), access_log=None) if cfg.metrics.port else None
         try:
-            if await _started(runner, host, port, reuse_port, stop):
+            if await _started(runner, host, port, reuse_port, stop, metrics):
                 # What start-up made (modules, config, pools) lives as long as the process: out of the
                 # collector's sight, so the full collections that per-request garbage triggers skip it.
                 gc.freeze()
@@ -550,6 +563,8 @@ async def _serve_async(cfg: Config, host: str, port: int, reuse_port: bool, on_b
                 )
                 await _serve_until_stopped(app, stop, cfg.server.drain_s)
         finally:
+            if metrics is not None:
+                await metrics.cleanup()
             await runner.cleanup()  # closes the listener, waits for requests in flight, runs cleanup_ctx
     finally:
         for signum in handlers:
@@ -562,6 +577,8 @@ def _serve_one(cfg: Config, host: str, port: int, reuse_port: bool, on_bound: Ca
 
     def serving() -> None:
         log.info("gateway serving on %s:%d (database %s)", host, port, redact_url(cfg.database.url.get()))
+        if cfg.metrics.port:
+            log.info("metrics on %s:%d/metrics", cfg.metrics.host or host, cfg.metrics.port)
 
     with logging_to_stderr(cfg):
         uvloop.run(_serve_async(cfg, host, port, reuse_port, on_bound or serving))

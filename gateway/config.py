@@ -279,6 +279,14 @@ class DecisionLogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # 0: /metrics on the public port. Else /metrics only here (and 404 on the public port), on
+    # `host` (default server.host): keep it off the network the proxies and clients reach.
+    port: int = 0
+    host: str = ""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     # json, text, or auto: JSON lines unless stderr is a terminal (so JSON under a supervisor or in a pod).
     format: str = "auto"
@@ -307,6 +315,7 @@ class Config:
     last_used_flush_s: float = C.DEFAULT_LAST_USED_FLUSH_S
     log_level: str = "INFO"
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.forward_auth.trusted_proxies)
@@ -439,6 +448,12 @@ def _validate(cfg: Config) -> None:
         "must be DEBUG, INFO, WARNING or ERROR",
     )
     check(cfg.log.format in ("auto", "json", "text"), "log.format", "must be auto, json or text")
+    check(0 <= cfg.metrics.port < 65536, "metrics.port", "must be between 1 and 65535, or 0 (the public port)")
+    check(
+        cfg.metrics.port == 0 or cfg.metrics.port != cfg.server.port,
+        "metrics.port",
+        "must differ from server.port (0 serves /metrics on the public port)",
+    )
     d = cfg.log.decisions
     check(
         d.level.upper() in ("DEBUG", "INFO", "WARNING", "OFF"),

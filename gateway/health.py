@@ -33,7 +33,7 @@ async def watch_backends(store: Store, redis: aioredis.Redis, redis_breaker: Bre
         with contextlib.suppress(StoreUnavailable):
             await store.ping()
         with contextlib.suppress(*REDIS_UNAVAILABLE):
-            await guarded(redis_breaker, redis.ping, REDIS_ERRORS)
+            await guarded(redis_breaker, redis.ping, REDIS_ERRORS, "ping")
 
 
 def backend_checks(store: Store, redis_breaker: Breaker) -> dict[str, str]:

@@ -232,9 +232,13 @@ class RateLimiter:
         leases = self.leases
         decisions: list[Decision | None] = []
         complete = True
+        charged = self.metrics.ratelimit_charges
         for limit, ident in charges:
             d = _spend(leases.get(limit.name, ident), limit, now) if limit.lease_cap > 1 else None
-            complete = complete and d is not None
+            if d is None:
+                complete = False
+            else:
+                charged.inc(limit.name, "lease")
             decisions.append(d)
         if complete:
             return decisions  # type: ignore[return-value]  # every one came from a lease
@@ -253,6 +257,8 @@ class RateLimiter:
         """One token per call from Redis, or each limit's fallback when Redis cannot be reached."""
         try:
             raws = await self._redis(calls)
+            for limit, *_ in calls:
+                self.metrics.ratelimit_charges.inc(limit.name, "exact")
         except REDIS_UNAVAILABLE as exc:
             log.debug("rate limiter: redis unavailable: %s", exc.__class__.__name__)
             return [self._fallback(limit, ident, peek) for limit, ident, _, peek in calls]
@@ -274,6 +280,7 @@ class RateLimiter:
                 lease.refill = asyncio.get_running_loop().create_future()
                 try:
                     (raw,) = await self._redis([(limit, ident, size, False)])
+                    self.metrics.ratelimit_charges.inc(limit.name, "refill")
                 except REDIS_UNAVAILABLE as exc:
                     log.debug("rate limiter: redis unavailable: %s", exc.__class__.__name__)
                     return self._fallback(limit, ident, False)
@@ -295,6 +302,7 @@ class RateLimiter:
 
     async def _round_trip(self, calls: Sequence[_Call]) -> list[_Raw]:
         """One pipeline for all calls; its outcome is the breaker's (the caller passed `allow()`)."""
+        started = time.perf_counter()
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for limit, ident, cost, peek in calls:
@@ -307,6 +315,8 @@ class RateLimiter:
         except REDIS_ERRORS:
             self.breaker.failed()
             raise
+        finally:
+            self.breaker.timed("ratelimit", time.perf_counter() - started)
         self.breaker.succeeded()
         return [(int(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in replies]
 
@@ -333,6 +343,7 @@ class RateLimiter:
 
     def _fallback(self, limit: Limit, ident: str, peek: bool) -> Decision:
         self.metrics.ratelimit_fallback.labels(limit.name, limit.on_redis_error).inc()
+        self.metrics.ratelimit_charges.inc(limit.name, "fallback")
         now = time.monotonic()
         if now - self._last_warning > 10:
             self._last_warning = now
@@ -445,13 +456,16 @@ class BruteForceGuard:
                 await pipe.execute()
 
         with contextlib.suppress(*REDIS_UNAVAILABLE):  # counted by the breaker; only a cache of good news
-            await guarded(self.limiter.breaker, remember, REDIS_ERRORS)
+            await guarded(self.limiter.breaker, remember, REDIS_ERRORS, "good_address_put")
 
     async def _known_good(self, key_id: str, address: str | None) -> bool:
         if address is None:
             return False
         key = C.REDIS_GOOD_ADDRESSES.format(key_id=key_id)
         try:
-            return bool(await guarded(self.limiter.breaker, lambda: self.client.sismember(key, address), REDIS_ERRORS))
+            known = await guarded(
+                self.limiter.breaker, lambda: self.client.sismember(key, address), REDIS_ERRORS, "good_address_get"
+            )
+            return bool(known)
         except REDIS_UNAVAILABLE:
             return False

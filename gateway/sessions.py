@@ -137,10 +137,10 @@ class SessionStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: dict[str, asyncio.Future[Mapping[Any, Any]]] = {}  # this tick's reads, by handle
 
-    async def _call(self, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    async def _call(self, fn: Callable[[aioredis.Redis], Awaitable[T]], op: str) -> T:
         """A session-store call through the Redis breaker; unreachable is 503, never a signed-out 401."""
         try:
-            return await guarded(self.breaker, lambda: fn(self.redis), REDIS_ERRORS)
+            return await guarded(self.breaker, lambda: fn(self.redis), REDIS_ERRORS, op)
         except REDIS_UNAVAILABLE:
             raise AuthUnavailable("the session store is unreachable") from None
 
@@ -202,7 +202,7 @@ class SessionStore:
             if evicted:
                 await _delete(redis, mine, evicted)
 
-        await self._call(save)
+        await self._call(save, "session_create")
         return session_id, session
 
     async def load(self, session_id: str) -> Session | None:
@@ -246,7 +246,7 @@ class SessionStore:
                 return list(await pipe.execute())
 
         try:
-            found = await self._call(read_all)
+            found = await self._call(read_all, "session_get")
         except asyncio.CancelledError:  # at shutdown: no waiter is left hanging
             for fut in batch.values():
                 fut.cancel()
@@ -269,7 +269,8 @@ class SessionStore:
             try:
                 key = C.REDIS_SESSION.format(digest=session.handle)
                 await self._call(
-                    lambda _r: self._update(keys=[key], args=["last_seen", repr(now), self._ttl(session.created, now)])
+                    lambda _r: self._update(keys=[key], args=["last_seen", repr(now), self._ttl(session.created, now)]),
+                    "session_touch",
                 )
             except AuthUnavailable:
                 pass  # the next request tries again
@@ -283,12 +284,12 @@ class SessionStore:
     async def switch_org(self, session: Session, org: str) -> bool:
         """Every replica's next request sees it: sessions are read from Redis on each use."""
         key = C.REDIS_SESSION.format(digest=session.handle)
-        done = await self._call(lambda _r: self._update(keys=[key], args=["active_org", org, 0]))
+        done = await self._call(lambda _r: self._update(keys=[key], args=["active_org", org, 0]), "session_switch")
         return bool(done)
 
     async def end(self, session: Session) -> None:
         mine = C.REDIS_USER_SESSIONS.format(user_id=session.user_id)
-        await self._call(lambda r: _delete(r, mine, [C.REDIS_SESSION.format(digest=session.handle)]))
+        await self._call(lambda r: _delete(r, mine, [C.REDIS_SESSION.format(digest=session.handle)]), "session_end")
 
     async def end_user(self, user_id: str) -> None:
         """Every session of the user ends, in every browser."""
@@ -299,7 +300,7 @@ class SessionStore:
             await _delete(redis, mine, sessions)
             await redis.delete(mine)
 
-        await self._call(end_all)
+        await self._call(end_all, "session_end_all")
 
     async def of_user(self, user_id: str) -> list[Session]:
         """The user's live sessions, newest first."""
@@ -314,7 +315,7 @@ class SessionStore:
             return list(zip(keys, found, strict=True))
 
         now = time.time()
-        sessions = [_session(k.rpartition(":")[2], raw) for k, raw in await self._call(read)]
+        sessions = [_session(k.rpartition(":")[2], raw) for k, raw in await self._call(read, "session_list")]
         return [s for s in sessions if s is not None and now - s.created < self.cfg.absolute_ttl_s]
 
     async def close(self) -> None:

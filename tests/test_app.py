@@ -249,7 +249,9 @@ async def test_access_log_is_off_by_default_and_denials_are_logged(
         gw.stop()
     logs = gw.logs()
     assert "aiohttp.access" not in logs and '"GET /auth/nginx"' not in logs, logs[-2000:]
-    line = "decision outcome=deny code=invalid_api_key endpoint=nginx auth=api_key key_id=- org=- route='GET /v1/things'"
+    line = (
+        "decision outcome=deny code=invalid_api_key endpoint=nginx auth=api_key key_id=- org=- route='GET /v1/things'"
+    )
     assert f"{line} client=127.0.0.1 latency_ms=" in logs, logs[-2000:]
 
 

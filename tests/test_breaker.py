@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -95,12 +96,12 @@ async def test_guarded_records_outcomes_and_skips_while_open() -> None:
     async def boom() -> int:
         raise ConnectionError("down")
 
-    assert await guarded(b, ok, (ConnectionError,)) == 7
+    assert await guarded(b, ok, (ConnectionError,), "op") == 7
     with pytest.raises(ConnectionError):
-        await guarded(b, boom, (ConnectionError,))
+        await guarded(b, boom, (ConnectionError,), "op")
     assert b.state == OPEN
     with pytest.raises(BreakerOpen):
-        await guarded(b, ok, (ConnectionError,))
+        await guarded(b, ok, (ConnectionError,), "op")
     assert calls == 1  # skipped, not called
 
 
@@ -111,7 +112,7 @@ async def test_errors_outside_the_backend_set_do_not_trip_it() -> None:
         raise ValueError("a bug, not an outage")
 
     with pytest.raises(ValueError):
-        await guarded(b, bug, (ConnectionError,))
+        await guarded(b, bug, (ConnectionError,), "op")
     assert b.state == CLOSED
 
 
@@ -123,8 +124,28 @@ async def test_every_failed_call_is_reported_and_a_skipped_one_is_not() -> None:
         raise ConnectionError("down")
 
     with pytest.raises(ConnectionError):
-        await guarded(b, boom, (ConnectionError,))
+        await guarded(b, boom, (ConnectionError,), "op")
     for _ in range(5):  # skipped while open: the store was not called, so nothing failed
         with pytest.raises(BreakerOpen):
-            await guarded(b, boom, (ConnectionError,))
+            await guarded(b, boom, (ConnectionError,), "op")
     assert failures == ["postgres"]
+
+
+async def test_every_call_made_is_timed_and_a_skipped_one_is_not() -> None:
+    timed: list[tuple[str, str, float]] = []
+    b = Breaker("redis", cooldown_s=10, on_latency=lambda *t: timed.append(t))
+
+    async def slow() -> int:
+        await asyncio.sleep(0.02)
+        return 1
+
+    async def boom() -> int:
+        raise ConnectionError("down")
+
+    assert await guarded(b, slow, (ConnectionError,), "cache_get") == 1
+    with pytest.raises(ConnectionError):
+        await guarded(b, boom, (ConnectionError,), "cache_put")
+    with pytest.raises(BreakerOpen):
+        await guarded(b, slow, (ConnectionError,), "cache_get")
+    assert [(backend, op) for backend, op, _ in timed] == [("redis", "cache_get"), ("redis", "cache_put")]
+    assert timed[0][2] >= 0.02

@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -95,6 +96,12 @@ async def _notify(conn: Conn, payload: dict[str, object]) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", C.PG_INVALIDATION_CHANNEL, json.dumps(payload))
 
 
+def _op(fn: Callable[..., Any]) -> str:
+    """What a hot-path call is for, as its latency's label: the method that made the query
+    (`Store.load_key.<locals>.<lambda>` is `load_key`)."""
+    return getattr(fn, "__qualname__", "call").split(".<locals>", 1)[0].rpartition(".")[2]
+
+
 class Database:
     def __init__(
         self,
@@ -119,6 +126,7 @@ class Database:
         if not self.breaker.allow():
             raise StoreUnavailable("recently failed")
         conn: Pooled | None = None
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = await self.pool.acquire()
@@ -138,6 +146,8 @@ class Database:
             # Cancelled, or an error of the query itself: the connection may be mid-query.
             self._release_later(conn, broken=True)
             raise
+        finally:
+            self.breaker.timed(_op(fn), time.perf_counter() - started)
         self.breaker.succeeded()
         self._release_later(conn, broken=False)
         return result
@@ -174,6 +184,7 @@ class Database:
         that timed out or failed is closed rather than rolled back: a ROLLBACK to a server that does not
         answer would hang the call (closing it ends the transaction on the server)."""
         conn: Pooled | None = None
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = await self.pool.acquire()
@@ -197,6 +208,7 @@ class Database:
                 raise StoreUnavailable("the database is unavailable") from None
             raise
         finally:
+            self.breaker.timed("management", time.perf_counter() - started)
             if conn is not None:
                 # The call's outcome stands (a commit is done): a failed reset only costs this connection,
                 # which asyncpg then closes itself.

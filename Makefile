@@ -2,37 +2,45 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test lint bench system-deps clean
 
-$(STAMP): pyproject.toml
+# `make run` installs what running needs (the package and its dependencies; Redis and PostgreSQL);
+# `make test` adds the test tools (the dev extra; nginx, Caddy, Chromium, wrk).
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(DEV_STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(DEV_STAMP)
 
 system-deps:
-	@bash scripts/system-deps.sh
+	@bash scripts/system-deps.sh test
 
-run: $(STAMP) system-deps
+run: $(RUN_STAMP)
+	@bash scripts/system-deps.sh run
 	$(BIN)/python -m gateway._dev
 
-test: $(STAMP) system-deps
+test: $(DEV_STAMP) system-deps
 	$(BIN)/pytest --cov=gateway --cov-report=term:skip-covered  # coverage settings: pyproject.toml
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check gateway tests scripts
 	$(BIN)/ruff format --check gateway tests scripts
 	$(BIN)/mypy
 
 # One table of ratios measured side by side (docs/benchmarks.md); `make bench-extra` runs the older,
 # narrower benchmarks (policy decisions, the rate limiter alone, a flood of bad keys, latency by tier).
-bench: $(STAMP) system-deps
+bench: $(DEV_STAMP) system-deps
 	$(BIN)/python scripts/bench.py
 
 .PHONY: bench-extra
-bench-extra: $(STAMP) system-deps
+bench-extra: $(DEV_STAMP) system-deps
 	$(BIN)/python scripts/bench_policy.py
 	$(BIN)/python scripts/bench_ratelimit.py
 	$(BIN)/python scripts/bench_flood.py

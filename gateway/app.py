@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -50,6 +51,7 @@ from gateway.sessions import SessionStore
 from gateway.signing import SigningKeys
 from gateway.store import Store
 from gateway.tokens import AccessTokens
+from gateway.tracing import TRACING, make_tracing
 from gateway.typedefs import (
     AUDITOR,
     CONFIG,
@@ -232,6 +234,7 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
         app[SESSIONS],
         app[USAGE],
         app[REQUEST_IDS],
+        app[TRACING],
     )
 
     async def on_keys(key_ids: list[str]) -> None:
@@ -434,7 +437,12 @@ def _forward(endpoint: str) -> Handler:
 
 
 def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
+    tracing = make_tracing(cfg.tracing)
+    middlewares: list[Middleware] = [errors_middleware]
+    if tracing is not None:
+        middlewares.insert(0, tracing.middleware())
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
+    app[TRACING] = tracing
     app[CONFIG] = cfg
     app[LIFECYCLE] = Lifecycle()
     app[KEY_FORMAT] = KeyFormat(cfg.keys.prefix)
@@ -444,6 +452,8 @@ def create_app(cfg: Config, policy: Policy | None = None) -> web.Application:
     app[LIMITS] = Limits.from_config(cfg.rate_limits)
     app[REQUEST_IDS] = RequestIds()
     app.cleanup_ctx.extend([_hasher_ctx, _stores_ctx, _resolver_ctx, _sighup_ctx, _lifecycle_ctx])
+    if tracing is not None:
+        app.cleanup_ctx.insert(0, tracing.ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if not cfg.metrics.port:  # else only on its own port: see `metrics_app`

@@ -7,6 +7,7 @@ passwords inside URLs) are wrapped in `Secret` so they never show up in a repr o
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import math
 import os
@@ -279,6 +280,15 @@ class DecisionLogConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    # OpenTelemetry spans over OTLP/HTTP; needs the `tracing` extra (pip install 'gateway[tracing]').
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # the collector's OTLP/HTTP traces URL
+    service_name: str = "gateway"
+    sample_ratio: float = 1.0  # of traces started here; a proxy's sampled traceparent is followed
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # 0: /metrics on the public port. Else /metrics only here (and 404 on the public port), on
     # `host` (default server.host): keep it off the network the proxies and clients reach.
@@ -316,6 +326,7 @@ class Config:
     log_level: str = "INFO"
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.forward_auth.trusted_proxies)
@@ -448,6 +459,7 @@ def _validate(cfg: Config) -> None:
         "must be DEBUG, INFO, WARNING or ERROR",
     )
     check(cfg.log.format in ("auto", "json", "text"), "log.format", "must be auto, json or text")
+    _validate_tracing(cfg.tracing)
     check(0 <= cfg.metrics.port < 65536, "metrics.port", "must be between 1 and 65535, or 0 (the public port)")
     check(
         cfg.metrics.port == 0 or cfg.metrics.port != cfg.server.port,
@@ -462,6 +474,15 @@ def _validate(cfg: Config) -> None:
     )
     for name in ("sample_allowed", "sample_denied"):
         check(0 <= getattr(d, name) <= 1, f"log.decisions.{name}", "must be between 0 and 1")
+
+
+def _validate_tracing(t: TracingConfig) -> None:
+    if not 0 <= t.sample_ratio <= 1:
+        raise ConfigError("tracing.sample_ratio: must be between 0 and 1")
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", t.endpoint):
+        raise ConfigError("tracing.endpoint: must be an http(s) URL, such as http://collector:4318/v1/traces")
+    if t.enabled and importlib.util.find_spec("opentelemetry.sdk") is None:
+        raise ConfigError("tracing.enabled: needs the tracing extra: pip install 'gateway[tracing]'")
 
 
 _RATE_RE = re.compile(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,5})?(s|sec|second|m|min|minute|h|hour|d|day)")

@@ -43,6 +43,7 @@ from gateway.policy import OriginalRequest, Policy, RouteDecision
 from gateway.ratelimit import Decision
 from gateway.sessions import SessionStore, check_origin, cookie_value
 from gateway.tokens import looks_like_jwt
+from gateway.tracing import Tracing
 from gateway.verifier import Verifier
 
 log = logging.getLogger("gateway.forward")
@@ -343,7 +344,9 @@ class ForwardAuth:
         sessions: SessionStore,
         usage: UsageAuditor,
         request_ids: RequestIds,
+        tracing: Tracing | None = None,
     ) -> None:
+        self.tracing = tracing
         self.fmt = fmt
         self.request_ids = request_ids
         self.decisions = DecisionLog(cfg.log.decisions, log)
@@ -375,6 +378,14 @@ class ForwardAuth:
 
     async def handle(self, request: web.BaseRequest, endpoint: str) -> web.StreamResponse:
         """One proxy's call: 200 with the identity headers, or the denial (never an exception)."""
+        if self.tracing is None:
+            return await self._handle(request, endpoint)
+        with self.tracing.verify_span(endpoint, request.headers) as span:
+            response = await self._handle(request, endpoint)
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    async def _handle(self, request: web.BaseRequest, endpoint: str) -> Answer:
         started = time.perf_counter()
         client_ip, address = _NO_CLIENT
         trail = _Trail()

@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# Installs the servers the gateway runs against locally and its tests drive: Redis, nginx, Caddy,
-# Chromium (for the web page's tests, driven by Playwright without downloading a browser) and wrk (the
-# load generator of `make bench`) from Debian. PostgreSQL server binaries are expected on the machine (initdb/postgres); installed if absent.
+# Installs from Debian what the gateway needs, by purpose:
+#   run   (make run): Redis and the PostgreSQL server binaries (initdb/postgres), nothing else;
+#   test  (make test, make bench, CI): those, and the servers the tests drive: nginx, Caddy, Chromium
+#         (for the web page's tests, driven by Playwright without downloading a browser), and wrk (the
+#         load generator of `make bench`).
+# `--print MODE` only prints the packages MODE needs, installed or not.
 set -euo pipefail
+print=0
+if [ "${1:-}" = "--print" ]; then print=1; shift; fi
+mode="${1:-test}"
+case "$mode" in run|test) ;; *) echo "usage: $0 [--print] run|test" >&2; exit 2 ;; esac
+wanted=(redis-server postgresql)
+if [ "$mode" = test ]; then wanted+=(nginx-light caddy chromium wrk); fi
+if [ "$print" = 1 ]; then echo "${wanted[*]}"; exit 0; fi
 need=()
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v caddy >/dev/null 2>&1 || need+=(caddy)
-[ -x /usr/bin/chromium ] || need+=(chromium)
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  need+=(postgresql)
-fi
+for pkg in "${wanted[@]}"; do
+  case "$pkg" in
+    redis-server) command -v redis-server >/dev/null 2>&1 || need+=("$pkg") ;;
+    postgresql) command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=("$pkg") ;;
+    nginx-light) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=("$pkg") ;;
+    caddy) command -v caddy >/dev/null 2>&1 || need+=("$pkg") ;;
+    chromium) [ -x /usr/bin/chromium ] || need+=("$pkg") ;;
+    wrk) command -v wrk >/dev/null 2>&1 || need+=("$pkg") ;;
+  esac
+done
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${need[*]}; install them (sudo apt-get install ${need[*]})" >&2

@@ -105,3 +105,22 @@ def test_make_run_brings_up_a_gateway_with_its_own_stores(fresh_dir: Path) -> No
     finally:
         assert _stop(proc) == 0, "".join(seen)[-3000:]
     assert "Demo API key" not in "".join(seen)
+
+
+def test_make_run_installs_only_what_running_needs() -> None:
+    """`make run` installed the test tools too (Caddy, Chromium, the dev extra): now only `make test` does."""
+    make, bash = shutil.which("make"), shutil.which("bash")
+    assert make is not None and bash is not None
+    run = subprocess.run([make, "-n", "-B", "run"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    test = subprocess.run([make, "-n", "-B", "test"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "pip install --quiet -e .\n" in run and "[dev]" not in run and "system-deps.sh run" in run
+    assert "-e '.[dev]'" in test and "system-deps.sh test" in test
+
+    def packages(mode: str) -> set[str]:
+        printed = subprocess.run(
+            [bash, "scripts/system-deps.sh", "--print", mode], capture_output=True, text=True, cwd=ROOT, check=True
+        )
+        return set(printed.stdout.split())
+
+    assert packages("run") == {"redis-server", "postgresql"}
+    assert packages("test") == {"redis-server", "postgresql", "nginx-light", "caddy", "chromium", "wrk"}

@@ -21,6 +21,7 @@ from aiohttp import hdrs, web
 from gateway._body import read_body
 from gateway.audit import AUDIT_LOG, Actor
 from gateway.authz import granted, pattern_matches
+from gateway.data.audit import LastUse
 from gateway.data.keys import KeyRow
 from gateway.directory import DIRECTORY
 from gateway.errors import (
@@ -32,7 +33,7 @@ from gateway.errors import (
     OrgNotAllowed,
     ProjectNotAllowed,
 )
-from gateway.formats import iso, parse_iso
+from gateway.formats import MAX_NAME, iso, parse_iso
 from gateway.forward import client_address, credential
 from gateway.invitations import INVITATIONS
 from gateway.keyring import KEYRING, MAX_LIST, KeyQuery, KeySpec, key_expiry, key_view, spec_of
@@ -253,6 +254,7 @@ class KeyAccess:
     row: KeyRow
     view: dict[str, Any]
     managed: list[str]
+    seen_from: list[str] | None = None  # None: the caller's own key, seen whole
 
 
 async def key_access(
@@ -291,7 +293,43 @@ async def key_access(
     if view["projects"] != "all":
         view["projects"] = await directory.projects_in(view["projects"], seen_from)
     view["effective_role"] = _effective_roles(p, row.role, owner_roles, seen_from)
-    return KeyAccess(row, view, managed)
+    return KeyAccess(row, view, managed, seen_from)
+
+
+async def with_details(request: web.Request, accesses: Sequence[KeyAccess]) -> list[dict[str, Any]]:
+    """The keys' views with what a reader needs beside ids: the owner's name and kind (`owner_name`,
+    `owner_kind`), the projects' names, and the address of the last use (`last_used_ip`). An admin seeing
+    another member's key sees its last use in the orgs it is seen from only (when it acts elsewhere too,
+    `last_used_at` is its last use there, to the minute). Four reads for a whole page of keys."""
+    app = request.config_dict
+    directory = app[DIRECTORY]
+    people = await directory.people(sorted({a.row.user_id for a in accesses}))
+    projects = sorted({x for a in accesses if a.view["projects"] != "all" for x in a.view["projects"]})
+    project_names = await directory.project_names(projects) if projects else {}
+    wanted: list[tuple[str, str | None]] = []
+    for a in accesses:
+        wanted += [(a.row.id, None)] if a.seen_from is None else [(a.row.id, o) for o in a.seen_from]
+    latest: dict[str, LastUse] = {}
+    for found in await app[AUDIT_LOG].last_uses(wanted):
+        if found.key_id not in latest or found.at > latest[found.key_id].at:
+            latest[found.key_id] = found
+    out = []
+    for a in accesses:
+        owner = people.get(a.row.user_id, {})
+        use = latest.get(a.row.id)
+        view = {
+            **a.view,
+            "owner_name": owner.get("name"),
+            "owner_kind": owner.get("kind"),
+            "last_used_ip": use.ip if use is not None else None,
+            "project_names": {x: project_names[x] for x in a.view["projects"] if x in project_names}
+            if a.view["projects"] != "all"
+            else {},
+        }
+        if view["last_used_at"] is None and use is not None:
+            view["last_used_at"] = iso(use.at)
+        out.append(view)
+    return out
 
 
 async def visible_key(request: web.Request, key_id: str, permission: str = "keys:read") -> KeyAccess:
@@ -329,6 +367,8 @@ async def list_keys(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status not in (None, "active", "expired", "revoked"):
         raise InvalidRequest("status must be active, expired or revoked", field="status")
+    search = _search(request.query.get("q"))
+    expires_before = _time(request.query.get("expires_before"), "expires_before")
     if org is not None:
         p.require(checked_id(org, "org"), "keys:read", admin=True)  # every key of an org: its admins only
     elif owner not in (None, p.user_id):
@@ -343,26 +383,54 @@ async def list_keys(request: web.Request) -> web.Response:
         except (ValueError, TypeError, OverflowError):
             raise InvalidRequest("cursor is not valid", field="cursor") from None
     directory, keyring = request.config_dict[DIRECTORY], request.config_dict[KEYRING]
-    rows = await keyring.key_rows(KeyQuery(owner, org, status, after, limit + 1))
+    rows = await keyring.key_rows(KeyQuery(owner, org, status, after, limit + 1, search, expires_before))
     items = rows[:limit]
     # The owners' roles and the stops are read for the whole page at once (a project-limited key of another
     # owner still costs one query for its projects).
     roles = await directory.member_roles_of(sorted({r.user_id for r in items}))
     stops = await keyring.stopped_in_each([r.id for r in items])
-    out = []
+    seen = []
     for row in items:
         try:
-            out.append((await key_access(request, row, known=(roles[row.user_id], stops[row.id]))).view)
+            seen.append(await key_access(request, row, known=(roles[row.user_id], stops[row.id])))
         except NotFound:  # no longer acting in the org (its owner left, say): not the org's to see
             continue
     next_cursor = None
     if len(rows) > limit:
         next_cursor = encode_cursor([iso(items[-1].created_at), items[-1].id])
-    return web.json_response({"items": out, "next_cursor": next_cursor})
+    return web.json_response({"items": await with_details(request, seen), "next_cursor": next_cursor})
+
+
+def _search(value: str | None) -> str | None:
+    """`q`: text to find in keys' names (any case) or ids; at most MAX_NAME printable characters."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if len(value) > MAX_NAME or any(ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidRequest(f"q must be at most {MAX_NAME} printable characters", field="q")
+    return value
 
 
 async def get_key(request: web.Request) -> web.Response:
-    return web.json_response((await visible_key(request, request.match_info["key_id"])).view)
+    (view,) = await with_details(request, [await visible_key(request, request.match_info["key_id"])])
+    return web.json_response(view)
+
+
+MAX_USAGE_DAYS = 90
+
+
+async def key_usage(request: web.Request) -> web.Response:
+    """A key's requests per UTC day over the last `days` (default 30), from its aggregated `api_key.used`
+    rows: seen as `GET /v1/keys/{key_id}` sees it (another member's key: its use in the caller's orgs)."""
+    access = await visible_key(request, request.match_info["key_id"])
+    text = request.query.get("days", "30")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_USAGE_DAYS:
+        raise InvalidRequest(f"days must be a whole number from 1 to {MAX_USAGE_DAYS}", field="days")
+    days = int(text)
+    items = await request.config_dict[AUDIT_LOG].daily_usage(access.row.id, access.seen_from, days)
+    return web.json_response(
+        {"key_id": access.row.id, "days": days, "total": sum(d["requests"] for d in items), "items": items}
+    )
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -518,7 +586,11 @@ async def withdraw_invitation(request: web.Request) -> web.Response:
 async def my_invitations(request: web.Request) -> web.Response:
     """The caller's own open invitations: any valid credential of the user."""
     p = request[PRINCIPAL]
-    return web.json_response({"items": await request.config_dict[INVITATIONS].for_user(p.user_id)})
+    items = await request.config_dict[INVITATIONS].for_user(p.user_id)
+    people = await request.config_dict[DIRECTORY].people(sorted({i["invited_by"] for i in items if i["invited_by"]}))
+    return web.json_response(
+        {"items": [{**i, "invited_by_name": people.get(i["invited_by"] or "", {}).get("name")} for i in items]}
+    )
 
 
 async def _decide(request: web.Request, accept: bool) -> web.Response:
@@ -660,7 +732,29 @@ async def audit(request: web.Request) -> web.Response:
     )
     more = len(items) > limit
     items = items[:limit]
-    return web.json_response({"items": items, "next_cursor": encode_cursor(items[-1]["id"]) if more else None})
+    next_cursor = encode_cursor(items[-1]["id"]) if more else None
+    return web.json_response({"items": await _named_events(request, items), "next_cursor": next_cursor})
+
+
+async def _named_events(request: web.Request, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Audit events with the names of who acted (`actor_name`), whom they concern (`user_name`) and the
+    key (`key_name`), where those still exist."""
+    app = request.config_dict
+    people = await app[DIRECTORY].people(sorted({u for e in items for u in (e["actor"], e["user_id"]) if u}))
+    keys = await app[KEYRING].key_names(sorted({e["key_id"] for e in items if e["key_id"]}))
+
+    def person(user_id: str | None) -> str | None:
+        return people.get(user_id or "", {}).get("name")
+
+    return [
+        {
+            **e,
+            "actor_name": person(e["actor"]),
+            "user_name": person(e["user_id"]),
+            "key_name": keys.get(e["key_id"] or ""),
+        }
+        for e in items
+    ]
 
 
 async def _no_store(_request: web.Request, response: web.StreamResponse) -> None:
@@ -677,6 +771,7 @@ def api_app() -> web.Application:
     r.add_post("/keys", create_key)
     r.add_get("/keys", list_keys)
     r.add_get("/keys/{key_id}", get_key)
+    r.add_get("/keys/{key_id}/usage", key_usage)
     r.add_post("/keys/{key_id}/revoke", revoke_key)
     r.add_post("/keys/{key_id}/rotate", rotate_key)
     r.add_post("/orgs", create_org)

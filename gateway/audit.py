@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -210,6 +210,22 @@ class AuditLog:
                 limit=limit,
             )
         return [{**asdict(r), "at": iso(r.at)} for r in rows]
+
+    async def last_uses(self, wanted: list[tuple[str, str | None]]) -> list[data_audit.LastUse]:
+        """Each (key, org) pair's latest use (org None: in any org), from the `api_key.used` rows."""
+        if not wanted:
+            return []
+        async with self.db.connect() as conn:
+            return await data_audit.last_uses(conn, wanted)
+
+    async def daily_usage(self, key_id: str, org_ids: list[str] | None, days: int) -> list[dict[str, Any]]:
+        """A key's requests on each of the last `days` UTC days, today included (only in `org_ids` unless
+        it is None), oldest first."""
+        last = datetime.now(UTC).date()
+        first = last - timedelta(days=days - 1)
+        async with self.db.connect() as conn:
+            rows = await data_audit.daily_usage(conn, key_id, org_ids, first, last)
+        return [{"day": r.day.isoformat(), "requests": r.requests} for r in rows]
 
 
 AUDIT_LOG = web.AppKey("audit_log", AuditLog)

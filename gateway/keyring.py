@@ -134,13 +134,16 @@ def spec_of(key: KeyRow) -> KeySpec:
 @dataclass(frozen=True)
 class KeyQuery:
     """Which keys a listing shows, oldest first: those of `owner` and/or acting in `org`, in `status`
-    (active, expired, revoked), after the (created_at, id) cursor, at most `limit`."""
+    (active, expired, revoked), after the (created_at, id) cursor, at most `limit`; whose name or id holds
+    `search`; expiring before `expires_before`."""
 
     owner: str | None = None
     org: str | None = None
     status: str | None = None
     after: tuple[datetime, str] | None = None
     limit: int | None = None
+    search: str | None = None
+    expires_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -277,7 +280,14 @@ class Keyring:
                 now=datetime.now(UTC),
                 after=query.after,
                 limit=query.limit,
+                search=query.search,
+                expires_before=query.expires_before,
             )
+
+    async def key_names(self, key_ids: list[str]) -> dict[str, str]:
+        """The name of each of these keys that exists."""
+        async with self.db.connect() as conn:
+            return await keys.names(conn, key_ids)
 
     async def key_row(self, key_id: str) -> KeyRow | None:
         async with self.db.connect() as conn:

@@ -17,6 +17,7 @@ from gateway.responses import (
     IssuedSession,
     Key,
     KeyPage,
+    KeyUsage,
     Me,
     MemberList,
     Membership,
@@ -140,6 +141,12 @@ _PATHS: dict[str, dict[str, dict[str, Any]]] = {
                 "org": _ID,
                 "owner": {**_ID, "description": "A user id: with org=, that member's keys in the org"},
                 "status": {"type": "string", "enum": ["active", "expired", "revoked"]},
+                "q": {
+                    "type": "string",
+                    "maxLength": 200,
+                    "description": "Only keys whose name (in any case) or id contains this text",
+                },
+                "expires_before": {**_TIME, "description": "Only keys expiring before this time"},
                 "limit": _LIMIT,
                 "cursor": _STRING,
             },
@@ -150,6 +157,14 @@ _PATHS: dict[str, dict[str, dict[str, Any]]] = {
             "A key: one's own, or as seen from the orgs where the caller has keys:read (admins)",
             {200: Key},
             errors=_NOT_FOUND,
+        )
+    },
+    "/v1/keys/{key_id}/usage": {
+        "get": _op(
+            "A key's requests per UTC day over the last days (default 30), as GET /v1/keys/{key_id} sees the key",
+            {200: KeyUsage},
+            errors=_NOT_FOUND,
+            query={"days": {"type": "integer", "minimum": 1, "maximum": 90, "default": 30}},
         )
     },
     "/v1/keys/{key_id}/revoke": {
@@ -338,6 +353,7 @@ _OPERATION_IDS: dict[tuple[str, str], str] = {
     ("/v1/keys/verify", "post"): "keys_verify",
     ("/v1/keys/{key_id}", "get"): "get_key",
     ("/v1/keys/{key_id}/revoke", "post"): "revoke_key",
+    ("/v1/keys/{key_id}/usage", "get"): "key_usage",
     ("/v1/keys/{key_id}/rotate", "post"): "rotate_key",
     ("/v1/me", "get"): "me",
     ("/v1/orgs", "get"): "list_orgs",

@@ -8,7 +8,7 @@ request models of `gateway.schemas`, which refuse them."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -28,8 +28,8 @@ class Answer(BaseModel):
 
 class Key(Answer):
     """A key as the caller may see it: never its secret. Another member's key (seen by an org's admin) shows
-    only the orgs and projects of the orgs the admin sees it from, and no `last_used_at` when it also acts
-    elsewhere."""
+    only the orgs and projects of the orgs the admin sees it from, and when it also acts elsewhere, its
+    last use in those orgs only (to the minute), or none."""
 
     id: str = Field(description="The public key id (in the key itself, in X-Key-Id and in the audit)")
     name: str
@@ -54,6 +54,12 @@ class Key(Answer):
     stopped_in: list[str] = Field(
         default_factory=list, description="The orgs whose admins stopped it (only on the caller's own keys)"
     )
+    owner_name: str | None = Field(
+        None, description="Its owner as shown: a person's email, a service account's name (listings and reads)"
+    )
+    owner_kind: Literal["human", "service"] | None = Field(None, description="Whether its owner is a person")
+    last_used_ip: str | None = Field(None, description="The client address of its last use seen (listings and reads)")
+    project_names: dict[str, str] = Field(default_factory=dict, description="The name of each of its projects")
 
 
 class NewKey(Key):
@@ -80,6 +86,23 @@ class KeyPage(Answer):
 
     items: list[Key]
     next_cursor: str | None = Field(description="Pass as cursor for the next page; null: the last page")
+
+
+class UsageDay(Answer):
+    """A key's requests on one UTC day."""
+
+    day: date
+    requests: int
+
+
+class KeyUsage(Answer):
+    """A key's requests per UTC day, oldest first, today included (every day listed, 0 when unused), summed
+    from its aggregated `api_key.used` audit rows. Another member's key: its use in the caller's orgs only."""
+
+    key_id: str
+    days: int
+    total: int
+    items: list[UsageDay]
 
 
 class RateLimitState(Answer):
@@ -185,6 +208,7 @@ class Invitation(Answer):
     email: str
     role: RoleName
     invited_by: str | None = Field(description="The inviting user's id (cli: the operator)")
+    invited_by_name: str | None = Field(None, description="The inviting user's email (the invitee's own listing)")
     status: InvitationStatus
     created_at: datetime
     expires_at: datetime
@@ -251,6 +275,9 @@ class AuditEvent(Answer):
     user_agent: str | None
     count: int = Field(description="How many events an aggregated auth.failed row stands for (else 1)")
     detail: dict[str, Any]
+    actor_name: str | None = Field(None, description="The acting user's email (a service account's name)")
+    user_name: str | None = Field(None, description="The email or name of the user the event concerns")
+    key_name: str | None = Field(None, description="The name of the key the event concerns")
 
 
 class AuditPage(Answer):
@@ -343,6 +370,8 @@ RESPONSES: tuple[type[Answer], ...] = (
     RotatedKey,
     RevokedKey,
     KeyPage,
+    UsageDay,
+    KeyUsage,
     Verdict,
     Org,
     OrgWithRole,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from gateway.api import api_app
 from gateway.app import create_app
 from gateway.audit import CLI
+from gateway.data import audit as data_audit
+from gateway.data.audit import FailureRow
 from gateway.errors import ConfigError
 from gateway.schemas import REQUESTS
 from tests.conftest import Client, Services, World, make_config, nginx_headers, poll
@@ -463,3 +466,147 @@ async def test_a_page_of_keys_shows_each_key_as_its_own_page_does(client: Client
     for item in seen:
         assert item == await ok(await client.get(f"/v1/keys/{item['id']}", headers=auth(me)))
     assert {i["name"] for i in seen} >= {"dev0", "dev1", "dev2", "stopped"}
+
+
+async def _used(world: World, key_id: str, org: str | None, at: datetime, count: int, ip: str) -> None:
+    """An aggregated `api_key.used` row, as gateway.audit.UsageAuditor writes one per key per minute."""
+    async with world.pool.acquire() as conn:
+        await data_audit.insert_failures(conn, [FailureRow(at, "api_key.used", org, key_id, ip, count, {})])
+
+
+async def test_an_admin_lists_the_orgs_keys_with_owner_names_by_search_and_status(client: Client, world: World) -> None:
+    """Issue 13: the page showed user ids where names belong, and had no search. Keys carry their owner's
+    name (a person's email, a service account's name) and their projects' names; `q` finds keys by name (any
+    case) or id, as text (no wildcards); `status` and `expires_before` filter."""
+    admin = await world.key(name="admin", orgs=[world.org_a])
+    dev = (await world.directory.create_user("dev@example.com"))["id"]
+    await world.directory.set_member(world.org_a, dev, "member")
+    project = await world.directory.create_project(world.org_a, "web")
+    laptop = await world.key(name="Dev Laptop", user=dev, role="member", orgs=[world.org_a], projects=[project["id"]])
+    soon = await world.key(name="soon_100%", user=dev, role="member", orgs=[world.org_a], expires_in="2d")
+    await service_account_key(client, world.org_a, admin)
+
+    async def listed(query: str, key: dict[str, Any] = admin) -> list[dict[str, Any]]:
+        return list((await ok(await client.get(f"/v1/keys?org={world.org_a}{query}", headers=auth(key))))["items"])
+
+    everything = {k["name"]: k for k in await listed("")}
+    assert set(everything) == {"admin", "Dev Laptop", "soon_100%", "deploy"}
+    assert (everything["Dev Laptop"]["owner_name"], everything["Dev Laptop"]["owner_kind"]) == (
+        "dev@example.com",
+        "human",
+    )
+    assert everything["Dev Laptop"]["project_names"] == {project["id"]: "web"}
+    assert (everything["deploy"]["owner_name"], everything["deploy"]["owner_kind"]) == ("ci", "service")
+    assert everything["admin"]["owner_name"] == "owner@example.com"
+    assert [k["name"] for k in await listed("&q=dev%20LAP")] == ["Dev Laptop"]
+    assert [k["name"] for k in await listed(f"&q={laptop['id'][3:12]}")] == ["Dev Laptop"]
+    assert [k["name"] for k in await listed("&q=%25")] == ["soon_100%"]  # a % is text, not a wildcard
+    assert [k["name"] for k in await listed("&q=_1")] == ["soon_100%"]
+    assert await listed("&q=nothing-like-it") == []
+    assert [k["name"] for k in await listed("&q=%20%20")] == [k for k in everything]  # blank: no filter
+    await ok(await client.post(f"/v1/keys/{laptop['id']}/revoke", headers=auth(admin)))
+    assert [k["name"] for k in await listed("&status=revoked")] == ["Dev Laptop"]
+    week = (datetime.now(UTC) + timedelta(days=7)).isoformat().replace("+00:00", "Z")
+    assert [k["id"] for k in await listed(f"&status=active&expires_before={week}")] == [soon["id"]]
+    assert [k["name"] for k in await listed("&status=active&q=dev")] == []
+    assert await listed("&q=%ED%A0%80") == []  # not UTF-8: read as replacement characters, found nowhere
+    bad = ("&q=%01", "&q=" + "x" * 201, "&expires_before=soon")
+    for query, field in zip(bad, ("q", "q", "expires_before"), strict=True):
+        e = await err(
+            await client.get(f"/v1/keys?org={world.org_a}{query}", headers=auth(admin)), 400, "invalid_request"
+        )
+        assert e["error"]["field"] == field
+    # A member lists only their own keys: the org's are its admins'.
+    dev_key = await world.key(name="dev-own", user=dev, role="member", orgs=[world.org_a])
+    await err(await client.get(f"/v1/keys?org={world.org_a}", headers=auth(dev_key)), 403, "insufficient_permissions")
+    own = await ok(await client.get("/v1/keys?q=own", headers=auth(dev_key)))
+    assert [k["name"] for k in own["items"]] == ["dev-own"]
+
+
+async def test_key_usage_per_day_and_last_use_as_each_caller_may_see_them(client: Client, world: World) -> None:
+    """Issue 13: requests per day for a key, summed in SQL from the aggregated `api_key.used` rows, and the
+    last use's time and address. Its owner sees all of it; an org's admin sees its use in their org only;
+    anyone else sees nothing (404, as for a key that does not exist)."""
+    dev = (await world.directory.create_user("dev@example.com"))["id"]
+    for org in (world.org_a, world.org_b):
+        await world.directory.set_member(org, dev, "member")
+    dev_key = await world.key(name="dev", user=dev, role="member")  # acts in A and B
+    admin = await world.key(name="admin", orgs=[world.org_a])
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    await _used(world, dev_key["id"], world.org_a, today + timedelta(minutes=1), 5, "198.51.100.1")
+    await _used(world, dev_key["id"], world.org_a, today + timedelta(minutes=2), 2, "198.51.100.2")
+    await _used(world, dev_key["id"], world.org_a, today - timedelta(days=2), 7, "198.51.100.3")
+    await _used(world, dev_key["id"], world.org_b, today + timedelta(minutes=3), 100, "203.0.113.9")
+    await _used(world, dev_key["id"], world.org_a, today - timedelta(days=40), 1000, "198.51.100.4")  # too old
+
+    own = await ok(await client.get(f"/v1/keys/{dev_key['id']}/usage", headers=auth(dev_key)))
+    assert (own["key_id"], own["days"], len(own["items"]), own["total"]) == (dev_key["id"], 30, 30, 114)
+    assert own["items"][-1] == {"day": today.date().isoformat(), "requests": 107}
+    assert own["items"][-3] == {"day": (today - timedelta(days=2)).date().isoformat(), "requests": 7}
+    assert own["items"][0]["day"] == (today - timedelta(days=29)).date().isoformat()
+    seen = await ok(await client.get(f"/v1/keys/{dev_key['id']}/usage?days=3", headers=auth(admin)))
+    assert [d["requests"] for d in seen["items"]] == [7, 0, 7] and seen["total"] == 14  # org A's only
+    longer = await ok(await client.get(f"/v1/keys/{dev_key['id']}/usage?days=90", headers=auth(dev_key)))
+    assert longer["total"] == 1114
+
+    # The last use: the owner's is the latest anywhere; the admin's, the latest in org A.
+    mine = await ok(await client.get(f"/v1/keys/{dev_key['id']}", headers=auth(dev_key)))
+    assert mine["last_used_ip"] == "203.0.113.9"
+    theirs = await ok(await client.get(f"/v1/keys/{dev_key['id']}", headers=auth(admin)))
+    assert theirs["last_used_ip"] == "198.51.100.2"
+    assert theirs["last_used_at"] == (today + timedelta(minutes=2)).isoformat().replace("+00:00", "Z")
+    listed = await ok(await client.get(f"/v1/keys?org={world.org_a}&q=dev", headers=auth(admin)))
+    assert listed["items"] == [theirs]
+    # An admin of both orgs sees the latest use in either, whichever org is read first.
+    await world.directory.set_member(world.org_b, world.user, "admin")
+    both_orgs = await world.key(name="both")
+    first, second = sorted([world.org_a, world.org_b])
+    await _used(world, dev_key["id"], first, today + timedelta(minutes=9), 1, "192.0.2.1")
+    await _used(world, dev_key["id"], second, today + timedelta(minutes=8), 1, "192.0.2.2")
+    seen_twice = await ok(await client.get(f"/v1/keys/{dev_key['id']}", headers=auth(both_orgs)))
+    assert (seen_twice["last_used_ip"], seen_twice["orgs"]) == ("192.0.2.1", [first, second])
+
+    # Nobody else: a member of org A, the key's owner asking about another's key, an admin of another org.
+    await err(await client.get(f"/v1/keys/{admin['id']}/usage", headers=auth(dev_key)), 404, "not_found")
+    stranger = (await world.directory.create_user("stranger@example.com"))["id"]
+    org_c = (await world.directory.create_org("C"))["id"]
+    await world.directory.set_member(org_c, stranger, "owner")
+    stranger_key = await world.key(name="stranger", user=stranger, role="owner")
+    await err(await client.get(f"/v1/keys/{dev_key['id']}/usage", headers=auth(stranger_key)), 404, "not_found")
+    await err(await client.get("/v1/keys/nope/usage", headers=auth(admin)), 404, "not_found")
+    for days in ("0", "91", "x", "-1", "1.5"):
+        e = await err(
+            await client.get(f"/v1/keys/{dev_key['id']}/usage?days={days}", headers=auth(dev_key)),
+            400,
+            "invalid_request",
+        )
+        assert e["error"]["field"] == "days"
+
+
+async def test_invitations_and_audit_events_carry_names(client: Client, world: World) -> None:
+    """Issue 13: ids where names belong. The invitee sees who invited them; the audit names actor, user and key."""
+    admin = await world.key(name="admin", role="admin", orgs=[world.org_a])
+    invited = await ok(
+        await client.post(
+            f"/v1/orgs/{world.org_a}/members", json={"email": "new@example.com", "role": "viewer"}, headers=auth(admin)
+        ),
+        202,
+    )
+    new_key = await world.key(name="new", user=invited["user_id"], role="owner")
+    (mine,) = (await ok(await client.get("/v1/invitations", headers=auth(new_key))))["items"]
+    assert (mine["invited_by"], mine["invited_by_name"]) == (world.user, "owner@example.com")
+    created = await ok(
+        await client.post(
+            "/v1/keys", json={"name": "named", "role": "viewer", "orgs": [world.org_a]}, headers=auth(admin)
+        ),
+        201,
+    )
+    events = await ok(await client.get(f"/v1/orgs/{world.org_a}/audit?key_id={created['id']}", headers=auth(admin)))
+    (event,) = events["items"]
+    assert (event["actor_name"], event["user_name"], event["key_name"]) == (
+        "owner@example.com",
+        "owner@example.com",
+        "named",
+    )
+    cli_events = await ok(await client.get(f"/v1/orgs/{world.org_a}/audit?actor=cli", headers=auth(admin)))
+    assert all(e["actor_name"] is None for e in cli_events["items"])

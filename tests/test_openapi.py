@@ -198,6 +198,9 @@ async def _keys(api: Api, world: World, me: dict[str, Any], org: str, project: s
     assert page["next_cursor"] is not None
     await api("get", "/v1/keys", 200, me, query=f"?org={org}&status=active&cursor={page['next_cursor']}")
     await api("get", "/v1/keys/{key_id}", 200, me, key_id=created["id"])
+    await api("get", "/v1/keys", 200, me, query="?q=c&status=active&expires_before=2999-01-01T00:00:00Z")
+    usage = await api("get", "/v1/keys/{key_id}/usage", 200, me, query="?days=7", key_id=created["id"])
+    assert len(usage["items"]) == 7
     rotated = await api("post", "/v1/keys/{key_id}/rotate", 201, me, json={"grace": "1h"}, key_id=created["id"])
     own = await api("post", "/v1/keys/{key_id}/revoke", 200, me, key_id=rotated["id"])
     assert own["revoked_at"] is not None

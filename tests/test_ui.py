@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,10 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.app import create_app
-from gateway.audit import CLI
+from gateway.audit import CLI, Actor
 from gateway.config import Config
+from gateway.data import audit as data_audit
+from gateway.data.audit import FailureRow
 from gateway.invitations import Invitations
 from tests._proxies import echo_app, seen
 from tests.conftest import ROOT, Client, Services, World, make_config, nginx_headers
@@ -354,3 +359,416 @@ async def test_the_sessions_page_ends_one_or_all(
         await page.click("#confirm-yes")
         await page.wait_for_selector("#signin-form")
         await context.close()
+
+
+# --- issue 13: the page admins asked for ----------------------------------------------------------
+
+DOCS_SHOTS = ROOT / "docs" / "screenshots"
+WIDE = {"width": 1366, "height": 768}
+PHONE = {"width": 390, "height": 844}
+
+
+@dataclass
+class Team:
+    """Org A as its admin sees it: the admin's keys, a member's, a service account's, a project."""
+
+    admin_key: dict[str, Any]
+    dev: str
+    dev_key: dict[str, Any]
+    sa: dict[str, Any]
+    sa_key: dict[str, Any]
+    project: dict[str, Any]
+
+
+async def team(world: World, bulk: int = 0) -> Team:
+    d = world.directory
+    project = await d.create_project(world.org_a, "web")
+    admin_key = await world.key(name="laptop")
+    dev = (await d.create_user("dev@example.com"))["id"]
+    await d.set_member(world.org_a, dev, "member")
+    dev_key = await world.key(name="dev-laptop", user=dev, role="member", orgs=[world.org_a], projects=[project["id"]])
+    sa = await d.create_service_account(world.org_a, "ci", "member", CLI)
+    sa_key = await world.key(name="deploy", user=sa["id"], role="member", orgs=[world.org_a])
+    for i in range(bulk):
+        await world.key(name=f"bulk-{i:02d}", role="viewer", orgs=[world.org_a])
+    return Team(admin_key, dev, dev_key, sa, sa_key, project)
+
+
+async def open_page(
+    browser: Browser, base: str, key: dict[str, Any], viewport: dict[str, int] = WIDE, errors: list[str] | None = None
+) -> Page:
+    """A new browser signed in with `key`, on the keys page (its rows or its empty state shown); the
+    script's errors and the console's are collected in `errors`."""
+    context = await browser.new_context(viewport={"width": viewport["width"], "height": viewport["height"]})
+    page = await context.new_page()
+    if errors is not None:
+        # A refused call is logged by Chromium itself ("Failed to load resource"): the page shows those.
+        page.on(
+            "console",
+            lambda m: errors.append(m.text) if m.type == "error" and "Failed to load resource" not in m.text else None,
+        )
+        page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.goto(f"{base}/ui/")
+    await page.fill("#signin-key", key["key"])
+    await page.click("#signin-form button")
+    await page.wait_for_selector("#keys-table[data-state=ready]", state="attached")
+    return page
+
+
+def _listing(response: Any) -> bool:
+    """The keys page's own listing (a page of PAGE_SIZE), not the expiring keys it also asks for."""
+    return "/v1/keys?" in response.url and "limit=20" in response.url
+
+
+async def in_org(page: Page, org: str) -> None:
+    if await page.locator("#org-switch").input_value() != org:
+        await keys_after(page, lambda: page.select_option("#org-switch", org))
+
+
+async def rows(page: Page) -> list[str]:
+    return [t.strip() for t in await page.locator("#keys-table tbody tr .key-name").all_text_contents()]
+
+
+async def keys_after(page: Page, action: Callable[[], Awaitable[Any]]) -> list[str]:
+    """The names listed once `action` has made the page list keys again."""
+    async with page.expect_response(_listing):
+        await action()
+    await page.wait_for_selector("#keys-table[data-state=ready]", state="attached")
+    return await rows(page)
+
+
+async def assert_fits(page: Page) -> None:
+    """Nothing spills sideways, and every Revoke button is wholly inside the viewport."""
+    width = await page.evaluate("window.innerWidth")
+    assert await page.evaluate("document.scrollingElement.scrollWidth") <= width
+    revokes = page.locator("#keys-table button", has_text="Revoke")
+    assert await revokes.count() > 0
+    for i in range(await revokes.count()):
+        await revokes.nth(i).scroll_into_view_if_needed()
+        box = await revokes.nth(i).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (i, box, width)
+
+
+@pytest.mark.parametrize("viewport", [WIDE, PHONE], ids=["1366", "390"])
+async def test_an_admin_sees_every_key_of_the_org_with_owner_names(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser, viewport: dict[str, int]
+) -> None:
+    """Issue 13: the page asked for the user's own keys only, showed no owner, stopped at 100 keys, had no
+    search or status filter, and at 1366 px clipped the Revoke button."""
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    t = await team(world, bulk=20)
+    errors: list[str] = []
+    page = await open_page(browser, base, t.admin_key, viewport, errors)
+    await in_org(page, world.org_a)
+    first = await rows(page)
+    assert len(first) == 20 and first[:4] == ["laptop", "dev-laptop", "deploy", "bulk-00"]
+    owners = await page.locator("#keys-table tbody tr td:nth-child(2)").all_text_contents()
+    assert owners[:3] == ["owner@example.com (you)", "dev@example.com", "ci (service account)"]
+    assert "usr_" not in " ".join(owners) and "svc_" not in " ".join(owners)
+    await assert_fits(page)
+    assert await page.text_content("#keys-page") == "Page 1"
+    second = await keys_after(page, lambda: page.click("#keys-next"))
+    assert second == ["bulk-17", "bulk-18", "bulk-19"]
+    assert await page.is_disabled("#keys-next") and await page.text_content("#keys-page") == "Page 2"
+    assert await keys_after(page, lambda: page.click("#keys-prev")) == first
+    assert await page.is_disabled("#keys-prev")
+    assert await keys_after(page, lambda: page.fill("#keys-search", "DEV-lap")) == ["dev-laptop"]
+    assert await keys_after(page, lambda: page.fill("#keys-search", t.sa_key["id"][4:14])) == ["deploy"]
+    await page.fill("#keys-search", "")
+    assert await keys_after(page, lambda: page.select_option("#keys-status", "revoked")) == []
+    assert await page.is_visible("#keys-empty") and not await page.is_visible("#keys-table")
+    assert await page.text_content("#keys-empty") == "No keys match these filters."
+    await page.select_option("#keys-status", "")
+    # "My keys": the admin's own, no one else's.
+    mine = await keys_after(page, lambda: page.select_option("#keys-scope", "mine"))
+    assert "dev-laptop" not in mine and "laptop" in mine
+    await shot(page, f"keys-admin-{viewport['width']}")
+    assert not errors, errors
+    await page.context.close()
+
+
+async def test_a_member_sees_only_their_own_keys_and_an_empty_state(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    t = await team(world)
+    page = await open_page(browser, base, t.dev_key)
+    assert await rows(page) == ["dev-laptop"]
+    assert not await page.is_visible("#keys-scope-label")  # no org view for a member
+    assert not await page.is_visible("a[data-page=service-accounts]")
+    assert await keys_after(page, lambda: page.fill("#keys-search", "nothing")) == []
+    assert await page.text_content("#keys-empty") == "No keys match these filters."
+    await page.context.close()
+
+
+async def test_the_current_key_is_marked_and_revoking_it_signs_the_page_out(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    """Issue 13: revoking the key the page signed in with did not say so, and the page stayed until a reload."""
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    t = await team(world)
+    page = await open_page(browser, base, t.admin_key)
+    await in_org(page, world.org_a)
+    current = page.locator(f"#keys-table tr[data-key-id='{t.admin_key['id']}']")
+    assert await current.locator(".current-key").count() == 1
+    assert await page.locator("#keys-table .current-key").count() == 1
+    await current.get_by_role("button", name="Revoke").click()
+    assert await page.is_visible("#confirm-warning")
+    assert "signed in with" in (await page.text_content("#confirm-warning") or "")
+    await page.click("#confirm-yes")
+    await page.wait_for_selector("#signin:not([hidden])")
+    assert "signed out" in (await page.text_content("#signin-notice") or "")
+    assert await page.is_hidden("#top")
+    assert (await world.keyring.show_key(t.admin_key["id"]))["status"] == "revoked"
+    await page.reload()
+    await page.wait_for_selector("#signin:not([hidden])")
+    assert "revoked" in (await page.text_content("#signin-notice") or "")
+    await page.context.close()
+
+
+async def test_a_denied_revoke_is_shown_in_the_page(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    """Issue 13: a refused revoke showed nothing but a console error. An admin cannot stop an owner's key."""
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    t = await team(world)
+    boss = (await world.directory.create_user("boss@example.com"))["id"]
+    await world.directory.set_member(world.org_a, boss, "owner")
+    boss_key = await world.key(name="boss-key", user=boss, role="owner", orgs=[world.org_a])
+    page = await open_page(browser, base, t.admin_key)
+    await in_org(page, world.org_a)
+    row = page.locator(f"#keys-table tr[data-key-id='{boss_key['id']}']")
+    assert await row.get_by_role("button", name="Rotate").count() == 0  # only its owner rotates it
+    await row.get_by_role("button", name="Revoke").click()
+    await page.click("#confirm-yes")
+    await page.wait_for_selector("#page-error:not([hidden])")
+    assert "keys:write" in (await page.text_content("#page-error-text") or "")
+    assert await row.locator(".status.active").count() == 1
+    await shot(page, "denied-revoke")
+    await page.click("#page-error-close")
+    assert await page.is_hidden("#page-error")
+    await page.context.close()
+
+
+async def test_expiring_keys_are_highlighted_and_listed_on_sign_in(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    me = await world.key(name="laptop")
+    soon = await world.key(name="ci-soon", expires_in="3d")
+    await world.key(name="ci-later", expires_in="30d")
+    page = await open_page(browser, base, me)
+    await page.wait_for_selector("#expiry-warning:not([hidden])")
+    listed = await page.locator("#expiry-list li").all_text_contents()
+    assert len(listed) == 1 and listed[0].startswith("ci-soon") and "in 3 days" in listed[0]
+    highlighted = await page.locator("#keys-table tr.expiring .key-name").all_text_contents()
+    assert highlighted == ["ci-soon"]
+    row = page.locator(f"#keys-table tr[data-key-id='{soon['id']}']")
+    assert "expires in 3 days" in (await row.text_content() or "")
+    assert await keys_after(page, lambda: page.select_option("#keys-status", "expiring")) == ["ci-soon"]
+    await page.click("#expiry-close")
+    assert await page.is_hidden("#expiry-warning")
+    await page.context.close()
+
+
+async def _used(world: World, key_id: str, org: str, at: datetime, count: int, ip: str) -> None:
+    async with world.pool.acquire() as conn:
+        await data_audit.insert_failures(conn, [FailureRow(at, "api_key.used", org, key_id, ip, count, {})])
+
+
+async def test_usage_chart_and_last_use_with_time_and_address(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    """Issue 13: no usage, and the last use was a date only. The details of a key draw its requests per day
+    for 30 days from the aggregated `api_key.used` rows; the last use shows its time and address."""
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    t = await team(world)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    key = t.dev_key["id"]
+    await _used(world, key, world.org_a, today - timedelta(days=2), 20, "198.51.100.3")
+    await _used(world, key, world.org_a, today + timedelta(minutes=61), 30, "198.51.100.1")
+    await _used(world, key, world.org_a, today + timedelta(minutes=62), 10, "198.51.100.2")
+    page = await open_page(browser, base, t.admin_key)
+    await in_org(page, world.org_a)
+    row = page.locator(f"#keys-table tr[data-key-id='{key}']")
+    last = (await row.locator("td.last-used").text_content()) or ""
+    local = await page.evaluate(
+        "(iso) => { const d = new Date(iso); return `${String(d.getHours()).padStart(2, '0')}:"
+        "${String(d.getMinutes()).padStart(2, '0')}`; }",
+        (today + timedelta(minutes=62)).isoformat(),
+    )
+    assert last.endswith(f"{local} from 198.51.100.2"), last
+    await row.get_by_role("button", name="Details").click()
+    await page.wait_for_selector("#key-dialog[open] #usage-chart rect", state="attached")
+    bars = page.locator("#usage-chart rect")
+    assert await bars.count() == 30
+    heights = {
+        (await bars.nth(i).get_attribute("data-day")): (
+            int(await bars.nth(i).get_attribute("data-requests") or "-1"),
+            float(await bars.nth(i).get_attribute("height") or "-1"),
+        )
+        for i in range(30)
+    }
+    day = today.date()
+    assert heights[day.isoformat()] == (40, 80.0)  # the busiest day: full height
+    assert heights[(day - timedelta(days=2)).isoformat()] == (20, 40.0)
+    assert sorted(set(heights.values()) - {(40, 80.0), (20, 40.0)}) == [(0, 0.0)]
+    assert "60 requests in the last 30 days" in (await page.text_content("#kd-usage-total") or "")
+    facts = await page.text_content("#kd-facts") or ""
+    assert "dev@example.com" in facts and "web" in facts and t.project["id"] not in facts  # names, not ids
+    await shot(page, "key-usage")
+    await page.click("#kd-close")
+    await page.context.close()
+
+
+async def test_projects_and_service_accounts_pages(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    """Issue 13: the API had projects and service accounts, the page had neither."""
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    me = await world.key(name="laptop")
+    errors: list[str] = []
+    page = await open_page(browser, base, me, errors=errors)
+    await in_org(page, world.org_a)
+    await page.click("a[data-page=projects]")
+    await page.wait_for_selector("#projects-empty:not([hidden])")
+    assert await page.is_hidden("#projects-table")
+    await page.fill("#project-name", "web")
+    await page.click("#project-form button")
+    await page.wait_for_selector("#projects-table tbody tr:has-text('web')")
+    assert await page.is_hidden("#projects-empty")
+    await page.fill("#project-name", "web")  # taken: the API's refusal is shown
+    await page.click("#project-form button")
+    await page.wait_for_selector("#page-error:not([hidden])")
+    await page.click("#projects-table tbody tr:has-text('web') button:has-text('Delete')")
+    await page.click("#confirm-yes")
+    await page.wait_for_selector("#projects-empty:not([hidden])")
+
+    await page.click("a[data-page=service-accounts]")
+    await page.wait_for_selector("#sa-empty:not([hidden])")
+    await page.fill("#sa-name", "ci")
+    await page.select_option("#sa-role", "member")
+    await page.click("#sa-form button")
+    row = page.locator("#sa-table tbody tr", has_text="ci")
+    await row.wait_for()
+    assert "member" in (await row.text_content() or "")
+    await row.get_by_role("button", name="Create key").click()
+    assert await page.is_hidden("#k-orgs-field")  # a service account's key is its org's
+    await page.fill("#k-name", "deploy")
+    await page.click("#create-submit")
+    await page.wait_for_selector("#secret-dialog[open]")
+    assert ((await page.text_content("#secret-value")) or "").startswith("gw_live_")
+    await page.click("#close-secret")
+    await shot(page, "service-accounts")
+    await row.get_by_role("button", name="Keys").click()
+    await page.wait_for_selector("#keys-owner-filter:not([hidden])")
+    await page.wait_for_selector("#keys-table tbody tr:has-text('deploy')")
+    assert await rows(page) == ["deploy"]
+    assert "ci (service account)" in (await page.text_content("#keys-table tbody tr") or "")
+    assert "laptop" in await keys_after(page, lambda: page.click("#keys-owner-clear"))
+    assert not errors, errors
+    await page.context.close()
+
+
+async def test_the_audit_page_shows_names_details_and_an_empty_state(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    """Issue 13: clipped raw JSON, ids for people, and an empty table with no empty state."""
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    t = await team(world)
+    await _used(world, t.dev_key["id"], world.org_a, datetime.now(UTC), 12, "198.51.100.7")
+    page = await open_page(browser, base, t.admin_key)
+    await in_org(page, world.org_a)
+    row = page.locator("#keys-table tbody tr", has_text="dev-laptop")
+    await row.get_by_role("button", name="Revoke").click()
+    await page.click("#confirm-yes")
+    await page.wait_for_selector("#keys-table tbody tr:has-text('dev-laptop') .status.revoked")
+    await page.click("a[data-page=audit]")
+    revoked = page.locator("#audit-table tbody tr", has_text="api_key.revoked")
+    await revoked.wait_for()
+    text = await revoked.text_content() or ""
+    assert "owner@example.com" in text and "key “dev-laptop”" in text and "usr_" not in text
+    used = page.locator("#audit-table tbody tr", has_text="api_key.used")
+    assert "12 requests" in (await used.text_content() or "")
+    table = await page.text_content("#audit-table") or ""
+    assert "{" not in table  # no raw JSON
+    await shot(page, "audit")
+    await page.select_option("#audit-type", "token.reuse_detected")
+    await page.wait_for_selector("#audit-empty:not([hidden])")
+    assert await page.text_content("#audit-empty") == "No token.reuse_detected events in this org yet."
+    assert await page.is_hidden("#audit-table")
+    await page.context.close()
+
+
+async def test_declining_an_invitation_in_chromium(
+    aiohttp_server: Any, cfg: Config, world: World, browser: Browser
+) -> None:
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    user = (await world.directory.create_user("new@example.com"))["id"]
+    await world.directory.set_member(world.org_b, user, "member")
+    k = await world.key(name="new", user=user, role="member")
+    admin = Actor(world.user)
+    invitation = await Invitations(world.directory).invite(world.org_a, "new@example.com", "viewer", admin)
+    page = await open_page(browser, base, k)
+    row = page.locator(f"#invitations-table tr[data-invitation-id='{invitation['id']}']")
+    await row.wait_for()
+    assert "owner@example.com" in (await row.text_content() or "")  # who invited, by name
+    await row.get_by_role("button", name="Decline").click()
+    await page.wait_for_selector("#invitations", state="hidden")
+    assert await world.directory.member_role(world.org_a, user) is None
+    await page.context.close()
+
+
+async def test_screenshots_for_the_docs(aiohttp_server: Any, cfg: Config, world: World, browser: Browser) -> None:
+    """The pages at 1366x768 and 390x844, every width checked for sideways overflow. With
+    GATEWAY_DOCS_SCREENSHOTS=1 they are written to docs/ (as the README shows them), else to artifacts/."""
+    server = await aiohttp_server(create_app(cfg))
+    base = f"http://127.0.0.1:{server.port}"
+    t = await team(world)
+    await world.key(name="staging", role="viewer", env="test", expires_in="4d")
+    now = datetime.now(UTC)
+    daily = [3, 8, 5, 0, 12, 20, 14, 9, 0, 0, 6, 18, 25, 22, 30, 7, 0, 11, 16, 19, 24, 28, 21, 9, 13]
+    for i, n in reversed(list(enumerate(daily))):  # oldest first, as the audit would have them
+        if n:
+            await _used(world, t.dev_key["id"], world.org_a, now - timedelta(days=i), n * 37, "198.51.100.23")
+    docs = os.environ.get("GATEWAY_DOCS_SCREENSHOTS") == "1"
+    out = DOCS_SHOTS if docs else SHOTS
+
+    async def save(page: Page, name: str, *copies: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        await page.evaluate("window.scrollTo(0, 0)")
+        whole = page.viewport_size == PHONE  # a phone's page is long: all of it
+        await page.screenshot(path=str(out / f"{name}.png"), full_page=whole)
+        for copy in copies if docs else ():
+            await page.screenshot(path=str(copy), full_page=whole)
+
+    for viewport in (WIDE, PHONE):
+        page = await open_page(browser, base, t.admin_key, viewport)
+        await in_org(page, world.org_a)
+        await assert_fits(page)
+        w = viewport["width"]
+        await save(page, f"keys-{w}", ROOT / "docs" / ("ui-keys.png" if w == 1366 else "ui-keys-phone.png"))
+        if w == 1366:
+            await (
+                page.locator("#keys-table tbody tr", has_text="dev-laptop")
+                .get_by_role("button", name="Details")
+                .click()
+            )
+            await page.wait_for_selector("#key-dialog[open] #usage-chart rect", state="attached")
+            await save(page, "key-usage-1366")
+            await page.click("#kd-close")
+            for name in ("projects", "service-accounts", "audit"):
+                await page.click(f"a[data-page={name}]")
+                await page.wait_for_selector(f"#{name} tbody tr")
+                assert await page.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
+                await save(page, f"{name}-1366")
+        await page.context.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from gateway.backends import Conn
@@ -110,3 +110,52 @@ async def events(
         )
         for r in rows
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class LastUse:
+    """A key's latest `api_key.used` row (in one org, or in any when `org_id` was asked as None)."""
+
+    key_id: str
+    org_id: str | None
+    at: datetime
+    ip: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DayUsage:
+    day: date
+    requests: int
+
+
+async def last_uses(conn: Conn, wanted: list[tuple[str, str | None]]) -> list[LastUse]:
+    """For each (key, org) pair, the key's latest use in that org (org None: in any org), if it has one.
+    Each pair reads the (key_id, at) index backwards and stops at its first row."""
+    rows = await conn.fetch(
+        "SELECT v.key_id, v.org_id, u.at, u.ip FROM unnest($1::text[], $2::text[]) AS v(key_id, org_id)"
+        " CROSS JOIN LATERAL (SELECT e.at, host(e.ip) AS ip FROM audit_events e"
+        "   WHERE e.key_id = v.key_id AND e.type = 'api_key.used' AND (v.org_id IS NULL OR e.org_id = v.org_id)"
+        "   ORDER BY e.at DESC LIMIT 1) AS u",
+        [k for k, _ in wanted],
+        [o for _, o in wanted],
+    )
+    return [LastUse(r["key_id"], r["org_id"], r["at"], r["ip"]) for r in rows]
+
+
+async def daily_usage(conn: Conn, key_id: str, org_ids: list[str] | None, first: date, last: date) -> list[DayUsage]:
+    """A key's requests per UTC day from `first` to `last` (every day, 0 when unused), summed from its
+    aggregated `api_key.used` rows; only those in `org_ids` unless it is None."""
+    rows = await conn.fetch(
+        "SELECT d::date AS day, COALESCE(u.requests, 0)::bigint AS requests"
+        " FROM generate_series($3::date, $4::date, interval '1 day') AS d"
+        " LEFT JOIN (SELECT (e.at AT TIME ZONE 'UTC')::date AS day, sum(e.count) AS requests FROM audit_events e"
+        "   WHERE e.key_id = $1 AND e.type = 'api_key.used' AND ($2::text[] IS NULL OR e.org_id = ANY($2))"
+        "   AND e.at >= ($3::date)::timestamp AT TIME ZONE 'UTC'"
+        "   AND e.at < ($4::date + 1)::timestamp AT TIME ZONE 'UTC' GROUP BY 1) AS u ON u.day = d::date"
+        " ORDER BY d",
+        key_id,
+        org_ids,
+        first,
+        last,
+    )
+    return [DayUsage(r["day"], r["requests"]) for r in rows]

@@ -196,9 +196,12 @@ async def listing(
     now: datetime,
     after: tuple[datetime, str] | None,
     limit: int | None,
+    search: str | None = None,
+    expires_before: datetime | None = None,
 ) -> list[KeyRow]:
     """Keys of `owner` and/or acting in `org` (not stopped there), in `status` as of `now`, oldest first,
-    after the (created_at, id) cursor."""
+    after the (created_at, id) cursor; with `search`, those whose name (any case) or id holds that text;
+    with `expires_before`, those expiring before then."""
     rows = await conn.fetch(
         f"SELECT {_COLUMNS} FROM api_keys k WHERE ($1::text IS NULL OR k.user_id = $1)"
         " AND ($2::text IS NULL OR (($2 = ANY(k.org_ids) OR (k.all_orgs AND EXISTS ("
@@ -209,6 +212,9 @@ async def listing(
         "      OR ($3 = 'expired' AND k.revoked_at IS NULL AND k.expires_at <= $4)"
         "      OR ($3 = 'active' AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $4)))"
         " AND ($5::timestamptz IS NULL OR (k.created_at, k.id) > ($5, $6::text))"
+        # strpos, not LIKE: a % or _ in the search is text to find, not a wildcard.
+        " AND ($8::text IS NULL OR strpos(lower(k.name), lower($8)) > 0 OR strpos(k.id, $8) > 0)"
+        " AND ($9::timestamptz IS NULL OR k.expires_at < $9)"
         " ORDER BY k.created_at, k.id LIMIT $7",
         owner,
         org,
@@ -217,6 +223,8 @@ async def listing(
         after[0] if after else None,
         after[1] if after else None,
         limit,
+        search,
+        expires_before,
     )
     return typed_all(KeyRow, rows)
 
@@ -291,3 +299,8 @@ async def blocks(conn: Conn, key_ids: list[str]) -> list[Block]:
         "SELECT key_id, org_id FROM key_org_blocks WHERE key_id = ANY($1::text[]) ORDER BY key_id, org_id", key_ids
     )
     return typed_all(Block, rows)
+
+
+async def names(conn: Conn, key_ids: list[str]) -> dict[str, str]:
+    rows = await conn.fetch("SELECT id, name FROM api_keys WHERE id = ANY($1::text[])", key_ids)
+    return {r["id"]: r["name"] for r in rows}

@@ -42,7 +42,7 @@ from gateway.keyring import KeyQuery, Keyring, KeySpec, parse_duration
 from gateway.keys import KeyFormat, SecretHasher, redact
 from gateway.logs import logging_to_stderr
 from gateway.policy import describe, load_policy
-from gateway.signing import SigningKeys
+from gateway.signing import SigningKeys, SigningUnavailable
 from gateway.signing import listing as signing_listing
 from gateway.typedefs import CONFIG, HASHER, LIFECYCLE
 
@@ -323,6 +323,8 @@ async def with_management(cfg: Config, fn: Callable[[Management], Awaitable[Any]
             result = await fn(rooms)
         except PG_ERRORS as exc:
             raise CliError(f"database error: {exc.__class__.__name__}") from None
+        except SigningUnavailable as exc:  # nothing was changed: the transaction rolled back
+            raise CliError(f"cannot sign: {exc} (set GATEWAY_SIGNING_SECRET)") from None
         if invalidated:
             await _invalidate_redis(cfg, invalidated)
         return result

@@ -604,3 +604,16 @@ def test_no_config_file_needed_when_the_environment_has_it_all(services: Service
     assert r.stderr == "gateway: config error: database.url: is required (or set GATEWAY_DATABASE_URL)\n"
     r = run("orgs", "list", GATEWAY_CONFIG=str(tmp_path / "missing.yaml"))  # named: it must be there
     assert (r.returncode, r.stderr) == (2, f"gateway: config error: config file not found: {tmp_path}/missing.yaml\n")
+
+
+def test_signing_without_the_secret_is_one_line(services: Services, clean: None, tmp_path: Path) -> None:
+    """It was a traceback (the change rolled back, but nothing said so plainly)."""
+    config = write_test_config(tmp_path / "c.yaml")
+    env = {k: v for k, v in gateway_env(services).items() if k != "GATEWAY_SIGNING_SECRET"}
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(config), "signing-keys", "rotate"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert (r.returncode, r.stderr) == (
+        1, "gateway: cannot sign: tokens.signing_secret is not set (set GATEWAY_SIGNING_SECRET)\n",
+    )  # fmt: skip

@@ -130,7 +130,8 @@ async def test_denials_are_rebuilt_as_json(stack: Nginx, world: World) -> None:
     assert status == 401
     assert body["error"]["code"] == "missing_credentials"
     assert headers["X-Auth-Error"] == "missing_credentials"
-    assert headers["WWW-Authenticate"].startswith("Bearer")
+    # Once: auth_request passes the gateway's own challenge on a 401, and nginx must not add a second.
+    assert headers.getall("WWW-Authenticate") == ['Bearer error="missing_credentials"']
     assert headers["Content-Type"].startswith("application/json")
 
     status, headers, body = await _get(stack, headers={"X-API-Key": "gw_live_nope"})
@@ -141,8 +142,9 @@ async def test_denials_are_rebuilt_as_json(stack: Nginx, world: World) -> None:
     assert (status, body["error"]["code"], headers["X-Auth-Error"]) == (403, "org_not_allowed", "org_not_allowed")
     assert "WWW-Authenticate" not in headers
 
-    status, _, body = await _get(stack, path=f"/v1/things?api_key={k['key']}", headers={"X-API-Key": k["key"]})
+    status, headers, body = await _get(stack, path=f"/v1/things?api_key={k['key']}", headers={"X-API-Key": k["key"]})
     assert (status, body["error"]["code"]) == (401, "invalid_request")
+    assert headers.getall("WWW-Authenticate") == ['Bearer error="invalid_request"']  # nginx's own 401: its own
 
 
 async def test_gateway_outage_is_503_not_401(stack: Nginx, world: World, services: Services) -> None:

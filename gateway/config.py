@@ -275,7 +275,10 @@ class DecisionLogConfig:
     """One line per forward-auth decision: outcome, code, key, org, route, latency (never key material)."""
 
     level: str = "INFO"  # DEBUG, INFO or WARNING; OFF for none
-    sample_allowed: float = 1.0  # the share of allowed decisions logged (0 to 1)
+    # The share of allowed decisions logged (0 to 1). A line for each halves a cached decision's rate
+    # (make bench, row 2: 0.60x the bare responder without, 0.32x with) and the proxy logs every request
+    # already: 1 % by default. Denials are all logged.
+    sample_allowed: float = 0.01
     sample_denied: float = 1.0  # the share of denials logged
 
 

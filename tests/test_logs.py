@@ -78,9 +78,11 @@ def _decisions(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 async def test_each_decision_is_one_line_with_what_explains_it(
-    client: Client, world: World, caplog: pytest.LogCaptureFixture
+    aiohttp_client: Any, services: Services, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "gateway")
+    cfg = make_config(services, log={"decisions": {"sample_allowed": 1}})
+    client = await aiohttp_client(create_app(cfg))
     k = await world.key(orgs=[world.org_a])
     ok = await client.get("/auth/nginx", headers={**nginx_headers(k["key"]), "X-Request-Id": "r-1"})
     other = {"X-Org-Id": world.org_b, "X-Request-Id": "r-2"}  # an org the key may not act in
@@ -106,8 +108,10 @@ async def test_each_decision_is_one_line_with_what_explains_it(
 @pytest.mark.parametrize(
     ("decisions", "allowed", "denied"),
     [
+        ({}, (0, 3), 20),  # the defaults: 1 % of allowed decisions, every denial
         ({"sample_allowed": 0}, 0, 20),
-        ({"sample_denied": 0}, 20, 0),
+        ({"sample_allowed": 1}, 20, 20),
+        ({"sample_allowed": 1, "sample_denied": 0}, 20, 0),
         ({"level": "OFF"}, 0, 0),
         ({"level": "DEBUG"}, 0, 0),  # below log_level (INFO here): not written, and not even built
         ({"level": "WARNING", "sample_allowed": 0.5, "sample_denied": 0.5}, (3, 17), (3, 17)),
@@ -185,7 +189,8 @@ async def test_a_served_gateway_logs_json_lines_off_a_terminal(
 ) -> None:
     """`log.format: auto` (the default; the test config says text, so it is set back here): stderr is a
     file, so every line is one JSON object, the decision's with the id the answer carried."""
-    gw = await start_gateway(services, tmp_path, "json", config_yaml="log: {format: auto}")
+    config = "log: {format: auto, decisions: {sample_allowed: 1}}"
+    gw = await start_gateway(services, tmp_path, "json", config_yaml=config)
     k = await world.key(orgs=[world.org_a])
     try:
         async with aiohttp.ClientSession() as s:

@@ -177,6 +177,12 @@ async function renderInvitations() {
         await call("POST", `/v1/invitations/${i.id}/${verb}`);
         toast(verb === "accept" ? `You joined ${i.org_name}` : "Invitation declined");
         state.session = await call("GET", "/ui/session"); // the org list changed
+        // This replica learns of the new membership by NOTIFY, a few milliseconds after the commit: until
+        // the session lists the org, ask again (for at most two seconds).
+        for (let n = 0; n < 20 && verb === "accept" && !state.session.orgs.some((o) => o.id === i.org_id); n++) {
+          await new Promise((done) => setTimeout(done, 100));
+          state.session = await call("GET", "/ui/session");
+        }
       });
       if (ok) await show("keys");
     };

@@ -11,13 +11,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import redis.asyncio as aioredis
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import constants as C
 from gateway._answer import Answer, error_response, unexpected
@@ -46,6 +42,7 @@ from gateway.models import KeyRecord
 from gateway.openapi import openapi
 from gateway.policy import HeaderOrgPolicy, Policy, ReloadablePolicy
 from gateway.ratelimit import BruteForceGuard, Limits, RateLimiter
+from gateway.redis_client import RedisClient, connect_redis
 from gateway.session_api import add_public_routes as add_token_routes
 from gateway.sessions import SessionStore
 from gateway.signing import SigningKeys
@@ -85,24 +82,8 @@ log = logging.getLogger("gateway.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def redis_client(cfg: Config) -> aioredis.Redis:
-    timeout = cfg.redis.timeout_ms / 1000
-    # No retry after a timeout: a slow or hung Redis must cost one short timeout, then we fall back. One
-    # immediate retry, on a new connection, after a connection error: once Redis restarts, every pooled
-    # connection is dead, and without it each would fail once (reopening the breaker each time) before
-    # the pool is fresh. RuntimeError: what uvloop raises on writing to a connection the server reset.
-    retry_dead_connection = Retry(NoBackoff(), 1, (RedisConnectionError, RuntimeError))  # type: ignore[arg-type]
-    # A capped pool: past max_connections a call waits up to the timeout for a free connection.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        cfg.redis.url.get(),
-        max_connections=cfg.redis.max_connections,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=retry_dead_connection,
-        client_name="gateway",
-    )
-    return aioredis.Redis.from_pool(pool)
+def redis_client(cfg: Config) -> RedisClient:
+    return connect_redis(cfg.redis)
 
 
 def _breaker(name: str, metrics: Metrics) -> Breaker:

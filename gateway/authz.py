@@ -361,7 +361,7 @@ class KeyResolver:
             redis_entry is not None
             and time.time() - redis_entry.loaded_at < self.redis_ttl_s
             and self.local.listening
-            and self.local.trusts(redis_entry)
+            and self.local.shared_trusts(redis_entry)
         ):
             self.metrics.cache.inc("redis")
             self.local.put(d, redis_entry, epoch)
@@ -424,6 +424,8 @@ class KeyResolver:
 
     def _stale(self, local_entry: Entry | None, redis_entry: Entry | None) -> KeyRecord:
         limit = self.redis_ttl_s + self.stale_if_error_s
+        if redis_entry is not None and self.local.maybe_invalidated(redis_entry):
+            redis_entry = None  # Redis may have lost its invalidation: never served, stale or not
         usable = [e for e in (local_entry, redis_entry) if e is not None and time.time() - e.loaded_at < limit]
         if not usable:
             raise AuthUnavailable("the key store is unreachable")

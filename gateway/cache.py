@@ -14,12 +14,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from gateway import constants as C
 from gateway._breaker import Breaker, guarded
 from gateway.backends import REDIS_ERRORS
 from gateway.models import KeyRecord
+from gateway.redis_client import RedisClient
 
 
 @dataclass(slots=True)
@@ -54,6 +53,12 @@ class LocalCache:
         # Wall-clock end of the last gap in listening. A record read from Postgres before it may have
         # missed an invalidation that no process applied to Redis either: it is revalidated from Postgres.
         self.trusted_since = 0.0
+        # Key id -> wall time an invalidation of it reached this process, the latest `max_entries` of them,
+        # and the floor the older ones left: Redis may lose an invalidation this process applied (a Sentinel
+        # failover to a replica it had not reached, a restart from a snapshot), and its stale entry must not
+        # come back from there (see `shared_trusts`).
+        self._invalidated: OrderedDict[str, float] = OrderedDict()
+        self.shared_floor = 0.0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -87,6 +92,20 @@ class LocalCache:
     def trusts(self, entry: Entry) -> bool:
         """Was the entry read from Postgres since invalidations last (re)started reaching us?"""
         return entry.loaded_at >= self.trusted_since
+
+    def shared_trusts(self, entry: Entry) -> bool:
+        """May an entry found in Redis be used? Read since invalidations reach us, and not possibly before
+        an invalidation of its key that Redis may have lost."""
+        return self.trusts(entry) and not self.maybe_invalidated(entry)
+
+    def maybe_invalidated(self, entry: Entry) -> bool:
+        """Was the entry read before (or within the clock skew allowed between replicas of) the last
+        invalidation of its key this process was told of? Then it may predate that change, whatever Redis
+        kept of the invalidation."""
+        if entry.loaded_at <= self.shared_floor:
+            return True
+        invalidated = self._invalidated.get(entry.record.id)
+        return invalidated is not None and entry.loaded_at <= invalidated + C.CLOCK_SKEW_S
 
     def fresh(self, entry: Entry) -> bool:
         return self.listening and self.trusts(entry) and time.monotonic() < entry.local_fresh_until
@@ -128,6 +147,13 @@ class LocalCache:
 
     def invalidate(self, key_ids: list[str]) -> int:
         self.epoch += 1
+        now = time.time()
+        for key_id in key_ids:
+            self._invalidated[key_id] = now
+            self._invalidated.move_to_end(key_id)
+        while len(self._invalidated) > self.max_entries:
+            _, forgotten = self._invalidated.popitem(last=False)
+            self.shared_floor = max(self.shared_floor, forgotten + C.CLOCK_SKEW_S)
         dropped = 0
         for key_id in key_ids:
             for digest in self._by_key.pop(key_id, ()):
@@ -155,7 +181,7 @@ class RedisCache:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         ttl_s: float,
         negative_ttl_s: float,
         stale_s: float,

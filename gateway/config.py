@@ -125,11 +125,35 @@ class DatabaseConfig:
     # The bound on one management call's database work (see constants); timeout_ms bounds each lookup.
     management_timeout_ms: int = C.DEFAULT_MANAGEMENT_TIMEOUT_MS
     connect_retries: int = 5
+    # A streaming replica (hot standby) of `url`: the hot path's reads on cache misses (keys, memberships,
+    # projects) go there while it has replayed every change this process was told of; writes, LISTEN and
+    # everything else stay on `url`. Empty: everything on `url`. See gateway/store.py.
+    replica_url: Secret = field(default_factory=lambda: Secret(""))
+
+
+@dataclass(frozen=True)
+class SentinelConfig:
+    master: str = ""  # the name the sentinels monitor the master by (`sentinel monitor <master> ...`)
+    addresses: tuple[str, ...] = ()  # host:port of each sentinel
+    password: Secret = field(default_factory=lambda: Secret(""))  # the sentinels' own, if they require one
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    addresses: tuple[str, ...] = ()  # host:port of some of the cluster's nodes; the rest are discovered
 
 
 @dataclass(frozen=True)
 class RedisConfig:
+    # One of three modes: `url` (one server), `sentinel` (the master that Sentinel names, followed through
+    # failovers) or `cluster` (Redis Cluster).
     url: Secret = field(default_factory=lambda: Secret(""))
+    sentinel: SentinelConfig = field(default_factory=SentinelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # The data nodes' credentials and TLS in the sentinel and cluster modes (a `url` carries its own).
+    username: str = ""
+    password: Secret = field(default_factory=lambda: Secret(""))
+    tls: bool = False
     timeout_ms: int = C.DEFAULT_REDIS_TIMEOUT_MS
     # Connections per process; past it a call waits up to timeout_ms for a free one, then falls back.
     max_connections: int = C.DEFAULT_REDIS_MAX_CONNECTIONS
@@ -420,12 +444,13 @@ def _validate(cfg: Config) -> None:
     )
     check(1 <= cfg.database.pool_min <= cfg.database.pool_max, "database.pool_min", "must be 1..pool_max")
     check(cfg.database.timeout_ms > 0, "database.timeout_ms", "must be positive")
-    check(bool(cfg.redis.url.get()), "redis.url", "is required (or set GATEWAY_REDIS_URL)")
-    check(
-        cfg.redis.url.get().startswith(("redis://", "rediss://", "unix://")),
-        "redis.url",
-        "must be a redis://, rediss:// or unix:// URL",
-    )
+    _validate_redis(cfg.redis)
+    if cfg.database.replica_url.get():
+        check(
+            cfg.database.replica_url.get().startswith(("postgres://", "postgresql://")),
+            "database.replica_url",
+            "must be a postgresql:// URL",
+        )
     check(cfg.redis.timeout_ms > 0, "redis.timeout_ms", "must be positive")
     check(cfg.redis.max_connections >= 1, "redis.max_connections", "must be at least 1")
     check(len(cfg.pepper.get()) >= 32, "pepper", "must be at least 32 characters (or set GATEWAY_PEPPER)")
@@ -566,6 +591,53 @@ def _validate_roles(roles: RolesConfig) -> None:
         )
 
 
+def redis_mode(cfg: RedisConfig) -> str:
+    """single, sentinel or cluster."""
+    if cfg.cluster.addresses:
+        return "cluster"
+    return "sentinel" if cfg.sentinel.addresses or cfg.sentinel.master else "single"
+
+
+def host_port(address: str, where: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port`, as the sentinel and cluster addresses are written."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected host:port, got {address!r}")
+    return host, int(port)
+
+
+def _validate_redis(cfg: RedisConfig) -> None:
+    mode = redis_mode(cfg)
+    if mode == "single":
+        _validate_redis_url(cfg)
+        return
+    if cfg.url.get():
+        raise ConfigError(f"redis.url: set either redis.url or redis.{mode}, not both (GATEWAY_REDIS_URL counts)")
+    if mode == "cluster" and (cfg.sentinel.addresses or cfg.sentinel.master):
+        raise ConfigError("redis.sentinel: set either redis.sentinel or redis.cluster, not both")
+    if mode == "sentinel" and not cfg.sentinel.master:
+        raise ConfigError("redis.sentinel.master: is required (the name the sentinels monitor)")
+    if mode == "sentinel" and not cfg.sentinel.addresses:
+        raise ConfigError("redis.sentinel.addresses: name at least one sentinel (host:port)")
+    addresses = cfg.sentinel.addresses if mode == "sentinel" else cfg.cluster.addresses
+    for i, address in enumerate(addresses):
+        host_port(address, f"redis.{mode}.addresses[{i}]")
+
+
+def _validate_redis_url(cfg: RedisConfig) -> None:
+    if not cfg.url.get():
+        raise ConfigError(
+            "redis.url: is required (or set GATEWAY_REDIS_URL, or configure redis.sentinel or redis.cluster)"
+        )
+    if not cfg.url.get().startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url: must be a redis://, rediss:// or unix:// URL")
+    extras = {"username": bool(cfg.username), "password": bool(cfg.password.get()), "tls": cfg.tls}
+    for name, given in extras.items():
+        if given:
+            raise ConfigError(f"redis.{name}: only for redis.sentinel and redis.cluster (a redis.url carries its own)")
+
+
 def config_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Build and validate a Config from parsed YAML, applying environment overrides."""
     env = os.environ if env is None else env
@@ -580,6 +652,13 @@ def config_from_mapping(data: Any, env: Mapping[str, str] | None = None) -> Conf
         )
     if env.get("GATEWAY_REDIS_URL"):
         cfg = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, url=Secret(env["GATEWAY_REDIS_URL"])))
+    if env.get("GATEWAY_REDIS_PASSWORD"):
+        cfg = dataclasses.replace(
+            cfg, redis=dataclasses.replace(cfg.redis, password=Secret(env["GATEWAY_REDIS_PASSWORD"]))
+        )
+    if env.get("GATEWAY_DATABASE_REPLICA_URL"):
+        replica = Secret(env["GATEWAY_DATABASE_REPLICA_URL"])
+        cfg = dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, replica_url=replica))
     if env.get("GATEWAY_PEPPER"):
         cfg = dataclasses.replace(cfg, pepper=Secret(env["GATEWAY_PEPPER"]))
     if env.get("GATEWAY_SIGNING_SECRET"):

@@ -46,6 +46,11 @@ PG_NOTIFY_BATCH: Final = 200
 # pg_advisory_lock id that serialises `gateway migrate` across replicas.
 MIGRATION_LOCK_ID: Final = 0x6761_7465_7761_79
 
+# The most two replicas' wall clocks may differ: a Redis entry read less than this after an invalidation
+# of its key reached a process is not used there (read again from Postgres), should Redis have lost that
+# invalidation (see LocalCache.shared_trusts).
+CLOCK_SKEW_S: Final = 1.0
+
 DEFAULT_LOCAL_TTL_S: Final = 30.0
 DEFAULT_REDIS_TTL_S: Final = 300.0
 DEFAULT_NEGATIVE_TTL_S: Final = 10.0

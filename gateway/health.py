@@ -12,10 +12,9 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from gateway._breaker import Breaker, guarded
 from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE, StoreUnavailable
+from gateway.redis_client import RedisClient, ping_redis
 from gateway.store import Store
 
 
@@ -25,7 +24,7 @@ class Lifecycle:
     draining: bool = False  # SIGTERM received: still serving, but asking to be taken out of rotation
 
 
-async def watch_backends(store: Store, redis: aioredis.Redis, redis_breaker: Breaker, interval_s: float) -> None:
+async def watch_backends(store: Store, redis: RedisClient, redis_breaker: Breaker, interval_s: float) -> None:
     """Ping Postgres and Redis through their breakers, forever. Keeps the reported state current when
     no traffic arrives, and probes a failed backend so it is found healthy again without traffic."""
     while True:
@@ -33,7 +32,7 @@ async def watch_backends(store: Store, redis: aioredis.Redis, redis_breaker: Bre
         with contextlib.suppress(StoreUnavailable):
             await store.ping()
         with contextlib.suppress(*REDIS_UNAVAILABLE):
-            await guarded(redis_breaker, redis.ping, REDIS_ERRORS, "ping")
+            await guarded(redis_breaker, lambda: ping_redis(redis), REDIS_ERRORS, "ping")
 
 
 def backend_checks(store: Store, redis_breaker: Breaker) -> dict[str, str]:

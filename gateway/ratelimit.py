@@ -27,8 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import redis.asyncio as aioredis
+from typing import Any
 
 from gateway import constants as C
 from gateway._breaker import Breaker, BreakerOpen, guarded
@@ -37,6 +36,7 @@ from gateway.config import LimitConfig, RateLimitsConfig, rate_of
 from gateway.errors import AuthUnavailable, InvalidRequest, RateLimited
 from gateway.leases import Lease, Leases, max_lease
 from gateway.metrics import Metrics
+from gateway.redis_client import RedisClient, is_cluster
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -202,13 +202,21 @@ def redis_key(limit: Limit, ident: str) -> str:
 
 # One Redis call: (limit, identity, most tokens to take, peek).
 _Call = tuple[Limit, str, int, bool]
+
+
+def _args(call: _Call) -> list[str | int]:
+    """The script's ARGV for one call."""
+    limit, _, cost, peek = call
+    return [f"{limit.interval_us:.3f}", f"{limit.tolerance_us:.3f}", cost, 1 if peek else 0]
+
+
 # What the script answers: (tokens taken, remaining, reset µs, retry µs).
 _Raw = tuple[int, int, float, float]
 
 
 class RateLimiter:
     def __init__(
-        self, client: aioredis.Redis, metrics: Metrics, breaker: Breaker | None = None, *, pipeline: bool = True
+        self, client: RedisClient, metrics: Metrics, breaker: Breaker | None = None, *, pipeline: bool = True
     ) -> None:
         self.client = client
         self.metrics = metrics
@@ -216,6 +224,7 @@ class RateLimiter:
         self.local = LocalLimiter()
         self.leases = Leases()
         self._script = client.register_script(GCRA_LUA)
+        self._cluster = is_cluster(client)
         self.breaker = breaker or Breaker("redis")  # shared with every other Redis caller of this process
         self._batch: list[tuple[_Call, asyncio.Future[_Raw]]] = []
         self._last_warning = 0.0
@@ -301,17 +310,25 @@ class RateLimiter:
         return await self._round_trip(calls)
 
     async def _round_trip(self, calls: Sequence[_Call]) -> list[_Raw]:
-        """One pipeline for all calls; its outcome is the breaker's (the caller passed `allow()`)."""
+        """One pipeline for all calls; its outcome is the breaker's (the caller passed `allow()`). On Redis
+        Cluster the calls go to their nodes at once instead: a cluster pipeline cannot carry EVALSHA, and
+        each call names one key, so no call spans slots."""
         started = time.perf_counter()
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for limit, ident, cost, peek in calls:
-                    await self._script(
-                        keys=[redis_key(limit, ident)],
-                        args=[f"{limit.interval_us:.3f}", f"{limit.tolerance_us:.3f}", cost, 1 if peek else 0],
-                        client=pipe,
-                    )
-                replies = await pipe.execute()
+            if self._cluster:
+                got = await asyncio.gather(
+                    *(self._script(keys=[redis_key(c[0], c[1])], args=_args(c)) for c in calls),
+                    return_exceptions=True,  # every call is awaited to its end; the first failure is raised
+                )
+                failed = [r for r in got if isinstance(r, BaseException)]
+                if failed:
+                    raise failed[0]
+                replies: list[Any] = list(got)
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for call in calls:
+                        await self._script(keys=[redis_key(call[0], call[1])], args=_args(call), client=pipe)  # type: ignore[arg-type]  # a Pipeline: not a cluster's here
+                    replies = await pipe.execute()
         except REDIS_ERRORS:
             self.breaker.failed()
             raise
@@ -410,7 +427,7 @@ class BruteForceGuard:
     The address check is a peek, so concurrent requests of one address may overshoot it by their number.
     """
 
-    def __init__(self, limiter: RateLimiter, limits: Limits, client: aioredis.Redis, metrics: Metrics) -> None:
+    def __init__(self, limiter: RateLimiter, limits: Limits, client: RedisClient, metrics: Metrics) -> None:
         self.limiter = limiter
         self.limits = limits
         self.client = client

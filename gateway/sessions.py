@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from multidict import CIMultiDictProxy
 
 from gateway import constants as C
@@ -32,6 +31,7 @@ from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE
 from gateway.config import SessionsConfig
 from gateway.errors import AuthUnavailable, CsrfFailed, InvalidRequest
 from gateway.formats import iso
+from gateway.redis_client import RedisClient
 
 log = logging.getLogger("gateway.sessions")
 
@@ -128,7 +128,7 @@ def check_csrf(headers: CIMultiDictProxy[str], method: str, session: Session, al
 
 
 class SessionStore:
-    def __init__(self, redis: aioredis.Redis, breaker: Breaker, cfg: SessionsConfig) -> None:
+    def __init__(self, redis: RedisClient, breaker: Breaker, cfg: SessionsConfig) -> None:
         self.redis = redis
         self.breaker = breaker
         self.cfg = cfg
@@ -137,7 +137,7 @@ class SessionStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: dict[str, asyncio.Future[Mapping[Any, Any]]] = {}  # this tick's reads, by handle
 
-    async def _call(self, fn: Callable[[aioredis.Redis], Awaitable[T]], op: str) -> T:
+    async def _call(self, fn: Callable[[RedisClient], Awaitable[T]], op: str) -> T:
         """A session-store call through the Redis breaker; unreachable is 503, never a signed-out 401."""
         try:
             return await guarded(self.breaker, lambda: fn(self.redis), REDIS_ERRORS, op)
@@ -189,7 +189,7 @@ class SessionStore:
             "role_cap": role_cap or "",
         }
 
-        async def save(redis: aioredis.Redis) -> None:
+        async def save(redis: RedisClient) -> None:
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.hset(redis_key, mapping=fields)
                 pipe.expire(redis_key, self._ttl(now, now))
@@ -239,7 +239,7 @@ class SessionStore:
     async def _flush(self) -> None:
         batch, self._batch = self._batch, {}
 
-        async def read_all(redis: aioredis.Redis) -> list[Any]:
+        async def read_all(redis: RedisClient) -> list[Any]:
             async with redis.pipeline(transaction=False) as pipe:
                 for handle in batch:
                     pipe.hgetall(C.REDIS_SESSION.format(digest=handle))
@@ -295,7 +295,7 @@ class SessionStore:
         """Every session of the user ends, in every browser."""
         mine = C.REDIS_USER_SESSIONS.format(user_id=user_id)
 
-        async def end_all(redis: aioredis.Redis) -> None:
+        async def end_all(redis: RedisClient) -> None:
             sessions = [k for k in await redis.zrange(mine, 0, -1) if isinstance(k, bytes | str)]
             await _delete(redis, mine, sessions)
             await redis.delete(mine)
@@ -306,7 +306,7 @@ class SessionStore:
         """The user's live sessions, newest first."""
         mine = C.REDIS_USER_SESSIONS.format(user_id=user_id)
 
-        async def read(redis: aioredis.Redis) -> list[tuple[str, Mapping[Any, Any]]]:
+        async def read(redis: RedisClient) -> list[tuple[str, Mapping[Any, Any]]]:
             keys = [k.decode() if isinstance(k, bytes) else str(k) for k in await redis.zrevrange(mine, 0, -1)]
             async with redis.pipeline(transaction=False) as pipe:
                 for k in keys:
@@ -323,7 +323,7 @@ class SessionStore:
             await asyncio.wait(set(self._tasks), timeout=1.0)
 
 
-async def _delete(redis: aioredis.Redis, mine: str, keys: list[Any]) -> None:
+async def _delete(redis: RedisClient, mine: str, keys: list[Any]) -> None:
     if not keys:
         return
     async with redis.pipeline(transaction=False) as pipe:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway._breaker import Breaker
@@ -21,6 +20,7 @@ from gateway.logs import RequestIds
 from gateway.metrics import Metrics
 from gateway.policy import Policy
 from gateway.ratelimit import Limits, RateLimiter
+from gateway.redis_client import RedisClient
 from gateway.sessions import SessionStore
 from gateway.signing import SigningKeys
 from gateway.store import Store
@@ -35,7 +35,7 @@ METRICS = web.AppKey("metrics", Metrics)
 POLICY = web.AppKey[Policy]("policy")
 TRUSTED = web.AppKey[tuple[Network, ...]]("trusted_proxies")
 STORE = web.AppKey("store", Store)
-REDIS = web.AppKey[aioredis.Redis]("redis")
+REDIS = web.AppKey[RedisClient]("redis")
 RESOLVER = web.AppKey("resolver", KeyResolver)
 AUDITOR = web.AppKey("auditor", FailureAuditor)
 USAGE = web.AppKey("usage", UsageAuditor)

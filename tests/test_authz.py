@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway import constants as C
 from gateway.app import create_app
 from gateway.authz import effective_permissions, granted, pattern_matches
 from gateway.config import Argon2Config
@@ -16,7 +17,7 @@ from gateway.data.db import Database
 from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.listener import InvalidationListener
-from gateway.typedefs import HASHER, LISTENER, METRICS
+from gateway.typedefs import HASHER, LISTENER, METRICS, RESOLVER
 from tests._faultproxy import FaultProxy
 from tests.conftest import Client, Services, World, make_config, nginx_headers, poll, until
 
@@ -217,3 +218,32 @@ async def _until_listening(c: Any) -> InvalidationListener:
     listener: InvalidationListener = c.app[LISTENER]
     await until(lambda: listener.connected)
     return listener
+
+
+async def test_a_revocation_redis_lost_does_not_bring_the_key_back(
+    aiohttp_client: Any, services: Services, world: World, rclient: Any
+) -> None:
+    """Redis acknowledged the invalidation and then lost it (a Sentinel failover to a replica it had not
+    reached yet, a restart from an older snapshot): its entry and generation are as before the revocation.
+    This process was told of the revocation by Postgres, so it must not take the entry from Redis."""
+    cfg = make_config(services, cache={"local_ttl_s": 0.05})  # the local entry soon needs Redis again
+    c = await aiohttp_client(create_app(cfg))
+    await _until_listening(c)
+    k = await world.key("lost", orgs=[world.org_a])
+    assert (await c.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    before = {key: await rclient.dump(key) for key in await rclient.keys(f"gw:*{{{k['id']}}}*")}
+    assert not any(b":gen:" in key for key in before)  # never invalidated yet: no generation counter
+    assert any(b":key:" in key for key in before)  # the key's entry is in Redis
+    await asyncio.sleep(C.CLOCK_SKEW_S + 0.1)  # the entry is older than the allowed skew: only the gate stops it
+    invalidations = c.app[METRICS].invalidations
+    seen = invalidations._value.get()
+    await world.keyring.revoke_key(k["id"])
+    await until(lambda: invalidations._value.get() != seen)
+    await until(lambda: not c.app[RESOLVER].pending_invalidations)  # applied to Redis...
+    pattern = f"gw:*{{{k['id']}}}*"
+    await rclient.delete(*await rclient.keys(pattern))  # ...and lost there: Redis is as it was before
+    for key, value in before.items():
+        await rclient.restore(key, 0, value)
+    await asyncio.sleep(0.1)  # past local_ttl_s
+    r = await c.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "revoked_api_key")

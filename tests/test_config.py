@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Secret, ThreadCount, config_from_mapping, cores, load_config, redact_url
+from gateway.config import (
+    Secret,
+    ThreadCount,
+    config_from_mapping,
+    cores,
+    host_port,
+    load_config,
+    redact_url,
+    redis_mode,
+)
 from gateway.errors import ConfigError
 
 BASE = {"database": {"url": "postgresql://u:pw@db/x"}, "redis": {"url": "redis://r:6379/0"}, "pepper": "p" * 32}
@@ -220,3 +229,47 @@ def test_the_shipped_config_names_every_field() -> None:
     assert missing(Config(), shipped, "") == []
     limits = {f.name for f in dataclasses.fields(type(Config().rate_limits))}
     assert limits <= set(shipped["rate_limits"])
+
+
+def _redis(section: dict[str, Any], env: dict[str, str] | None = None) -> Any:
+    return config_from_mapping({**BASE, "redis": section}, env=env or {}).redis
+
+
+def test_redis_sentinel_and_cluster_modes() -> None:
+    sentinel = _redis({"sentinel": {"master": "gw", "addresses": ["10.0.0.1:26379", "[::1]:26380"]}})
+    assert redis_mode(sentinel) == "sentinel"
+    assert [host_port(a, "x") for a in sentinel.sentinel.addresses] == [("10.0.0.1", 26379), ("::1", 26380)]
+    cluster = _redis({"cluster": {"addresses": ["a:7000"]}, "password": "pw"}, env={"GATEWAY_REDIS_PASSWORD": "envpw"})
+    assert redis_mode(cluster) == "cluster"
+    assert cluster.password == Secret("envpw") and "envpw" not in repr(cluster)
+    assert redis_mode(_redis({"url": "redis://h:6379/0"})) == "single"
+
+
+@pytest.mark.parametrize(
+    ("section", "env", "error"),
+    [
+        ({"sentinel": {"addresses": ["s:26379"]}}, {}, "redis.sentinel.master: is required"),
+        ({"sentinel": {"master": "gw"}}, {}, "redis.sentinel.addresses: name at least one"),
+        ({"sentinel": {"master": "gw", "addresses": ["s"]}}, {}, "redis.sentinel.addresses[0]: expected host:port"),
+        ({"cluster": {"addresses": ["c:99999"]}}, {}, "redis.cluster.addresses[0]: expected host:port"),
+        ({"cluster": {"addresses": ["c:7000"]}, "sentinel": {"master": "gw"}}, {}, "not both"),
+        ({"cluster": {"addresses": ["c:7000"]}}, {"GATEWAY_REDIS_URL": "redis://h/0"}, "redis.url: set either"),
+        ({"url": "redis://h/0", "tls": True}, {}, "redis.tls: only for redis.sentinel and redis.cluster"),
+        ({"url": "redis://h/0", "password": "x"}, {}, "redis.password: only for"),
+        ({}, {}, "redis.url: is required"),
+        ({"sentinel": {"master": "gw", "addresses": ["s:1"], "port": 1}}, {}, "redis.sentinel.port: unknown field"),
+    ],
+)
+def test_redis_mode_errors_name_the_field(section: dict[str, Any], env: dict[str, str], error: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _redis(section, env)
+    assert error in str(exc.value)
+
+
+def test_database_replica_url() -> None:
+    data = {**BASE, "database": {**BASE["database"], "replica_url": "postgresql://r/gw"}}
+    assert config_from_mapping(data, env={}).database.replica_url == Secret("postgresql://r/gw")
+    env = {"GATEWAY_DATABASE_REPLICA_URL": "postgresql://e/gw"}
+    assert config_from_mapping(BASE, env=env).database.replica_url == Secret("postgresql://e/gw")
+    with pytest.raises(ConfigError, match=r"database\.replica_url: must be a postgresql:// URL"):
+        config_from_mapping({**BASE, "database": {**BASE["database"], "replica_url": "mysql://r"}}, env={})

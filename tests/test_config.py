@@ -267,9 +267,9 @@ def test_redis_mode_errors_name_the_field(section: dict[str, Any], env: dict[str
 
 
 def test_database_replica_url() -> None:
-    data = {**BASE, "database": {**BASE["database"], "replica_url": "postgresql://r/gw"}}
+    data = _with(database__replica_url="postgresql://r/gw")
     assert config_from_mapping(data, env={}).database.replica_url == Secret("postgresql://r/gw")
     env = {"GATEWAY_DATABASE_REPLICA_URL": "postgresql://e/gw"}
     assert config_from_mapping(BASE, env=env).database.replica_url == Secret("postgresql://e/gw")
     with pytest.raises(ConfigError, match=r"database\.replica_url: must be a postgresql:// URL"):
-        config_from_mapping({**BASE, "database": {**BASE["database"], "replica_url": "mysql://r"}}, env={})
+        config_from_mapping(_with(database__replica_url="mysql://r"), env={})

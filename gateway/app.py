@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -128,7 +129,15 @@ async def _hasher_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _stores_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     pool = await connect_pool(cfg.database)
-    app[STORE] = Store(pool, cfg.database.timeout_ms / 1000, _breaker("postgres", app[METRICS]))
+    timeout_s = cfg.database.timeout_ms / 1000
+    replica = None
+    if cfg.database.replica_url.get():
+        # No connection at start-up (min_size 0): a replica that is down is an outage of the replica only,
+        # and every read goes to the primary meanwhile.
+        replica_cfg = dataclasses.replace(cfg.database, url=cfg.database.replica_url, pool_min=0, connect_retries=1)
+        replica_pool = await connect_pool(replica_cfg)
+        replica = Database(replica_pool, timeout_s, breaker=_breaker("postgres_replica", app[METRICS]))
+    app[STORE] = Store(pool, timeout_s, _breaker("postgres", app[METRICS]), replica=replica)
     app[REDIS] = redis_client(cfg)
     app[REDIS_BREAKER] = _breaker("redis", app[METRICS])
     yield
@@ -230,7 +239,12 @@ async def _resolver_ctx(app: web.Application) -> AsyncIterator[None]:
             await _reload_signing_keys(signing)
 
     listener = InvalidationListener(
-        cfg.database.url.get(), local, on_keys, cfg.database.timeout_ms / 1000, on_change=on_change
+        cfg.database.url.get(),
+        local,
+        on_keys,
+        cfg.database.timeout_ms / 1000,
+        on_change=on_change,
+        on_position=app[STORE].advance if app[STORE].replica is not None else None,
     )
     app[LISTENER] = listener
     tasks = [

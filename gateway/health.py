@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from gateway._breaker import Breaker, guarded
 from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE, StoreUnavailable
+from gateway.data.db import ping
 from gateway.redis_client import RedisClient, ping_redis
 from gateway.store import Store
 
@@ -31,13 +32,19 @@ async def watch_backends(store: Store, redis: RedisClient, redis_breaker: Breake
         await asyncio.sleep(interval_s)
         with contextlib.suppress(StoreUnavailable):
             await store.ping()
+        if store.replica is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await store.replica.run(ping)
         with contextlib.suppress(*REDIS_UNAVAILABLE):
             await guarded(redis_breaker, lambda: ping_redis(redis), REDIS_ERRORS, "ping")
 
 
 def backend_checks(store: Store, redis_breaker: Breaker) -> dict[str, str]:
     """The state of each store as last seen (no I/O: /readyz must answer at once in an outage)."""
-    return {
+    checks = {
         "postgres": "ok" if store.breaker.available else "unavailable",
         "redis": "ok" if redis_breaker.available else "unavailable",
     }
+    if store.replica is not None:
+        checks["postgres_replica"] = "ok" if store.replica.breaker.available else "unavailable"
+    return checks

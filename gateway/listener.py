@@ -47,11 +47,15 @@ class InvalidationListener:
         timeout_s: float,
         ping_interval_s: float = C.LISTENER_PING_S,
         on_change: Callable[[Change], Awaitable[None]] | None = None,
+        on_position: Callable[[int | None], None] | None = None,
     ) -> None:
         self.dsn = dsn
         self.local = local
         self.on_keys = on_keys
         self.on_change = on_change
+        # Told the primary's WAL position once listening and before each notification is acted on (None
+        # when the connection is lost): how far a read replica must have replayed (see gateway/store.py).
+        self.on_position = on_position
         self.timeout_s = timeout_s
         self.ping_interval_s = ping_interval_s
         self.reconnects = 0
@@ -78,6 +82,8 @@ class InvalidationListener:
             finally:
                 self.local.listening = False
                 self.backend_pid = None
+                if self.on_position is not None:
+                    self.on_position(None)
             first = False
             await asyncio.sleep(self.ping_interval_s)
 
@@ -95,6 +101,7 @@ class InvalidationListener:
                 conn.add_termination_listener(lambda _c: queue.put_nowait(_LOST))
                 await conn.add_listener(C.PG_INVALIDATION_CHANNEL, on_notify)
             self.backend_pid = conn.get_server_pid()
+            await self._position(conn)
             if not first:
                 self.reconnects += 1
                 log.warning("invalidation listener reconnected: every cached key is revalidated on its next use")
@@ -109,6 +116,7 @@ class InvalidationListener:
                     continue
                 if item is _LOST:
                     raise ConnectionError("the LISTEN connection was closed")
+                await self._position(conn)  # before any cache drops the entries this change makes stale
                 found = _parse(item)
                 if isinstance(found, list):
                     await self.on_keys(found)
@@ -117,6 +125,15 @@ class InvalidationListener:
         finally:
             if conn is not None:
                 conn.terminate()
+
+    async def _position(self, conn: asyncpg.Connection) -> None:
+        if self.on_position is not None:
+            # NULL on a standby (the url is not the primary): no position, so no replica reads.
+            lsn = await conn.fetchval(
+                "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END",
+                timeout=self.timeout_s,
+            )
+            self.on_position(lsn)
 
 
 def _parse(payload: object) -> list[str] | Change | None:

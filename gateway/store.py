@@ -1,19 +1,70 @@
 """The hot path's reads from Postgres (and the background flushers' writes), each one call of
-`Database.run`: one deadline, the circuit breaker, the connection released in the background."""
+`Database.run`: one deadline, the circuit breaker, the connection released in the background.
+
+With a read replica (`database.replica_url`), lookups of keys, memberships and projects go to it, on one
+condition that makes replica lag harmless: the replica has replayed the primary's WAL up to the `floor`,
+a position on the primary at or past every change this process has been told of. The invalidation
+listener moves the floor: on each NOTIFY it reads the primary's current WAL position before the caches
+drop anything, so a read that follows an invalidation sees that change, on the replica or (when the
+replica has not replayed that far) on the primary. While the listener is down the floor is unknown and
+every read goes to the primary, as it does when the replica is down, slow or not a standby at all. A key
+or project the replica does not know is asked of the primary too: it may have been created a moment ago.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
 
 import asyncpg
 
 from gateway._breaker import Breaker
+from gateway.backends import Pooled, StoreUnavailable
 from gateway.data import audit, keys, orgs, tokens
 from gateway.data.db import Database, ping
 from gateway.models import KeyRecord
 
+T = TypeVar("T")
+
+# The replica had not replayed up to the floor: the read is the primary's.
+_BEHIND: Final = object()
+
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float, breaker: Breaker | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, timeout_s: float, breaker: Breaker | None = None, replica: Database | None = None
+    ) -> None:
         self.db = Database(pool, timeout_s, breaker=breaker)
+        self.replica = replica
+        self.floor: int | None = None  # WAL position a replica read needs; None: unknown, no replica reads
+        self.replica_reads = 0  # answered by the replica (the rest of the lookups went to the primary)
+
+    def advance(self, lsn: int | None) -> None:
+        """The primary's WAL position after the changes this process was told of (None: invalidations do
+        not reach us now, so no position is known to be enough)."""
+        self.floor = None if lsn is None else max(lsn, self.floor or 0)
+
+    async def _lookup(self, fn: Callable[[Pooled], Awaitable[T]], confirm_none: bool = False) -> T:
+        """A hot-path read, from the replica when it is far enough along (and up), else from the primary."""
+        floor = self.floor
+        if self.replica is not None and floor is not None and self.replica.breaker.available:
+
+            async def on_replica(conn: Pooled) -> object:
+                replayed = await conn.fetchval("SELECT pg_last_wal_replay_lsn()")  # NULL: not a standby
+                return await fn(conn) if replayed is not None and replayed >= floor else _BEHIND
+
+            try:
+                found = await self.replica.run(on_replica)
+            except StoreUnavailable:
+                found = _BEHIND
+            if found is not _BEHIND and not (confirm_none and found is None):
+                self.replica_reads += 1
+                return found  # type: ignore[return-value]  # what fn returned
+        return await self.db.run(fn)
+
+    async def close_replica(self) -> None:
+        if self.replica is not None:
+            await self.replica.close()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -24,15 +75,16 @@ class Store:
         return self.db.breaker
 
     async def close(self) -> None:
-        """Wait for background releases, then close the pool."""
+        """Wait for background releases, then close the pools."""
+        await self.close_replica()
         await self.db.close()
 
     async def load_key(self, key_id: str) -> tuple[KeyRecord, str] | None:
         """The key and its owner's memberships, with the argon2 hash; None if there is no such key."""
-        return await self.db.run(lambda c: keys.load(c, key_id))
+        return await self._lookup(lambda c: keys.load(c, key_id), confirm_none=True)
 
     async def project_org(self, project_id: str) -> str | None:
-        return await self.db.run(lambda c: orgs.project_org(c, project_id))
+        return await self._lookup(lambda c: orgs.project_org(c, project_id), confirm_none=True)
 
     async def ping(self) -> None:
         await self.db.run(ping)
@@ -45,7 +97,7 @@ class Store:
 
     async def memberships(self, user_ids: list[str]) -> dict[str, dict[str, str]]:
         """Each user's org -> role (a user in no org, or no user at all: an empty mapping)."""
-        rows = await self.db.run(lambda c: orgs.memberships(c, user_ids))
+        rows = await self._lookup(lambda c: orgs.memberships(c, user_ids))
         found: dict[str, dict[str, str]] = {u: {} for u in user_ids}
         for m in rows:
             found[m.user_id][m.org_id] = m.role

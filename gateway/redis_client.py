@@ -10,6 +10,7 @@ commands that name several keys name keys of one slot, as Redis Cluster requires
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
@@ -18,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import RedisConfig, host_port, redis_mode
 
@@ -29,6 +31,30 @@ RedisClient: TypeAlias = "aioredis.Redis | RedisCluster"
 class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """The master's connections, found through Sentinel, capped like the single mode's: past
     `max_connections` a call waits up to the timeout for a free one (Sentinel's own pool would raise)."""
+
+
+class BoundedCluster(RedisCluster):
+    """Redis Cluster with the other modes' bound: at most `max_connections` commands at once, and past it
+    a call waits up to the timeout for its turn (redis-py's cluster nodes would raise instead). Pipelines
+    (cache fills, sessions) take a connection per node on top: each node's pool allows twice as many."""
+
+    def __init__(self, *, max_connections: int, wait_s: float, **kwargs: Any) -> None:
+        super().__init__(max_connections=2 * max_connections, **kwargs)
+        self._turns = asyncio.Semaphore(max_connections)
+        self._wait_s = wait_s
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:  # once, alone: commands racing the first discovery of the nodes can fail
+            await self.initialize()
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise RedisTimeoutError("no free Redis connection within the timeout") from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._turns.release()
 
 
 def _retry() -> Retry:
@@ -73,11 +99,12 @@ def connect_redis(cfg: RedisConfig, client_name: str = "gateway") -> RedisClient
         )
         return client
     nodes = [ClusterNode(*host_port(a, "redis.cluster.addresses")) for a in cfg.cluster.addresses]
-    return RedisCluster(
+    return BoundedCluster(
         startup_nodes=nodes,
         # Slots of a failed master are refused at once while the other masters' slots are served.
         require_full_coverage=False,
         max_connections=cfg.max_connections,
+        wait_s=timeout,
         retry=_retry(),
         ssl=cfg.tls,
         username=username,

@@ -29,6 +29,12 @@ run: $(RUN_STAMP)
 test: $(DEV_STAMP) system-deps
 	$(BIN)/pytest --cov=gateway --cov-report=term:skip-covered  # coverage settings: pyproject.toml
 
+# The tests that start their own Redis Cluster, Redis Sentinel and Postgres streaming-replica servers alone
+# (they run in `make test` too).
+.PHONY: test-topology
+test-topology: $(DEV_STAMP) system-deps
+	$(BIN)/pytest -m topology
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check gateway tests scripts
 	$(BIN)/ruff format --check gateway tests scripts

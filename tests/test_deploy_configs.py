@@ -1,27 +1,19 @@
-"""The shipped proxy and Kubernetes configs agree with the code: endpoints, identity headers, policy."""
+"""The shipped proxy configs agree with the code: endpoints, identity headers, denials. The Kubernetes manifests
+(deploy/kubernetes/) are checked in tests/test_deploy_kubernetes.py."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.cli import SHUTDOWN_TIMEOUT_S
-from gateway.config import config_from_mapping
 from gateway.errors import Forbidden, GatewayError, Unauthenticated
 from gateway.forward import ENVOY_PREFIX
 from gateway.models import IDENTITY_HEADERS
-from gateway.policy import compile_policy
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
-
-
-def _docs(path: Path) -> list[Any]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def test_traefik_forward_auth() -> None:
@@ -48,49 +40,6 @@ def test_envoy_ext_authz() -> None:
     # CSRF rule the request's Origin and Sec-Fetch-Site.
     sent = {p["exact"] for p in http["authorization_request"]["allowed_headers"]["patterns"]}
     assert {"cookie", "origin", "sec-fetch-site", "x-api-key", "x-org-id"} <= sent
-
-
-def test_kubernetes_manifests() -> None:
-    objs = _docs(DEPLOY / "kubernetes/gateway.yaml") + _docs(DEPLOY / "kubernetes/ingress.yaml")
-    kinds = {o["kind"] for o in objs}
-    assert {"Namespace", "Secret", "ConfigMap", "Deployment", "Service", "Ingress"} <= kinds
-    ingress = next(o for o in objs if o["kind"] == "Ingress")
-    ann = ingress["metadata"]["annotations"]
-    assert urlsplit(ann["nginx.ingress.kubernetes.io/auth-url"]).path == "/auth/ingress-nginx"
-    assert ann["nginx.ingress.kubernetes.io/auth-response-headers"].split(",") == list(IDENTITY_HEADERS)
-    assert not any("snippet" in a for a in ann)
-    secret = next(o for o in objs if o["kind"] == "Secret")["stringData"]
-    cm = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
-    cfg = config_from_mapping(yaml.safe_load(cm["gateway.yaml"]), env=secret)
-    assert cfg.forward_auth.proxy == "ingress-nginx"
-    assert cfg.database.url.get() == secret["GATEWAY_DATABASE_URL"]
-    # The ConfigMap carries the shipped example policy, unchanged.
-    assert yaml.safe_load(cm["policy.yaml"]) == yaml.safe_load((ROOT / "config/policy.yaml").read_text())
-    compile_policy(yaml.safe_load(cm["policy.yaml"]), cfg.roles)
-    deployment = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
-    assert deployment["initContainers"][0]["args"][-1] == "migrate"
-    probes = deployment["containers"][0]
-    assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
-
-
-def test_kubernetes_probes_follow_the_drain() -> None:
-    """SIGTERM: /readyz turns 503 and is seen by the probe well within the drain, /healthz stays 200, and
-    the pod is given time for the drain, the requests in flight and the clean-up before it is killed."""
-    objs = _docs(DEPLOY / "kubernetes/gateway.yaml")
-    secret = next(o for o in objs if o["kind"] == "Secret")["stringData"]
-    cm = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
-    cfg = config_from_mapping(yaml.safe_load(cm["gateway.yaml"]), env=secret)
-    assert "drain_s" in yaml.safe_load(cm["gateway.yaml"])["server"]  # explicit, not the default
-    pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    ready, live = container["readinessProbe"], container["livenessProbe"]
-    assert ready["httpGet"]["path"] == "/readyz" and live["httpGet"]["path"] == "/healthz"
-    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert ready["periodSeconds"] <= 2 and ready["failureThreshold"] <= 2 and ready["timeoutSeconds"] <= 2
-    assert ready["periodSeconds"] * ready["failureThreshold"] < cfg.server.drain_s
-    assert pod["terminationGracePeriodSeconds"] >= cfg.server.drain_s + SHUTDOWN_TIMEOUT_S + 5
-    assert "preStop" not in container.get("lifecycle", {})  # the process drains by itself
 
 
 def test_nginx_and_caddy_set_every_identity_header() -> None:

@@ -20,7 +20,7 @@ import asyncpg
 
 from gateway import constants as C
 from gateway.cache import LocalCache
-from gateway.data.db import ping
+from gateway.data.db import ping, wal_position
 
 log = logging.getLogger("gateway.listener")
 
@@ -128,11 +128,8 @@ class InvalidationListener:
 
     async def _position(self, conn: asyncpg.Connection) -> None:
         if self.on_position is not None:
-            # NULL on a standby (the url is not the primary): no position, so no replica reads.
-            lsn = await conn.fetchval(
-                "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END",
-                timeout=self.timeout_s,
-            )
+            # None on a standby (the url is not the primary): no position, so no replica reads.
+            lsn = await wal_position(conn, self.timeout_s)
             self.on_position(lsn)
 
 

@@ -21,7 +21,7 @@ import asyncpg
 from gateway._breaker import Breaker
 from gateway.backends import Pooled, StoreUnavailable
 from gateway.data import audit, keys, orgs, tokens
-from gateway.data.db import Database, ping
+from gateway.data.db import Database, ping, replayed_position
 from gateway.models import KeyRecord
 
 T = TypeVar("T")
@@ -50,7 +50,7 @@ class Store:
         if self.replica is not None and floor is not None and self.replica.breaker.available:
 
             async def on_replica(conn: Pooled) -> object:
-                replayed = await conn.fetchval("SELECT pg_last_wal_replay_lsn()")  # NULL: not a standby
+                replayed = await replayed_position(conn)  # None: not a standby
                 return await fn(conn) if replayed is not None and replayed >= floor else _BEHIND
 
             try:

@@ -123,4 +123,5 @@ def test_make_run_installs_only_what_running_needs() -> None:
         return set(printed.stdout.split())
 
     assert packages("run") == {"redis-server", "postgresql"}
-    assert packages("test") == {"redis-server", "postgresql", "nginx-light", "caddy", "chromium", "wrk"}
+    servers = {"redis-server", "postgresql", "nginx-light", "caddy", "chromium", "wrk", "redis-sentinel"}
+    assert packages("test") == servers | {"kubernetes-client", "docker-compose"}

@@ -74,6 +74,21 @@ async def ping(conn: Conn, timeout_s: float | None = None) -> None:
     await conn.fetchval("SELECT 1", timeout=timeout_s)
 
 
+async def wal_position(conn: Conn, timeout_s: float | None = None) -> int | None:
+    """Where the primary's WAL ends now (its insert position: a commit already made is before it, written to
+    disk or not, as with synchronous_commit off); None on a standby."""
+    lsn: int | None = await conn.fetchval(
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END", timeout=timeout_s
+    )
+    return lsn
+
+
+async def replayed_position(conn: Conn) -> int | None:
+    """How far a standby has replayed its primary's WAL; None on a server that is not a standby."""
+    lsn: int | None = await conn.fetchval("SELECT pg_last_wal_replay_lsn()")
+    return lsn
+
+
 async def notify_keys(conn: Conn, key_ids: list[str]) -> None:
     """Every process drops these keys from its caches when the caller's transaction commits."""
     for i in range(0, len(key_ids), C.PG_NOTIFY_BATCH):

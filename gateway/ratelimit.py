@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from gateway import constants as C
 from gateway._breaker import Breaker, BreakerOpen, guarded
 from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE
@@ -325,10 +327,11 @@ class RateLimiter:
                     raise failed[0]
                 replies: list[Any] = list(got)
             else:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for call in calls:
-                        await self._script(keys=[redis_key(call[0], call[1])], args=_args(call), client=pipe)  # type: ignore[arg-type]  # a Pipeline: not a cluster's here
-                    replies = await pipe.execute()
+                try:
+                    replies = await self._pipeline(calls)
+                except NoScriptError:  # Redis restarted, or failed over to a replica: load it, once
+                    await self.client.script_load(GCRA_LUA)
+                    replies = await self._pipeline(calls)
         except REDIS_ERRORS:
             self.breaker.failed()
             raise
@@ -336,6 +339,14 @@ class RateLimiter:
             self.breaker.timed("ratelimit", time.perf_counter() - started)
         self.breaker.succeeded()
         return [(int(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in replies]
+
+    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+        """EVALSHA itself, not the Script object, in the pipeline: redis-py would send a SCRIPT EXISTS
+        before each such pipeline, a second round trip on every refill."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(self._script.sha, 1, redis_key(call[0], call[1]), *_args(call))
+            return list(await pipe.execute())
 
     def _enqueue(self, call: _Call) -> asyncio.Future[_Raw]:
         loop = asyncio.get_running_loop()

@@ -19,7 +19,8 @@ from gateway.data.db import Database
 from gateway.keyring import Keyring, KeySpec
 from gateway.keys import KeyFormat, SecretHasher
 from gateway.metrics import Metrics
-from gateway.ratelimit import Decision, Limit, LocalLimiter, address_bucket, parse_rate
+from gateway.ratelimit import Decision, Limit, LocalLimiter, RateLimiter, address_bucket, parse_rate
+from gateway.redis_client import connect_redis
 from gateway.typedefs import HASHER, METRICS, RESOLVER
 from tests.conftest import ROOT, Client, Services, World, make_config, nginx_headers, start_gateway
 
@@ -344,3 +345,27 @@ async def test_failed_keys_count_whichever_endpoint_they_come_through(
 )
 def test_per_address_limits_charge_an_ipv6_64(address: str | None, bucket: str) -> None:
     assert address_bucket(address) == bucket
+
+
+async def test_a_charge_is_one_round_trip_and_survives_a_script_flush(
+    services: Services, clean: None, rclient: Any
+) -> None:
+    """redis-py sent a SCRIPT EXISTS before every pipeline that held the script (a second round trip on
+    every refill); the pipeline now holds EVALSHA alone and loads the script only when Redis lacks it."""
+    client = connect_redis(make_config(services).redis)
+    try:
+        limiter = RateLimiter(client, Metrics(), pipeline=False)
+        limit = Limit("key", 100, 1000, 100, exact=True)
+        await limiter.check([(limit, "a")])  # the script is loaded from here on
+        await rclient.config_resetstat()
+        for _ in range(5):
+            await limiter.check([(limit, "a"), (limit, "b")])
+        stats = await rclient.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 10
+        assert not [name for name in stats if name.startswith("cmdstat_script")]
+        await rclient.script_flush()  # as after a restart, or a failover to a replica
+        (decision,) = await limiter.check([(limit, "c")])
+        assert decision.allowed and limiter.breaker.available
+        assert "cmdstat_script|load" in await rclient.info("commandstats")
+    finally:
+        await client.aclose()

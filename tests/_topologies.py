@@ -466,25 +466,6 @@ class RedisSentinelTopology:
 
         return wait_for(f"a master other than {old_port} promoted", promoted, timeout_s, self.logs)
 
-    def restart_old_master(self, port: int) -> None:
-        """Start the server that was on `port` again, exactly as before (as a master, empty): the sentinels then
-        turn it into a replica of the new master (they wait about 8 s after it first reports itself master)."""
-        self.servers[port].start()
-
-    def wait_replica_of_current_master(self, port: int, timeout_s: float = 20) -> None:
-        """Until the server on `port` replicates the current master with its link up."""
-        master_port = self.current_master()[1]
-
-        def following() -> bool:
-            info = _fields(redis_command(port, "INFO", "replication"))
-            return (
-                info.get("role") == "slave"
-                and info.get("master_port") == str(master_port)
-                and info.get("master_link_status") == "up"
-            )
-
-        wait_until(f"{port} replicating {master_port}", following, timeout_s, self.logs)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Postgres streaming replication

@@ -64,11 +64,11 @@ def test_sentinel_promotes_the_replica_when_the_master_dies(tmp_path: Path) -> N
         assert sentinel.current_master() == new
         assert sentinel.command(new[1], "SET", "after", "2") == "OK"
         assert sentinel.command(new[1], "GET", "before") == "1"
-
-        # The old master comes back as a master, empty; the sentinels make it a replica of the new one.
-        sentinel.restart_old_master(old)
-        sentinel.wait_replica_of_current_master(old, timeout_s=30)
-        wait_until("the old master has the new data", lambda: redis_command(old, "GET", "after") == "2", 5)
+        # Not restarted here: an old master without persistence that comes back at once, empty, can be taken
+        # for the master again before the sentinels have spread the failover, and the promoted replica then
+        # syncs from it and loses its data (seen once in a full run). Redis's docs warn against exactly that:
+        # https://redis.io/docs/latest/operate/oss_and_stack/management/replication/ ("Safety of replication
+        # when master has persistence turned off").
 
 
 @pytest.mark.topology

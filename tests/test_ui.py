@@ -138,6 +138,15 @@ async def test_bad_sign_in(client: Client, world: World, body: bytes) -> None:
 
 
 @pytest.fixture
+def cfg(services: Services, clean: None) -> Config:
+    """The suite's config with a longer Redis timeout: here the gateway shares the event loop of a test that
+    drives Chromium on two busy cores, and one Redis reply later than the suite's 200 ms opened the Redis
+    breaker in a CI run (every session call then answers 503 for a moment, and the page showed no audit
+    rows). These tests are about the page, not about Redis timeouts (tests/test_faults.py is)."""
+    return make_config(services, redis={"timeout_ms": 1000})
+
+
+@pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     async with async_playwright() as pw:
         b = await pw.chromium.launch(

@@ -372,7 +372,7 @@ class KeyResolver:
         if self.checkpoints is not None and local_entry is None and redis_entry is None:
             await self.checkpoints.before_lookup(address)  # nothing known of this key: the costly path
         try:
-            loaded = await self.store.load_key(key.key_id)
+            loaded, from_replica = await self.store.load_key_from(key.key_id)
         except StoreUnavailable:  # a failed call is counted by the store's breaker; a skipped one is not a failure
             return self._stale(local_entry, redis_entry)
         if loaded is None:
@@ -387,7 +387,7 @@ class KeyResolver:
             raise InvalidApiKey()
         entry = Entry(record, read_at)
         self.local.put(d, entry, epoch)
-        if self.redis is not None and generation is not None:
+        if self.redis is not None and generation is not None and not from_replica:
             try:
                 await self.redis.put(d, entry, generation)
             except REDIS_UNAVAILABLE as exc:

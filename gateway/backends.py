@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 import asyncpg
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway._breaker import BreakerOpen
 from gateway.errors import AuthUnavailable
@@ -27,7 +27,15 @@ PG_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, *_ASYNCPG_O
 # What a failed Redis call raises (these trip the breaker). RuntimeError: under uvloop, redis-py writing on
 # a connection the server has just reset raises it instead of a connection error (uvloop issue #506); the
 # calls wrapped with these are single Redis commands or pipelines, so nothing else raises it there.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, RuntimeError)
+# RedisClusterException: what redis-py's cluster client raises, outside RedisError, when no node answers,
+# the nodes disagree on the slots mid-failover or a slot has no master (SlotNotCoveredError).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+    RuntimeError,
+)
 # ... and what a caller that falls back must catch: those, or the breaker skipping Redis.
 REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, BreakerOpen)
 
@@ -36,6 +44,7 @@ REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (*REDIS_ERRORS, BreakerOpen
 OUTAGES: tuple[type[BaseException], ...] = (
     *_ASYNCPG_OUTAGES,
     RedisError,
+    RedisClusterException,
     BreakerOpen,
     ConnectionError,
     TimeoutError,

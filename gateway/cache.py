@@ -59,6 +59,9 @@ class LocalCache:
         # come back from there (see `shared_trusts`).
         self._invalidated: OrderedDict[str, float] = OrderedDict()
         self.shared_floor = 0.0
+        # Invalidations from before this process started never reached it: a Redis entry read before then
+        # is read again from Postgres (once per key and process), in case Redis lost one of them.
+        self.started_at = time.time()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -96,7 +99,7 @@ class LocalCache:
     def shared_trusts(self, entry: Entry) -> bool:
         """May an entry found in Redis be used? Read since invalidations reach us, and not possibly before
         an invalidation of its key that Redis may have lost."""
-        return self.trusts(entry) and not self.maybe_invalidated(entry)
+        return self.trusts(entry) and entry.loaded_at > self.started_at and not self.maybe_invalidated(entry)
 
     def maybe_invalidated(self, entry: Entry) -> bool:
         """Was the entry read before (or within the clock skew allowed between replicas of) the last

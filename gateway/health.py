@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+import asyncpg
+
 from gateway._breaker import Breaker, guarded
 from gateway.backends import REDIS_ERRORS, REDIS_UNAVAILABLE, StoreUnavailable
 from gateway.data.db import ping
@@ -33,7 +35,7 @@ async def watch_backends(store: Store, redis: RedisClient, redis_breaker: Breake
         with contextlib.suppress(StoreUnavailable):
             await store.ping()
         if store.replica is not None:
-            with contextlib.suppress(StoreUnavailable):
+            with contextlib.suppress(StoreUnavailable, asyncpg.PostgresError):
                 await store.replica.run(ping)
         with contextlib.suppress(*REDIS_UNAVAILABLE):
             await guarded(redis_breaker, lambda: ping_redis(redis), REDIS_ERRORS, "ping")

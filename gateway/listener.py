@@ -19,10 +19,14 @@ from typing import Any
 import asyncpg
 
 from gateway import constants as C
+from gateway.backends import PG_ERRORS
 from gateway.cache import LocalCache
 from gateway.data.db import ping, wal_position
 
 log = logging.getLogger("gateway.listener")
+
+# A failed read of the primary's WAL position: the position stays unknown (see InvalidationListener._position).
+_POSITION_ERRORS: tuple[type[BaseException], ...] = (*PG_ERRORS, asyncpg.PostgresError)
 
 # Sent through the queue when asyncpg reports the connection closed, so the loop notices at once.
 _LOST = object()
@@ -56,6 +60,7 @@ class InvalidationListener:
         # Told the primary's WAL position once listening and before each notification is acted on (None
         # when the connection is lost): how far a read replica must have replayed (see gateway/store.py).
         self.on_position = on_position
+        self.position_known = False
         self.timeout_s = timeout_s
         self.ping_interval_s = ping_interval_s
         self.reconnects = 0
@@ -75,6 +80,8 @@ class InvalidationListener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # anything else: the connection is gone, make a new one
+                if _cancelled():
+                    raise asyncio.CancelledError from exc
                 level = logging.WARNING if first or self.reconnects % 20 == 0 else logging.DEBUG
                 log.log(
                     level, "invalidation listener lost its connection (%s: %s); reconnecting", type(exc).__name__, exc
@@ -113,24 +120,55 @@ class InvalidationListener:
                     item = await asyncio.wait_for(queue.get(), self.ping_interval_s)
                 except TimeoutError:
                     await ping(conn, self.timeout_s)
+                    if not self.position_known:
+                        await self._position(conn)  # a read that failed before: try again
                     continue
-                if item is _LOST:
-                    raise ConnectionError("the LISTEN connection was closed")
-                await self._position(conn)  # before any cache drops the entries this change makes stale
-                found = _parse(item)
-                if isinstance(found, list):
-                    await self.on_keys(found)
-                elif found is not None and self.on_change is not None:
-                    await self.on_change(found)
+                await self._apply([item, *_drain(queue)], conn)
         finally:
             if conn is not None:
                 conn.terminate()
 
-    async def _position(self, conn: asyncpg.Connection) -> None:
+    async def _apply(self, items: list[object], conn: asyncpg.Connection) -> None:
+        """Act on notifications taken together (a burst), then read the position past all of them."""
         if self.on_position is not None:
-            # None on a standby (the url is not the primary): no position, so no replica reads.
-            lsn = await wal_position(conn, self.timeout_s)
-            self.on_position(lsn)
+            self.on_position(None)  # until the position past these changes is known: no replica reads
+        for item in items:
+            if item is _LOST:
+                raise ConnectionError("the LISTEN connection was closed")
+            found = _parse(item)
+            if isinstance(found, list):
+                await self.on_keys(found)
+            elif found is not None and self.on_change is not None:
+                await self.on_change(found)
+        await self._position(conn)
+
+    async def _position(self, conn: asyncpg.Connection) -> None:
+        """Tell `on_position` the primary's WAL position, read after every change applied so far. A failed
+        read leaves it unknown (no replica reads) and never costs a notification; a dead connection is
+        found by the next ping."""
+        if self.on_position is None:
+            return
+        try:
+            lsn = await wal_position(conn, self.timeout_s)  # None on a standby (the url is not the primary)
+        except _POSITION_ERRORS as exc:
+            log.debug("cannot read the primary's WAL position: %s", type(exc).__name__)
+            lsn = None
+        self.position_known = lsn is not None
+        self.on_position(lsn)
+
+
+def _cancelled() -> bool:
+    """Was this task asked to stop? Python 3.11's wait_for (which asyncpg's connect uses) can turn a
+    cancellation that meets a failure at the same moment into that failure: the loop must stop anyway."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _drain(queue: asyncio.Queue[object]) -> list[object]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 def _parse(payload: object) -> list[str] | Change | None:
@@ -161,5 +199,7 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], restart_delay
         except asyncio.CancelledError:
             raise
         except Exception:
+            if _cancelled():
+                raise asyncio.CancelledError from None
             log.exception("background task %s crashed; restarting it", name)
         await asyncio.sleep(restart_delay_s)

@@ -13,6 +13,7 @@ or project the replica does not know is asked of the primary too: it may have be
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
@@ -23,6 +24,8 @@ from gateway.backends import Pooled, StoreUnavailable
 from gateway.data import audit, keys, orgs, tokens
 from gateway.data.db import Database, ping, replayed_position
 from gateway.models import KeyRecord
+
+log = logging.getLogger("gateway.store")
 
 T = TypeVar("T")
 
@@ -44,23 +47,33 @@ class Store:
         not reach us now, so no position is known to be enough)."""
         self.floor = None if lsn is None else max(lsn, self.floor or 0)
 
-    async def _lookup(self, fn: Callable[[Pooled], Awaitable[T]], confirm_none: bool = False) -> T:
-        """A hot-path read, from the replica when it is far enough along (and up), else from the primary."""
+    async def _lookup(
+        self, fn: Callable[[Pooled], Awaitable[T]], confirm_none: bool = False, primary: bool = False
+    ) -> tuple[T, bool]:
+        """A hot-path read, from the replica when it is far enough along (and up), else from the primary;
+        and whether the replica answered."""
         floor = self.floor
-        if self.replica is not None and floor is not None and self.replica.breaker.available:
+        replica = self.replica
+        if replica is not None and floor is not None and not primary and replica.breaker.available:
 
             async def on_replica(conn: Pooled) -> object:
                 replayed = await replayed_position(conn)  # None: not a standby
                 return await fn(conn) if replayed is not None and replayed >= floor else _BEHIND
 
             try:
-                found = await self.replica.run(on_replica)
+                found = await replica.run(on_replica)
             except StoreUnavailable:
+                found = _BEHIND
+            except asyncpg.PostgresError as exc:
+                # Refused there but not an outage (a query cancelled by a recovery conflict, a wrong
+                # password or database name): the primary answers, and the replica is left alone a while.
+                log.warning("replica lookup failed (%s): asking the primary", type(exc).__name__)
+                replica.breaker.failed()
                 found = _BEHIND
             if found is not _BEHIND and not (confirm_none and found is None):
                 self.replica_reads += 1
-                return found  # type: ignore[return-value]  # what fn returned
-        return await self.db.run(fn)
+                return found, True  # type: ignore[return-value]  # what fn returned
+        return await self.db.run(fn), False
 
     async def close_replica(self) -> None:
         if self.replica is not None:
@@ -79,12 +92,18 @@ class Store:
         await self.close_replica()
         await self.db.close()
 
-    async def load_key(self, key_id: str) -> tuple[KeyRecord, str] | None:
-        """The key and its owner's memberships, with the argon2 hash; None if there is no such key."""
-        return await self._lookup(lambda c: keys.load(c, key_id), confirm_none=True)
+    async def load_key(self, key_id: str, *, primary: bool = False) -> tuple[KeyRecord, str] | None:
+        """The key and its owner's memberships, with the argon2 hash; None if there is no such key. With
+        `primary`, read there (a caller that must see its own writes)."""
+        return (await self.load_key_from(key_id, primary=primary))[0]
+
+    async def load_key_from(self, key_id: str, *, primary: bool = False) -> tuple[tuple[KeyRecord, str] | None, bool]:
+        """As load_key, and whether the replica answered (such a read is not shared through Redis: another
+        process, told of a change before this one, could take it for newer than the change)."""
+        return await self._lookup(lambda c: keys.load(c, key_id), confirm_none=True, primary=primary)
 
     async def project_org(self, project_id: str) -> str | None:
-        return await self._lookup(lambda c: orgs.project_org(c, project_id), confirm_none=True)
+        return (await self._lookup(lambda c: orgs.project_org(c, project_id), confirm_none=True))[0]
 
     async def ping(self) -> None:
         await self.db.run(ping)
@@ -95,9 +114,10 @@ class Store:
     async def insert_audit_rows(self, rows: list[audit.FailureRow]) -> None:
         await self.db.run(lambda c: audit.insert_failures(c, rows))
 
-    async def memberships(self, user_ids: list[str]) -> dict[str, dict[str, str]]:
-        """Each user's org -> role (a user in no org, or no user at all: an empty mapping)."""
-        rows = await self._lookup(lambda c: orgs.memberships(c, user_ids))
+    async def memberships(self, user_ids: list[str], *, primary: bool = False) -> dict[str, dict[str, str]]:
+        """Each user's org -> role (a user in no org, or no user at all: an empty mapping); with `primary`,
+        read there."""
+        rows, _ = await self._lookup(lambda c: orgs.memberships(c, user_ids), primary=primary)
         found: dict[str, dict[str, str]] = {u: {} for u in user_ids}
         for m in rows:
             found[m.user_id][m.org_id] = m.role

@@ -174,7 +174,7 @@ class Verifier:
                 return None
         if record is None:
             try:
-                loaded = await self.store.load_key(key_id)
+                loaded = await self.store.load_key(key_id, primary=current)
             except StoreUnavailable:
                 raise AuthUnavailable("the key store is unreachable") from None
             if loaded is None:
@@ -211,7 +211,7 @@ class Verifier:
             raise AuthUnavailable("memberships are not available")
         if current:
             try:
-                return (await self.members.load([user_id]))[user_id]
+                return (await self.store.memberships([user_id], primary=True))[user_id]
             except StoreUnavailable:
                 raise AuthUnavailable("the key store is unreachable") from None
         return await self.members.get(user_id)

@@ -247,3 +247,30 @@ async def test_a_revocation_redis_lost_does_not_bring_the_key_back(
     await asyncio.sleep(0.1)  # past local_ttl_s
     r = await c.get("/auth/nginx", headers=nginx_headers(k["key"]))
     assert (r.status, r.headers["X-Auth-Error"]) == (401, "revoked_api_key")
+
+
+async def test_a_process_started_after_a_revocation_redis_lost_does_not_serve_the_key(
+    aiohttp_client: Any, services: Services, world: World, rclient: Any
+) -> None:
+    """As above, for a process that started after the revocation (a new pod): it was never told of it, so
+    nothing of that key could be set against the entry. A Redis entry read before the process started is
+    read again from Postgres once."""
+    cfg = make_config(services)
+    first = await aiohttp_client(create_app(cfg))
+    await _until_listening(first)
+    k = await world.key("late", orgs=[world.org_a])
+    assert (await first.get("/auth/nginx", headers=nginx_headers(k["key"]))).status == 200
+    pattern = f"gw:*{{{k['id']}}}*"
+    before = {key: await rclient.dump(key) for key in await rclient.keys(pattern)}
+    invalidations = first.app[METRICS].invalidations
+    seen = invalidations._value.get()
+    await world.keyring.revoke_key(k["id"])
+    await until(lambda: invalidations._value.get() != seen)
+    await until(lambda: not first.app[RESOLVER].pending_invalidations)
+    await rclient.delete(*await rclient.keys(pattern))  # lost by Redis
+    for key, value in before.items():
+        await rclient.restore(key, 0, value)
+    later = await aiohttp_client(create_app(cfg))
+    await _until_listening(later)
+    r = await later.get("/auth/nginx", headers=nginx_headers(k["key"]))
+    assert (r.status, r.headers["X-Auth-Error"]) == (401, "revoked_api_key")

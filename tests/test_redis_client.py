@@ -5,6 +5,7 @@ its bound), and Redis is used again once the topology has recovered (the time it
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -213,3 +214,21 @@ async def test_a_cluster_serves_every_kind_of_call_the_gateway_makes(services: S
             assert [await sessions.load(h) for h, _ in handles] == [None, None, None]
         finally:
             await client.aclose()
+
+
+async def test_a_cluster_that_cannot_be_reached_is_an_outage_not_a_bug(
+    aiohttp_client: Any, services: Services, world: World
+) -> None:
+    """redis-py's cluster client raises RedisClusterException, outside RedisError, when no node answers:
+    every request that touched Redis was a 500. It is an outage: the key is verified from Postgres and the
+    limits fall back, as with any Redis outage."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{s.getsockname()[1]}"
+    c = await aiohttp_client(create_app(_config(services, {"cluster": {"addresses": [nowhere]}})))
+    await until(lambda: c.app[LISTENER].connected)
+    k = await world.key("nocluster", orgs=[world.org_a])
+    for _ in range(3):
+        r = await c.get("/auth/nginx", headers=nginx_headers(k["key"], **{"X-Org-Id": world.org_a}))
+        assert r.status == 200
+    assert (await (await c.get("/readyz")).json())["checks"]["redis"] == "unavailable"

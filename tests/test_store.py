@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
+from gateway.app import create_app
 from gateway.backends import StoreUnavailable
 from gateway.store import Store
+from gateway.typedefs import LISTENER, STORE
 from tests._faultproxy import FaultProxy
-from tests.conftest import Services
+from tests.conftest import Services, World, make_config, nginx_headers, until
 
 TIMEOUT_S = 0.5
 
@@ -110,3 +113,19 @@ async def test_connections_dying_mid_query_are_outages(
             assert outcome is None or isinstance(outcome, StoreUnavailable), repr(outcome)
     await asyncio.sleep(TIMEOUT_S)  # background releases finish
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_replica_that_refuses_every_lookup_leaves_them_to_the_primary(
+    aiohttp_client: Any, services: Services, world: World
+) -> None:
+    """A replica_url the server refuses (here a database that does not exist; a recovery conflict
+    cancelling a query is the same kind of error) was a 500 on every cache miss: asyncpg's error is not an
+    outage. The primary answers instead, and the replica is left alone for a while (its breaker)."""
+    missing = services.pg.url.rsplit("/", 1)[0] + "/no_such_database"
+    c = await aiohttp_client(create_app(make_config(services, database={"replica_url": missing})))
+    await until(lambda: c.app[LISTENER].connected and c.app[STORE].floor is not None)
+    for i in range(3):
+        k = await world.key(f"r{i}", orgs=[world.org_a])
+        r = await c.get("/auth/nginx", headers=nginx_headers(k["key"]))
+        assert r.status == 200
+    assert c.app[STORE].replica_reads == 0

@@ -18,11 +18,13 @@ from gateway.data.schema import migrate
 from gateway.directory import Directory
 from gateway.keyring import Keyring
 from gateway.keys import KeyFormat, SecretHasher
-from gateway.typedefs import LISTENER, METRICS, STORE
+from gateway.typedefs import LISTENER, METRICS, STORE, VERIFIER
 from tests._topologies import PostgresStreamingReplica, postgres_replica
 from tests.conftest import Services, World, make_config, nginx_headers, until
 
 pytestmark = pytest.mark.topology
+
+# Each test names pg_pair first: fixtures are torn down in reverse, so the gateway stops before its Postgres.
 
 
 @pytest.fixture
@@ -78,7 +80,7 @@ async def _changed(c: Any, change: Any) -> None:
 
 
 async def test_lookups_go_to_the_replica_and_lag_never_resurrects_a_revoked_key(
-    aiohttp_client: Any, services: Services, pg_pair: PostgresStreamingReplica, replica_world: World
+    pg_pair: PostgresStreamingReplica, replica_world: World, aiohttp_client: Any, services: Services, rclient: Any
 ) -> None:
     w = replica_world
     c = await aiohttp_client(create_app(make_config_for(services, pg_pair, redis_ttl_s=0.05)))
@@ -88,6 +90,8 @@ async def test_lookups_go_to_the_replica_and_lag_never_resurrects_a_revoked_key(
     pg_pair.wait_caught_up()
     assert await _verify(c, k["key"], w.org_a) == (200, "")
     assert store.replica_reads > 0  # the key (and its owner's memberships) came from the standby
+    # ...and stayed in this process: another one, told of a change before this one, could take it for newer.
+    assert await rclient.keys(f"gw:key:{{{k['id']}}}:*") == []
 
     pg_pair.pause_replay()  # the standby still receives the WAL, and shows none of it
     await _changed(c, w.keyring.revoke_key(k["id"]))
@@ -120,7 +124,7 @@ async def test_lookups_go_to_the_replica_and_lag_never_resurrects_a_revoked_key(
 
 
 async def test_a_stopped_replica_falls_back_to_the_primary(
-    aiohttp_client: Any, services: Services, pg_pair: PostgresStreamingReplica, replica_world: World
+    pg_pair: PostgresStreamingReplica, replica_world: World, aiohttp_client: Any, services: Services
 ) -> None:
     w = replica_world
     c = await aiohttp_client(create_app(make_config_for(services, pg_pair, redis_ttl_s=0.05)))
@@ -148,10 +152,62 @@ async def test_a_stopped_replica_falls_back_to_the_primary(
 
 
 async def test_a_replica_that_is_down_at_start_up_does_not_stop_the_gateway(
-    aiohttp_client: Any, services: Services, pg_pair: PostgresStreamingReplica, replica_world: World
+    pg_pair: PostgresStreamingReplica, replica_world: World, aiohttp_client: Any, services: Services
 ) -> None:
     pg_pair.stop_replica()
     c = await aiohttp_client(create_app(make_config_for(services, pg_pair)))
     assert (await c.get("/readyz")).status == 200
     k = await replica_world.key("cold", orgs=[replica_world.org_a])
     assert await _verify(c, k["key"], replica_world.org_a) == (200, "")
+
+
+async def test_a_primary_position_that_cannot_be_read_costs_no_notification(
+    pg_pair: PostgresStreamingReplica, replica_world: World, aiohttp_client: Any, services: Services
+) -> None:
+    """The listener read the primary's WAL position before acting on a notification, and on connecting: a
+    read that failed (here: the gateway's role may not call the function) lost the notification, and the
+    listener never came up at all. Now the notification is applied and the position stays unknown, so
+    every lookup goes to the primary."""
+    role = "gw_limited"
+    pg_pair.primary_sql(
+        f"CREATE ROLE {role} LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};"
+        f" GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
+        " REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC"
+    )
+    limited = pg_pair.primary_url.replace("postgres@", f"{role}@", 1)
+    cfg = make_config(
+        services,
+        database={"url": limited, "replica_url": pg_pair.replica_url.replace("postgres@", f"{role}@", 1)},
+        cache={"local_ttl_s": 0.05},
+    )
+    w = replica_world
+    c = await aiohttp_client(create_app(cfg))
+    await until(lambda: c.app[LISTENER].connected)
+    k = await w.key("limited", orgs=[w.org_a])
+    assert await _verify(c, k["key"], w.org_a) == (200, "")
+    invalidations = c.app[METRICS].invalidations
+    seen = invalidations._value.get()
+    await w.keyring.revoke_key(k["id"])
+    await until(lambda: invalidations._value.get() != seen)  # the notification was applied
+    assert await _verify(c, k["key"], w.org_a) == (401, "revoked_api_key")
+    assert c.app[STORE].floor is None and c.app[STORE].replica_reads == 0  # no position: no replica reads
+
+
+async def test_reads_that_must_see_their_own_writes_go_to_the_primary(
+    pg_pair: PostgresStreamingReplica, replica_world: World, aiohttp_client: Any, services: Services
+) -> None:
+    """Issuing a session or a token checks the membership `current`, as just written: with the standby
+    behind, that read must still see it."""
+    w = replica_world
+    c = await aiohttp_client(create_app(make_config_for(services, pg_pair)))
+    await until(lambda: c.app[LISTENER].connected and c.app[STORE].floor is not None)
+    store = c.app[STORE]
+    pg_pair.wait_caught_up()  # the standby has replayed past the floor: it would be asked
+    floor = store.floor
+    pg_pair.pause_replay()
+    await w.directory.set_member(w.org_b, w.user, "viewer")
+    store.floor = floor  # as on a process not told of the change yet (made through another replica)
+    reads = store.replica_reads
+    assert (await c.app[VERIFIER].memberships(w.user, current=True)).get(w.org_b) == "viewer"
+    assert store.replica_reads == reads
+    pg_pair.resume_replay()

@@ -48,7 +48,7 @@ class Store:
         self.floor = None if lsn is None else max(lsn, self.floor or 0)
 
     async def _lookup(
-        self, fn: Callable[[Pooled], Awaitable[T]], confirm_none: bool = False, primary: bool = False
+        self, op: str, fn: Callable[[Pooled], Awaitable[T]], confirm_none: bool = False, primary: bool = False
     ) -> tuple[T, bool]:
         """A hot-path read, from the replica when it is far enough along (and up), else from the primary;
         and whether the replica answered."""
@@ -61,7 +61,7 @@ class Store:
                 return await fn(conn) if replayed is not None and replayed >= floor else _BEHIND
 
             try:
-                found = await replica.run(on_replica)
+                found = await replica.run(on_replica, op)
             except StoreUnavailable:
                 found = _BEHIND
             except asyncpg.PostgresError as exc:
@@ -73,7 +73,7 @@ class Store:
             if found is not _BEHIND and not (confirm_none and found is None):
                 self.replica_reads += 1
                 return found, True  # type: ignore[return-value]  # what fn returned
-        return await self.db.run(fn), False
+        return await self.db.run(fn, op), False
 
     async def close_replica(self) -> None:
         if self.replica is not None:
@@ -100,10 +100,10 @@ class Store:
     async def load_key_from(self, key_id: str, *, primary: bool = False) -> tuple[tuple[KeyRecord, str] | None, bool]:
         """As load_key, and whether the replica answered (such a read is not shared through Redis: another
         process, told of a change before this one, could take it for newer than the change)."""
-        return await self._lookup(lambda c: keys.load(c, key_id), confirm_none=True, primary=primary)
+        return await self._lookup("load_key", lambda c: keys.load(c, key_id), confirm_none=True, primary=primary)
 
     async def project_org(self, project_id: str) -> str | None:
-        return (await self._lookup(lambda c: orgs.project_org(c, project_id), confirm_none=True))[0]
+        return (await self._lookup("project_org", lambda c: orgs.project_org(c, project_id), confirm_none=True))[0]
 
     async def ping(self) -> None:
         await self.db.run(ping)
@@ -117,7 +117,7 @@ class Store:
     async def memberships(self, user_ids: list[str], *, primary: bool = False) -> dict[str, dict[str, str]]:
         """Each user's org -> role (a user in no org, or no user at all: an empty mapping); with `primary`,
         read there."""
-        rows, _ = await self._lookup(lambda c: orgs.memberships(c, user_ids), primary=primary)
+        rows, _ = await self._lookup("memberships", lambda c: orgs.memberships(c, user_ids), primary=primary)
         found: dict[str, dict[str, str]] = {u: {} for u in user_ids}
         for m in rows:
             found[m.user_id][m.org_id] = m.role

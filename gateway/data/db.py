@@ -133,7 +133,7 @@ class Database:
         self.breaker = breaker or Breaker("postgres")
         self._releasing: set[asyncio.Task[None]] = set()
 
-    async def run(self, fn: Callable[[Pooled], Awaitable[R]]) -> R:
+    async def run(self, fn: Callable[[Pooled], Awaitable[R]], op: str | None = None) -> R:
         """One hot-path query: one deadline, `timeout_s`, for getting a connection and running it
         together. Past it the answer goes at once: the connection, possibly mid-query, is terminated and
         handed back in the background, never awaited by the request. Calls go through the circuit
@@ -162,7 +162,7 @@ class Database:
             self._release_later(conn, broken=True)
             raise
         finally:
-            self.breaker.timed(_op(fn), time.perf_counter() - started)
+            self.breaker.timed(op or _op(fn), time.perf_counter() - started)
         self.breaker.succeeded()
         self._release_later(conn, broken=False)
         return result

@@ -4,11 +4,13 @@
 With a read replica (`database.replica_url`), lookups of keys, memberships and projects go to it, on one
 condition that makes replica lag harmless: the replica has replayed the primary's WAL up to the `floor`,
 a position on the primary at or past every change this process has been told of. The invalidation
-listener moves the floor: on each NOTIFY it reads the primary's current WAL position before the caches
-drop anything, so a read that follows an invalidation sees that change, on the replica or (when the
-replica has not replayed that far) on the primary. While the listener is down the floor is unknown and
-every read goes to the primary, as it does when the replica is down, slow or not a standby at all. A key
-or project the replica does not know is asked of the primary too: it may have been created a moment ago.
+listener moves the floor: on each NOTIFY it turns replica reads off (floor None), applies the change to
+the caches, then reads the primary's WAL position, so a read that follows an invalidation sees that
+change, on the replica or (when the replica has not replayed that far) on the primary. While the
+listener is down, or the position cannot be read, every read goes to the primary, as it does when the
+replica is down, slow, refusing or not a standby at all. A key or project the replica does not know is
+asked of the primary too: it may have been created a moment ago. Reads that must see a write just made
+ask for the primary (`primary=True`).
 """
 
 from __future__ import annotations
@@ -75,10 +77,6 @@ class Store:
                 return found, True  # type: ignore[return-value]  # what fn returned
         return await self.db.run(fn, op), False
 
-    async def close_replica(self) -> None:
-        if self.replica is not None:
-            await self.replica.close()
-
     @property
     def pool(self) -> asyncpg.Pool:
         return self.db.pool
@@ -89,7 +87,8 @@ class Store:
 
     async def close(self) -> None:
         """Wait for background releases, then close the pools."""
-        await self.close_replica()
+        if self.replica is not None:
+            await self.replica.close()
         await self.db.close()
 
     async def load_key(self, key_id: str, *, primary: bool = False) -> tuple[KeyRecord, str] | None:

@@ -57,8 +57,8 @@ class InvalidationListener:
         self.local = local
         self.on_keys = on_keys
         self.on_change = on_change
-        # Told the primary's WAL position once listening and before each notification is acted on (None
-        # when the connection is lost): how far a read replica must have replayed (see gateway/store.py).
+        # Told None before notifications are acted on (and when the connection is lost), then the primary's
+        # WAL position read after them: how far a read replica must have replayed (see gateway/store.py).
         self.on_position = on_position
         self.position_known = False
         self.timeout_s = timeout_s

@@ -50,18 +50,16 @@ class LocalCache:
         # Whether invalidations currently reach this process (its LISTEN connection is up). While they
         # do not, no entry counts as fresh: each use is revalidated, so a missed revocation is caught.
         self.listening = False
-        # Wall-clock end of the last gap in listening. A record read from Postgres before it may have
-        # missed an invalidation that no process applied to Redis either: it is revalidated from Postgres.
-        self.trusted_since = 0.0
+        # Wall-clock end of the last gap in listening (the process's start is the end of the first: nothing
+        # before it reached us). A record read from Postgres before it may have missed an invalidation that
+        # no process applied to Redis either, or that Redis lost (a failover): it is revalidated from Postgres.
+        self.trusted_since = time.time()
         # Key id -> wall time an invalidation of it reached this process, the latest `max_entries` of them,
         # and the floor the older ones left: Redis may lose an invalidation this process applied (a Sentinel
         # failover to a replica it had not reached, a restart from a snapshot), and its stale entry must not
         # come back from there (see `shared_trusts`).
         self._invalidated: OrderedDict[str, float] = OrderedDict()
         self.shared_floor = 0.0
-        # Invalidations from before this process started never reached it: a Redis entry read before then
-        # is read again from Postgres (once per key and process), in case Redis lost one of them.
-        self.started_at = time.time()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,7 +97,7 @@ class LocalCache:
     def shared_trusts(self, entry: Entry) -> bool:
         """May an entry found in Redis be used? Read since invalidations reach us, and not possibly before
         an invalidation of its key that Redis may have lost."""
-        return self.trusts(entry) and entry.loaded_at > self.started_at and not self.maybe_invalidated(entry)
+        return self.trusts(entry) and not self.maybe_invalidated(entry)
 
     def maybe_invalidated(self, entry: Entry) -> bool:
         """Was the entry read before (or within the clock skew allowed between replicas of) the last
